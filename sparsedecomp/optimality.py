@@ -1,0 +1,98 @@
+"""Solver-independent objectives and optimality certificates, batched over targets.
+
+All functions take ``targets`` ``y`` of shape ``(n, d)``, ``coefficients`` ``c`` of shape ``(n, n_atoms)`` and
+``atoms`` ``D`` of shape ``(n_atoms, d)``; residual ``r = y - c D``, correlations ``g = r D^T`` (the negative
+gradient of the smooth part ``0.5 ||y - c D||^2``).
+
+Lasso, ``P(c) = 0.5 ||y - c D||^2 + alpha ||c||_1`` (with ``c >= 0`` for the non-negative lasso).
+Its dual is ``max_theta 0.5 ||y||^2 - 0.5 ||y - theta||^2`` subject to ``|theta D^T|_inf <= alpha``
+(``max(theta D^T) <= alpha`` when non-negative). Scaling the residual into the dual feasible set,
+``theta = r / max(1, ||g||_inf / alpha)`` (``max(g)_+`` when non-negative), gives the duality gap
+``P(c) - D(theta) >= 0``, zero exactly at the optimum. We report it relative to ``||y||^2``.
+
+NNLS (``alpha = 0``, ``c >= 0``) has no bounded dual scaling, so it is certified by the KKT conditions:
+``c_j > 0 => g_j = 0`` and ``c_j = 0 => g_j <= 0``. The violation ``max_j`` of ``|g_j|`` on the support and
+``max(g_j, 0)`` off it is reported relative to ``||y|| * max_j ||d_j||`` (dimensionless; zero at the optimum).
+The same KKT form with ``alpha > 0`` (``c_j > 0 => g_j = alpha``, ``c_j = 0 => g_j <= alpha``) serves as a
+second certificate for the non-negative lasso.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def residual(targets: Tensor, coefficients: Tensor, atoms: Tensor) -> Tensor:
+    """``r = y - c D``."""
+    return targets - coefficients @ atoms
+
+
+def least_squares_objective(targets: Tensor, coefficients: Tensor, atoms: Tensor) -> Tensor:
+    """``0.5 ||y - c D||^2`` per target."""
+    return 0.5 * residual(targets, coefficients, atoms).pow(2).sum(dim=1)
+
+
+def lasso_objective(targets: Tensor, coefficients: Tensor, atoms: Tensor, alpha: float | Tensor) -> Tensor:
+    """``0.5 ||y - c D||^2 + alpha ||c||_1`` per target (``alpha`` a scalar or ``(n,)``)."""
+    return least_squares_objective(targets, coefficients, atoms) + _as_column(alpha, targets).squeeze(1) * coefficients.abs().sum(dim=1)
+
+
+def alpha_max(targets: Tensor, atoms: Tensor, *, nonnegative: bool = False) -> Tensor:
+    """Smallest ``alpha`` for which the (non-negative) lasso solution is zero, per target:
+    ``max_j |y . d_j|`` (``max_j (y . d_j)_+`` when non-negative)."""
+    corr = targets @ atoms.T
+    if nonnegative:
+        return corr.max(dim=1).values.clamp_min(0)
+    return corr.abs().max(dim=1).values
+
+
+def lasso_duality_gap(
+    targets: Tensor, coefficients: Tensor, atoms: Tensor, alpha: float | Tensor, *, nonnegative: bool = False
+) -> Tensor:
+    """Duality gap of the (non-negative) lasso, relative to ``||y||^2`` (0 for a zero target and zero code).
+
+    Infinite when a non-negative problem is handed a code with negative entries (it is then infeasible).
+    """
+    r = residual(targets, coefficients, atoms)
+    g = r @ atoms.T
+    alpha_col = _as_column(alpha, targets)
+    worst = g.max(dim=1, keepdim=True).values.clamp_min(0) if nonnegative else g.abs().max(dim=1, keepdim=True).values
+    theta = r / torch.maximum(torch.ones_like(worst), worst / alpha_col)
+    y2 = targets.pow(2).sum(dim=1)
+    primal = 0.5 * r.pow(2).sum(dim=1) + alpha_col.squeeze(1) * coefficients.abs().sum(dim=1)
+    dual = 0.5 * y2 - 0.5 * (targets - theta).pow(2).sum(dim=1)
+    gap = (primal - dual).clamp_min(0)
+    rel = gap / y2.clamp_min(torch.finfo(targets.dtype).tiny)
+    rel = torch.where(y2 > 0, rel, gap)
+    if nonnegative:
+        rel = torch.where((coefficients < 0).any(dim=1), torch.full_like(rel, float("inf")), rel)
+    return rel
+
+
+def nonnegative_kkt_violation(
+    targets: Tensor, coefficients: Tensor, atoms: Tensor, alpha: float | Tensor = 0.0
+) -> Tensor:
+    """KKT violation of ``min 0.5||y - cD||^2 + alpha sum(c)`` s.t. ``c >= 0`` (NNLS when ``alpha = 0``),
+    relative to ``||y|| * max_j ||d_j||``; infinite if ``c`` has negative entries."""
+    g = residual(targets, coefficients, atoms) @ atoms.T - _as_column(alpha, targets)
+    on_support = coefficients > 0
+    violation = torch.where(on_support, g.abs(), g.clamp_min(0)).max(dim=1).values
+    scale = targets.norm(dim=1) * atoms.norm(dim=1).max()
+    rel = torch.where(scale > 0, violation / scale.clamp_min(torch.finfo(targets.dtype).tiny), violation)
+    return torch.where((coefficients < 0).any(dim=1), torch.full_like(rel, float("inf")), rel)
+
+
+def least_squares_optimality(targets: Tensor, coefficients: Tensor, atoms: Tensor) -> Tensor:
+    """Normal-equation residual ``||(y - cD) D^T||_inf`` relative to ``||y|| * max_j ||d_j||`` (0 at a
+    least-squares solution)."""
+    g = residual(targets, coefficients, atoms) @ atoms.T
+    scale = targets.norm(dim=1) * atoms.norm(dim=1).max()
+    violation = g.abs().max(dim=1).values
+    return torch.where(scale > 0, violation / scale.clamp_min(torch.finfo(targets.dtype).tiny), violation)
+
+
+def _as_column(alpha: float | Tensor, like: Tensor) -> Tensor:
+    if isinstance(alpha, Tensor):
+        return alpha.to(like).reshape(-1, 1)
+    return torch.full((1, 1), float(alpha), dtype=like.dtype, device=like.device)
