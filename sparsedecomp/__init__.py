@@ -6,6 +6,7 @@ dashboards import them when used.
 
 from .decomposition import ConvergenceWarning, Decomposition, Status
 from .dictionary import BlockDictionary, Dictionary, mix_targets
+from .loading import SAE, HeadSAEs, load_head_saes, load_sae
 from .solvers import SOLVERS, decompose, make_solver
 
 __version__ = "0.1.0"
@@ -15,9 +16,13 @@ __all__ = [
     "ConvergenceWarning",
     "Decomposition",
     "Dictionary",
+    "HeadSAEs",
+    "SAE",
     "SOLVERS",
     "Status",
     "decompose",
+    "load_head_saes",
+    "load_sae",
     "make_solver",
     "mix_targets",
 ]

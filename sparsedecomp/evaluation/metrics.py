@@ -1,0 +1,287 @@
+"""Per-target metrics of a decomposition, and their summary.
+
+Notation: target ``y`` (``(n, d)``), reconstruction ``y_hat = c D`` (``(n, d)``), code ``c`` (``(n, n_atoms)``),
+``head[i]`` the head owning atom ``i``. Every function below is pure, batched over targets and returns one value
+(or one row) per target:
+
+* sparsity: ``l0 = #{i : |c_i| > threshold}``, ``l1 = sum_i |c_i|``, ``top_k_mass_share`` = the ``k`` largest
+  ``|c_i|`` over ``sum_i |c_i|``;
+* reconstruction: ``relative_error = ||y - y_hat|| / ||y||``, ``cosine(y, y_hat)``,
+  ``fraction_of_variance_unexplained = ||y - y_hat||^2 / ||y||^2`` (uncentred: a target is a direction, not a
+  sample of a distribution);
+* head attribution: ``head_mass_shares[h] = sum_{head[i] = h} |c_i| / sum_i |c_i|`` (decomposition-based),
+  ``heads_for_mass`` = fewest heads whose shares reach ``fraction`` of the mass, and the seed notebook's
+  weight-based ``target_head_shares[h] = ||y[h-block]||^2 / ||y||^2`` (needs the target's head blocks).
+
+0/0 conventions, so that a zero target never yields NaN:
+
+* a zero target reconstructed by zero: relative error 0, FVU 0, cosine 1 (the two are identical);
+  a zero target reconstructed by something non-zero: relative error and FVU ``inf``, cosine 0;
+  a non-zero target reconstructed by zero: cosine 0 (relative error and FVU are 1, no special case);
+* a zero code has no mass to attribute: every mass share (per head, top-k) is 0 and ``heads_for_mass`` is 0, so
+  per-head shares sum to 1 for a non-zero code and to 0 for a zero code; likewise ``target_head_shares`` of a
+  zero target are all 0.
+
+NaN inputs (e.g. the NaN codes of a reference solver's failed rows) give NaN metrics for those rows only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from ..decomposition import Decomposition, Status
+from ..validation import check_positive, check_positive_int
+
+SCALAR_METRICS = ("l0", "l1", "relative_error", "cosine", "fraction_of_variance_unexplained", "top_k_mass_share")
+
+
+# -- pure metric functions ---------------------------------------------------------------------------------------
+def l0(coefficients: Tensor, *, threshold: float = 0.0) -> Tensor:
+    """``#{i : |c_i| > threshold}`` per target, as a long tensor."""
+    return (coefficients.abs() > threshold).sum(dim=1)
+
+
+def l1(coefficients: Tensor) -> Tensor:
+    """``sum_i |c_i|`` per target."""
+    return coefficients.abs().sum(dim=1)
+
+
+def relative_error(targets: Tensor, reconstruction: Tensor) -> Tensor:
+    """``||y - y_hat|| / ||y||`` per target (0 for 0/0, ``inf`` for a zero target reconstructed by non-zero)."""
+    return _safe_ratio((targets - reconstruction).norm(dim=1), targets.norm(dim=1), zero_over_zero=0.0)
+
+
+def fraction_of_variance_unexplained(targets: Tensor, reconstruction: Tensor) -> Tensor:
+    """``||y - y_hat||^2 / ||y||^2`` per target (same 0/0 conventions as :func:`relative_error`)."""
+    return _safe_ratio((targets - reconstruction).pow(2).sum(dim=1), targets.pow(2).sum(dim=1), zero_over_zero=0.0)
+
+
+def cosine(targets: Tensor, reconstruction: Tensor) -> Tensor:
+    """``y . y_hat / (||y|| ||y_hat||)`` per target; 1 when both are zero, 0 when exactly one is."""
+    y_norm = targets.norm(dim=1)
+    r_norm = reconstruction.norm(dim=1)
+    dot = (targets * reconstruction).sum(dim=1)
+    both = (y_norm > 0) & (r_norm > 0)
+    value = dot / (y_norm * r_norm).clamp_min(torch.finfo(dot.dtype).tiny)
+    # Rounding can push |cos| a hair above 1 for parallel vectors.
+    value = torch.where(both, value.clamp(-1.0, 1.0), torch.zeros_like(value))
+    return torch.where((y_norm == 0) & (r_norm == 0), torch.ones_like(value), value)
+
+
+def top_k_mass_share(coefficients: Tensor, *, k: int) -> Tensor:
+    """Share of ``sum_i |c_i|`` held by the ``k`` largest ``|c_i|`` per target (0 for a zero code)."""
+    check_positive_int(k, "k")
+    mass = coefficients.abs()
+    top = mass.topk(min(k, mass.shape[1]), dim=1).values.sum(dim=1)
+    return _safe_ratio(top, mass.sum(dim=1), zero_over_zero=0.0)
+
+
+def head_mass(coefficients: Tensor, head: Tensor, n_heads: int) -> Tensor:
+    """``(n, n_heads)``: ``sum_{head[i] = h} |c_i|`` per target and head."""
+    if head.shape != (coefficients.shape[1],):
+        raise ValueError(
+            f"head must have shape ({coefficients.shape[1]},) to label every atom, got {tuple(head.shape)}"
+        )
+    out = coefficients.new_zeros(coefficients.shape[0], n_heads)
+    return out.index_add_(1, head.to(coefficients.device), coefficients.abs())
+
+
+def head_mass_shares(coefficients: Tensor, head: Tensor, n_heads: int) -> Tensor:
+    """``(n, n_heads)``: each head's share of the coefficient mass ``sum_i |c_i|`` (rows sum to 1, or to 0 for a
+    zero code)."""
+    mass = head_mass(coefficients, head, n_heads)
+    return _safe_ratio(mass, mass.sum(dim=1, keepdim=True), zero_over_zero=0.0)
+
+
+def heads_for_mass(shares: Tensor, *, fraction: float = 0.9) -> Tensor:
+    """Fewest heads whose shares (``(n, n_heads)``, rows summing to 1 or 0) add up to at least ``fraction`` of
+    the row's total, per target; 0 for a row without mass (and for a row of NaN shares, whose status already
+    says the solve failed)."""
+    check_positive(fraction, "fraction")
+    if fraction > 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    ordered = shares.sort(dim=1, descending=True).values
+    cumulative = ordered.cumsum(dim=1)
+    total = cumulative[:, -1:]
+    # A few ulps of slack so that shares of exactly [0.9, 0.1] need one head for fraction 0.9 despite rounding.
+    slack = 1 - 8 * torch.finfo(shares.dtype).eps
+    reached = cumulative >= fraction * total * slack
+    needed = (~reached).sum(dim=1) + 1
+    return torch.where(total.squeeze(1) > 0, needed, torch.zeros_like(needed))
+
+
+def target_head_shares(targets: Tensor, columns: Sequence[tuple[int, int]]) -> Tensor:
+    """``(n, n_heads)``: ``||y[a_h:b_h]||^2 / ||y||^2`` for head blocks ``columns[h] = (a_h, b_h)`` (the seed's
+    squared-norm share; rows sum to 1 when the blocks tile the columns, 0 for a zero target)."""
+    blocks = torch.stack([targets[:, a:b].pow(2).sum(dim=1) for a, b in columns], dim=1)
+    return _safe_ratio(blocks, targets.pow(2).sum(dim=1, keepdim=True), zero_over_zero=0.0)
+
+
+def head_columns(dim: int, d_head: int) -> tuple[tuple[int, int], ...]:
+    """Consecutive head blocks ``(h*d_head, (h+1)*d_head)`` tiling ``dim`` columns."""
+    check_positive_int(d_head, "d_head")
+    if dim % d_head != 0:
+        raise ValueError(f"targets have {dim} columns, which is not a multiple of d_head={d_head}")
+    return tuple((h * d_head, (h + 1) * d_head) for h in range(dim // d_head))
+
+
+def summarize(values: Tensor) -> dict[str, float | int | None]:
+    """Mean, median, 10th and 90th percentiles of the finite entries, and how many entries were not finite."""
+    values = values.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+    finite = values[torch.isfinite(values)]
+    n_nonfinite = int(values.numel() - finite.numel())
+    if finite.numel() == 0:
+        return {"mean": None, "median": None, "p10": None, "p90": None, "n_nonfinite": n_nonfinite}
+    q = torch.quantile(finite, torch.tensor([0.5, 0.1, 0.9], dtype=torch.float64))
+    return {
+        "mean": float(finite.mean()),
+        "median": float(q[0]),
+        "p10": float(q[1]),
+        "p90": float(q[2]),
+        "n_nonfinite": n_nonfinite,
+    }
+
+
+def _safe_ratio(numerator: Tensor, denominator: Tensor, *, zero_over_zero: float) -> Tensor:
+    """``numerator / denominator`` with ``0/0 = zero_over_zero`` and ``x/0 = inf`` for ``x > 0``."""
+    ratio = numerator / denominator.clamp_min(torch.finfo(numerator.dtype).tiny)
+    at_zero = torch.where(numerator == 0, torch.full_like(ratio, zero_over_zero), torch.full_like(ratio, float("inf")))
+    return torch.where(denominator > 0, ratio, at_zero)
+
+
+# -- the dataclass ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class DecompositionMetrics:
+    """Per-target metrics of one :class:`~sparsedecomp.Decomposition` (see the module docstring).
+
+    Attributes:
+        l0: ``(n,)`` long. l1, relative_error, cosine, fraction_of_variance_unexplained, top_k_mass_share: ``(n,)``.
+        head_mass_share: ``(n, n_heads)``, or ``None`` when the dictionary has no head labels.
+        heads_for_mass: ``(n,)`` long, or ``None`` likewise.
+        target_head_share: ``(n, n_heads)``, or ``None`` when the targets' head blocks are unknown.
+        status: ``(n,)`` the solver's status codes (metrics of failed rows are not hidden, but can be masked).
+        threshold, mass_fraction, top_k, feature_units: the settings used.
+        solver: the registry name of the method.
+    """
+
+    l0: Tensor
+    l1: Tensor
+    relative_error: Tensor
+    cosine: Tensor
+    fraction_of_variance_unexplained: Tensor
+    top_k_mass_share: Tensor
+    head_mass_share: Tensor | None
+    heads_for_mass: Tensor | None
+    target_head_share: Tensor | None
+    status: Tensor
+    threshold: float
+    mass_fraction: float
+    top_k: int
+    feature_units: bool
+    solver: str
+
+    @property
+    def n_targets(self) -> int:
+        return self.l0.shape[0]
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready dict: settings, status counts, ``{mean, median, p10, p90, n_nonfinite}`` of every scalar
+        metric, and the mean per-head shares (averaged over targets with non-zero mass / non-zero norm, so each
+        mean sums to 1; ``None`` if unavailable)."""
+        counts = torch.bincount(self.status.detach().cpu().long(), minlength=len(Status))
+        scalars = {name: summarize(getattr(self, name)) for name in SCALAR_METRICS}
+        if self.heads_for_mass is not None:
+            scalars["heads_for_mass"] = summarize(self.heads_for_mass)
+        return {
+            "solver": self.solver,
+            "n_targets": self.n_targets,
+            "settings": {
+                "threshold": self.threshold,
+                "mass_fraction": self.mass_fraction,
+                "top_k": self.top_k,
+                "feature_units": self.feature_units,
+            },
+            "status_counts": {s.name: int(counts[s]) for s in Status if int(counts[s]) > 0},
+            "metrics": scalars,
+            "head_mass_share_mean": _mean_share(self.head_mass_share),
+            "target_head_share_mean": _mean_share(self.target_head_share),
+        }
+
+
+def decomposition_metrics(
+    decomposition: Decomposition,
+    *,
+    threshold: float = 0.0,
+    mass_fraction: float = 0.9,
+    top_k: int = 5,
+    d_head: int | None = None,
+    feature_units: bool = False,
+) -> DecompositionMetrics:
+    """All metrics of ``decomposition``, per target.
+
+    Args:
+        threshold: ``l0`` counts ``|c_i| > threshold``.
+        mass_fraction: ``heads_for_mass`` counts the heads needed to reach this share of the coefficient mass.
+        top_k: ``top_k_mass_share`` sums the ``top_k`` largest ``|c_i|``.
+        d_head: width of the targets' head blocks, for ``target_head_share`` when the dictionary is not
+            block-diagonal (e.g. a Kissane concat-``z`` feature decomposed into a dense dictionary). A
+            block-diagonal dictionary supplies its own blocks; ``d_head`` must then agree with them.
+        feature_units: measure sparsity and mass on the SAE feature activations
+            (:meth:`~sparsedecomp.Decomposition.feature_coefficients`) instead of the code on the (normalised)
+            atoms. Reconstruction metrics do not depend on this.
+    """
+    check_positive(threshold, "threshold", allow_zero=True)
+    check_positive_int(top_k, "top_k")
+    if not isinstance(decomposition, Decomposition):
+        raise TypeError(f"decomposition must be a sparsedecomp.Decomposition, got {type(decomposition).__name__}")
+    dictionary = decomposition.dictionary
+    coefficients = decomposition.feature_coefficients() if feature_units else decomposition.coefficients
+    targets, reconstruction = decomposition.targets, decomposition.reconstruction
+
+    shares = needed = None
+    if dictionary is not None and dictionary.head is not None:
+        shares = head_mass_shares(coefficients, dictionary.head, dictionary.n_heads)
+        needed = heads_for_mass(shares, fraction=mass_fraction)
+    else:
+        # Validate the setting even when it cannot be used, so a typo is not silently ignored.
+        check_positive(mass_fraction, "mass_fraction")
+
+    columns = None
+    if dictionary is not None and dictionary.block_columns is not None:
+        columns = dictionary.block_columns
+        if d_head is not None and any(b - a != d_head for a, b in columns):
+            raise ValueError(f"d_head={d_head} disagrees with the block-diagonal dictionary's blocks {columns[:2]}...")
+    elif d_head is not None:
+        columns = head_columns(targets.shape[1], d_head)
+
+    return DecompositionMetrics(
+        l0=l0(coefficients, threshold=threshold),
+        l1=l1(coefficients),
+        relative_error=relative_error(targets, reconstruction),
+        cosine=cosine(targets, reconstruction),
+        fraction_of_variance_unexplained=fraction_of_variance_unexplained(targets, reconstruction),
+        top_k_mass_share=top_k_mass_share(coefficients, k=top_k),
+        head_mass_share=shares,
+        heads_for_mass=needed,
+        target_head_share=None if columns is None else target_head_shares(targets, columns),
+        status=decomposition.status,
+        threshold=float(threshold),
+        mass_fraction=float(mass_fraction),
+        top_k=top_k,
+        feature_units=feature_units,
+        solver=decomposition.solver,
+    )
+
+
+def _mean_share(shares: Tensor | None) -> list[float] | None:
+    if shares is None:
+        return None
+    shares = shares.detach().to(device="cpu", dtype=torch.float64)
+    keep = torch.isfinite(shares).all(dim=1) & (shares.sum(dim=1) > 0)
+    if not bool(keep.any()):
+        return [0.0] * shares.shape[1]
+    return [float(v) for v in shares[keep].mean(dim=0)]

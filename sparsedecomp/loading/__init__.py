@@ -1,0 +1,61 @@
+"""Loading SAE checkpoints (Kissane concat-z, legacy SAELens 1.4-2.1.3, SAELens 6) and TransformerLens models.
+
+Every loader returns the same :class:`SAE`; ``load_sae`` picks the loader from what is on disk through the
+explicit mapping :data:`LOADERS`. Importing this package imports neither ``sae_lens`` nor ``transformer_lens``;
+they are imported inside the functions that need them. No loader unpickles arbitrary objects.
+"""
+
+from .errors import CheckpointError, CheckpointNotFoundError, UnsupportedCheckpointError
+from .heads import HeadSAEs, InputScaleWarning, MissingHeadsWarning, load_head_saes
+from .kissane import DEFAULT_REPO_ID, load_kissane, read_kissane, save_kissane
+from .models import LoadedModel, ProcessingFlags, load_model, process_state_dict
+from .registry import LOADERS, detect_format, load_sae
+from .sae import CONCATENATED, NO_HEAD, SAE
+from .saelens6 import from_saelens, load_saelens6, load_saelens_pretrained, save_saelens6
+from .saelens_legacy import choose_checkpoint, find_legacy_sae_dir, load_legacy_saelens, save_legacy_saelens
+from .scaling import (
+    HeadNormAccumulator,
+    HeadScales,
+    estimate_head_scales,
+    estimate_head_scales_from_model,
+    estimate_input_scale,
+    fold_head_scales,
+)
+
+__all__ = [
+    "CONCATENATED",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "DEFAULT_REPO_ID",
+    "HeadNormAccumulator",
+    "HeadSAEs",
+    "HeadScales",
+    "InputScaleWarning",
+    "LOADERS",
+    "LoadedModel",
+    "MissingHeadsWarning",
+    "NO_HEAD",
+    "ProcessingFlags",
+    "SAE",
+    "UnsupportedCheckpointError",
+    "choose_checkpoint",
+    "detect_format",
+    "estimate_head_scales",
+    "estimate_head_scales_from_model",
+    "estimate_input_scale",
+    "find_legacy_sae_dir",
+    "fold_head_scales",
+    "from_saelens",
+    "load_head_saes",
+    "load_kissane",
+    "load_legacy_saelens",
+    "load_model",
+    "load_sae",
+    "load_saelens6",
+    "load_saelens_pretrained",
+    "process_state_dict",
+    "read_kissane",
+    "save_kissane",
+    "save_legacy_saelens",
+    "save_saelens6",
+]

@@ -1,0 +1,204 @@
+"""A layer's per-head SAEs, checked to belong together, and the block dictionary they form."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Literal, Mapping, Sequence
+
+import torch
+
+from .sae import SAE
+
+
+class MissingHeadsWarning(UserWarning):
+    """Some heads of the layer have no SAE."""
+
+
+class InputScaleWarning(UserWarning):
+    """An SAE was trained on inputs scaled by a factor that was never saved and has not been folded in."""
+
+
+@dataclass(frozen=True, eq=False)
+class HeadSAEs:
+    """Per-head SAEs of one attention layer, ordered by head.
+
+    All SAEs must agree on ``model_name``, ``layer``, ``hook_name``, ``d_in`` (= ``d_head``), dtype and device, and
+    each must read one distinct head; dictionary sizes ``d_sae`` may differ.
+    """
+
+    saes: tuple[SAE, ...]
+
+    def __post_init__(self) -> None:
+        saes = tuple(self.saes)
+        if not saes:
+            raise ValueError("HeadSAEs needs at least one SAE")
+        for i, sae in enumerate(saes):
+            if not isinstance(sae, SAE):
+                raise TypeError(f"saes[{i}] must be a sparsedecomp SAE, got {type(sae).__name__}")
+            if not isinstance(sae.head, int):
+                raise ValueError(f"{sae.describe()} reads head={sae.head!r}, not a single head")
+        by_head: dict[int, SAE] = {}
+        for sae in saes:
+            if sae.head in by_head:
+                raise ValueError(
+                    f"two SAEs read head {sae.head}: {by_head[sae.head].provenance.get('source', '?')} and "
+                    f"{sae.provenance.get('source', '?')}"
+                )
+            by_head[sae.head] = sae
+        ordered = tuple(by_head[h] for h in sorted(by_head))
+        ref = ordered[0]
+        for sae in ordered[1:]:
+            for attr in ("model_name", "layer", "hook_name", "d_in", "dtype", "device"):
+                if getattr(sae, attr) != getattr(ref, attr):
+                    raise ValueError(
+                        f"head {sae.head} ({sae.provenance.get('source', '?')}) has {attr}={getattr(sae, attr)!r} "
+                        f"but head {ref.head} ({ref.provenance.get('source', '?')}) has {attr}={getattr(ref, attr)!r}; "
+                        "per-head SAEs of one layer must agree"
+                    )
+        object.__setattr__(self, "saes", ordered)
+
+    # -- access ------------------------------------------------------------------------------------------------
+    @property
+    def heads(self) -> tuple[int, ...]:
+        return tuple(sae.head for sae in self.saes)
+
+    @property
+    def model_name(self) -> str:
+        return self.saes[0].model_name
+
+    @property
+    def layer(self) -> int:
+        return self.saes[0].layer
+
+    @property
+    def hook_name(self) -> str:
+        return self.saes[0].hook_name
+
+    @property
+    def d_head(self) -> int:
+        return self.saes[0].d_in
+
+    @property
+    def d_sae(self) -> dict[int, int]:
+        return {sae.head: sae.d_sae for sae in self.saes}
+
+    @property
+    def heads_needing_input_scale(self) -> tuple[int, ...]:
+        return tuple(sae.head for sae in self.saes if sae.needs_input_scale)
+
+    def __len__(self) -> int:
+        return len(self.saes)
+
+    def __iter__(self) -> Iterator[SAE]:
+        return iter(self.saes)
+
+    def __getitem__(self, head: int) -> SAE:
+        for sae in self.saes:
+            if sae.head == head:
+                return sae
+        raise KeyError(f"no SAE for head {head}; heads present: {list(self.heads)}")
+
+    def items(self) -> Iterator[tuple[int, SAE]]:
+        return ((sae.head, sae) for sae in self.saes)
+
+    def describe(self) -> str:
+        return f"{self.model_name} {self.hook_name}: heads {list(self.heads)}, d_head={self.d_head}, d_sae={self.d_sae}"
+
+    # -- completeness ------------------------------------------------------------------------------------------
+    def missing_heads(self, n_heads: int) -> list[int]:
+        """Heads in ``range(n_heads)`` without an SAE (raises if an SAE reads a head ``>= n_heads``)."""
+        if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1:
+            raise ValueError(f"n_heads must be a positive int, got {n_heads!r}")
+        extra = [h for h in self.heads if h >= n_heads]
+        if extra:
+            raise ValueError(f"SAEs read heads {extra} but the layer has only n_heads={n_heads}")
+        return [h for h in range(n_heads) if h not in self.heads]
+
+    def check_complete(self, n_heads: int, *, on_missing: Literal["raise", "warn"] = "raise") -> "HeadSAEs":
+        """Raise (or warn, ``on_missing="warn"``) when a head in ``range(n_heads)`` has no SAE; returns ``self``."""
+        if on_missing not in ("raise", "warn"):
+            raise ValueError(f"on_missing must be 'raise' or 'warn', got {on_missing!r}")
+        missing = self.missing_heads(n_heads)
+        if missing:
+            message = (
+                f"{self.hook_name} of {self.model_name} has {n_heads} heads but no SAE for heads {missing} "
+                f"(loaded: {list(self.heads)})"
+            )
+            if on_missing == "raise":
+                raise ValueError(message)
+            warnings.warn(message, MissingHeadsWarning, stacklevel=2)
+        return self
+
+    # -- transformations ---------------------------------------------------------------------------------------
+    def map(self, fn: Callable[[SAE], SAE]) -> "HeadSAEs":
+        """Apply ``fn`` to every head's SAE."""
+        return HeadSAEs(tuple(fn(sae) for sae in self.saes))
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "HeadSAEs":
+        return self.map(lambda sae: sae.to(device=device, dtype=dtype))
+
+    def dictionary(self, normalize: bool = True):
+        """The block-diagonal dictionary of all heads' decoders in the concatenated ``z`` space
+        (``BlockDictionary.from_blocks([W_dec_0, ..., W_dec_{n-1}], normalize=normalize)``).
+
+        Needs every head ``0 .. n_heads-1``: head ``h``'s block sits in columns ``h*d_head:(h+1)*d_head``.
+        Warns when a head still needs its input scale: directions are unaffected, but decoder norms
+        (``scales``) are then in the SAE's training units.
+        """
+        from ..dictionary import BlockDictionary
+
+        expected = tuple(range(len(self.saes)))
+        if self.heads != expected:
+            missing = [h for h in range(max(self.heads) + 1) if h not in self.heads]
+            raise ValueError(
+                f"the block dictionary needs SAEs for heads 0..{max(self.heads)}; missing heads {missing}"
+            )
+        pending = self.heads_needing_input_scale
+        if pending:
+            warnings.warn(
+                f"heads {list(pending)} were trained on inputs scaled by an unsaved factor that is not folded in: "
+                "atom directions are right, but their norms are in training units (see sparsedecomp.loading.scaling)",
+                InputScaleWarning,
+                stacklevel=2,
+            )
+        return BlockDictionary.from_blocks([sae.W_dec for sae in self.saes], normalize=normalize)
+
+
+def load_head_saes(
+    sources: Mapping[int, str | Path] | Sequence[str | Path],
+    *,
+    root: str | Path | None = None,
+    n_heads: int | None = None,
+    on_missing: Literal["raise", "warn"] = "raise",
+    format: str | None = None,
+    device: str | torch.device = "cpu",
+) -> HeadSAEs:
+    """Load one SAE per head and check that they belong together.
+
+    ``sources`` maps head -> checkpoint (like the seed's ``ckpt_subfolders = {0: "rovi1lwe", ...}``; each source
+    may be a run folder, a checkpoint folder or an SAE folder; relative paths are taken under ``root``) or is a
+    list of checkpoints whose configs name their heads. With ``n_heads``, heads without an SAE raise
+    (``on_missing="raise"``) or warn (``"warn"``).
+    """
+    from .registry import load_sae
+
+    if on_missing not in ("raise", "warn"):
+        raise ValueError(f"on_missing must be 'raise' or 'warn', got {on_missing!r}")
+    if isinstance(sources, (str, Path)):
+        raise TypeError("sources must be a mapping head -> path or a list of paths, not a single path")
+    items = list(sources.items()) if isinstance(sources, Mapping) else [(None, s) for s in sources]
+    if not items:
+        raise ValueError("sources is empty")
+    saes = []
+    for expected_head, source in items:
+        path = Path(root) / source if root is not None else Path(source)
+        sae = load_sae(path, format=format, device=device)
+        if expected_head is not None and sae.head != expected_head:
+            raise ValueError(f"the source given for head {expected_head} ({path}) holds an SAE for head {sae.head!r}")
+        saes.append(sae)
+    result = HeadSAEs(tuple(saes))
+    if n_heads is not None:
+        result.check_complete(n_heads, on_missing=on_missing)
+    return result

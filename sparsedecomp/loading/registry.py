@@ -1,0 +1,95 @@
+"""Which loader reads a checkpoint: an explicit name -> loader mapping and detection from what is on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import CheckpointError, CheckpointNotFoundError
+from .files import read_json
+from .kissane import CFG_SUFFIX, find_kissane_pair, load_kissane
+from .sae import SAE
+from .saelens6 import is_saelens6_cfg, load_saelens6
+from .saelens_legacy import CFG_NAME, WEIGHTS_NAME, is_legacy_cfg, is_sae_dir, list_checkpoints, load_legacy_saelens
+
+LOADERS: dict[str, Callable[..., SAE]] = {
+    "kissane": load_kissane,
+    "saelens_legacy": load_legacy_saelens,
+    "saelens6": load_saelens6,
+}
+
+
+def detect_format(source: str | Path, *, version: str | int | None = None) -> str:
+    """Name the format of the checkpoint at ``source`` (a key of :data:`LOADERS`).
+
+    * ``{version}.pt`` + ``{version}_cfg.json`` (the file, or a directory holding the pair): ``"kissane"``;
+    * a folder with ``cfg.json`` + ``sae_weights.safetensors`` whose config has ``architecture`` / ``metadata``:
+      ``"saelens6"``; one whose config has ``hook_point``: ``"saelens_legacy"``;
+    * a legacy checkpoint folder (``<sae_name>/`` inside) or run folder (``final_<n>/`` inside):
+      ``"saelens_legacy"``.
+    """
+    path = Path(source)
+    if not path.exists():
+        raise CheckpointNotFoundError(f"checkpoint not found: {path}")
+    if path.is_file():
+        if path.name.endswith(".pt") or path.name.endswith(CFG_SUFFIX):
+            return "kissane"
+        if path.name in (CFG_NAME, WEIGHTS_NAME):
+            path = path.parent
+        else:
+            raise CheckpointError(f"{path} is not a checkpoint file this package reads (.pt, _cfg.json, cfg.json)")
+    if find_kissane_pair(path, version) is not None:
+        return "kissane"
+    if version is not None:
+        raise CheckpointError(f"{path} holds no Kissane checkpoint {version}.pt + {version}{CFG_SUFFIX}")
+    if is_sae_dir(path):
+        cfg = read_json(path / CFG_NAME)
+        if is_saelens6_cfg(cfg):
+            return "saelens6"
+        if is_legacy_cfg(cfg):
+            return "saelens_legacy"
+        raise CheckpointError(
+            f"{path / CFG_NAME} matches no known format: no 'architecture'/'metadata' (SAELens 6) and no "
+            "'hook_point' (legacy SAELens)"
+        )
+    if any(is_sae_dir(child) for child in path.iterdir() if child.is_dir()) or list_checkpoints(path):
+        return "saelens_legacy"
+    raise CheckpointError(
+        f"no checkpoint recognised at {path}: expected a Kissane {{version}}.pt + {{version}}_cfg.json pair, a "
+        f"SAELens folder ({CFG_NAME} + {WEIGHTS_NAME}), or a legacy SAELens checkpoint / run folder"
+    )
+
+
+def load_sae(
+    source: str | Path | None = None,
+    *,
+    version: str | int | None = None,
+    repo_id: str | None = None,
+    format: str | None = None,
+    device: str | torch.device = "cpu",
+    sae_name: str | None = None,
+) -> SAE:
+    """Load one SAE from a local checkpoint (format detected unless ``format`` names it) or, with ``repo_id``
+    (or no ``source`` but a ``version``), a Kissane checkpoint from the Hugging Face hub."""
+    if format is not None and format not in LOADERS:
+        raise ValueError(f"format must be one of {sorted(LOADERS)}, got {format!r}")
+    if source is None or repo_id is not None:
+        if format not in (None, "kissane"):
+            raise ValueError(f"only the 'kissane' format is read from a hub repo here, got format={format!r}")
+        return load_kissane(source, version=version, repo_id=repo_id, device=device)
+    name = format or detect_format(source, version=version)
+    path = Path(source)
+    options: dict[str, object] = {}
+    if name == "kissane":
+        options["version"] = version
+    elif version is not None:
+        raise ValueError(f"version= only applies to Kissane checkpoints; {source} is {name}")
+    if name == "saelens_legacy":
+        options["sae_name"] = sae_name
+    elif sae_name is not None:
+        raise ValueError(f"sae_name= only applies to legacy SAELens trees; {source} is {name}")
+    if name == "saelens6" and path.is_file():
+        path = path.parent
+    return LOADERS[name](path, device=device, **options)

@@ -1,0 +1,291 @@
+"""SAELens 6.x directories and pretrained releases.
+
+A 6.x directory holds ``cfg.json`` (``d_in, d_sae, dtype, apply_b_dec_to_input, normalize_activations,
+reshape_activations, architecture`` and a ``metadata`` block with ``model_name, hook_name, hook_head_index, ...``),
+``sae_weights.safetensors`` and optionally ``sparsity.safetensors``. Only the ``standard`` (ReLU) architecture
+is represented; TopK, JumpReLU, gated, ... checkpoints are refused with :class:`UnsupportedCheckpointError`.
+
+Pitfall (formats.md, pitfall 2): SAELens sets ``reshape_activations="hook_z"`` for any ``hook_z`` SAE, after
+which its ``encode`` flattens the last two axes of the input and fails on one head's ``[N, d_head]`` vectors.
+The SAE returned here never reshapes: it reads ``(..., d_in)`` vectors, with ``d_in = d_head`` for a per-head SAE
+and ``d_in = n_heads * d_head`` (head-major) for a concatenated one. The original setting is kept in
+``provenance["reshape_activations"]``.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from .errors import CheckpointError, UnsupportedCheckpointError
+from .files import check_sae_tensors, config_int, layer_from_hook, read_json, read_safetensors
+from .sae import CONCATENATED, NO_HEAD, SAE
+
+CFG_NAME = "cfg.json"
+WEIGHTS_NAME = "sae_weights.safetensors"
+SPARSITY_NAME = "sparsity.safetensors"
+SUPPORTED_ARCHITECTURES = ("standard",)
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES.update({f"torch.{k}": v for k, v in list(_DTYPES.items())})
+# Releases whose files are Kissane-style (.pt + _cfg.json) checkpoints: read them with our safe loader.
+_KISSANE_CONVERSIONS = ("connor_rob_hook_z",)
+
+
+def is_saelens6_cfg(cfg: Mapping[str, Any]) -> bool:
+    """6.x configs carry ``architecture`` and a ``metadata`` block."""
+    return "architecture" in cfg or isinstance(cfg.get("metadata"), dict)
+
+
+def load_saelens6(path: str | Path, *, device: str | torch.device = "cpu") -> SAE:
+    """Load a SAELens 6.x SAE directory (standard architecture) without unpickling anything."""
+    path = Path(path)
+    cfg_path, weights_path = path / CFG_NAME, path / WEIGHTS_NAME
+    cfg = read_json(cfg_path, "SAELens config")
+    if not is_saelens6_cfg(cfg):
+        raise CheckpointError(f"{cfg_path} is not a SAELens 6 config (no 'architecture' and no 'metadata' block)")
+    _check_architecture(cfg.get("architecture", "standard"), cfg_path)
+    meta = cfg.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{cfg_path}: metadata must be a JSON object, got {type(meta).__name__}")
+    d_in = config_int(cfg, "d_in", cfg_path)
+    d_sae = config_int(cfg, "d_sae", cfg_path)
+    dtype_name = cfg.get("dtype", "float32")
+    if dtype_name not in _DTYPES:
+        raise CheckpointError(f"{cfg_path}: dtype must be one of {sorted(_DTYPES)}, got {dtype_name!r}")
+    apply_b_dec = cfg.get("apply_b_dec_to_input", True)
+    if not isinstance(apply_b_dec, bool):
+        raise CheckpointError(f"{cfg_path}: apply_b_dec_to_input must be a bool, got {apply_b_dec!r}")
+    tensors = read_safetensors(weights_path, "SAELens weights", device=device)
+    check_sae_tensors(tensors, weights_path, d_in=d_in, d_sae=d_sae, dtype=_DTYPES[dtype_name])
+    log_sparsity = None
+    if (path / SPARSITY_NAME).exists():
+        log_sparsity = read_safetensors(path / SPARSITY_NAME, "SAELens sparsity", device=device).get("sparsity")
+        if log_sparsity is None or tuple(log_sparsity.shape) != (d_sae,):
+            raise CheckpointError(f"{path / SPARSITY_NAME} must hold a 'sparsity' tensor of shape ({d_sae},)")
+    files = [str(cfg_path), str(weights_path)] + ([str(path / SPARSITY_NAME)] if log_sparsity is not None else [])
+    return _build(
+        weights={k: tensors[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")},
+        apply_b_dec=apply_b_dec,
+        normalize=cfg.get("normalize_activations", "none"),
+        reshape=cfg.get("reshape_activations", "none"),
+        meta=meta,
+        where=cfg_path,
+        provenance={"format": "saelens6", "source": str(path), "files": files, "cfg": cfg},
+        log_sparsity=log_sparsity,
+    )
+
+
+def _check_architecture(architecture: Any, where: Any) -> None:
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedCheckpointError(
+            f"{where}: architecture {architecture!r} is not supported (only {list(SUPPORTED_ARCHITECTURES)}: a "
+            "ReLU SAE whose features are rows of W_dec); TopK / JumpReLU / gated SAEs need their own loader"
+        )
+
+
+def _build(
+    *,
+    weights: Mapping[str, Tensor],
+    apply_b_dec: bool,
+    normalize: Any,
+    reshape: Any,
+    meta: Mapping[str, Any],
+    where: Any,
+    provenance: dict[str, Any],
+    log_sparsity: Tensor | None,
+) -> SAE:
+    if normalize not in ("none", "expected_average_only_in", None):
+        raise UnsupportedCheckpointError(
+            f"{where}: normalize_activations={normalize!r} is an input-dependent transform that a fixed linear "
+            "SAE cannot represent"
+        )
+    if reshape not in ("none", "hook_z", None):
+        raise CheckpointError(f"{where}: unknown reshape_activations {reshape!r}")
+    hook_name = meta.get("hook_name")
+    if not isinstance(hook_name, str) or not hook_name:
+        raise CheckpointError(f"{where}: metadata.hook_name must be a non-empty string, got {hook_name!r}")
+    model_name = meta.get("model_name")
+    if not isinstance(model_name, str) or not model_name:
+        raise CheckpointError(f"{where}: metadata.model_name must be a non-empty string, got {model_name!r}")
+    layer = meta.get("hook_layer", layer_from_hook(hook_name))
+    if layer is None:
+        raise CheckpointError(f"{where}: cannot tell the layer from hook_name {hook_name!r}")
+    head_index = meta.get("hook_head_index")
+    if head_index is None:
+        head: int | str = CONCATENATED if "hook_z" in hook_name else NO_HEAD
+    elif isinstance(head_index, int) and not isinstance(head_index, bool) and head_index >= 0:
+        head = head_index
+    else:
+        raise CheckpointError(f"{where}: metadata.hook_head_index must be null or a head index, got {head_index!r}")
+    needs_scale = normalize == "expected_average_only_in"
+    provenance = {
+        **provenance,
+        "reshape_activations": reshape or "none",
+        "normalize_activations": normalize or "none",
+        "needs_input_scale": needs_scale,
+    }
+    if reshape == "hook_z":
+        provenance["reshape_note"] = (
+            "SAELens would flatten (..., n_heads, d_head) inputs; this SAE reads (..., d_in) vectors directly"
+            + (" (one head's z)" if isinstance(head, int) else " (z flattened head-major)")
+        )
+    try:
+        return SAE(
+            **weights,
+            apply_b_dec_to_input=apply_b_dec,
+            hook_name=hook_name,
+            layer=layer,
+            head=head,
+            model_name=model_name,
+            provenance=provenance,
+            log_sparsity=log_sparsity,
+        )
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: {err}") from err
+
+
+def from_saelens(sae_lens_sae: Any, *, provenance: Mapping[str, Any] | None = None, log_sparsity: Tensor | None = None) -> SAE:
+    """Copy a ``sae_lens.SAE`` (standard architecture) into a :class:`SAE`; the original is not modified."""
+    cfg = sae_lens_sae.cfg
+    architecture = cfg.architecture()
+    _check_architecture(architecture, f"sae_lens SAE {type(sae_lens_sae).__name__}")
+    meta = cfg.metadata.to_dict() if hasattr(cfg.metadata, "to_dict") else dict(cfg.metadata)
+    weights = {k: getattr(sae_lens_sae, k).detach().clone() for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    extra = getattr(sae_lens_sae, "finetuning_scaling_factor", None)
+    if isinstance(extra, Tensor):
+        raise UnsupportedCheckpointError("sae_lens SAE has a finetuning_scaling_factor; fold it before converting")
+    return _build(
+        weights=weights,
+        apply_b_dec=bool(cfg.apply_b_dec_to_input),
+        normalize=cfg.normalize_activations,
+        reshape=cfg.reshape_activations,
+        meta=meta,
+        where=f"sae_lens SAE ({meta.get('hook_name')})",
+        provenance={"format": "saelens6", "cfg": cfg.to_dict(), **dict(provenance or {})},
+        log_sparsity=log_sparsity,
+    )
+
+
+def load_saelens_pretrained(
+    release: str,
+    sae_id: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
+    force_download: bool = False,
+) -> SAE:
+    """``SAE.from_pretrained(release, sae_id)`` through SAELens's registry and hub loaders.
+
+    Releases stored as Kissane ``.pt`` + ``_cfg.json`` pairs (``gpt2-small-hook-z-kk``) are read with
+    :func:`~sparsedecomp.loading.kissane.load_kissane` (``weights_only=True``) instead of SAELens's own loader.
+    SAELens folds a known ``norm_scaling_factor`` for the release; an unknown one leaves ``needs_input_scale``.
+    """
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    lookup = get_pretrained_saes_directory().get(release)
+    where = {"release": release, "sae_id": sae_id}
+    if lookup is not None and lookup.conversion_func in _KISSANE_CONVERSIONS:
+        from .kissane import load_kissane
+
+        if sae_id not in lookup.saes_map:
+            raise CheckpointError(f"sae_id {sae_id!r} is not in release {release!r} (ids: {list(lookup.saes_map)[:5]} ...)")
+        path = lookup.saes_map[sae_id]
+        version = path[: -len(".pt")] if path.endswith(".pt") else path
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        sae = load_kissane(version=version, repo_id=lookup.repo_id, device=device)
+        if sae.dtype != _DTYPES[dtype]:
+            sae = sae.to(dtype=_DTYPES[dtype])
+        return _with_provenance(sae, where)
+    from sae_lens import SAE as LensSAE
+
+    try:
+        obj, cfg_dict, log_sparsity = LensSAE.from_pretrained_with_cfg_and_sparsity(
+            release, sae_id, device=str(device), dtype=dtype, force_download=force_download
+        )
+    except CheckpointError:
+        raise
+    except Exception as err:
+        raise CheckpointError(f"SAELens could not load release {release!r}, sae_id {sae_id!r}: {err}") from err
+    repo = lookup.repo_id if lookup is not None else release
+    return from_saelens(
+        obj,
+        provenance={"source": f"saelens://{release}/{sae_id}", "repo_id": repo, **where},
+        log_sparsity=log_sparsity,
+    )
+
+
+def _with_provenance(sae: SAE, extra: Mapping[str, Any]) -> SAE:
+    from dataclasses import replace
+
+    return replace(sae, provenance={**sae.provenance, **dict(extra)})
+
+
+def save_saelens6(
+    sae: SAE,
+    directory: str | Path,
+    *,
+    reshape_activations: str | None = None,
+    normalize_activations: str | None = None,
+    metadata_extra: Mapping[str, Any] | None = None,
+    sparsity: Tensor | None = None,
+) -> Path:
+    """Write ``sae`` as a SAELens 6.x directory (``cfg.json``, ``sae_weights.safetensors``, optional
+    ``sparsity.safetensors``) that ``sae_lens.SAE.load_from_disk`` reads. Returns the directory.
+
+    ``reshape_activations`` defaults to ``"hook_z"`` for a concatenated ``hook_z`` SAE (as SAELens writes it)
+    and ``"none"`` otherwise; ``normalize_activations`` defaults to ``"expected_average_only_in"`` when the SAE
+    still needs an input scale, else ``"none"``.
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(sae, SAE):
+        raise TypeError(f"sae must be a sparsedecomp SAE, got {type(sae).__name__}")
+    names = {v: k for k, v in _DTYPES.items() if not k.startswith("torch.")}
+    if reshape_activations is None:
+        reshape_activations = "hook_z" if sae.head == CONCATENATED and "hook_z" in sae.hook_name else "none"
+    if reshape_activations not in ("none", "hook_z"):
+        raise ValueError(f"reshape_activations must be 'none' or 'hook_z', got {reshape_activations!r}")
+    if normalize_activations is None:
+        normalize_activations = "expected_average_only_in" if sae.needs_input_scale else "none"
+    try:
+        version = importlib_metadata.version("sae-lens")
+    except importlib_metadata.PackageNotFoundError:
+        version = "6.0.0"
+    meta: dict[str, Any] = {
+        "sae_lens_version": version,
+        "sae_lens_training_version": version,
+        "model_name": sae.model_name,
+        "hook_name": sae.hook_name,
+        "hook_head_index": sae.head if isinstance(sae.head, int) else None,
+        "prepend_bos": True,
+        "context_size": 128,
+        "dataset_path": None,
+        "model_from_pretrained_kwargs": {},
+    }
+    meta.update(dict(metadata_extra or {}))
+    cfg = {
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "dtype": names[sae.dtype],
+        "device": "cpu",
+        "apply_b_dec_to_input": sae.apply_b_dec_to_input,
+        "normalize_activations": normalize_activations,
+        "reshape_activations": reshape_activations,
+        "metadata": meta,
+        "architecture": "standard",
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = {k: getattr(sae, k).detach().cpu().contiguous() for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    save_file(weights, str(directory / WEIGHTS_NAME))
+    (directory / CFG_NAME).write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    sparsity = sae.log_sparsity if sparsity is None else sparsity
+    if sparsity is not None:
+        save_file({"sparsity": sparsity.detach().cpu().float().contiguous()}, str(directory / SPARSITY_NAME))
+    return directory

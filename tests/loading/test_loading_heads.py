@@ -1,0 +1,140 @@
+"""load_sae format detection, load_head_saes agreement checks, missing heads and the block dictionary."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from sparsedecomp import BlockDictionary
+from sparsedecomp.loading import (
+    CONCATENATED,
+    CheckpointError,
+    CheckpointNotFoundError,
+    HeadSAEs,
+    InputScaleWarning,
+    MissingHeadsWarning,
+    detect_format,
+    load_head_saes,
+    load_sae,
+    save_kissane,
+    save_legacy_saelens,
+    save_saelens6,
+)
+
+RUNS = {0: "rovi1lwe", 1: "p7113j0v", 2: "rjc53kjg", 3: "hibm6x1l"}
+
+
+@pytest.fixture
+def seed_like_root(tmp_path, make_sae):
+    """checkpoints/<wandb_id>/final_<n>/<sae_name>/ for four heads, as in the seed's ckpt_subfolders."""
+    root = tmp_path / "checkpoints"
+    saes = {}
+    for head, run in RUNS.items():
+        saes[head] = make_sae(head=head, d_sae=16 + 8 * head, seed=head)
+        save_legacy_saelens(saes[head], root, run, 983044096, cfg_extra={"normalize_activations": True})
+    return root, saes
+
+
+def test_seed_mapping_loads_in_head_order_and_builds_the_dictionary(seed_like_root):
+    root, saes = seed_like_root
+    shuffled = {h: RUNS[h] for h in (2, 0, 3, 1)}
+    heads = load_head_saes(shuffled, root=root, n_heads=4)
+    assert heads.heads == (0, 1, 2, 3) and heads.d_head == 8 and heads.layer == 1
+    assert heads.d_sae == {0: 16, 1: 24, 2: 32, 3: 40}
+    assert heads.heads_needing_input_scale == (0, 1, 2, 3)
+    with pytest.warns(InputScaleWarning, match=r"heads \[0, 1, 2, 3\]"):
+        dictionary = heads.dictionary(normalize=True)
+    reference = BlockDictionary.from_blocks([saes[h].W_dec for h in range(4)], normalize=True)
+    torch.testing.assert_close(dictionary.atoms, reference.atoms)
+    torch.testing.assert_close(dictionary.scales, reference.scales)
+    assert dictionary.n_atoms == 16 + 24 + 32 + 40 and dictionary.dim == 32
+
+
+def test_list_sources_take_heads_from_the_files(seed_like_root):
+    root, _ = seed_like_root
+    heads = load_head_saes([root / RUNS[3], root / RUNS[1]])
+    assert heads.heads == (1, 3)
+    assert heads.missing_heads(4) == [0, 2]
+    with pytest.raises(ValueError, match=r"missing heads \[0, 2\]"):
+        heads.dictionary()
+
+
+def test_missing_heads_raise_or_warn(seed_like_root):
+    root, _ = seed_like_root
+    partial = {0: RUNS[0], 2: RUNS[2]}
+    with pytest.raises(ValueError, match=r"no SAE for heads \[1, 3, 4, 5, 6, 7\]"):
+        load_head_saes(partial, root=root, n_heads=8)
+    with pytest.warns(MissingHeadsWarning, match=r"no SAE for heads \[1, 3\]"):
+        heads = load_head_saes(partial, root=root, n_heads=4, on_missing="warn")
+    assert heads.heads == (0, 2)
+    with pytest.raises(ValueError, match="only n_heads=2"):
+        heads.missing_heads(2)
+
+
+def test_mapping_key_must_match_the_file(seed_like_root):
+    root, _ = seed_like_root
+    with pytest.raises(ValueError, match=r"source given for head 1 .*rovi1lwe.* holds an SAE for head 0"):
+        load_head_saes({1: RUNS[0]}, root=root)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"layer": 0}, "has layer=0 but head 0"),
+        ({"model_name": "gelu-1l"}, "has model_name='gelu-1l'"),
+        ({"hook_name": "blocks.1.attn.hook_q"}, "has hook_name='blocks.1.attn.hook_q'"),
+        ({"d_in": 16}, "has d_in=16"),
+    ],
+)
+def test_disagreeing_heads_are_named(make_sae, change, message):
+    good = make_sae(head=0)
+    bad = make_sae(head=1, **change)
+    with pytest.raises(ValueError, match=message):
+        HeadSAEs((good, bad))
+
+
+def test_duplicate_and_concatenated_saes_are_refused(make_sae):
+    with pytest.raises(ValueError, match="two SAEs read head 0"):
+        HeadSAEs((make_sae(head=0), make_sae(head=0, seed=1)))
+    with pytest.raises(ValueError, match="not a single head"):
+        HeadSAEs((make_sae(d_in=32, head=CONCATENATED),))
+    heads = HeadSAEs((make_sae(head=1), make_sae(head=0)))
+    assert [s.head for s in heads] == [0, 1] and heads[1].head == 1
+    with pytest.raises(KeyError, match="no SAE for head 5"):
+        heads[5]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # SAEs that need no input scale: no warning
+        assert heads.dictionary(normalize=False).n_atoms == 48
+
+
+def test_detect_format_and_errors(tmp_path, make_sae):
+    save_kissane(make_sae(d_in=32, head=CONCATENATED), tmp_path / "k", "v1")
+    save_saelens6(make_sae(), tmp_path / "s6")
+    legacy = save_legacy_saelens(make_sae(), tmp_path / "leg", "run", 10)
+    assert detect_format(tmp_path / "k") == "kissane"
+    assert detect_format(tmp_path / "k" / "v1_cfg.json") == "kissane"
+    assert detect_format(tmp_path / "s6") == "saelens6"
+    assert detect_format(tmp_path / "s6" / "cfg.json") == "saelens6"
+    assert detect_format(legacy) == "saelens_legacy"
+    assert load_sae(tmp_path / "s6" / "cfg.json").provenance["format"] == "saelens6"
+    with pytest.raises(CheckpointNotFoundError):
+        load_sae(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no checkpoint recognised at .*empty"):
+        load_sae(tmp_path / "empty")
+    with pytest.raises(ValueError, match="format must be one of"):
+        load_sae(tmp_path / "s6", format="hdf5")
+    with pytest.raises(CheckpointError, match="holds no Kissane checkpoint v2"):
+        load_sae(tmp_path / "k", version="v2")
+    with pytest.raises(ValueError, match="version= only applies"):
+        load_sae(tmp_path / "s6", format="saelens6", version="v1")
+    cfg = json.loads((tmp_path / "s6" / "cfg.json").read_text())
+    for key in ("architecture", "metadata"):
+        cfg.pop(key)
+    (tmp_path / "s6" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"cfg\.json matches no known format"):
+        load_sae(tmp_path / "s6")
+    # a forced format that does not match what is on disk is an error naming the file
+    with pytest.raises(CheckpointError, match=r"cfg\.json is not a SAELens 6 config"):
+        load_sae(legacy, format="saelens6")
