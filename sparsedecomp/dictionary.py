@@ -159,6 +159,17 @@ class Dictionary:
         """Convert a code on these (possibly normalised) atoms into the SAE's own feature activations."""
         return coefficients / self.scales.to(coefficients)
 
+    def reconstruct(self, coefficients: Tensor) -> Tensor:
+        """``coefficients @ atoms``; per head block when block-diagonal (``n_heads`` times fewer flops, since
+        head ``h``'s atoms are zero outside its own columns)."""
+        if self.block_columns is None:
+            return coefficients @ self.atoms
+        out = coefficients.new_zeros(coefficients.shape[0], self.dim)
+        for h, (a, b) in enumerate(self.block_columns):
+            members = self.head_atoms(h)
+            out[:, a:b] = coefficients[:, members] @ self.atoms[members, a:b]
+        return out
+
     def stacked(self) -> StackedBlocks:
         """The dictionary as independent groups for batched solvers: one group per head when block-diagonal
         (padded with zero atoms to the largest head), else a single group that owns every column."""

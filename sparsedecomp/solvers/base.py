@@ -86,7 +86,7 @@ class Solver:
         coefficients = result.coefficients
         return Decomposition(
             coefficients=coefficients,
-            reconstruction=coefficients @ dictionary.atoms,
+            reconstruction=dictionary.reconstruct(coefficients),
             targets=targets,
             objective=result.objective,
             certificate=result.certificate,

@@ -33,10 +33,10 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import cvxpy as cp
 import numpy as np
+import scipy.sparse
 import torch
 from torch import Tensor
 
@@ -51,6 +51,9 @@ from ..optimality import (
 )
 from ..validation import check_positive
 from .base import ChunkResult, Solver
+
+if TYPE_CHECKING:  # cvxpy takes about a second to import: only the reference solvers pay for it, when used.
+    import cvxpy as cp
 
 CLARABEL_SETTINGS: dict[str, Any] = {
     "tol_gap_abs": 1e-10,
@@ -147,10 +150,17 @@ class CvxpyReference(Solver):
 
     # -- the shared work -------------------------------------------------------------------------------------------
     def prepare(self, dictionary: Dictionary) -> ReferenceProgram:
+        import cvxpy as cp
+
         atoms = dictionary.atoms.detach().to(device="cpu", dtype=torch.float64)
         target = cp.Parameter(dictionary.dim)
         code = cp.Variable(dictionary.n_atoms)
-        problem, weight, dual_source = self.build(atoms.numpy(), target, code)
+        matrix = atoms.numpy()
+        if dictionary.is_block_diagonal:
+            # Mostly zeros: a sparse constant lets Clarabel factor one small system per head instead of one
+            # dense (n_atoms x d) system, which is what makes full-size (16,384-atom) references feasible.
+            matrix = scipy.sparse.csr_array(matrix)
+        problem, weight, dual_source = self.build(matrix, target, code)
         if not problem.is_dcp(dpp=True):
             # A programming error, not a user error: without DPP every solve would re-canonicalise.
             raise RuntimeError(f"{self.name}: the reference problem is not DPP-compliant")
@@ -221,6 +231,8 @@ class CvxpyReference(Solver):
     ) -> tuple[np.ndarray | None, np.ndarray | None, int, bool]:
         """Solve for one unit-norm target: (unit-scale code or None, dual point or None, iterations, reported
         optimal)."""
+        import cvxpy as cp
+
         program.target.value = unit_target
         if program.weight is not None:
             program.weight.value = self.weight_value(norm)
@@ -292,6 +304,8 @@ class CvxpyLasso(CvxpyReference):
     def build(
         self, atoms: np.ndarray, target: cp.Parameter, code: cp.Variable
     ) -> tuple[cp.Problem, cp.Parameter, None]:
+        import cvxpy as cp
+
         weight = cp.Parameter(nonneg=True)
         fit = 0.5 * cp.sum_squares(target - code @ atoms)
         if self.nonnegative:
@@ -325,6 +339,8 @@ class CvxpyNNLS(CvxpyReference):
     certificate_kind: ClassVar[str] = KKT_VIOLATION
 
     def build(self, atoms: np.ndarray, target: cp.Parameter, code: cp.Variable) -> tuple[cp.Problem, None, None]:
+        import cvxpy as cp
+
         return cp.Problem(cp.Minimize(0.5 * cp.sum_squares(target - code @ atoms)), [code >= 0]), None, None
 
     def polish_weight(self) -> float:
@@ -376,6 +392,8 @@ class CvxpyBPDN(CvxpyReference):
         check_positive(self.eps, "eps", allow_zero=True)
 
     def build(self, atoms: np.ndarray, target: cp.Parameter, code: cp.Variable) -> tuple[cp.Problem, None, cp.SOC]:
+        import cvxpy as cp
+
         # In unit scale the bound is ||u - b D|| <= eps: no parameter needed beyond the target. An explicit cone
         # constraint (rather than `norm(...) <= eps`) exposes the dual vector, not just its norm.
         cone = cp.SOC(cp.Constant(float(self.eps)), target - code @ atoms)

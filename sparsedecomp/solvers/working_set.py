@@ -1,0 +1,349 @@
+"""Working-set solver for the (non-negative) lasso and NNLS on a block-separable dictionary.
+
+Problem, for each target ``y`` (row of ``targets``) with its own weight ``alpha >= 0``::
+
+    min_c  0.5 ||y - c D||^2 + alpha ||c||_1        (c >= 0 when non-negative; alpha = 0, c >= 0 is NNLS)
+
+The dictionary comes as :class:`~sparsedecomp.dictionary.StackedBlocks`: ``G`` groups of ``m`` atoms in ``p``
+dimensions, each group owning its own target columns. Both terms separate over groups, so every (target, group)
+pair is an independent subproblem (``G`` = number of heads in ``z`` space, 1 for a dense or W_O-mixed dictionary).
+Padded atoms are zero: their correlation is 0, so they are never selected.
+
+Working set (as in celer / blitz): the optimal code is sparse, so most atoms never matter. Repeat
+
+1. *Global check*, one pass over all atoms: residual ``r = y - c D`` and correlations ``g = r D^T`` (two batched
+   products, ``4 n m p G`` flops), giving the certificate (duality gap relative to ``||y||^2``, or the relative KKT
+   violation) of every target; targets within ``tol`` are finished.
+2. *Grow*: each unfinished subproblem keeps its support and adds its most violating atoms
+   (``|g_j| > alpha``, or ``g_j > alpha`` when non-negative), up to ``max(min_growth, support size)``, so its
+   working set at most doubles per round while it is too small.
+3. *Inner solve* on the working set only: gather its ``k`` atoms, form the small ``k x k`` Gram matrix, and run
+   coordinate descent plus sign-pattern Newton steps (:mod:`.coordinate_descent`) until the restricted
+   certificate is below half the tolerance. Cost per epoch is ``O(k^2)`` per subproblem instead of ``O(m p)``.
+
+If the inner solve met its tolerance but the global certificate still fails with no violating atom left (rounding),
+that target's inner tolerance is tightened tenfold;
+after ``MAX_STALLS`` such rounds in a row the target is given up (its certificate is at the dtype's rounding floor). ``iterations`` counts coordinate-descent epochs over the working
+set; a target stops with ``converged = False`` once it has used ``max_iter`` of them.
+
+Half-precision inputs are solved in float32; float32 and float64 are kept as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..dictionary import StackedBlocks
+from .coordinate_descent import coordinate_descent_epoch, newton_step
+
+GAP = "gap"
+KKT = "kkt"
+# Rounds in a row without a violating atom after which an uncertified target is given up: its certificate is then
+# stuck at the rounding floor of the working dtype (e.g. tol far below float32 precision).
+MAX_STALLS = 3
+
+
+@dataclass(frozen=True)
+class WorkingSetResult:
+    """Per-chunk output of :func:`solve_working_set` (tensors in the working dtype)."""
+
+    coefficients: Tensor
+    objective: Tensor
+    certificate: Tensor
+    iterations: Tensor
+    converged: Tensor
+
+
+@dataclass(frozen=True)
+class _Restricted:
+    """Everything the inner solver needs on the live subproblems (those with a non-empty working set)."""
+
+    atoms: Tensor  # (L, k, p) working-set atoms, zero on padded slots
+    targets: Tensor  # (L, p) each subproblem's share of its target
+    gram: Tensor  # (L, k, k)
+    b: Tensor  # (L, k) = atoms @ targets
+    alpha: Tensor  # (L,)
+    owner: Tensor  # (L,) position of the subproblem's target among the active targets
+
+
+def solve_working_set(
+    targets: Tensor,
+    stacked: StackedBlocks,
+    n_atoms: int,
+    alpha: Tensor,
+    *,
+    nonnegative: bool,
+    certificate: str,
+    tol: float,
+    max_iter: int,
+    alpha_is_fraction_of_max: bool = False,
+    check_every: int = 5,
+    min_growth: int = 8,
+) -> WorkingSetResult:
+    """Solve every row of ``targets`` (``(n, d)``); ``alpha`` is ``(n,)`` (a fraction of each target's
+    ``alpha_max`` when ``alpha_is_fraction_of_max``). ``certificate`` is :data:`GAP` or :data:`KKT`."""
+    work = targets.dtype if targets.dtype in (torch.float32, torch.float64) else torch.float32
+    device = targets.device
+    atoms = stacked.atoms.to(work)  # (G, m, p)
+    atoms_t = atoms.transpose(1, 2)
+    n_groups, m, _ = atoms.shape
+    n = targets.shape[0]
+    Y = stacked.split_targets(targets.to(work)).transpose(0, 1).contiguous()  # (G, n, p)
+    corr0 = torch.bmm(Y, atoms_t)  # (G, n, m)
+    alpha_top = (corr0 if nonnegative else corr0.abs()).amax(dim=(0, 2)).clamp_min(0)
+    alpha = alpha.to(work) * alpha_top if alpha_is_fraction_of_max else alpha.to(work)
+    y2 = Y.pow(2).sum(dim=(0, 2))
+    atom_scale = atoms.norm(dim=2).max()
+    global_index = stacked.atom_index.to(device)
+
+    # Targets with alpha >= alpha_max (zero targets included) are solved exactly by the zero code.
+    coefficients = Y.new_zeros(n, n_atoms)
+    objective = 0.5 * y2
+    certificate_out = Y.new_zeros(n)
+    iterations = torch.zeros(n, dtype=torch.long, device=device)
+    converged = torch.ones(n, dtype=torch.bool, device=device)
+
+    active = (alpha_top > alpha).nonzero().squeeze(1)
+    W = torch.zeros(n_groups, active.numel(), 0, dtype=torch.long, device=device)
+    c = Y.new_zeros(n_groups, active.numel(), 0)
+    inner_tol = Y.new_full((active.numel(),), 0.5 * tol)
+    stalls = torch.zeros(active.numel(), dtype=torch.long, device=device)
+
+    while active.numel() > 0:
+        # 1. Global check of every active target against all atoms.
+        if W.shape[2] == 0:
+            dense = None
+            r, corr = Y[:, active], corr0[:, active]
+        else:
+            dense = Y.new_zeros(n_groups, active.numel(), m).scatter_add_(2, W, c)
+            r = Y[:, active] - torch.bmm(dense, atoms)
+            corr = torch.bmm(r, atoms_t)
+        a = alpha[active]
+        if certificate == GAP:
+            cert, obj = _gap(r, corr, W, c, a, y2[active], nonnegative)
+        else:
+            cert, obj = _kkt(r, corr, dense, a, y2[active], atom_scale)
+        done = (cert <= tol) | (iterations[active] >= max_iter) | (stalls >= MAX_STALLS) | ~torch.isfinite(cert)
+        if bool(done.any()):
+            rows = active[done]
+            certificate_out[rows] = cert[done]
+            objective[rows] = obj[done]
+            converged[rows] = cert[done] <= tol
+            _scatter_codes(coefficients, rows, global_index, W[:, done], c[:, done])
+            keep = ~done
+            active, W, c, corr, a = active[keep], W[:, keep], c[:, keep], corr[:, keep], a[keep]
+            inner_tol, stalls = inner_tol[keep], stalls[keep]
+            dense = None if dense is None else dense[:, keep]
+        if active.numel() == 0:
+            break
+
+        # 2. Grow: keep the support, add the most violating atoms outside it.
+        score = corr if nonnegative else corr.abs()
+        if dense is not None:
+            score = score.masked_fill(dense != 0, float("-inf"))
+        support = c != 0
+        # Each subproblem adds up to max(min_growth, its support size) atoms, so its working set at most doubles;
+        # atoms that ended at zero leave the working set (they come back if they violate again).
+        growth = support.sum(dim=2).clamp_min(min_growth)
+        values, index = score.topk(min(m, int(growth.max())), dim=2)
+        rank = torch.arange(values.shape[2], device=device)
+        violating = (values > a[None, :, None]) & (rank < growth[:, :, None])
+        # No violator left but not certified: the inner solve was not accurate enough for this target.
+        stalled = ~violating.any(dim=2).any(dim=0)
+        inner_tol = torch.where(stalled, 0.1 * inner_tol, inner_tol)
+        stalls = torch.where(stalled, stalls + 1, torch.zeros_like(stalls))
+        W, c, valid = _compact(torch.cat([W, index], dim=2), torch.cat([c, torch.zeros_like(values)], dim=2),
+                               torch.cat([support, violating], dim=2))
+
+        # 3. Inner solve on the working sets.
+        problem = _gather(atoms, Y[:, active], W, valid, a)
+        c, epochs = _solve_restricted(
+            problem, c, valid, inner_tol, max_iter - iterations[active], y2[active], atom_scale,
+            nonnegative=nonnegative, certificate=certificate, check_every=check_every,
+        )
+        # A target always pays at least one epoch per round, so max_iter bounds the number of rounds too.
+        iterations[active] += epochs.clamp_min(1)
+
+    return WorkingSetResult(coefficients, objective, certificate_out, iterations, converged)
+
+
+def _gap(r: Tensor, corr: Tensor, W: Tensor, c: Tensor, alpha: Tensor, y2: Tensor, nonnegative: bool):
+    """Relative duality gap and lasso objective from stacked residuals ``r`` (``(G, t, p)``), correlations ``corr``
+    (``(G, t, m)``) and the working-set codes ``c`` on atoms ``W`` (``(G, t, k)``); see :func:`_stable_gap`."""
+    worst = corr.amax(dim=(0, 2)).clamp_min(0) if nonnegative else corr.abs().amax(dim=(0, 2))
+    r2 = r.pow(2).sum(dim=(0, 2))
+    l1 = c.abs().sum(dim=(0, 2))
+    cq = torch.zeros_like(l1) if W.shape[2] == 0 else (c * corr.gather(2, W)).sum(dim=(0, 2))
+    return _stable_gap(worst, r2, l1, cq, alpha) / y2.clamp_min(torch.finfo(y2.dtype).tiny), 0.5 * r2 + alpha * l1
+
+
+def _stable_gap(worst: Tensor, r2: Tensor, l1: Tensor, cq: Tensor, alpha: Tensor) -> Tensor:
+    """The lasso duality gap ``P(c) - D(s r)`` of :func:`sparsedecomp.optimality.lasso_duality_gap`, with dual
+    scaling ``s = 1 / max(1, worst / alpha)``, in a form without cancellation.
+
+    With ``q = r D^T`` and ``r . y = ||r||^2 + c . q``, the gap ``0.5 ||r||^2 + alpha ||c||_1 - s r.y +
+    0.5 s^2 ||r||^2`` equals ``0.5 (1 - s)^2 ||r||^2 + (alpha ||c||_1 - s c . q)``, whose terms are each
+    non-negative (``s |q_j| <= alpha``). The textbook form subtracts two numbers of size ``||y||^2``, which caps
+    float32 at a relative gap of about 1e-6; this one does not.
+    """
+    scale = 1.0 / torch.maximum(torch.ones_like(worst), worst / alpha.clamp_min(torch.finfo(worst.dtype).tiny))
+    return (0.5 * (1 - scale).pow(2) * r2 + (alpha * l1 - scale * cq)).clamp_min(0)
+
+
+def _kkt(r: Tensor, corr: Tensor, dense: Tensor | None, alpha: Tensor, y2: Tensor, atom_scale: Tensor):
+    """Relative KKT violation of ``min 0.5 ||y - cD||^2 + alpha sum(c)``, ``c >= 0`` (as
+    :func:`sparsedecomp.optimality.nonnegative_kkt_violation`), and the objective."""
+    g = corr - alpha[None, :, None]
+    if dense is None:
+        violation = g.clamp_min(0)
+        l1 = torch.zeros_like(alpha)
+    else:
+        violation = torch.where(dense > 0, g.abs(), g.clamp_min(0))
+        l1 = dense.sum(dim=(0, 2))
+    rel = violation.amax(dim=(0, 2)) / (y2.sqrt() * atom_scale).clamp_min(torch.finfo(y2.dtype).tiny)
+    return rel, 0.5 * r.pow(2).sum(dim=(0, 2)) + alpha * l1
+
+
+def _scatter_codes(out: Tensor, rows: Tensor, global_index: Tensor, W: Tensor, c: Tensor) -> None:
+    """Write working-set codes ``c`` (``(G, t, k)``) of targets ``rows`` into the dense ``(n, n_atoms)`` output."""
+    if W.shape[2] == 0:
+        return
+    groups = torch.arange(W.shape[0], device=W.device)[:, None, None]
+    atom = global_index[groups, W]
+    target = rows[None, :, None].expand_as(W)
+    nonzero = c != 0
+    out[target[nonzero], atom[nonzero]] = c[nonzero]
+
+
+def _compact(W: Tensor, c: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Move kept slots to the front of each working set and drop trailing all-empty slots."""
+    order = torch.argsort(keep.to(torch.int8), dim=2, descending=True, stable=True)
+    width = int(keep.sum(dim=2).max()) if keep.numel() else 0
+    order = order[:, :, :width]
+    valid = keep.gather(2, order)
+    W = torch.where(valid, W.gather(2, order), torch.zeros((), dtype=W.dtype, device=W.device))
+    c = torch.where(valid, c.gather(2, order), torch.zeros((), dtype=c.dtype, device=c.device))
+    return W, c, valid
+
+
+def _gather(atoms: Tensor, Y: Tensor, W: Tensor, valid: Tensor, alpha: Tensor) -> tuple[_Restricted, Tensor]:
+    """The restricted problems of the live (non-empty) subproblems, and their flat indices into ``(G * t)``."""
+    n_groups, t, k = W.shape
+    flat_valid = valid.reshape(-1, k)
+    live = flat_valid.any(dim=1).nonzero().squeeze(1)
+    # Largest working sets first, so coordinate descent can skip padding (see coordinate_descent_epoch).
+    live = live[torch.argsort(flat_valid[live].sum(dim=1), descending=True, stable=True)]
+    group = live // t
+    owner = live % t
+    A = atoms[group[:, None], W.reshape(-1, k)[live]] * flat_valid[live, :, None]
+    y = Y.reshape(-1, Y.shape[2])[live]
+    return _Restricted(
+        atoms=A,
+        targets=y,
+        gram=torch.bmm(A, A.transpose(1, 2)),
+        b=torch.bmm(A, y[:, :, None]).squeeze(2),
+        alpha=alpha[owner],
+        owner=owner,
+    ), live
+
+
+def _solve_restricted(
+    gathered: tuple[_Restricted, Tensor],
+    c: Tensor,
+    valid: Tensor,
+    inner_tol: Tensor,
+    budget: Tensor,
+    y2: Tensor,
+    atom_scale: Tensor,
+    *,
+    nonnegative: bool,
+    certificate: str,
+    check_every: int,
+) -> tuple[Tensor, Tensor]:
+    """Coordinate descent + Newton steps on every live subproblem until its target's restricted certificate is
+    below ``inner_tol``, its restricted objective stops decreasing, or the target's epoch ``budget`` is spent.
+    Returns codes ``(G, t, k)`` and epochs ``(t,)``."""
+    P, live = gathered
+    n_groups, t, k = c.shape
+    flat_c = c.reshape(-1, k).clone()
+    epochs = torch.zeros(t, dtype=torch.long, device=c.device)
+    if live.numel() == 0:
+        return c, epochs
+    # Working copies shrink to the still-open subproblems; ``where`` maps them back to rows of ``live``.
+    where = torch.arange(live.numel(), device=c.device)
+    gram, b, A, y, alpha, owner = P.gram, P.b, P.atoms, P.targets, P.alpha, P.owner
+    cw = flat_c[live]
+    diag = gram.diagonal(dim1=1, dim2=2)
+    usable = valid.reshape(-1, k)[live] & (diag > 0)
+    inv_diag = torch.where(usable, 1.0 / torch.where(usable, diag, torch.ones_like(diag)), torch.zeros_like(diag))
+    threshold = alpha[:, None] * inv_diag
+    size = usable.sum(dim=1)
+    q = b - torch.bmm(cw[:, None, :], gram).squeeze(1)
+    best = torch.full((t,), float("inf"), dtype=c.dtype, device=c.device)
+    steps = torch.arange(k, device=c.device)
+    while True:
+        n_epochs = max(1, min(check_every, int((budget - epochs)[owner].min())))
+        sizes = (size[None, :] > steps[:, None]).sum(dim=1).tolist()
+        for _ in range(n_epochs):
+            coordinate_descent_epoch(gram, q, cw, inv_diag, threshold, sizes, nonnegative=nonnegative)
+        cw = newton_step(gram, q, cw, alpha)
+        # Exact residual and correlations (no drift from the incremental updates of q).
+        r = y - torch.bmm(cw[:, None, :], A).squeeze(1)
+        q = torch.bmm(A, r[:, :, None]).squeeze(2)
+        flat_c[live[where]] = cw
+        touched = torch.zeros(t, dtype=torch.bool, device=c.device)
+        touched[owner] = True
+        epochs += n_epochs * touched
+
+        if certificate == GAP:
+            crit = _restricted_gap(r, q, cw, alpha, owner, t, y2, nonnegative)
+        else:
+            crit = _restricted_kkt(q, cw, alpha, owner, t, y2, atom_scale)
+        # The restricted objective (0.5 ||r||^2 + alpha ||c||_1, monotone in exact arithmetic) no longer
+        # decreases: the inner problem is solved to rounding precision.
+        value = 0.5 * r.pow(2).sum(dim=1) + alpha * cw.abs().sum(dim=1)
+        value = torch.zeros(t, dtype=c.dtype, device=c.device).index_add_(0, owner, value)
+        stagnant = value >= best
+        best = torch.minimum(best, value)
+        finished = (crit <= inner_tol) | (epochs >= budget) | stagnant | ~torch.isfinite(crit)
+        keep = ~finished[owner]
+        if not bool(keep.any()):
+            break
+        if not bool(keep.all()):
+            where, gram, b, A, y, alpha, owner = where[keep], gram[keep], b[keep], A[keep], y[keep], alpha[keep], owner[keep]
+            cw, q, inv_diag, threshold, size = cw[keep], q[keep], inv_diag[keep], threshold[keep], size[keep]
+    return flat_c.reshape(n_groups, t, k), epochs
+
+
+def _restricted_gap(r, q, c, alpha, owner, t, y2, nonnegative):
+    """Relative duality gap of each target's problem restricted to its working sets (one dual scaling per target,
+    as in the global gap)."""
+    score = q if nonnegative else q.abs()
+
+    def per_target(values: Tensor, reduce: str) -> Tensor:
+        return torch.zeros(t, dtype=r.dtype, device=r.device).scatter_reduce(0, owner, values, reduce)
+
+    worst = per_target(score.amax(dim=1).clamp_min(0), "amax")
+    r2 = per_target(r.pow(2).sum(dim=1), "sum")
+    l1 = per_target(c.abs().sum(dim=1), "sum")
+    cq = per_target((c * q).sum(dim=1), "sum")
+    a_t = per_target(alpha, "amax")
+    rel = _stable_gap(worst, r2, l1, cq, a_t) / y2.clamp_min(torch.finfo(r.dtype).tiny)
+    # Targets with no live subproblem here are not open; +inf keeps them from counting as finished.
+    present = torch.zeros(t, dtype=torch.bool, device=r.device)
+    present[owner] = True
+    return torch.where(present, rel, torch.full_like(rel, float("inf")))
+
+
+def _restricted_kkt(q, c, alpha, owner, t, y2, atom_scale):
+    """Relative KKT violation of each target's non-negative problem restricted to its working sets."""
+    g = q - alpha[:, None]
+    violation = torch.where(c > 0, g.abs(), g.clamp_min(0)).amax(dim=1)
+    worst = torch.zeros(t, dtype=q.dtype, device=q.device).scatter_reduce(0, owner, violation, "amax")
+    present = torch.zeros(t, dtype=torch.bool, device=q.device)
+    present[owner] = True
+    rel = worst / (y2.sqrt() * atom_scale).clamp_min(torch.finfo(q.dtype).tiny)
+    return torch.where(present, rel, torch.full_like(rel, float("inf")))
