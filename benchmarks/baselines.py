@@ -13,7 +13,8 @@ Objectives (``D`` the ``(n_atoms, d)`` atoms, ``y`` one target):
   the same scale as the package's ``tol``.
 * OMP: greedy selection of ``n_nonzero`` atoms with least-squares refits (``orthogonal_mp_gram`` on the Gram
   matrix ``D D^T``, and ``orthogonal_mp`` on ``D^T`` directly).
-* NNLS: ``0.5 ||y - c D||^2`` with ``c >= 0``; BPDN: ``||c||_1`` subject to ``||y - c D||_2 <= eps``.
+* NNLS: ``0.5 ||y - c D||^2`` with ``c >= 0``; BPDN: ``||c||_1`` subject to ``||y - c D||_2 <= eps``, ``c >= 0``
+  (targets are unit-norm, so ``eps`` is also relative to ``||y||`` as in the package).
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ def cvxpy_reference(atoms: np.ndarray, targets: np.ndarray, *, kind: str, alpha:
 
     n_atoms, d = atoms.shape
     A = sp.csr_matrix(atoms.T) if np.count_nonzero(atoms) < 0.5 * atoms.size else atoms.T
-    c = cp.Variable(n_atoms, nonneg=kind in ("nn_lasso", "nnls"))
+    # BPDN is non-negative, as the package's cvxpy_bpdn: comparing against the signed problem would be unfair.
+    c = cp.Variable(n_atoms, nonneg=kind in ("nn_lasso", "nnls", "bpdn"))
     y = cp.Parameter(d)
     fit = 0.5 * cp.sum_squares(A @ c - y)
     if kind in ("lasso", "nn_lasso"):
