@@ -1,0 +1,167 @@
+"""Command line: ``sparsedecomp demo`` and ``sparsedecomp decompose``. Thin: parse, call the library, print."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from .pipeline import DEFAULT_METHOD, SPACES
+
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError)
+
+
+def _add_solver_args(p: argparse.ArgumentParser) -> None:
+    from .solvers import SOLVERS
+
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(SOLVERS),
+                   help=f"sparse-coding method (default {DEFAULT_METHOD} with n_nonzero=16, tol=0.01)")
+    p.add_argument("--alpha", type=float, help="L1 weight (lasso methods)")
+    p.add_argument("--n-nonzero", type=int, help="atom budget (OMP methods)")
+    p.add_argument("--tol", type=float, help="stopping tolerance")
+    p.add_argument("--max-iter", type=int, help="iteration limit (iterative methods)")
+    p.add_argument("--eps", type=float, help="residual bound (BPDN)")
+    p.add_argument("--space", default="z", choices=SPACES,
+                   help="decompose in concatenated z, in the residual stream (through W_O; needs a model), or both")
+    p.add_argument("--out", type=Path, required=True, help="output folder (summary.json, index.html, codes)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _params(args: argparse.Namespace) -> dict:
+    names = {"alpha": "alpha", "n_nonzero": "n_nonzero", "tol": "tol", "max_iter": "max_iter", "eps": "eps"}
+    return {key: getattr(args, attr) for attr, key in names.items() if getattr(args, attr) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparsedecomp",
+        description="Decompose attention-layer (concatenated z) SAE features into per-head SAE dictionaries.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="run the full decomposition on the bundled demo model and SAEs")
+    demo.add_argument("--artifacts", type=Path, default=None, help=argparse.SUPPRESS)
+    _add_solver_args(demo)
+
+    dec = sub.add_parser("decompose", help="decompose a real concat SAE into real per-head SAEs")
+    dec.add_argument("--concat-sae", required=True,
+                     help="concat SAE: Kissane {version}.pt/_cfg.json folder or file, SAELens folder, legacy run")
+    dec.add_argument("--concat-version", help="Kissane version name, when the folder holds several pairs")
+    dec.add_argument("--head-saes", nargs="+", required=True, metavar="SOURCE",
+                     help="one checkpoint per head (legacy SAELens run / checkpoint / SAE folders, SAELens folders)")
+    dec.add_argument("--head-index-map", help="comma-separated head index of each --head-saes source, in order "
+                                              "(checked against each checkpoint's config), e.g. 0,1,2,3,4,5,6,7")
+    dec.add_argument("--model", help="TransformerLens model name (e.g. gelu-2l) for W_O and input-scale estimation; "
+                                     "loaded with from_pretrained's default processing flags, recorded")
+    dec.add_argument("--tokens", type=Path,
+                     help="safetensors/pt file with a 'tokens' [batch, pos] tensor (BOS first) to re-estimate the "
+                          "per-head input scales on --model")
+    _add_solver_args(dec)
+    return parser
+
+
+def _print_result(result, elapsed: float) -> None:
+    for space, res in result.summary["results"].items():
+        m = res["metrics"]["metrics"]
+        print(f"[{space}] L0 mean {m['l0']['mean']:.2f}, cosine mean {m['cosine']['mean']:.4f}, "
+              f"relative error median {m['relative_error']['median']:.4f}, status {res['metrics']['status_counts']}")
+    print(f"wrote {result.summary_path} and {result.html_path} in {elapsed:.1f}s")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from .demo import load_demo_world
+    from .pipeline import run_decomposition
+
+    t0 = time.time()
+    print("loading the demo world (model, tokenizer, SAEs; re-estimating per-head input scales) ...", flush=True)
+    world = load_demo_world(args.artifacts)
+    print(f"  {world.model.cfg.model_name}: {world.hook_name}, {len(world.head_saes)} head SAEs "
+          f"(scales {', '.join(f'{s:.3g}' for s in world.head_scales.scales.values())}), concat SAE "
+          f"{world.concat_sae.d_sae} features ({time.time() - t0:.1f}s)", flush=True)
+    context = {"world": "sparsedecomp demo", "model": world.model.cfg.model_name, "hook": world.hook_name,
+               "processing_flags": world.processing_flags.describe(),
+               "head_scale_estimate": world.head_scales.description,
+               "concat_sae": str(world.concat_sae.provenance.get("source", ""))}
+    result = run_decomposition(world.concat_sae, world.head_saes, out_dir=args.out, method=args.method,
+                               params=_params(args), space=args.space, W_O=world.W_O,
+                               title="Demo: per-head decomposition of concat-SAE features", context=context,
+                               progress=not args.no_progress)
+    _print_result(result, time.time() - t0)
+    return 0
+
+
+def _load_tokens(path: Path):
+    import torch
+
+    if not path.is_file():
+        raise FileNotFoundError(f"--tokens: no file at {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        data = load_file(str(path))
+    else:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    tokens = data.get("tokens") if isinstance(data, dict) else data
+    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2:
+        raise ValueError(f"--tokens: {path} must hold a 'tokens' [batch, pos] integer tensor")
+    return tokens.long()
+
+
+def run_decompose(args: argparse.Namespace) -> int:
+    from .loading import (ProcessingFlags, estimate_head_scales_from_model, fold_head_scales, load_head_saes,
+                          load_model, load_sae)
+    from .pipeline import run_decomposition
+
+    t0 = time.time()
+    sources: dict | list = list(args.head_saes)
+    if args.head_index_map:
+        try:
+            heads = [int(h) for h in args.head_index_map.split(",")]
+        except ValueError:
+            raise ValueError(f"--head-index-map must be comma-separated integers, got {args.head_index_map!r}") from None
+        if len(heads) != len(sources) or len(set(heads)) != len(heads):
+            raise ValueError(f"--head-index-map gives {len(heads)} heads ({heads}) for {len(sources)} --head-saes "
+                             "sources; give one distinct head per source")
+        sources = dict(zip(heads, sources))
+    concat = load_sae(args.concat_sae, version=args.concat_version)
+    head_saes = load_head_saes(sources)
+    print(f"concat SAE: {concat.describe()}\nhead SAEs: {head_saes.describe()}", flush=True)
+    context = {"concat_sae": concat.describe(), "head_saes": head_saes.describe()}
+    W_O = None
+    if args.model:
+        loaded = load_model(args.model, flags=ProcessingFlags())
+        W_O = loaded.model.W_O[concat.layer].detach()
+        context["model"] = loaded.describe()
+        if args.tokens is not None and head_saes.heads_needing_input_scale:
+            tokens = _load_tokens(args.tokens)
+            scales = estimate_head_scales_from_model(loaded, list(tokens.split(8)), layer=head_saes.layer)
+            head_saes = fold_head_scales(head_saes, scales)
+            context["head_scale_estimate"] = scales.description
+    elif args.tokens is not None:
+        raise ValueError("--tokens needs --model: input scales are estimated on the model's hook_z")
+    if head_saes.heads_needing_input_scale:
+        print(f"note: heads {list(head_saes.heads_needing_input_scale)} were trained on inputs scaled by a factor "
+              "that was never saved; directions are unaffected, but activation units are training units "
+              "(pass --model and --tokens to re-estimate and fold the scales)", flush=True)
+    result = run_decomposition(concat, head_saes, out_dir=args.out, method=args.method, params=_params(args),
+                               space=args.space, W_O=W_O, context=context, progress=not args.no_progress)
+    _print_result(result, time.time() - t0)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            return run_demo(args)
+        return run_decompose(args)
+    except USER_ERRORS as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"sparsedecomp {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

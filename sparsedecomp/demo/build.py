@@ -1,0 +1,201 @@
+"""Rebuild the demo world: ``python -m sparsedecomp.demo.build [--out DIR] [--tiny] [--skip-model]``.
+
+Stages (timed, seeds fixed): corpus -> tokenizer -> model (trained, saved in fp16, reloaded *processed*) ->
+``hook_z`` activations of the reloaded model -> per-head SAEs (April 2024 recipe, legacy SAELens 2.x layout, no
+saved input scale) -> concatenated-z SAE (Kissane recipe and file pair) -> evaluation of what was written, through
+the same loaders users call, into ``build_report.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import DemoConfig
+from .layout import (ARTIFACTS_DIR, CONCAT_DIR, HEADS_ROOT, HELDOUT_FILE, MODEL_DIR, REPORT_FILE, TOKENIZER_FILE,
+                     concat_version, head_wandb_id, load_heldout_tokens, save_heldout_tokens)
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+        self._start = time.time()
+
+    def stage(self, name: str):
+        timer = self
+
+        class _Stage:
+            def __enter__(self):
+                self.t0 = time.time()
+                print(f"[build] {name} ...", flush=True)
+
+            def __exit__(self, *exc):
+                timer.times[name] = round(time.time() - self.t0, 2)
+                print(f"[build] {name} done in {timer.times[name]:.1f}s (total {time.time() - timer._start:.0f}s)",
+                      flush=True)
+
+        return _Stage()
+
+
+def build(out: Path = ARTIFACTS_DIR, cfg: DemoConfig = DemoConfig(), *, skip_model: bool = False) -> dict:
+    """Run every stage and write the artifacts under ``out``; returns the build report."""
+    from tokenizers import Tokenizer
+
+    from ..loading import SAE, save_kissane, save_legacy_saelens
+    from .corpus import build_corpus
+    from .model import build_model, load_model, model_config_dict, save_model, train_model
+    from .quality import evaluate_world
+    from .sae_training import calibrate_head_l1, collect_hook_z, train_concat_sae, train_head_saes
+    from .tokenizer import pack, train_tokenizer
+    from .world import load_demo_world
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    timer = _Timer()
+    report: dict = {"config": cfg.to_dict(), "python": platform.python_version(), "torch": torch.__version__}
+
+    with timer.stage("corpus"):
+        corpus = build_corpus(code_char_budget=cfg.code_char_budget, prose_char_budget=cfg.prose_char_budget,
+                              heldout_every=cfg.heldout_every, seed=cfg.seed)
+        report["corpus"] = {**corpus.stats(), "fingerprint": corpus.fingerprint(),
+                            "sources": "pydoc_data.topics.topics (prose) + standard-library .py files (code)"}
+    with timer.stage("tokenizer"):
+        if skip_model:
+            tokenizer = Tokenizer.from_file(str(out / TOKENIZER_FILE))
+        else:
+            tokenizer = train_tokenizer([d.text for d in corpus.train], cfg.vocab_size)
+            tokenizer.save(str(out / TOKENIZER_FILE))
+        train_tokens = pack(tokenizer, [d.text for d in corpus.train], cfg.n_ctx)
+        heldout = pack(tokenizer, [d.text for d in corpus.heldout], cfg.n_ctx, cfg.max_heldout_sequences)
+        save_heldout_tokens(out / HELDOUT_FILE, heldout)
+        report["tokens"] = {"train_sequences": len(train_tokens), "heldout_sequences": len(heldout),
+                            "n_ctx": cfg.n_ctx, "vocab_size": tokenizer.get_vocab_size()}
+
+    config_kwargs = model_config_dict(cfg)
+    if not skip_model:
+        with timer.stage("model"):
+            model = build_model(config_kwargs)
+            losses = train_model(model, train_tokens, steps=cfg.model_steps, batch_size=cfg.model_batch_size,
+                                 lr=cfg.model_lr, warmup=cfg.model_warmup_steps, weight_decay=cfg.model_weight_decay,
+                                 seed=cfg.seed, repeat_fraction=cfg.model_repeat_fraction)
+            save_model(model, out / MODEL_DIR, config_kwargs, cfg.processing_flags,
+                       extra={"final_train_loss": sum(losses[-20:]) / len(losses[-20:]),
+                              "train_tokens_seen": cfg.model_steps * cfg.model_batch_size * cfg.n_ctx})
+            del model
+
+    with timer.stage("activations"):
+        # SAEs see the model exactly as users load it: fp16-rounded weights, processed with the recorded flags.
+        model, flags = load_model(out / MODEL_DIR)
+        pick = torch.randperm(len(train_tokens), generator=torch.Generator().manual_seed(cfg.seed + 1))
+        sae_tokens = train_tokens[pick[: cfg.sae_activation_sequences]]
+        acts = collect_hook_z(model, sae_tokens, layer=cfg.sae_layer, batch_size=cfg.eval_batch_size)
+        report["sae_training_tokens"] = int(acts.shape[0])
+
+    hook_name = f"blocks.{cfg.sae_layer}.attn.hook_z"
+    heads_root = out / HEADS_ROOT
+    with timer.stage("head SAEs"):
+        d_sae = cfg.head_expansion * cfg.d_head
+        head_l1, calibration = list(cfg.head_l1), None
+        if cfg.head_l1_candidates:
+            head_l1, calibration = calibrate_head_l1(
+                acts, d_sae=d_sae, candidates=cfg.head_l1_candidates, target_l0=cfg.head_target_l0, lr=cfg.head_lr,
+                steps=cfg.head_calibration_steps, batch_size=cfg.head_batch_size, seed=cfg.seed + 4)
+        heads = train_head_saes(acts, d_sae=d_sae, l1=head_l1, lr=cfg.head_lr, steps=cfg.head_steps,
+                                batch_size=cfg.head_batch_size, seed=cfg.seed + 2)
+        _clear(heads_root)
+        n_train = cfg.head_steps * cfg.head_batch_size
+        for h in range(cfg.n_heads):
+            sae = SAE(W_enc=heads.W_enc[h], b_enc=heads.b_enc[h], W_dec=heads.W_dec[h], b_dec=heads.b_dec[h],
+                      apply_b_dec_to_input=False, hook_name=hook_name, layer=cfg.sae_layer, head=h,
+                      model_name=cfg.model_name, provenance={"needs_input_scale": True})
+            with torch.no_grad():
+                x = acts[:, h] * heads.training_scales[h]
+                freq = (torch.relu(x @ sae.W_enc + sae.b_enc) > 0).float().mean(0)
+            save_legacy_saelens(
+                sae, heads_root, head_wandb_id(h), n_train, sparsity=torch.log10(freq + 1e-10),
+                cfg_extra={
+                    "normalize_activations": True, "context_size": cfg.n_ctx, "prepend_bos": True,
+                    "dataset_path": "sparsedecomp.demo corpus (pydoc topics + stdlib source)",
+                    "l1_coefficient": float(head_l1[h]), "lr": cfg.head_lr, "adam_beta1": 0.9,
+                    "adam_beta2": 0.999, "train_batch_size_tokens": cfg.head_batch_size,
+                    "l1_warm_up_steps": max(1, int(0.05 * cfg.head_steps)),
+                    "lr_decay_steps": cfg.head_steps - int(0.8 * cfg.head_steps), "lr_scheduler_name": "constant",
+                    "lr_end": 0.0, "seed": cfg.seed + 2, "device": "cpu", "act_store_device": "cpu",
+                    "b_dec_init_method": "zeros", "wandb_project": "sparsedecomp-demo",
+                    "training_tokens": n_train, "sae_lens_version": "2.1.3",
+                },
+            )
+        report["head_sae_training"] = {"d_sae": d_sae, "l1": head_l1, "l1_calibration_l0": calibration,
+                                       "training_scales": heads.training_scales.tolist(),
+                                       "final": heads.log[-1]}
+
+    with timer.stage("concat SAE"):
+        flat = acts.reshape(acts.shape[0], -1)
+        l1_raw = cfg.concat_l1 * float(flat.norm(dim=1).mean()) / flat.shape[1] ** 0.5
+        concat = train_concat_sae(flat, d_sae=cfg.concat_d_sae, l1=l1_raw, lr=cfg.concat_lr,
+                                  steps=cfg.concat_steps, batch_size=cfg.concat_batch_size, seed=cfg.seed + 3,
+                                  resample_steps=cfg.concat_resample_steps)
+        sae = SAE(W_enc=concat.W_enc, b_enc=concat.b_enc, W_dec=concat.W_dec, b_dec=concat.b_dec,
+                  apply_b_dec_to_input=True, hook_name=hook_name, layer=cfg.sae_layer, head="concatenated",
+                  model_name=cfg.model_name)
+        _clear(out / CONCAT_DIR)
+        version = concat_version(cfg, l1_raw)
+        save_kissane(sae, out / CONCAT_DIR, version, cfg_extra={
+            "seed": cfg.seed + 3, "batch_size": cfg.concat_batch_size, "lr": cfg.concat_lr, "l1_coeff": l1_raw,
+            "l1_coeff_normalised": cfg.concat_l1,
+            "num_tokens": cfg.concat_steps * cfg.concat_batch_size, "beta1": 0.9, "beta2": 0.99,
+            "dict_mult": cfg.concat_d_sae // flat.shape[1], "seq_len": cfg.n_ctx, "model_name": cfg.model_name,
+            "resample_steps": list(cfg.concat_resample_steps), "n_resampled": list(concat.n_resampled),
+            "l1_definition": "l1_coeff * mean over batch of sum_i |f_i|; l2 = mean over batch of ||x - x_hat||^2",
+        })
+        report["concat_sae_training"] = {"version": version, "n_resampled": list(concat.n_resampled),
+                                         "final": concat.log[-1]}
+    del acts, flat, model
+
+    with timer.stage("evaluation"):
+        world = load_demo_world(out)
+        report["world"] = world.describe()
+        report["quality"] = evaluate_world(world, n_splice_sequences=cfg.eval_sequences,
+                                           batch_size=cfg.eval_batch_size,
+                                           train_tokens=train_tokens)
+    report["timings_s"] = timer.times
+    report["total_time_s"] = round(sum(timer.times.values()), 1)
+    report["artifact_bytes"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and p.name != REPORT_FILE)
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["quality"]["summary"], indent=2))
+    print(f"[build] artifacts: {report['artifact_bytes'] / 1e6:.2f} MB in {out}; total {report['total_time_s']}s")
+    return report
+
+
+def _clear(directory: Path) -> None:
+    """Remove a previous build's files under ``directory`` (only files this build writes live there)."""
+    if directory.exists():
+        for path in sorted(directory.rglob("*"), reverse=True):
+            path.unlink() if path.is_file() else path.rmdir()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sparsedecomp.demo.build", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=ARTIFACTS_DIR, help="artifact folder (default: the package's)")
+    parser.add_argument("--tiny", action="store_true", help="seconds-long build with tiny settings (for testing)")
+    parser.add_argument("--skip-model", action="store_true",
+                        help="reuse the tokenizer and model already in --out; retrain only the SAEs")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 is faster on a crowded machine)")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    cfg = DemoConfig.tiny() if args.tiny else DemoConfig()
+    build(args.out, cfg, skip_model=args.skip_model)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Where the demo artifacts live and how their small files are named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+ARTIFACTS_DIR = Path(__file__).resolve().parent / "artifacts"
+TOKENIZER_FILE = "tokenizer.json"
+HELDOUT_FILE = "heldout_tokens.safetensors"
+MODEL_DIR = "model"
+HEADS_ROOT = "saes/heads/checkpoints"
+CONCAT_DIR = "saes/concat"
+REPORT_FILE = "build_report.json"
+
+
+def head_wandb_id(head: int) -> str:
+    """The run folder of head ``head``'s SAE (legacy layout ``checkpoints/<wandb_id>/final_<n>/<sae_name>/``)."""
+    return f"demo-head{head}"
+
+
+def concat_version(cfg, l1: float) -> str:
+    """Kissane et al.'s run name grammar (formats.md section 1) for the concat SAE."""
+    n_resamples = len(cfg.concat_resample_steps)
+    interval = cfg.concat_resample_steps[0] if n_resamples else 0
+    return (
+        f"{cfg.model_name}_L{cfg.sae_layer}_Hcat_z_lr{cfg.concat_lr:.2e}_l1{l1:.2e}_ds{cfg.concat_d_sae}"
+        f"_bs{cfg.concat_batch_size}_dc{1e-7:.2e}_rie{interval}_nr{n_resamples}_v0"
+    )
+
+
+def save_heldout_tokens(path: Path, tokens: Tensor) -> None:
+    """Held-out contexts as int16 (the vocabulary is far below 32768) in safetensors."""
+    from safetensors.torch import save_file
+
+    if int(tokens.max()) >= 2**15:
+        raise ValueError("token ids do not fit int16")
+    save_file({"tokens": tokens.to(torch.int16).contiguous()}, str(path))
+
+
+def load_heldout_tokens(path: Path) -> Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["tokens"].long()

@@ -1,0 +1,108 @@
+"""Quality bars of the demo world, computed on held-out tokens (used by the build report and the tests).
+
+* model: held-out cross-entropy at least :data:`MIN_CE_GAP_NATS` below a unigram model's;
+* every SAE (eight heads and the concat SAE): mean L0 in :data:`L0_RANGE`, at most :data:`MAX_DEAD_FRACTION` of
+  features that never fire on the held-out tokens, and splice-in score ``(L_zero - L_sae) / (L_zero - L_clean)`` at
+  least :data:`MIN_SPLICE_SCORE` (per-head SAE: that head's ``z`` zeroed / spliced; concat SAE: the whole layer's).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..evaluation.splice import splice_losses_many
+from .sae_training import collect_hook_z
+
+L0_RANGE = (5.0, 60.0)
+MAX_DEAD_FRACTION = 0.2
+MIN_SPLICE_SCORE = 0.7
+MIN_CE_GAP_NATS = 1.0
+
+
+def unigram_cross_entropy(train_tokens: Tensor | None, eval_tokens: Tensor, vocab_size: int) -> float:
+    """Cross-entropy of the add-one-smoothed unigram model of ``train_tokens`` on the predicted positions of
+    ``eval_tokens``; with ``train_tokens=None`` the unigram is fitted on ``eval_tokens`` itself (its entropy: a
+    lower bound for every unigram model on these tokens)."""
+    targets = eval_tokens[:, 1:].reshape(-1)
+    source = targets if train_tokens is None else train_tokens[:, 1:].reshape(-1)
+    counts = torch.bincount(source, minlength=vocab_size).double()
+    if train_tokens is not None:
+        counts += 1.0
+    logp = torch.log(counts / counts.sum())
+    return float(-logp[targets].mean())
+
+
+@torch.no_grad()
+def sae_statistics(world, tokens: Tensor, batch_size: int = 32) -> dict[str, dict[str, float]]:
+    """Mean L0 and dead fraction of every SAE on all positions of ``tokens``."""
+    z = collect_hook_z(world.model, tokens, layer=world.layer, batch_size=batch_size)
+    out = {}
+    for h, sae in world.head_saes.items():
+        out[f"head{h}"] = _stats(sae, z[:, h])
+    out["concat"] = _stats(world.concat_sae, z.reshape(z.shape[0], -1))
+    return out
+
+
+def _stats(sae, x: Tensor) -> dict[str, float]:
+    fired = torch.zeros(sae.d_sae, dtype=torch.bool)
+    l0_sum, err, var = 0.0, 0.0, 0.0
+    mean = x.mean(0)
+    for chunk in x.split(8192):
+        f = sae.encode(chunk)
+        active = f > 0
+        fired |= active.any(0)
+        l0_sum += float(active.sum())
+        err += float((sae.decode(f) - chunk).pow(2).sum())
+        var += float((chunk - mean).pow(2).sum())
+    return {"l0": l0_sum / len(x), "dead_fraction": float((~fired).float().mean()), "fvu": err / var,
+            "n_tokens": int(len(x))}
+
+
+def evaluate_world(world, *, n_splice_sequences: int | None = None, batch_size: int = 32,
+                   train_tokens: Tensor | None = None, include_mean: bool = True) -> dict[str, Any]:
+    """All quality numbers and whether each bar passes. L0 and dead fractions use every held-out context;
+    splice-in losses use ``n_splice_sequences`` evenly spaced contexts (all if ``None``); ``include_mean=False`` skips the
+    mean-ablation losses (not part of any bar)."""
+    heldout = world.heldout_tokens
+    splice_tokens = heldout
+    if n_splice_sequences is not None and n_splice_sequences < len(heldout):
+        # Evenly spaced contexts cover every held-out document, not just the first ones.
+        splice_tokens = heldout[torch.linspace(0, len(heldout) - 1, n_splice_sequences).round().long()]
+    stats = sae_statistics(world, heldout, batch_size)
+    splices = {f"head{h}": (h, sae) for h, sae in world.head_saes.items()}
+    splices["concat"] = (None, world.concat_sae)
+    losses = splice_losses_many(world.model, splice_tokens, splices, layer=world.layer, batch_size=batch_size,
+                                include_mean=include_mean)
+
+    clean = next(iter(losses.values())).clean
+    vocab = world.model.cfg.d_vocab
+    unigram_heldout = unigram_cross_entropy(None, splice_tokens, vocab)
+    unigram_train = None if train_tokens is None else unigram_cross_entropy(train_tokens, splice_tokens, vocab)
+    baseline = unigram_heldout if unigram_train is None else min(unigram_heldout, unigram_train)
+    model = {"heldout_cross_entropy": clean, "unigram_cross_entropy_train_fit": unigram_train,
+             "unigram_entropy_heldout_fit": unigram_heldout, "uniform_cross_entropy": math.log(vocab),
+             "passes": clean <= baseline - MIN_CE_GAP_NATS}
+    saes = {}
+    for name, s in stats.items():
+        splice = losses[name].summary()
+        passes = {
+            "l0": L0_RANGE[0] <= s["l0"] <= L0_RANGE[1],
+            "dead_fraction": s["dead_fraction"] <= MAX_DEAD_FRACTION,
+            "splice": splice["recovered"] >= MIN_SPLICE_SCORE,
+        }
+        saes[name] = {**s, "splice": splice, "passes": passes}
+    summary = {
+        "model_ce": round(clean, 4),
+        "unigram_ce": round(baseline, 4),
+        **{name: {"l0": round(v["l0"], 2), "dead": round(v["dead_fraction"], 4),
+                  "splice": round(v["splice"]["recovered"], 4), "fvu": round(v["fvu"], 4)}
+           for name, v in saes.items()},
+        "all_pass": model["passes"] and all(all(v["passes"].values()) for v in saes.values()),
+    }
+    return {"bars": {"l0_range": L0_RANGE, "max_dead_fraction": MAX_DEAD_FRACTION,
+                     "min_splice_score": MIN_SPLICE_SCORE, "min_ce_gap_nats": MIN_CE_GAP_NATS},
+            "splice_contexts": int(len(splice_tokens)), "model": model, "saes": saes, "summary": summary}

@@ -1,0 +1,142 @@
+"""The demo world: a small trained transformer, its tokenizer, held-out tokens and SAEs on layer ``hook_z``.
+
+Everything is read from the package's artifacts through the same loaders a user calls on real checkpoints:
+the model is rebuilt from its recorded config and processed with its recorded TransformerLens flags; the per-head
+SAEs are legacy SAELens 2.x folders without a saved input scale, so each head's ``s_h = sqrt(d_head)/E||z_h||`` is
+re-estimated on the held-out tokens and folded in (and recorded); the concat SAE is a Kissane ``.pt`` +
+``_cfg.json`` pair.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from .layout import (ARTIFACTS_DIR, CONCAT_DIR, HEADS_ROOT, HELDOUT_FILE, MODEL_DIR, REPORT_FILE, TOKENIZER_FILE,
+                     load_heldout_tokens)
+
+
+@dataclass(frozen=True, eq=False)
+class DemoWorld:
+    """A model, its SAEs and data, ready for decomposition and evaluation.
+
+    Attributes:
+        model: the ``HookedTransformer`` (fp32, processed with ``processing_flags``).
+        processing_flags: the :class:`~sparsedecomp.loading.ProcessingFlags` applied on load.
+        tokenizer: a ``tokenizers.Tokenizer`` (``<|bos|>`` = 0 starts every context).
+        heldout_tokens: ``(n_contexts, n_ctx)`` long, never seen in training.
+        head_saes: :class:`~sparsedecomp.loading.HeadSAEs`, input scales folded (see ``head_scales``).
+        head_scales: the re-estimated :class:`~sparsedecomp.loading.HeadScales`.
+        concat_sae: the concatenated-z :class:`~sparsedecomp.loading.SAE`.
+        layer: the attention layer all SAEs read (``blocks.{layer}.attn.hook_z``).
+        W_O: ``(n_heads, d_head, d_model)`` output projection of that layer (processed model).
+        artifacts_dir: where everything was read from.
+        report: the build report (``{}`` if absent).
+    """
+
+    model: Any
+    processing_flags: Any
+    tokenizer: Any
+    heldout_tokens: Tensor
+    head_saes: Any
+    head_scales: Any
+    concat_sae: Any
+    layer: int
+    W_O: Tensor
+    artifacts_dir: Path
+    report: dict = field(default_factory=dict)
+
+    @property
+    def hook_name(self) -> str:
+        return f"blocks.{self.layer}.attn.hook_z"
+
+    def describe(self) -> dict:
+        """A JSON-ready description: model, flags, SAEs and how their scales were obtained."""
+        cfg = self.model.cfg
+        return {
+            "model": {"name": cfg.model_name, "n_layers": cfg.n_layers, "d_model": cfg.d_model, "n_heads": cfg.n_heads,
+                      "d_head": cfg.d_head, "d_mlp": cfg.d_mlp, "d_vocab": cfg.d_vocab, "n_ctx": cfg.n_ctx,
+                      "normalization_type": cfg.normalization_type},
+            "processing_flags": self.processing_flags.as_kwargs(),
+            "hook_name": self.hook_name,
+            "heldout_contexts": int(self.heldout_tokens.shape[0]),
+            "head_saes": {str(h): {"d_sae": sae.d_sae, "transformations": list(sae.transformations)}
+                          for h, sae in self.head_saes.items()},
+            "head_scales": {str(h): s for h, s in self.head_scales.scales.items()},
+            "head_scale_estimate": self.head_scales.description,
+            "concat_sae": {"d_in": self.concat_sae.d_in, "d_sae": self.concat_sae.d_sae,
+                           "source": str(self.concat_sae.provenance.get("source", ""))},
+        }
+
+
+def head_sae_sources(artifacts_dir: Path = ARTIFACTS_DIR) -> dict[int, Path]:
+    """Head -> legacy run folder (``saes/heads/checkpoints/<wandb_id>``) for every shipped head SAE."""
+    from .layout import head_wandb_id
+
+    root = Path(artifacts_dir) / HEADS_ROOT
+    sources = {}
+    h = 0
+    while (root / head_wandb_id(h)).is_dir():
+        sources[h] = root / head_wandb_id(h)
+        h += 1
+    if not sources:
+        raise FileNotFoundError(f"no per-head SAE runs under {root}; rebuild with python -m sparsedecomp.demo.build")
+    return sources
+
+
+def concat_sae_path(artifacts_dir: Path = ARTIFACTS_DIR) -> tuple[Path, str]:
+    """``(folder, version)`` of the shipped Kissane pair."""
+    folder = Path(artifacts_dir) / CONCAT_DIR
+    cfgs = sorted(folder.glob("*_cfg.json"))
+    if len(cfgs) != 1:
+        raise FileNotFoundError(f"expected one *_cfg.json under {folder}, found {len(cfgs)}")
+    return folder, cfgs[0].name[: -len("_cfg.json")]
+
+
+def load_demo_world(artifacts_dir: str | Path | None = None, *, scale_contexts: int | None = None,
+                    batch_size: int = 32) -> DemoWorld:
+    """Load the demo world from ``artifacts_dir`` (default: the package's artifacts).
+
+    ``scale_contexts`` limits how many held-out contexts re-estimate the per-head input scales (default: all).
+    """
+    from tokenizers import Tokenizer
+
+    from ..loading import ProcessingFlags, estimate_head_scales_from_model, fold_head_scales, load_head_saes, load_sae
+    from .model import load_model
+
+    root = Path(artifacts_dir) if artifacts_dir is not None else ARTIFACTS_DIR
+    if not (root / MODEL_DIR).is_dir():
+        raise FileNotFoundError(f"no demo model under {root}; build it with python -m sparsedecomp.demo.build")
+    model, flags = load_model(root / MODEL_DIR)
+    tokenizer = Tokenizer.from_file(str(root / TOKENIZER_FILE))
+    heldout = load_heldout_tokens(root / HELDOUT_FILE)
+
+    raw_heads = load_head_saes(head_sae_sources(root), n_heads=model.cfg.n_heads)
+    layer = raw_heads.layer
+    scale_tokens = heldout if scale_contexts is None else heldout[:scale_contexts]
+    scales = estimate_head_scales_from_model(model, list(scale_tokens.split(batch_size)), layer=layer)
+    head_saes = fold_head_scales(raw_heads, scales)
+
+    folder, version = concat_sae_path(root)
+    concat = load_sae(folder, version=version)
+    if concat.layer != layer or concat.hook_name != raw_heads.hook_name:
+        raise ValueError(f"concat SAE reads {concat.hook_name} but head SAEs read {raw_heads.hook_name}")
+    report_path = root / REPORT_FILE
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    return DemoWorld(
+        model=model,
+        processing_flags=ProcessingFlags(**flags),
+        tokenizer=tokenizer,
+        heldout_tokens=heldout,
+        head_saes=head_saes,
+        head_scales=scales,
+        concat_sae=concat,
+        layer=layer,
+        W_O=model.W_O[layer].detach(),
+        artifacts_dir=root,
+        report=report,
+    )

@@ -1,0 +1,150 @@
+"""The shipped demo world: it loads, meets its quality bars on held-out tokens, fits the size budget, and the
+build's small pieces are deterministic."""
+
+import json
+import math
+import platform
+
+import pytest
+import torch
+
+from sparsedecomp.demo import ARTIFACTS_DIR, load_demo_world
+from sparsedecomp.demo import quality
+from sparsedecomp.demo.corpus import build_corpus
+from sparsedecomp.demo.layout import REPORT_FILE
+from sparsedecomp.demo.tokenizer import pack, special_ids, train_tokenizer
+
+MAX_ARTIFACT_BYTES = 15 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def world():
+    return load_demo_world()
+
+
+@pytest.fixture(scope="module")
+def report():
+    return json.loads((ARTIFACTS_DIR / REPORT_FILE).read_text())
+
+
+def test_artifacts_fit_the_size_budget():
+    total = sum(p.stat().st_size for p in ARTIFACTS_DIR.rglob("*") if p.is_file())
+    assert 0 < total <= MAX_ARTIFACT_BYTES
+    # No pickles ship: only JSON, safetensors and the Kissane .pt state dict (loaded with weights_only=True).
+    suffixes = {p.suffix for p in ARTIFACTS_DIR.rglob("*") if p.is_file()}
+    assert suffixes <= {".json", ".safetensors", ".pt"}
+
+
+def test_world_loads_with_recorded_processing_and_folded_scales(world, report):
+    cfg = world.model.cfg
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.d_head, cfg.act_fn) == (2, 256, 8, 32, "gelu")
+    assert cfg.normalization_type == "LNPre"  # fold_ln was applied on load
+    assert world.processing_flags.as_kwargs() == report["config"]["processing_flags"]
+    assert len(world.head_saes) == 8 and world.head_saes.heads == tuple(range(8))
+    assert world.head_saes.heads_needing_input_scale == ()
+    for h, sae in world.head_saes.items():
+        assert sae.apply_b_dec_to_input is False
+        assert any("folded input scale" in t for t in sae.transformations)
+        assert sae.W_dec.shape == (256, 32)
+        # April-recipe decoders are not unit norm.
+        assert not torch.allclose(sae.W_dec.norm(dim=1), torch.ones(256), atol=1e-2)
+    assert world.concat_sae.head == "concatenated" and world.concat_sae.W_dec.shape == (2048, 256)
+    assert torch.allclose(world.concat_sae.W_dec.norm(dim=1), torch.ones(2048), atol=1e-3)
+    assert world.W_O.shape == (8, 32, 256)
+    assert world.heldout_tokens.dtype == torch.long and world.heldout_tokens.shape[1] == cfg.n_ctx
+    bos, _ = special_ids(world.tokenizer)
+    assert bool((world.heldout_tokens[:, 0] == bos).all())
+
+
+def test_folded_scales_make_inputs_unit_rms(world):
+    # After folding s_h, W_enc reads raw z: the SAE's training inputs s_h * z_h had E||x|| = sqrt(d_head).
+    # The scales were re-estimated on all held-out contexts, so on those contexts this holds to rounding.
+    z = torch.cat([world.model.run_with_cache(batch, names_filter=world.hook_name, stop_at_layer=world.layer + 1)[1][
+        world.hook_name] for batch in world.heldout_tokens.split(64)])
+    for h in range(8):
+        s = world.head_scales.scales[h]
+        assert float((z[:, :, h] * s).norm(dim=-1).mean()) == pytest.approx(math.sqrt(32), rel=1e-3)
+
+
+def test_build_report_records_passing_quality(report):
+    assert report["quality"]["summary"]["all_pass"] is True
+    assert report["artifact_bytes"] <= MAX_ARTIFACT_BYTES
+
+
+def test_quality_bars_hold_when_recomputed_on_heldout_tokens(world, report):
+    cfg = report["config"]
+    result = quality.evaluate_world(world, n_splice_sequences=cfg["eval_sequences"], batch_size=cfg["eval_batch_size"],
+                                    include_mean=False)
+    model = result["model"]
+    assert model["heldout_cross_entropy"] <= model["unigram_entropy_heldout_fit"] - quality.MIN_CE_GAP_NATS
+    assert set(result["saes"]) == {f"head{h}" for h in range(8)} | {"concat"}
+    for name, sae in result["saes"].items():
+        lo, hi = quality.L0_RANGE
+        assert lo <= sae["l0"] <= hi, name
+        assert sae["dead_fraction"] <= quality.MAX_DEAD_FRACTION, name
+        assert sae["splice"]["recovered"] >= quality.MIN_SPLICE_SCORE, (name, sae["splice"])
+        # L0 and dead features use every held-out context, as in the build: the numbers must reproduce.
+        built = report["quality"]["saes"][name]
+        assert sae["l0"] == pytest.approx(built["l0"], rel=1e-3), name
+        assert sae["dead_fraction"] == pytest.approx(built["dead_fraction"], abs=1e-3), name
+        assert sae["splice"]["recovered"] == pytest.approx(built["splice"]["recovered"], abs=1e-3), name
+
+
+def test_corpus_split_is_deterministic_and_disjoint(world, report):
+    kwargs = dict(code_char_budget=200_000, prose_char_budget=50_000, heldout_every=5, seed=0)
+    a, b = build_corpus(**kwargs), build_corpus(**kwargs)
+    assert a.fingerprint() == b.fingerprint()
+    names_train = {d.name for d in a.train}
+    names_held = {d.name for d in a.heldout}
+    assert names_train and names_held and not names_train & names_held
+    assert {d.kind for d in a.train} == {"prose", "code"}
+    if report["python"] == platform.python_version():
+        # Same interpreter, same standard library: the shipped corpus and held-out tokens are reproduced exactly.
+        cfg = report["config"]
+        full = build_corpus(code_char_budget=cfg["code_char_budget"], prose_char_budget=cfg["prose_char_budget"],
+                            heldout_every=cfg["heldout_every"], seed=cfg["seed"])
+        assert full.fingerprint() == report["corpus"]["fingerprint"]
+        tokens = pack(world.tokenizer, [d.text for d in full.heldout], cfg["n_ctx"], cfg["max_heldout_sequences"])
+        assert torch.equal(tokens, world.heldout_tokens)
+
+
+def test_tokenizer_training_and_packing_are_deterministic():
+    corpus = build_corpus(code_char_budget=60_000, prose_char_budget=20_000, heldout_every=4, seed=0)
+    texts = [d.text for d in corpus.train]
+    t1, t2 = train_tokenizer(texts, 400), train_tokenizer(texts, 400)
+    assert t1.to_str() == t2.to_str()
+    assert t1.get_vocab_size() == 400
+    bos, eot = special_ids(t1)
+    assert (bos, eot) == (0, 1)
+    p1, p2 = pack(t1, texts, 32), pack(t2, texts, 32)
+    assert torch.equal(p1, p2)
+    assert bool((p1[:, 0] == bos).all()) and int((p1 == eot).sum()) >= 1
+    assert t1.decode(t1.encode("def f(x):\n    return x + 12").ids) == "def f(x):\n    return x + 12"
+
+
+def test_repeat_half_copies_the_first_half():
+    from sparsedecomp.demo.model import repeat_half
+
+    batch = torch.arange(2 * 16).view(2, 16)
+    batch[:, 0] = 0
+    out = repeat_half(batch)
+    assert out.shape == batch.shape
+    assert torch.equal(out[:, 1:9], batch[:, 1:9]) and torch.equal(out[:, 9:], batch[:, 1:8])
+    assert bool((out[:, 0] == 0).all())
+
+
+@pytest.mark.slow
+def test_tiny_build_writes_a_loadable_world(tmp_path):
+    from sparsedecomp.demo.build import build
+    from sparsedecomp.demo.config import DemoConfig
+
+    cfg = DemoConfig.tiny()
+    report = build(tmp_path, cfg)
+    world = load_demo_world(tmp_path)
+    assert len(world.head_saes) == cfg.n_heads
+    assert world.concat_sae.d_sae == cfg.concat_d_sae
+    assert set(report["timings_s"]) >= {"corpus", "tokenizer", "model", "head SAEs", "concat SAE", "evaluation"}
+    # The legacy folders carry normalize_activations=true and no scale; loading re-estimated and folded one.
+    cfg_json = next(tmp_path.rglob("cfg.json"))
+    assert json.loads(cfg_json.read_text())["normalize_activations"] is True
+    assert all("folded input scale" in " ".join(s.transformations) for s in world.head_saes)
