@@ -14,7 +14,7 @@ computed and printed as PASS / FAIL / SKIP lines. Results go to ``<out>/solvers-
 ``.md``.
 
 Full-size CPU and GPU checks run each solver in a fresh subprocess (``--worker``) so that peak memory is that
-solver's own: ``ru_maxrss`` of the child (via ``os.wait4``) on CPU, ``torch.cuda.max_memory_allocated`` on GPU.
+solver's own: the child's own ``VmHWM`` on Linux CPU (``ru_maxrss`` would include the forking parent's peak), ``torch.cuda.max_memory_allocated`` on GPU.
 """
 
 from __future__ import annotations
@@ -435,7 +435,7 @@ class Benchmark:
             return
         for method, params, limit in (("omp", {"n_nonzero": 32}, 60.0), ("nn_lasso", {"tol": 1e-4}, 180.0)):
             out = self.run_worker(method, params, "cpu")
-            self.record_worker(f"b-{method}", method, params, out, limit, 8 * GIB, "ru_maxrss")
+            self.record_worker(f"b-{method}", method, params, out, limit, 8 * GIB, "peak RSS (VmHWM)")
 
     def check_c(self) -> None:
         """(c) CUDA, full size: omp (32 atoms) < 0.2 s and nn_lasso < 1 s (after one warm-up)."""
@@ -487,8 +487,9 @@ class Benchmark:
         if proc.returncode != 0 or not lines:
             return {"error": f"worker exited with {proc.returncode}", "stdout_tail": stdout[-500:]}
         out = json.loads(lines[-1])
-        if device == "cpu":
-            scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+        if device == "cpu" and "peak_bytes" not in out:
+            # Fallback off Linux: ru_maxrss (bytes on macOS, KiB elsewhere), which may include the parent's peak.
+            scale = 1 if sys.platform == "darwin" else 1024
             out["peak_bytes"] = usage.ru_maxrss * scale
         return out
 
@@ -561,7 +562,28 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
            "torch_threads": torch.get_num_threads()}
     if device.type == "cuda":
         out["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+    else:
+        own_peak = peak_rss_of_this_process()
+        if own_peak is not None:
+            out["peak_bytes"] = own_peak
     return out
+
+
+def peak_rss_of_this_process() -> int | None:
+    """Peak resident memory of this process image in bytes (Linux ``VmHWM``), or ``None`` where unavailable.
+
+    Why not ``ru_maxrss``: Linux carries a process's maximum RSS across ``fork`` and ``exec``, so a worker forked
+    from a parent holding several GB reports the parent's peak, not its own. ``VmHWM`` belongs to the address
+    space, which ``exec`` replaces, so it counts this solver run alone.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------- reporting
