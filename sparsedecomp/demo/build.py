@@ -141,7 +141,7 @@ def build(out: Path = ARTIFACTS_DIR, cfg: DemoConfig = DemoConfig(), *, skip_mod
         l1_raw = cfg.concat_l1 * float(flat.norm(dim=1).mean()) / flat.shape[1] ** 0.5
         concat = train_concat_sae(flat, d_sae=cfg.concat_d_sae, l1=l1_raw, lr=cfg.concat_lr,
                                   steps=cfg.concat_steps, batch_size=cfg.concat_batch_size, seed=cfg.seed + 3,
-                                  resample_steps=cfg.concat_resample_steps)
+                                  resample_steps=cfg.concat_resample_steps, tied_init=cfg.concat_tied_init)
         sae = SAE(W_enc=concat.W_enc, b_enc=concat.b_enc, W_dec=concat.W_dec, b_dec=concat.b_dec,
                   apply_b_dec_to_input=True, hook_name=hook_name, layer=cfg.sae_layer, head="concatenated",
                   model_name=cfg.model_name)
@@ -153,6 +153,7 @@ def build(out: Path = ARTIFACTS_DIR, cfg: DemoConfig = DemoConfig(), *, skip_mod
             "num_tokens": cfg.concat_steps * cfg.concat_batch_size, "beta1": 0.9, "beta2": 0.99,
             "dict_mult": cfg.concat_d_sae // flat.shape[1], "seq_len": cfg.n_ctx, "model_name": cfg.model_name,
             "resample_steps": list(cfg.concat_resample_steps), "n_resampled": list(concat.n_resampled),
+            "encoder_init": "decoder transpose" if cfg.concat_tied_init else "kaiming uniform",
             "l1_definition": "l1_coeff * mean over batch of sum_i |f_i|; l2 = mean over batch of ||x - x_hat||^2",
         })
         report["concat_sae_training"] = {"version": version, "n_resampled": list(concat.n_resampled),

@@ -14,8 +14,9 @@ optimisation is independent, so this is identical to eight separate runs).
 
 Concat recipe: ``f = relu((x - b_dec) @ W_enc + b_enc)``, ``x_hat = f @ W_dec + b_dec``,
 ``loss = E ||x - x_hat||^2 + l1 * E sum_i |f_i|``, decoder rows kept at unit norm (gradient component along each
-row removed before the step, rows renormalised after), Adam(0.9, 0.99), dead features resampled at fixed steps
-from inputs drawn with probability proportional to their squared reconstruction error.
+row removed before the step, rows renormalised after), Adam(0.9, 0.99), optionally the encoder initialised as the
+decoder's transpose, dead features resampled at fixed steps from inputs drawn with probability proportional to their
+squared reconstruction error.
 """
 
 from __future__ import annotations
@@ -132,8 +133,12 @@ def _clip_per_head(params: Sequence[Tensor], max_norm: float) -> None:
 
 
 def train_concat_sae(acts: Tensor, *, d_sae: int, l1: float, lr: float, steps: int, batch_size: int, seed: int,
-                     resample_steps: Sequence[int] = (), log: Callable[[str], None] = print) -> ConcatSAEWeights:
-    """Train a Kissane-style SAE on concatenated ``z`` (``acts``: ``(n_tokens, n_heads * d_head)``, raw units)."""
+                     resample_steps: Sequence[int] = (), tied_init: bool = False,
+                     log: Callable[[str], None] = print) -> ConcatSAEWeights:
+    """Train a Kissane-style SAE on concatenated ``z`` (``acts``: ``(n_tokens, n_heads * d_head)``, raw units).
+
+    ``tied_init``: start the encoder as the (unit-row) decoder's transpose instead of an independent Kaiming draw,
+    so that every feature initially reads the direction it writes (fewer features that never fire)."""
     n, d = acts.shape
     gen = torch.Generator().manual_seed(seed)
     W_enc = torch.empty(d, d_sae)
@@ -141,6 +146,8 @@ def train_concat_sae(acts: Tensor, *, d_sae: int, l1: float, lr: float, steps: i
     _kaiming_uniform(W_enc, gen)
     _kaiming_uniform(W_dec, gen)
     W_dec /= W_dec.norm(dim=-1, keepdim=True)
+    if tied_init:
+        W_enc = W_dec.T.clone()
     W_enc.requires_grad_()
     W_dec.requires_grad_()
     b_enc = torch.zeros(d_sae, requires_grad=True)
