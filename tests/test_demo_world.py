@@ -148,3 +148,20 @@ def test_tiny_build_writes_a_loadable_world(tmp_path):
     cfg_json = next(tmp_path.rglob("cfg.json"))
     assert json.loads(cfg_json.read_text())["normalize_activations"] is True
     assert all("folded input scale" in " ".join(s.transformations) for s in world.head_saes)
+
+
+# Smallest zero-ablation effect (nats) for which a per-head splice score (L_zero - L_sae) / (L_zero - L_clean) is
+# a measurement rather than noise: the concat SAE's layer-level effect is 0.15 nats, seed gelu-2l heads ~0.17.
+MIN_HEAD_ABLATION_EFFECT_NATS = 0.02
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap (issue 3 left open): in the shipped demo model zeroing a single layer-1 head changes the "
+    "held-out loss by -0.007..0.015 nats (heads 0 and 6 even lower it), so per-head splice scores have a "
+    "near-zero denominator; needs a model in which every head matters",
+)
+def test_every_head_has_a_measurable_ablation_effect(report):
+    for h in range(8):
+        splice = report["quality"]["saes"][f"head{h}"]["splice"]
+        assert splice["zero_ablated"] - splice["clean"] >= MIN_HEAD_ABLATION_EFFECT_NATS, (h, splice)
