@@ -79,10 +79,16 @@ def solver_params(method: str, params: Mapping[str, Any] | None) -> dict[str, An
 
 
 def decompose_with_progress(targets: Tensor, dictionary: Dictionary, *, method: str, params: Mapping[str, Any],
-                            chunk: int = 256, progress: bool = True, desc: str = "decompose") -> Decomposition:
-    """:func:`sparsedecomp.decompose` over chunks of targets with a tqdm bar."""
+                            chunk: int | None = None, progress: bool = True, desc: str = "decompose") -> Decomposition:
+    """:func:`sparsedecomp.decompose` over chunks of targets with a tqdm bar.
+
+    ``chunk`` defaults to about a tenth of the targets (at least 512): batched solvers amortise their per-step
+    overhead over the chunk, so many small progress chunks would make a full-size run several times slower.
+    """
     from tqdm.auto import tqdm
 
+    if chunk is None:
+        chunk = max(512, -(-targets.shape[0] // 10))
     parts = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
