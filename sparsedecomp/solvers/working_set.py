@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from ..dictionary import StackedBlocks
+from ..optimality import lasso_gap_from_parts
 from .coordinate_descent import coordinate_descent_epoch, newton_step
 
 GAP = "gap"
@@ -181,16 +182,8 @@ def _gap(r: Tensor, corr: Tensor, W: Tensor, c: Tensor, alpha: Tensor, y2: Tenso
 
 
 def _stable_gap(worst: Tensor, r2: Tensor, l1: Tensor, cq: Tensor, alpha: Tensor) -> Tensor:
-    """The lasso duality gap ``P(c) - D(s r)`` of :func:`sparsedecomp.optimality.lasso_duality_gap`, with dual
-    scaling ``s = 1 / max(1, worst / alpha)``, in a form without cancellation.
-
-    With ``q = r D^T`` and ``r . y = ||r||^2 + c . q``, the gap ``0.5 ||r||^2 + alpha ||c||_1 - s r.y +
-    0.5 s^2 ||r||^2`` equals ``0.5 (1 - s)^2 ||r||^2 + (alpha ||c||_1 - s c . q)``, whose terms are each
-    non-negative (``s |q_j| <= alpha``). The textbook form subtracts two numbers of size ``||y||^2``, which caps
-    float32 at a relative gap of about 1e-6; this one does not.
-    """
-    scale = 1.0 / torch.maximum(torch.ones_like(worst), worst / alpha.clamp_min(torch.finfo(worst.dtype).tiny))
-    return (0.5 * (1 - scale).pow(2) * r2 + (alpha * l1 - scale * cq)).clamp_min(0)
+    """:func:`sparsedecomp.optimality.lasso_gap_from_parts` (the cancellation-free gap) on per-target sums."""
+    return lasso_gap_from_parts(worst=worst, residual_sq=r2, l1=l1, code_dot_corr=cq, alpha=alpha)
 
 
 def _kkt(r: Tensor, corr: Tensor, dense: Tensor | None, alpha: Tensor, y2: Tensor, atom_scale: Tensor):
