@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .decomposition import Decomposition, concat_decompositions
 from .dictionary import BlockDictionary, Dictionary, mix_targets
+from .evaluation.metrics import decomposition_metrics, head_columns, target_head_shares
 from .solvers import decompose, make_solver
 
 SPACES = ("z", "residual", "both")
@@ -38,13 +39,6 @@ class PipelineResult:
     html_path: Path
     code_paths: dict[str, Path]
     decompositions: dict[str, Decomposition] = field(default_factory=dict)
-
-
-def head_weight_shares(targets: Tensor, n_heads: int, d_head: int) -> Tensor:
-    """The seed's weight-based head attribution: ``||t[h-block]||^2 / ||t||^2`` per head, ``(n, n_heads)``."""
-    blocks = targets.reshape(targets.shape[0], n_heads, d_head)
-    sq = blocks.pow(2).sum(-1)
-    return sq / sq.sum(-1, keepdim=True).clamp_min(torch.finfo(targets.dtype).tiny)
 
 
 def concat_targets(concat_sae) -> tuple[Tensor, dict]:
@@ -126,8 +120,6 @@ def run_decomposition(
     ``"residual"`` (needs ``W_O``, ``(n_heads, d_head, d_model)``) or ``"both"``. ``context`` is copied into the
     summary (model, sources, flags ...).
     """
-    from .evaluation.metrics import decomposition_metrics
-
     if space not in SPACES:
         raise ValueError(f"space must be one of {SPACES}, got {space!r}")
     if space != "z" and W_O is None:
@@ -141,7 +133,7 @@ def run_decomposition(
     dictionary = head_saes.dictionary(normalize=True)
     targets, target_note = concat_targets(concat_sae)
     targets = targets.to(dictionary.dtype)
-    weight_shares = head_weight_shares(targets, n_heads, d_head)
+    weight_shares = target_head_shares(targets, head_columns(n_heads * d_head, d_head))
     log(f"dictionary: {dictionary.n_atoms} atoms ({n_heads} heads x {dictionary.n_atoms // n_heads}) in "
         f"{dictionary.dim} dims; {targets.shape[0]} targets; method {method} {params}")
 

@@ -73,3 +73,10 @@ def check_positive_int(value: int, name: str) -> int:
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return value
+
+
+def check_bool(value: object, name: str) -> bool:
+    """Check a flag is a real bool (``1`` or ``"yes"`` would silently change which problem is solved)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from ..decomposition import KKT_VIOLATION, Status
 from ..dictionary import Dictionary
-from ..validation import check_positive, check_positive_int
+from ..validation import check_bool, check_positive, check_positive_int
 from .base import ChunkResult, Solver
 
 # Numerical thresholds, as multiples of the working dtype's machine epsilon.
@@ -114,8 +114,7 @@ class OMP(Solver):
             check_positive_int(self.n_nonzero, "n_nonzero")
         if self.tol is not None:
             check_positive(self.tol, "tol", allow_zero=True)
-        if not isinstance(self.nonnegative, bool):
-            raise TypeError(f"nonnegative must be a bool, got {type(self.nonnegative).__name__}")
+        check_bool(self.nonnegative, "nonnegative")
         check_positive_int(self.nnls_max_iter, "nnls_max_iter")
 
     def check_dictionary(self, dictionary: Dictionary) -> None:

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..decomposition import DUALITY_GAP, KKT_VIOLATION, Status
 from ..dictionary import Dictionary, StackedBlocks
-from ..validation import check_positive, check_positive_int
+from ..validation import check_bool, check_positive, check_positive_int
 from .base import ChunkResult, Solver
 from .working_set import GAP, KKT, WorkingSetResult, solve_working_set
 
@@ -40,11 +40,6 @@ from .working_set import GAP, KKT, WorkingSetResult, solve_working_set
 # working set grows by per round; both only trade overhead against work, never the answer.
 CHECK_EVERY = 5
 MIN_GROWTH = 8
-
-
-def _check_flag(value: object, name: str) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
 def _to_chunk_result(result: WorkingSetResult, dtype: torch.dtype) -> ChunkResult:
@@ -91,8 +86,8 @@ class Lasso(Solver):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive(self.alpha, "alpha")
-        _check_flag(self.nonnegative, "nonnegative")
-        _check_flag(self.alpha_is_fraction_of_max, "alpha_is_fraction_of_max")
+        check_bool(self.nonnegative, "nonnegative")
+        check_bool(self.alpha_is_fraction_of_max, "alpha_is_fraction_of_max")
         check_positive(self.tol, "tol")
         check_positive_int(self.max_iter, "max_iter")
 

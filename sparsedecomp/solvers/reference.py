@@ -49,7 +49,7 @@ from ..optimality import (
     nonnegative_kkt_violation,
     residual,
 )
-from ..validation import check_positive
+from ..validation import check_bool, check_positive
 from .base import ChunkResult, Solver
 
 if TYPE_CHECKING:  # cvxpy takes about a second to import: only the reference solvers pay for it, when used.
@@ -292,8 +292,7 @@ class CvxpyLasso(CvxpyReference):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive(self.alpha, "alpha")
-        if not isinstance(self.nonnegative, bool):
-            raise TypeError(f"nonnegative must be a bool, got {type(self.nonnegative).__name__}")
+        check_bool(self.nonnegative, "nonnegative")
 
     @property
     def name(self) -> str:  # type: ignore[override]
