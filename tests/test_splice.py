@@ -89,3 +89,22 @@ def test_recovered_fraction_and_errors(model, tokens):
         splice_losses(model, tokens[0], None, layer=1)
     with pytest.raises(TypeError, match="SAE"):
         splice_losses(model, tokens, 3, layer=1)
+
+
+def test_per_context_losses_and_standard_errors(model):
+    tokens = torch.randint(0, 50, (40, 16), generator=torch.Generator().manual_seed(2))
+    res = splice_losses(model, tokens, lambda x: 0.7 * x, layer=1, head=1, batch_size=7)
+    with torch.no_grad():
+        per_token = model(tokens, return_type="loss", loss_per_token=True)
+    assert torch.allclose(res.clean_per_context, per_token.double().mean(dim=1), rtol=1e-5)
+    assert res.clean == pytest.approx(float(res.clean_per_context.mean()), rel=1e-9)
+    b = res.zero_per_context - res.clean_per_context
+    assert res.ablation_effect == pytest.approx(float(b.mean()), rel=1e-6)
+    assert res.ablation_effect_stderr == pytest.approx(float(b.std() / 40 ** 0.5), rel=1e-6)
+    # The delta-method error of the ratio agrees with a leave-one-context-out jackknife (a different estimator).
+    a = res.zero_per_context - res.spliced_per_context
+    loo = torch.stack([(a.sum() - a[i]) / (b.sum() - b[i]) for i in range(40)])
+    jackknife = float(((loo - loo.mean()).pow(2).sum() * 39 / 40).sqrt())
+    assert res.recovered_stderr == pytest.approx(jackknife, rel=0.15)
+    summary = res.summary()
+    assert summary["n_contexts"] == 40 and summary["recovered_stderr"] == res.recovered_stderr

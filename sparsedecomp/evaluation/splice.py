@@ -11,6 +11,12 @@ For next-token cross-entropy ``L`` on a batch of contexts:
 The recovered fraction is ``(L_zero - L_splice) / (L_zero - L_clean)`` (Kissane et al.; 1 = perfect, 0 = no better
 than zeroing; it can be negative). Losses are token-weighted means over all predicted positions. The model runs
 up to the hooked layer once per batch; every intervention then reruns only the layers from there on.
+
+Uncertainty: every context has the same number of predicted tokens, so each loss is the mean of per-context
+losses ``l_i`` and contexts are the independent units. With ``a_i = z_i - s_i`` and ``b_i = z_i - c_i`` (zeroed minus
+spliced, zeroed minus clean), the recovered fraction is ``R = mean(a) / mean(b)`` and its delta-method standard error
+is ``sqrt(sum_i (a_i - R b_i)^2 / (n (n - 1))) / |mean(b)|``; the ablation effect ``mean(b)`` has standard error
+``std(b) / sqrt(n)``. A score whose denominator is within a few standard errors of 0 says nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +42,33 @@ class SpliceLosses:
     mean_ablated: float
     spliced: float | None
     n_tokens: int
+    clean_per_context: Tensor | None = None
+    """Per-context mean cross-entropy, ``(n_contexts,)`` float64 (``None`` when built by hand)."""
+    zero_per_context: Tensor | None = None
+    spliced_per_context: Tensor | None = None
+
+    @property
+    def ablation_effect(self) -> float:
+        """``L_zero - L_clean``: what zeroing the site costs (the recovered fraction's denominator)."""
+        return self.zero_ablated - self.clean
+
+    @property
+    def ablation_effect_stderr(self) -> float | None:
+        """Standard error of :attr:`ablation_effect` over contexts (``None`` without per-context losses)."""
+        if self.clean_per_context is None or self.zero_per_context is None or len(self.clean_per_context) < 2:
+            return None
+        b = self.zero_per_context - self.clean_per_context
+        return float(b.std(correction=1) / len(b) ** 0.5)
+
+    @property
+    def recovered_stderr(self) -> float | None:
+        """Delta-method standard error of :attr:`recovered` over contexts (see the module docstring)."""
+        if self.spliced is None or self.spliced_per_context is None or self.ablation_effect_stderr is None:
+            return None
+        a = self.zero_per_context - self.spliced_per_context
+        b = self.zero_per_context - self.clean_per_context
+        ratio, n = float(a.mean() / b.mean()), len(a)
+        return float(((a - ratio * b).pow(2).sum() / (n * (n - 1))).sqrt() / b.mean().abs())
 
     @property
     def recovered(self) -> float | None:
@@ -62,6 +95,10 @@ class SpliceLosses:
             "spliced": self.spliced,
             "recovered": self.recovered,
             "recovered_vs_mean": self.recovered_vs_mean,
+            "recovered_stderr": self.recovered_stderr,
+            "ablation_effect": self.ablation_effect,
+            "ablation_effect_stderr": self.ablation_effect_stderr,
+            "n_contexts": None if self.clean_per_context is None else len(self.clean_per_context),
             "n_tokens": self.n_tokens,
         }
 
@@ -120,10 +157,9 @@ def splice_losses_many(model, tokens: Tensor, splices: Mapping[str, tuple[int | 
     mean_act = act_sum / n_pos
 
     heads = sorted({h for h, _ in splices.values()}, key=lambda h: -1 if h is None else h)
-    sums = {"clean": 0.0}
-    sums.update({("zero", h): 0.0 for h in heads})
-    sums.update({("mean", h): 0.0 for h in heads})
-    sums.update({("splice", name): 0.0 for name in splices})
+    keys = ["clean", *[("zero", h) for h in heads], *[("mean", h) for h in heads]]
+    keys += [("splice", name) for name in splices]
+    per_context: dict = {key: [] for key in keys}  # per-context summed cross-entropy, one tensor per batch
     n_pred = 0
     for batch, resid in zip(batches, prefix):
         def run(fn=None):
@@ -132,32 +168,41 @@ def splice_losses_many(model, tokens: Tensor, splices: Mapping[str, tuple[int | 
                 logits = model(resid, start_at_layer=layer)
             return _sum_ce(logits, batch)
 
-        sums["clean"] += run()
+        per_context["clean"].append(run())
         for h in heads:
-            sums[("zero", h)] += run(_replace(h, lambda x: torch.zeros_like(x)))
+            per_context[("zero", h)].append(run(_replace(h, lambda x: torch.zeros_like(x))))
             if include_mean:
-                sums[("mean", h)] += run(_replace_with_mean(h, mean_act))
+                per_context[("mean", h)].append(run(_replace_with_mean(h, mean_act)))
         for name, (h, _) in splices.items():
             if recon[name] is not None:
-                sums[("splice", name)] += run(_replace(h, recon[name]))
+                per_context[("splice", name)].append(run(_replace(h, recon[name])))
         n_pred += batch.shape[0] * (batch.shape[1] - 1)
+
+    tokens_per_context = tokens.shape[1] - 1
+    losses = {key: torch.cat(parts) / tokens_per_context for key, parts in per_context.items() if parts}
 
     out = {}
     for name, (h, _) in splices.items():
+        spliced = losses.get(("splice", name))
         out[name] = SpliceLosses(
             hook_name=hook_name,
             head=h,
-            clean=sums["clean"] / n_pred,
-            zero_ablated=sums[("zero", h)] / n_pred,
-            mean_ablated=sums[("mean", h)] / n_pred if include_mean else float("nan"),
-            spliced=None if recon[name] is None else sums[("splice", name)] / n_pred,
+            clean=float(losses["clean"].mean()),
+            zero_ablated=float(losses[("zero", h)].mean()),
+            mean_ablated=float(losses[("mean", h)].mean()) if include_mean else float("nan"),
+            spliced=None if spliced is None else float(spliced.mean()),
             n_tokens=n_pred,
+            clean_per_context=losses["clean"],
+            zero_per_context=losses[("zero", h)],
+            spliced_per_context=spliced,
         )
     return out
 
 
-def _sum_ce(logits: Tensor, tokens: Tensor) -> float:
-    return float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="sum"))
+def _sum_ce(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Summed next-token cross-entropy of each context, ``(batch,)`` in float64 (sums of many terms)."""
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
+    return ce.view(tokens.shape[0], -1).double().sum(dim=1)
 
 
 def _replace(head: int | None, fn: Reconstruction):
