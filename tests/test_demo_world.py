@@ -83,6 +83,7 @@ def test_quality_bars_hold_when_recomputed_on_heldout_tokens(world, report):
         assert lo <= sae["l0"] <= hi, name
         assert sae["dead_fraction"] <= quality.MAX_DEAD_FRACTION, name
         assert sae["splice"]["recovered"] >= quality.MIN_SPLICE_SCORE, (name, sae["splice"])
+        assert sae["passes"]["ablation_effect"], (name, sae["splice"])
         # L0 and dead features use every held-out context, as in the build: the numbers must reproduce.
         built = report["quality"]["saes"][name]
         assert sae["l0"] == pytest.approx(built["l0"], rel=1e-3), name
@@ -104,7 +105,8 @@ def test_corpus_split_is_deterministic_and_disjoint(world, report):
         full = build_corpus(code_char_budget=cfg["code_char_budget"], prose_char_budget=cfg["prose_char_budget"],
                             heldout_every=cfg["heldout_every"], seed=cfg["seed"])
         assert full.fingerprint() == report["corpus"]["fingerprint"]
-        tokens = pack(world.tokenizer, [d.text for d in full.heldout], cfg["n_ctx"], cfg["max_heldout_sequences"])
+        texts = full.heldout_texts(cfg["heldout_doc_chars"])
+        tokens = pack(world.tokenizer, texts, cfg["n_ctx"], cfg["max_heldout_sequences"])
         assert torch.equal(tokens, world.heldout_tokens)
 
 
@@ -133,9 +135,8 @@ def test_repeat_half_copies_the_first_half():
     assert bool((out[:, 0] == 0).all())
 
 
-@pytest.mark.slow
 def test_tiny_build_writes_a_loadable_world(tmp_path):
-    from sparsedecomp.demo.build import build
+    from sparsedecomp.demo.build import build, reevaluate
     from sparsedecomp.demo.config import DemoConfig
 
     cfg = DemoConfig.tiny()
@@ -148,20 +149,27 @@ def test_tiny_build_writes_a_loadable_world(tmp_path):
     cfg_json = next(tmp_path.rglob("cfg.json"))
     assert json.loads(cfg_json.read_text())["normalize_activations"] is True
     assert all("folded input scale" in " ".join(s.transformations) for s in world.head_saes)
+    # Re-evaluating the written build reproduces the build's own quality numbers.
+    again = reevaluate(tmp_path)
+    assert again["quality"]["summary"] == report["quality"]["summary"]
+    assert DemoConfig.from_dict(again["config"]) == cfg
 
 
-# Smallest zero-ablation effect (nats) for which a per-head splice score (L_zero - L_sae) / (L_zero - L_clean) is
-# a measurement rather than noise: the concat SAE's layer-level effect is 0.15 nats, seed gelu-2l heads ~0.17.
-MIN_HEAD_ABLATION_EFFECT_NATS = 0.02
+def test_every_spliced_site_matters(report):
+    # A splice score (L_zero - L_sae) / (L_zero - L_clean) is a measurement only if zeroing the site costs something
+    # well outside the noise: every head and the whole layer, by the bars of sparsedecomp.demo.quality.
+    for name, sae in report["quality"]["saes"].items():
+        splice = sae["splice"]
+        effect = splice["zero_ablated"] - splice["clean"]
+        assert effect >= quality.MIN_ABLATION_EFFECT_NATS, (name, splice)
+        assert effect >= quality.MIN_ABLATION_EFFECT_STDERRS * splice["ablation_effect_stderr"], (name, splice)
+        # ... and the score itself is known to within +-0.1 (one standard error over contexts).
+        assert splice["recovered_stderr"] <= 0.1, (name, splice)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap (issue 3 left open): in the shipped demo model zeroing a single layer-1 head changes the "
-    "held-out loss by -0.007..0.015 nats (heads 0 and 6 even lower it), so per-head splice scores have a "
-    "near-zero denominator; needs a model in which every head matters",
-)
-def test_every_head_has_a_measurable_ablation_effect(report):
-    for h in range(8):
-        splice = report["quality"]["saes"][f"head{h}"]["splice"]
-        assert splice["zero_ablated"] - splice["clean"] >= MIN_HEAD_ABLATION_EFFECT_NATS, (h, splice)
+def test_shipped_build_is_the_default_config(report):
+    # DemoConfig() documents the shipped build: rebuilding with the defaults reproduces it (up to floating-point
+    # differences across torch versions and thread counts).
+    from sparsedecomp.demo.config import DemoConfig
+
+    assert json.loads(json.dumps(DemoConfig().to_dict())) == report["config"]

@@ -1,4 +1,4 @@
-"""Rebuild the demo world: ``python -m sparsedecomp.demo.build [--out DIR] [--tiny] [--skip-model]``.
+"""Rebuild the demo world: ``python -m sparsedecomp.demo.build [--out DIR] [--tiny] [--skip-model] [--reevaluate]``.
 
 Stages (timed, seeds fixed): corpus -> tokenizer -> model (trained, saved in fp16, reloaded *processed*) ->
 ``hook_z`` activations of the reloaded model -> per-head SAEs (April 2024 recipe, legacy SAELens 2.x layout, no
@@ -50,10 +50,8 @@ def build(out: Path = ARTIFACTS_DIR, cfg: DemoConfig = DemoConfig(), *, skip_mod
     from ..loading import SAE, save_kissane, save_legacy_saelens
     from .corpus import build_corpus
     from .model import build_model, load_model, model_config_dict, save_model, train_model
-    from .quality import evaluate_world
     from .sae_training import calibrate_head_l1, collect_hook_z, train_concat_sae, train_head_saes
     from .tokenizer import pack, train_tokenizer
-    from .world import load_demo_world
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -64,7 +62,7 @@ def build(out: Path = ARTIFACTS_DIR, cfg: DemoConfig = DemoConfig(), *, skip_mod
     with timer.stage("corpus"):
         corpus = build_corpus(code_char_budget=cfg.code_char_budget, prose_char_budget=cfg.prose_char_budget,
                               heldout_every=cfg.heldout_every, seed=cfg.seed)
-        report["corpus"] = {**corpus.stats(), "fingerprint": corpus.fingerprint(),
+        report["corpus"] = {**corpus.stats(cfg.heldout_doc_chars), "fingerprint": corpus.fingerprint(),
                             "sources": "pydoc_data.topics.topics (prose) + standard-library .py files (code)"}
     with timer.stage("tokenizer"):
         if skip_model:
@@ -73,7 +71,7 @@ def build(out: Path = ARTIFACTS_DIR, cfg: DemoConfig = DemoConfig(), *, skip_mod
             tokenizer = train_tokenizer([d.text for d in corpus.train], cfg.vocab_size)
             tokenizer.save(str(out / TOKENIZER_FILE))
         train_tokens = pack(tokenizer, [d.text for d in corpus.train], cfg.n_ctx)
-        heldout = pack(tokenizer, [d.text for d in corpus.heldout], cfg.n_ctx, cfg.max_heldout_sequences)
+        heldout = pack(tokenizer, corpus.heldout_texts(cfg.heldout_doc_chars), cfg.n_ctx, cfg.max_heldout_sequences)
         save_heldout_tokens(out / HELDOUT_FILE, heldout)
         report["tokens"] = {"train_sequences": len(train_tokens), "heldout_sequences": len(heldout),
                             "n_ctx": cfg.n_ctx, "vocab_size": tokenizer.get_vocab_size()}
@@ -161,17 +159,51 @@ def build(out: Path = ARTIFACTS_DIR, cfg: DemoConfig = DemoConfig(), *, skip_mod
     del acts, flat, model
 
     with timer.stage("evaluation"):
-        world = load_demo_world(out)
-        report["world"] = world.describe()
-        report["quality"] = evaluate_world(world, n_splice_sequences=cfg.eval_sequences,
-                                           batch_size=cfg.eval_batch_size,
-                                           train_tokens=train_tokens)
+        _evaluate_into(report, out, cfg, train_tokens)
     report["timings_s"] = timer.times
     report["total_time_s"] = round(sum(timer.times.values()), 1)
     report["artifact_bytes"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and p.name != REPORT_FILE)
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report["quality"]["summary"], indent=2))
     print(f"[build] artifacts: {report['artifact_bytes'] / 1e6:.2f} MB in {out}; total {report['total_time_s']}s")
+    return report
+
+
+def _evaluate_into(report: dict, out: Path, cfg: DemoConfig, train_tokens: torch.Tensor) -> None:
+    """Load what was written through the users' loaders and record its description and quality in ``report``."""
+    from .quality import evaluate_world
+    from .world import load_demo_world
+
+    world = load_demo_world(out)
+    report["world"] = world.describe()
+    report["quality"] = evaluate_world(world, n_splice_sequences=cfg.eval_sequences, batch_size=cfg.eval_batch_size,
+                                       train_tokens=train_tokens)
+
+
+def reevaluate(out: Path = ARTIFACTS_DIR) -> dict:
+    """Recompute the quality section of an existing build's report (e.g. after the bars changed) without
+    retraining anything; the build's config is read from its report and its training tokens re-packed."""
+    from tokenizers import Tokenizer
+
+    from .corpus import build_corpus
+    from .tokenizer import pack
+
+    out = Path(out)
+    path = out / REPORT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no build report to re-evaluate (run a full build first)")
+    report = json.loads(path.read_text())
+    cfg = DemoConfig.from_dict(report["config"])
+    corpus = build_corpus(code_char_budget=cfg.code_char_budget, prose_char_budget=cfg.prose_char_budget,
+                          heldout_every=cfg.heldout_every, seed=cfg.seed)
+    tokenizer = Tokenizer.from_file(str(out / TOKENIZER_FILE))
+    train_tokens = pack(tokenizer, [d.text for d in corpus.train], cfg.n_ctx)
+    start = time.time()
+    _evaluate_into(report, out, cfg, train_tokens)
+    report.setdefault("timings_s", {})["evaluation"] = round(time.time() - start, 2)
+    report["total_time_s"] = round(sum(report["timings_s"].values()), 1)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["quality"]["summary"], indent=2))
     return report
 
 
@@ -188,11 +220,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="seconds-long build with tiny settings (for testing)")
     parser.add_argument("--skip-model", action="store_true",
                         help="reuse the tokenizer and model already in --out; retrain only the SAEs")
+    parser.add_argument("--reevaluate", action="store_true",
+                        help="only recompute the quality section of the report in --out (nothing is retrained)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is faster on a crowded machine)")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.reevaluate:
+        reevaluate(args.out)
+        return 0
     cfg = DemoConfig.tiny() if args.tiny else DemoConfig()
     build(args.out, cfg, skip_model=args.skip_model)
     return 0

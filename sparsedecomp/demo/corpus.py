@@ -44,7 +44,17 @@ class Corpus:
             h.update(b"\2")
         return h.hexdigest()
 
-    def stats(self) -> dict:
+    def heldout_texts(self, max_chars_per_document: int | None = None) -> list[str]:
+        """Held-out texts, each cut to its first ``max_chars_per_document`` characters (``None``: whole).
+
+        The cap keeps held-out statistics representative: without it one table-like file (``html/entities.py``,
+        75k characters of entity names) made up over a third of the held-out tokens and decided which heads
+        looked useful."""
+        if max_chars_per_document is not None and max_chars_per_document < 1:
+            raise ValueError(f"max_chars_per_document must be a positive int or None, got {max_chars_per_document}")
+        return [d.text[:max_chars_per_document] for d in self.heldout]
+
+    def stats(self, max_heldout_chars_per_document: int | None = None) -> dict:
         def chars(docs, kind=None):
             return sum(len(d.text) for d in docs if kind is None or d.kind == kind)
 
@@ -54,6 +64,7 @@ class Corpus:
             "train_chars_prose": chars(self.train, "prose"),
             "train_chars_code": chars(self.train, "code"),
             "heldout_chars": chars(self.heldout),
+            "heldout_chars_used": sum(len(t) for t in self.heldout_texts(max_heldout_chars_per_document)),
         }
 
 
@@ -98,7 +109,7 @@ def _take(docs: list[Document], budget: int | None, seed: int) -> list[Document]
     return out
 
 
-def build_corpus(*, code_char_budget: int, prose_char_budget: int | None, heldout_every: int, seed: int = 0) -> Corpus:
+def build_corpus(*, code_char_budget: int | None, prose_char_budget: int | None, heldout_every: int, seed: int = 0) -> Corpus:
     """Prose + code documents, split into train / held-out by name hash (independent of the budgets' order)."""
     if heldout_every < 2:
         raise ValueError(f"heldout_every must be >= 2, got {heldout_every}")

@@ -3,7 +3,10 @@
 * model: held-out cross-entropy at least :data:`MIN_CE_GAP_NATS` below a unigram model's;
 * every SAE (eight heads and the concat SAE): mean L0 in :data:`L0_RANGE`, at most :data:`MAX_DEAD_FRACTION` of
   features that never fire on the held-out tokens, and splice-in score ``(L_zero - L_sae) / (L_zero - L_clean)`` at
-  least :data:`MIN_SPLICE_SCORE` (per-head SAE: that head's ``z`` zeroed / spliced; concat SAE: the whole layer's).
+  least :data:`MIN_SPLICE_SCORE` (per-head SAE: that head's ``z`` zeroed / spliced; concat SAE: the whole layer's);
+* every site an SAE is spliced into matters: zeroing it costs at least :data:`MIN_ABLATION_EFFECT_NATS` and at least
+  :data:`MIN_ABLATION_EFFECT_STDERRS` standard errors (over contexts). Otherwise the splice score's denominator is
+  noise and the score says nothing about the SAE.
 """
 
 from __future__ import annotations
@@ -21,6 +24,11 @@ L0_RANGE = (5.0, 60.0)
 MAX_DEAD_FRACTION = 0.2
 MIN_SPLICE_SCORE = 0.7
 MIN_CE_GAP_NATS = 1.0
+# The statistical bar makes the score's denominator a measurement; the absolute floor keeps out sites that are
+# measurably but practically unused. For scale: zeroing the demo model's whole layer-1 attention costs ~0.5 nats
+# (an even split would give each head ~0.07); the seed notebook's gelu-2l layer-1 heads cost ~0.17 nats each.
+MIN_ABLATION_EFFECT_NATS = 0.01
+MIN_ABLATION_EFFECT_STDERRS = 5.0
 
 
 def unigram_cross_entropy(train_tokens: Tensor | None, eval_tokens: Tensor, vocab_size: int) -> float:
@@ -93,16 +101,30 @@ def evaluate_world(world, *, n_splice_sequences: int | None = None, batch_size: 
             "l0": L0_RANGE[0] <= s["l0"] <= L0_RANGE[1],
             "dead_fraction": s["dead_fraction"] <= MAX_DEAD_FRACTION,
             "splice": splice["recovered"] >= MIN_SPLICE_SCORE,
+            "ablation_effect": _measurable(splice),
         }
         saes[name] = {**s, "splice": splice, "passes": passes}
     summary = {
         "model_ce": round(clean, 4),
         "unigram_ce": round(baseline, 4),
         **{name: {"l0": round(v["l0"], 2), "dead": round(v["dead_fraction"], 4),
-                  "splice": round(v["splice"]["recovered"], 4), "fvu": round(v["fvu"], 4)}
+                  "splice": round(v["splice"]["recovered"], 4),
+                  "splice_stderr": _round(v["splice"]["recovered_stderr"], 4),
+                  "ablation_effect": round(v["splice"]["ablation_effect"], 4), "fvu": round(v["fvu"], 4)}
            for name, v in saes.items()},
         "all_pass": model["passes"] and all(all(v["passes"].values()) for v in saes.values()),
     }
-    return {"bars": {"l0_range": L0_RANGE, "max_dead_fraction": MAX_DEAD_FRACTION,
-                     "min_splice_score": MIN_SPLICE_SCORE, "min_ce_gap_nats": MIN_CE_GAP_NATS},
-            "splice_contexts": int(len(splice_tokens)), "model": model, "saes": saes, "summary": summary}
+    bars = {"l0_range": L0_RANGE, "max_dead_fraction": MAX_DEAD_FRACTION, "min_splice_score": MIN_SPLICE_SCORE,
+            "min_ce_gap_nats": MIN_CE_GAP_NATS, "min_ablation_effect_nats": MIN_ABLATION_EFFECT_NATS,
+            "min_ablation_effect_stderrs": MIN_ABLATION_EFFECT_STDERRS}
+    return {"bars": bars, "splice_contexts": int(len(splice_tokens)), "model": model, "saes": saes, "summary": summary}
+
+
+def _measurable(splice: dict) -> bool:
+    """Zeroing the site costs at least the absolute and the statistical minimum (see the module docstring)."""
+    effect, stderr = splice["ablation_effect"], splice["ablation_effect_stderr"]
+    return effect >= MIN_ABLATION_EFFECT_NATS and (stderr is None or effect >= MIN_ABLATION_EFFECT_STDERRS * stderr)
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
