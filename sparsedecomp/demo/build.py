@@ -57,7 +57,8 @@ def build(out: Path = ARTIFACTS_DIR, cfg: DemoConfig = DemoConfig(), *, skip_mod
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     timer = _Timer()
-    report: dict = {"config": cfg.to_dict(), "python": platform.python_version(), "torch": torch.__version__}
+    report: dict = {"config": cfg.to_dict(), "python": platform.python_version(), "torch": torch.__version__,
+                    "torch_threads": torch.get_num_threads()}  # float results depend on it
 
     with timer.stage("corpus"):
         corpus = build_corpus(code_char_budget=cfg.code_char_budget, prose_char_budget=cfg.prose_char_budget,
