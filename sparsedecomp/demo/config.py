@@ -23,8 +23,9 @@ class DemoConfig:
     # -- corpus ------------------------------------------------------------------------------------------------
     code_char_budget: int | None = None
     """Characters of standard-library source taken (files in a fixed hash order) besides all pydoc topics (``None``:
-    every file, about 7.9M characters on CPython 3.11; a 3M-character budget left the model overfit, its held-out
-    loss 0.6 nats above its training loss, and its layer-1 heads barely used on held-out text)."""
+    every file, about 7.9M characters on CPython 3.11). With a 3M-character budget and 900 steps, zeroing the whole
+    layer-1 attention cost only 0.10-0.15 nats on held-out text and single heads 0.001-0.014; with all of it and
+    3,000 steps, 0.54 and 0.015-0.10."""
     prose_char_budget: int | None = None
     """Characters of pydoc topics taken (``None``: all of them)."""
     heldout_every: int = 20
