@@ -83,6 +83,10 @@ def run_demo(args: argparse.Namespace) -> int:
                "processing_flags": world.processing_flags.describe(),
                "head_scale_estimate": world.head_scales.description,
                "concat_sae": str(world.concat_sae.provenance.get("source", ""))}
+    if "quality" in world.report:
+        from .demo.quality import describe_summary
+
+        context.update(describe_summary(world.report["quality"]["summary"]))
     result = run_decomposition(world.concat_sae, world.head_saes, out_dir=args.out, method=args.method,
                                params=_params(args), space=args.space, W_O=world.W_O,
                                title="Demo: per-head decomposition of concat-SAE features", context=context,

@@ -98,7 +98,8 @@ def test_missing_checkpoint_and_bad_method(tmp_path, capsys):
 
 
 def test_demo_end_to_end(tmp_path, capsys):
-    from sparsedecomp.demo.quality import MIN_SPLICE_SCORE  # noqa: F401  (the demo world must be importable)
+    from sparsedecomp.demo import ARTIFACTS_DIR
+    from sparsedecomp.demo.layout import REPORT_FILE
 
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--no-progress"]) == 0
@@ -108,7 +109,13 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert summary["ranks"]["block_dictionary"] == 256
     m = z["metrics"]["metrics"]
     assert m["l0"]["mean"] <= 16
-    assert m["cosine"]["mean"] > 0.6  # 16 unit atoms per 256-dim target: 0.75 on the shipped world
+    assert m["cosine"]["mean"] > 0.6  # 16 unit atoms per 256-dim target: 0.83 on the shipped world
     html = (out / "index.html").read_text()
     assert "<script" not in html and "Space: z" in html
+    # The page says how good the world's SAEs are (from the build report), each splice score with its error.
+    report = json.loads((ARTIFACTS_DIR / REPORT_FILE).read_text())["quality"]["summary"]
+    for name in [f"head{h}" for h in range(8)] + ["concat"]:
+        line = summary["context"][f"{name} SAE (held-out)"]
+        assert f"splice-in score {report[name]['splice']:.3f} ± {report[name]['splice_stderr']:.3f}" in line
+        assert line.split(";")[0] in html
     assert "wrote" in capsys.readouterr().out

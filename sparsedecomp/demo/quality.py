@@ -128,3 +128,17 @@ def _measurable(splice: dict) -> bool:
 
 def _round(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
+
+
+def describe_summary(summary: dict) -> dict[str, str]:
+    """One readable line for the model and each SAE of a quality ``summary`` (as :func:`evaluate_world` returns it
+    and the build report stores it), for summary pages and logs."""
+    lines = {"model (held-out)": f"cross-entropy {summary['model_ce']:.3f} nats (unigram {summary['unigram_ce']:.3f})"}
+    for name, s in summary.items():
+        if not isinstance(s, dict):
+            continue
+        stderr = "" if s.get("splice_stderr") is None else f" ± {s['splice_stderr']:.3f}"
+        cost = "" if s.get("ablation_effect") is None else f"; zeroing it costs {s['ablation_effect']:.3f} nats"
+        lines[f"{name} SAE (held-out)"] = (f"L0 {s['l0']:.1f}, dead {100 * s['dead']:.1f}%, FVU {s['fvu']:.3f}, "
+                                            f"splice-in score {s['splice']:.3f}{stderr}{cost}")
+    return lines
