@@ -89,6 +89,12 @@ def test_quality_bars_hold_when_recomputed_on_heldout_tokens(world, report):
         assert sae["l0"] == pytest.approx(built["l0"], rel=1e-3), name
         assert sae["dead_fraction"] == pytest.approx(built["dead_fraction"], abs=1e-3), name
         assert sae["splice"]["recovered"] == pytest.approx(built["splice"]["recovered"], abs=1e-3), name
+    # All eight head SAEs spliced in at once, scored against zeroing the layer like the concat SAE.
+    together = result["all_heads_spliced"]
+    assert together["head"] is None and together["ablation_effect"] == pytest.approx(
+        result["saes"]["concat"]["splice"]["ablation_effect"], rel=1e-9)
+    assert together["recovered"] == pytest.approx(report["quality"]["all_heads_spliced"]["recovered"], abs=1e-3)
+    assert together["recovered"] >= quality.MIN_SPLICE_SCORE
 
 
 def test_corpus_split_is_deterministic_and_disjoint(world, report):

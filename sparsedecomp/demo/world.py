@@ -54,6 +54,13 @@ class DemoWorld:
     def hook_name(self) -> str:
         return f"blocks.{self.layer}.attn.hook_z"
 
+    def _relative(self, path: Any) -> str:
+        """``path`` relative to the artifacts folder when it lies inside it (reports must not name one machine)."""
+        try:
+            return Path(path).relative_to(self.artifacts_dir).as_posix()
+        except ValueError:
+            return str(path)
+
     def describe(self) -> dict:
         """A JSON-ready description: model, flags, SAEs and how their scales were obtained."""
         cfg = self.model.cfg
@@ -69,7 +76,7 @@ class DemoWorld:
             "head_scales": {str(h): s for h, s in self.head_scales.scales.items()},
             "head_scale_estimate": self.head_scales.description,
             "concat_sae": {"d_in": self.concat_sae.d_in, "d_sae": self.concat_sae.d_sae,
-                           "source": str(self.concat_sae.provenance.get("source", ""))},
+                           "source": self._relative(self.concat_sae.provenance.get("source", ""))},
         }
 
 

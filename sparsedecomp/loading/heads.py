@@ -139,6 +139,23 @@ class HeadSAEs:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "HeadSAEs":
         return self.map(lambda sae: sae.to(device=device, dtype=dtype))
 
+    def reconstruct_concatenated(self, z: torch.Tensor) -> torch.Tensor:
+        """Every head's SAE reconstruction, side by side: ``z`` is the head-major concatenation
+        ``(n, n_heads * d_head)`` and block ``h`` of the result is ``decode_h(encode_h(z[:, h*d_head:(h+1)*d_head]))``.
+
+        This is "all per-head SAEs spliced in at once", directly comparable with a concat-z SAE's reconstruction
+        (pass it to :func:`sparsedecomp.evaluation.splice.splice_losses` with ``head=None``). Needs every head
+        ``0 .. n_heads-1``."""
+        n_heads = len(self.saes)
+        if self.heads != tuple(range(n_heads)):
+            raise ValueError(f"reconstructing the concatenated z needs SAEs for heads 0..{max(self.heads)}; "
+                             f"have heads {list(self.heads)}")
+        if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[1] != n_heads * self.d_head:
+            shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"z must have shape (n, n_heads * d_head) = (n, {n_heads * self.d_head}), got {shape}")
+        blocks = z.split(self.d_head, dim=1)
+        return torch.cat([sae.decode(sae.encode(block)) for sae, block in zip(self.saes, blocks)], dim=1)
+
     def dictionary(self, normalize: bool = True):
         """The block-diagonal dictionary of all heads' decoders in the concatenated ``z`` space
         (``BlockDictionary.from_blocks([W_dec_0, ..., W_dec_{n-1}], normalize=normalize)``).

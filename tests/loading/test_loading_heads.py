@@ -138,3 +138,18 @@ def test_detect_format_and_errors(tmp_path, make_sae):
     # a forced format that does not match what is on disk is an error naming the file
     with pytest.raises(CheckpointError, match=r"cfg\.json is not a SAELens 6 config"):
         load_sae(legacy, format="saelens6")
+
+
+def test_reconstruct_concatenated_runs_each_head_on_its_own_block(make_sae):
+    saes = [make_sae(head=h, d_sae=12 + 4 * h, seed=10 + h) for h in range(3)]
+    heads = HeadSAEs(tuple(saes))
+    z = torch.randn(5, 3 * 8, generator=torch.Generator().manual_seed(0))
+    out = heads.reconstruct_concatenated(z)
+    assert out.shape == z.shape
+    for h, sae in enumerate(saes):
+        block = z[:, 8 * h : 8 * (h + 1)]
+        torch.testing.assert_close(out[:, 8 * h : 8 * (h + 1)], sae.decode(sae.encode(block)))
+    with pytest.raises(ValueError, match=r"shape \(n, n_heads \* d_head\) = \(n, 24\), got \(5, 16\)"):
+        heads.reconstruct_concatenated(z[:, :16])
+    with pytest.raises(ValueError, match=r"heads 0..2; have heads \[0, 2\]"):
+        HeadSAEs((saes[0], saes[2])).reconstruct_concatenated(z)
