@@ -63,7 +63,7 @@ class SpliceLosses:
     @property
     def recovered_stderr(self) -> float | None:
         """Delta-method standard error of :attr:`recovered` over contexts (see the module docstring)."""
-        if self.spliced is None or self.spliced_per_context is None or self.ablation_effect_stderr is None:
+        if self.spliced_per_context is None or self.clean_per_context is None or len(self.spliced_per_context) < 2:
             return None
         a = self.zero_per_context - self.spliced_per_context
         b = self.zero_per_context - self.clean_per_context
