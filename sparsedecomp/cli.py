@@ -9,8 +9,11 @@ from pathlib import Path
 from typing import Sequence
 
 from .pipeline import DEFAULT_METHOD, SPACES
+from .errors import InputError
 
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError)
+# Only the package's own input errors and the operating system's file errors are the user's to fix; any other
+# exception is a bug and keeps its traceback.
+USER_ERRORS = (InputError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def _add_solver_args(p: argparse.ArgumentParser) -> None:
@@ -108,7 +111,7 @@ def _load_tokens(path: Path):
         data = torch.load(path, map_location="cpu", weights_only=True)
     tokens = data.get("tokens") if isinstance(data, dict) else data
     if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2:
-        raise ValueError(f"--tokens: {path} must hold a 'tokens' [batch, pos] integer tensor")
+        raise InputError(f"--tokens: {path} must hold a 'tokens' [batch, pos] integer tensor")
     return tokens.long()
 
 
@@ -123,9 +126,9 @@ def run_decompose(args: argparse.Namespace) -> int:
         try:
             heads = [int(h) for h in args.head_index_map.split(",")]
         except ValueError:
-            raise ValueError(f"--head-index-map must be comma-separated integers, got {args.head_index_map!r}") from None
+            raise InputError(f"--head-index-map must be comma-separated integers, got {args.head_index_map!r}") from None
         if len(heads) != len(sources) or len(set(heads)) != len(heads):
-            raise ValueError(f"--head-index-map gives {len(heads)} heads ({heads}) for {len(sources)} --head-saes "
+            raise InputError(f"--head-index-map gives {len(heads)} heads ({heads}) for {len(sources)} --head-saes "
                              "sources; give one distinct head per source")
         sources = dict(zip(heads, sources))
     concat = load_sae(args.concat_sae, version=args.concat_version)
@@ -143,7 +146,7 @@ def run_decompose(args: argparse.Namespace) -> int:
             head_saes = fold_head_scales(head_saes, scales)
             context["head_scale_estimate"] = scales.description
     elif args.tokens is not None:
-        raise ValueError("--tokens needs --model: input scales are estimated on the model's hook_z")
+        raise InputError("--tokens needs --model: input scales are estimated on the model's hook_z")
     if head_saes.heads_needing_input_scale:
         print(f"note: heads {list(head_saes.heads_needing_input_scale)} were trained on inputs scaled by a factor "
               "that was never saved; directions are unaffected, but activation units are training units "
@@ -162,8 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(args)
         return run_decompose(args)
     except USER_ERRORS as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"sparsedecomp {args.command}: error: {message}", file=sys.stderr)
+        print(f"sparsedecomp {args.command}: error: {err}", file=sys.stderr)
         return 2
 
 

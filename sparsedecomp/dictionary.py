@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .validation import check_tensor
+from .errors import InputError
 
 
 @dataclass(frozen=True)
@@ -87,18 +88,18 @@ class Dictionary:
         check_tensor(self.atoms, "atoms", ndim=2)
         n = self.atoms.shape[0]
         if n == 0 or self.atoms.shape[1] == 0:
-            raise ValueError(f"atoms must be a non-empty (n_atoms, d) matrix, got shape {tuple(self.atoms.shape)}")
+            raise InputError(f"atoms must be a non-empty (n_atoms, d) matrix, got shape {tuple(self.atoms.shape)}")
         check_tensor(self.scales, "scales", ndim=1)
         if self.scales.shape[0] != n:
-            raise ValueError(f"scales must have shape ({n},), got {tuple(self.scales.shape)}")
+            raise InputError(f"scales must have shape ({n},), got {tuple(self.scales.shape)}")
         if bool((self.scales <= 0).any()):
-            raise ValueError("scales must be positive")
+            raise InputError("scales must be positive")
         for name in ("head", "feature"):
             label = getattr(self, name)
             if label is not None and (label.shape != (n,) or label.dtype != torch.long):
-                raise ValueError(f"{name} must be a long tensor of shape ({n},), got {label.dtype} {tuple(label.shape)}")
+                raise InputError(f"{name} must be a long tensor of shape ({n},), got {label.dtype} {tuple(label.shape)}")
         if self.block_columns is not None and self.head is None:
-            raise ValueError("block_columns needs head labels")
+            raise InputError("block_columns needs head labels")
 
     @classmethod
     def from_atoms(cls, atoms: Tensor, *, normalize: bool = False) -> "Dictionary":
@@ -135,7 +136,7 @@ class Dictionary:
     def head_atoms(self, h: int) -> Tensor:
         """Indices of the atoms owned by head ``h``."""
         if self.head is None:
-            raise ValueError("this dictionary has no head labels")
+            raise InputError("this dictionary has no head labels")
         return (self.head == h).nonzero().squeeze(1)
 
     # -- conversion ----------------------------------------------------------------------------------------------
@@ -237,15 +238,15 @@ class BlockDictionary(Dictionary):
         if isinstance(blocks, Tensor):
             blocks = list(blocks)
         if len(blocks) == 0:
-            raise ValueError("blocks must hold at least one (n_features, d_head) decoder")
+            raise InputError("blocks must hold at least one (n_features, d_head) decoder")
         for h, b in enumerate(blocks):
             check_tensor(b, f"blocks[{h}]", ndim=2)
         d_head = blocks[0].shape[1]
         for h, b in enumerate(blocks):
             if b.shape[1] != d_head:
-                raise ValueError(f"blocks[{h}] has d_head {b.shape[1]} but blocks[0] has {d_head}; all heads must match")
+                raise InputError(f"blocks[{h}] has d_head {b.shape[1]} but blocks[0] has {d_head}; all heads must match")
             if b.dtype != blocks[0].dtype or b.device != blocks[0].device:
-                raise ValueError(f"blocks[{h}] is {b.dtype} on {b.device}; blocks[0] is {blocks[0].dtype} on {blocks[0].device}")
+                raise InputError(f"blocks[{h}] is {b.dtype} on {b.device}; blocks[0] is {blocks[0].dtype} on {blocks[0].device}")
         n_heads = len(blocks)
         n_total = sum(b.shape[0] for b in blocks)
         ref = blocks[0]
@@ -299,7 +300,7 @@ def mix_targets(targets: Tensor, W_O: Tensor) -> Tensor:
     n_heads, d_head, _ = W_O.shape
     check_tensor(targets, "targets", ndim=2)
     if targets.shape[1] != n_heads * d_head:
-        raise ValueError(
+        raise InputError(
             f"targets have {targets.shape[1]} columns but W_O {tuple(W_O.shape)} expects n_heads*d_head = {n_heads * d_head}"
         )
     return targets @ W_O.reshape(n_heads * d_head, -1).to(targets)
@@ -309,7 +310,7 @@ def check_W_O(W_O: Tensor, n_heads: int, d_head: int) -> Tensor:
     """Check ``W_O`` is one layer's ``(n_heads, d_head, d_model)`` output projection (TransformerLens layout)."""
     check_tensor(W_O, "W_O", ndim=3)
     if W_O.shape[0] != n_heads or W_O.shape[1] != d_head:
-        raise ValueError(
+        raise InputError(
             f"W_O must have shape (n_heads={n_heads}, d_head={d_head}, d_model); got {tuple(W_O.shape)}. "
             "Pass one layer, e.g. model.W_O[layer]."
         )
@@ -320,7 +321,7 @@ def _maybe_normalize(atoms: Tensor, normalize: bool, name: str) -> tuple[Tensor,
     norms = atoms.norm(dim=1)
     if bool((norms == 0).any()):
         zero = (norms == 0).nonzero().squeeze(1)[:5].tolist()
-        raise ValueError(f"{name} has {int((norms == 0).sum())} all-zero atoms (first rows {zero}); drop dead features first")
+        raise InputError(f"{name} has {int((norms == 0).sum())} all-zero atoms (first rows {zero}); drop dead features first")
     if not normalize:
         return atoms, torch.ones_like(norms)
     return atoms / norms[:, None], norms

@@ -24,6 +24,7 @@ from .decomposition import Decomposition, concat_decompositions
 from .dictionary import BlockDictionary, Dictionary, mix_targets
 from .evaluation.metrics import decomposition_metrics, head_columns, target_head_shares
 from .solvers import decompose, make_solver
+from .errors import InputError, InputTypeError
 
 SPACES = ("z", "residual", "both")
 DEFAULT_METHOD = "nn_omp"
@@ -48,7 +49,7 @@ def concat_targets(concat_sae) -> tuple[Tensor, dict]:
     note = {"decoder_already_unit_norm": unit, "norm_min": float(norms.min()), "norm_mean": float(norms.mean()),
             "norm_max": float(norms.max()), "zero_rows": int((norms == 0).sum())}
     if note["zero_rows"]:
-        raise ValueError(f"the concat SAE has {note['zero_rows']} all-zero decoder rows; they cannot be decomposed")
+        raise InputError(f"the concat SAE has {note['zero_rows']} all-zero decoder rows; they cannot be decomposed")
     return concat_sae.W_dec / norms[:, None], note
 
 
@@ -56,12 +57,12 @@ def check_compatible(concat_sae, head_saes) -> tuple[int, int]:
     """``(n_heads, d_head)`` after checking the concat SAE reads the per-head SAEs' layer, all heads together."""
     n_heads, d_head = len(head_saes), head_saes.d_head
     if concat_sae.d_in != n_heads * d_head:
-        raise ValueError(
+        raise InputError(
             f"the concat SAE reads {concat_sae.d_in} dimensions but {n_heads} head SAEs of d_head={d_head} span "
             f"{n_heads * d_head}; give one SAE per head of the layer (or a --head-index-map)"
         )
     if concat_sae.layer != head_saes.layer:
-        raise ValueError(f"the concat SAE reads layer {concat_sae.layer} but the head SAEs read layer {head_saes.layer}")
+        raise InputError(f"the concat SAE reads layer {concat_sae.layer} but the head SAEs read layer {head_saes.layer}")
     return n_heads, d_head
 
 
@@ -121,9 +122,9 @@ def run_decomposition(
     summary (model, sources, flags ...).
     """
     if space not in SPACES:
-        raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+        raise InputError(f"space must be one of {SPACES}, got {space!r}")
     if space != "z" and W_O is None:
-        raise ValueError(f"space={space!r} needs W_O (pass a model so that W_O of layer {concat_sae.layer} is known)")
+        raise InputError(f"space={space!r} needs W_O (pass a model so that W_O of layer {concat_sae.layer} is known)")
     n_heads, d_head = check_compatible(concat_sae, head_saes)
     params = solver_params(method, params)
     out = Path(out_dir)
@@ -257,4 +258,4 @@ def _json_default(value: Any) -> Any:
         return str(value)
     if hasattr(value, "item"):
         return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+    raise InputTypeError(f"not JSON serialisable: {type(value).__name__}")

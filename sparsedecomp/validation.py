@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from .errors import InputError, InputTypeError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -15,11 +16,11 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def check_tensor(value: object, name: str, *, ndim: int | None = None) -> Tensor:
     """Return ``value`` if it is a floating-point tensor with ``ndim`` dimensions and only finite entries."""
     if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        raise InputTypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must have a floating-point dtype, got {value.dtype}")
+        raise InputTypeError(f"{name} must have a floating-point dtype, got {value.dtype}")
     if ndim is not None and value.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+        raise InputError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
     check_finite(value, name)
     return value
 
@@ -32,7 +33,7 @@ def check_finite(value: Tensor, name: str) -> None:
     bad = (~finite).nonzero()
     n_nan = int(torch.isnan(value).sum())
     n_inf = int(torch.isinf(value).sum())
-    raise ValueError(
+    raise InputError(
         f"{name} contains {n_nan} NaN and {n_inf} Inf entries (first at index {tuple(bad[0].tolist())})"
     )
 
@@ -42,12 +43,12 @@ def check_targets(targets: object, dim: int, name: str = "targets") -> Tensor:
     explicitly so that a forgotten batch axis never broadcasts silently."""
     targets = check_tensor(targets, name)
     if targets.ndim != 2:
-        raise ValueError(
+        raise InputError(
             f"{name} must have shape (n_targets, {dim}); got shape {tuple(targets.shape)}"
             + (" (use targets[None] for a single target)" if targets.ndim == 1 else "")
         )
     if targets.shape[1] != dim:
-        raise ValueError(
+        raise InputError(
             f"{name} has {targets.shape[1]} columns but the dictionary atoms have dimension {dim}: "
             f"expected shape (n_targets, {dim}), got {tuple(targets.shape)}"
         )
@@ -57,26 +58,26 @@ def check_targets(targets: object, dim: int, name: str = "targets") -> Tensor:
 def check_positive(value: float, name: str, *, allow_zero: bool = False) -> float:
     """Check a scalar hyper-parameter is a finite positive (or non-negative) number."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        raise InputTypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
     ok = value >= 0 if allow_zero else value > 0
     if not ok or value != value or value in (float("inf"), float("-inf")):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be finite and {bound}, got {value}")
+        raise InputError(f"{name} must be finite and {bound}, got {value}")
     return value
 
 
 def check_positive_int(value: int, name: str) -> int:
     """Check a scalar is a positive integer (bools are rejected: ``True`` is not a budget)."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        raise InputTypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+        raise InputError(f"{name} must be >= 1, got {value}")
     return value
 
 
 def check_bool(value: object, name: str) -> bool:
     """Check a flag is a real bool (``1`` or ``"yes"`` would silently change which problem is solved)."""
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        raise InputTypeError(f"{name} must be a bool, got {type(value).__name__}")
     return value

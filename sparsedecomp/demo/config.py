@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from ..errors import InputError
 
 
 @dataclass(frozen=True)
@@ -135,5 +136,5 @@ class DemoConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ValueError(f"unknown DemoConfig fields {unknown} (a report from another sparsedecomp version?)")
+            raise InputError(f"unknown DemoConfig fields {unknown} (a report from another sparsedecomp version?)")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})

@@ -11,6 +11,7 @@ import hashlib
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from ..errors import InputError
 
 # Directories left out: tests (huge, repetitive), data tables (``encodings``), the topics module itself (it is
 # the prose part already), vendored or GUI packages that add little language.
@@ -51,7 +52,7 @@ class Corpus:
         75k characters of entity names) made up over a third of the held-out tokens and decided which heads
         looked useful."""
         if max_chars_per_document is not None and max_chars_per_document < 1:
-            raise ValueError(f"max_chars_per_document must be a positive int or None, got {max_chars_per_document}")
+            raise InputError(f"max_chars_per_document must be a positive int or None, got {max_chars_per_document}")
         return [d.text[:max_chars_per_document] for d in self.heldout]
 
     def stats(self, max_heldout_chars_per_document: int | None = None) -> dict:
@@ -112,12 +113,12 @@ def _take(docs: list[Document], budget: int | None, seed: int) -> list[Document]
 def build_corpus(*, code_char_budget: int | None, prose_char_budget: int | None, heldout_every: int, seed: int = 0) -> Corpus:
     """Prose + code documents, split into train / held-out by name hash (independent of the budgets' order)."""
     if heldout_every < 2:
-        raise ValueError(f"heldout_every must be >= 2, got {heldout_every}")
+        raise InputError(f"heldout_every must be >= 2, got {heldout_every}")
     docs = _take(prose_documents(), prose_char_budget, seed) + _take(code_documents(), code_char_budget, seed)
     # Interleave prose and code in the training stream (hash order) so every batch holds both.
     docs.sort(key=lambda d: _hash("order:" + d.name, seed))
     heldout = tuple(d for d in docs if _hash("split:" + d.name, seed) % heldout_every == 0)
     train = tuple(d for d in docs if _hash("split:" + d.name, seed) % heldout_every != 0)
     if not train or not heldout:
-        raise ValueError("corpus split left an empty side; raise the character budgets")
+        raise InputError("corpus split left an empty side; raise the character budgets")
     return Corpus(train=train, heldout=heldout)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from ..errors import InputError
 
 ARTIFACTS_DIR = Path(__file__).resolve().parent / "artifacts"
 TOKENIZER_FILE = "tokenizer.json"
@@ -36,7 +37,7 @@ def save_heldout_tokens(path: Path, tokens: Tensor) -> None:
     from safetensors.torch import save_file
 
     if int(tokens.max()) >= 2**15:
-        raise ValueError("token ids do not fit int16")
+        raise InputError("token ids do not fit int16")
     save_file({"tokens": tokens.to(torch.int16).contiguous()}, str(path))
 
 

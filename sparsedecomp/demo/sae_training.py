@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
+from ..errors import InputError
 
 
 @torch.no_grad()
@@ -77,7 +78,7 @@ def train_head_saes(acts: Tensor, *, d_sae: int, l1: Sequence[float], lr: float,
     """Train one April-2024-recipe SAE per head on ``acts`` (``(n_tokens, n_heads, d_head)``, unscaled)."""
     n, n_heads, d = acts.shape
     if len(l1) != n_heads:
-        raise ValueError(f"need one l1 coefficient per head ({n_heads}), got {len(l1)}")
+        raise InputError(f"need one l1 coefficient per head ({n_heads}), got {len(l1)}")
     gen = torch.Generator().manual_seed(seed)
     scales = math.sqrt(d) / acts.norm(dim=-1).mean(0)  # (n_heads,)
     lam = torch.tensor(list(l1), dtype=torch.float32)

@@ -11,6 +11,7 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
+from ..errors import InputError
 
 BOS = "<|bos|>"
 EOT = "<|endoftext|>"
@@ -39,7 +40,7 @@ def special_ids(tokenizer) -> tuple[int, int]:
     """``(bos_id, eot_id)``."""
     bos, eot = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOT)
     if bos is None or eot is None:
-        raise ValueError(f"tokenizer lacks the special tokens {BOS!r} / {EOT!r}")
+        raise InputError(f"tokenizer lacks the special tokens {BOS!r} / {EOT!r}")
     return bos, eot
 
 
@@ -57,7 +58,7 @@ def pack(tokenizer, texts: Sequence[str], n_ctx: int, max_sequences: int | None 
     body = n_ctx - 1
     n_seq = len(stream) // body
     if n_seq == 0:
-        raise ValueError(f"text too short for one context of {n_ctx} tokens")
+        raise InputError(f"text too short for one context of {n_ctx} tokens")
     flat = torch.tensor(stream[: n_seq * body], dtype=torch.long).view(n_seq, body)
     if max_sequences is not None and n_seq > max_sequences:
         flat = flat[torch.linspace(0, n_seq - 1, max_sequences).round().long()]

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .layout import (ARTIFACTS_DIR, CONCAT_DIR, HEADS_ROOT, HELDOUT_FILE, MODEL_DIR, REPORT_FILE, TOKENIZER_FILE,
                      load_heldout_tokens)
+from ..errors import InputError
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,7 +132,7 @@ def load_demo_world(artifacts_dir: str | Path | None = None, *, scale_contexts: 
     folder, version = concat_sae_path(root)
     concat = load_sae(folder, version=version)
     if concat.layer != layer or concat.hook_name != raw_heads.hook_name:
-        raise ValueError(f"concat SAE reads {concat.hook_name} but head SAEs read {raw_heads.hook_name}")
+        raise InputError(f"concat SAE reads {concat.hook_name} but head SAEs read {raw_heads.hook_name}")
     report_path = root / REPORT_FILE
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     return DemoWorld(

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ..decomposition import Decomposition, Status
 from ..validation import check_positive, check_positive_int
+from ..errors import InputError, InputTypeError
 
 SCALAR_METRICS = ("l0", "l1", "relative_error", "cosine", "fraction_of_variance_unexplained", "top_k_mass_share")
 
@@ -83,7 +84,7 @@ def top_k_mass_share(coefficients: Tensor, *, k: int) -> Tensor:
 def head_mass(coefficients: Tensor, head: Tensor, n_heads: int) -> Tensor:
     """``(n, n_heads)``: ``sum_{head[i] = h} |c_i|`` per target and head."""
     if head.shape != (coefficients.shape[1],):
-        raise ValueError(
+        raise InputError(
             f"head must have shape ({coefficients.shape[1]},) to label every atom, got {tuple(head.shape)}"
         )
     out = coefficients.new_zeros(coefficients.shape[0], n_heads)
@@ -103,7 +104,7 @@ def heads_for_mass(shares: Tensor, *, fraction: float = 0.9) -> Tensor:
     says the solve failed)."""
     check_positive(fraction, "fraction")
     if fraction > 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        raise InputError(f"fraction must be in (0, 1], got {fraction}")
     ordered = shares.sort(dim=1, descending=True).values
     cumulative = ordered.cumsum(dim=1)
     total = cumulative[:, -1:]
@@ -125,7 +126,7 @@ def head_columns(dim: int, d_head: int) -> tuple[tuple[int, int], ...]:
     """Consecutive head blocks ``(h*d_head, (h+1)*d_head)`` tiling ``dim`` columns."""
     check_positive_int(d_head, "d_head")
     if dim % d_head != 0:
-        raise ValueError(f"targets have {dim} columns, which is not a multiple of d_head={d_head}")
+        raise InputError(f"targets have {dim} columns, which is not a multiple of d_head={d_head}")
     return tuple((h * d_head, (h + 1) * d_head) for h in range(dim // d_head))
 
 
@@ -237,7 +238,7 @@ def decomposition_metrics(
     check_positive(threshold, "threshold", allow_zero=True)
     check_positive_int(top_k, "top_k")
     if not isinstance(decomposition, Decomposition):
-        raise TypeError(f"decomposition must be a sparsedecomp.Decomposition, got {type(decomposition).__name__}")
+        raise InputTypeError(f"decomposition must be a sparsedecomp.Decomposition, got {type(decomposition).__name__}")
     dictionary = decomposition.dictionary
     coefficients = decomposition.feature_coefficients() if feature_units else decomposition.coefficients
     targets, reconstruction = decomposition.targets, decomposition.reconstruction
@@ -254,7 +255,7 @@ def decomposition_metrics(
     if dictionary is not None and dictionary.block_columns is not None:
         columns = dictionary.block_columns
         if d_head is not None and any(b - a != d_head for a, b in columns):
-            raise ValueError(f"d_head={d_head} disagrees with the block-diagonal dictionary's blocks {columns[:2]}...")
+            raise InputError(f"d_head={d_head} disagrees with the block-diagonal dictionary's blocks {columns[:2]}...")
     elif d_head is not None:
         columns = head_columns(targets.shape[1], d_head)
 

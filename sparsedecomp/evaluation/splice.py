@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from ..errors import InputError, InputTypeError
 
 Reconstruction = Callable[[Tensor], Tensor]
 
@@ -107,7 +108,7 @@ def recovered_fraction(*, clean: float, ablated: float, spliced: float) -> float
     """``(ablated - spliced) / (ablated - clean)``; ``ValueError`` when ablation does not change the loss."""
     gap = ablated - clean
     if gap == 0 or gap != gap:
-        raise ValueError(f"ablation does not change the loss (clean {clean}, ablated {ablated}): the score is undefined")
+        raise InputError(f"ablation does not change the loss (clean {clean}, ablated {ablated}): the score is undefined")
     return (ablated - spliced) / gap
 
 
@@ -128,18 +129,18 @@ def splice_losses_many(model, tokens: Tensor, splices: Mapping[str, tuple[int | 
     tokens = _check_tokens(tokens)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
-        raise ValueError(f"layer must be an int in [0, {n_layers}), got {layer!r}")
+        raise InputError(f"layer must be an int in [0, {n_layers}), got {layer!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
     if not splices:
-        raise ValueError("splices is empty: give at least one name -> (head, sae)")
+        raise InputError("splices is empty: give at least one name -> (head, sae)")
     recon = {}
     for name, (head, sae) in splices.items():
         if head is not None and (isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < n_heads):
-            raise ValueError(f"splice {name!r}: head must be None or an int in [0, {n_heads}), got {head!r}")
+            raise InputError(f"splice {name!r}: head must be None or an int in [0, {n_heads}), got {head!r}")
         recon[name] = None if sae is None else _as_reconstruction(sae, name)
     if hook != "attn.hook_z" and any(h is not None for h, _ in splices.values()):
-        raise ValueError(f"a head index only makes sense for attn.hook_z, not {hook!r}")
+        raise InputError(f"a head index only makes sense for attn.hook_z, not {hook!r}")
 
     hook_name = f"blocks.{layer}.{hook}"
     resid_name = f"blocks.{layer}.hook_resid_pre"
@@ -234,14 +235,14 @@ def _as_reconstruction(sae: Any, name: str) -> Reconstruction:
         return lambda x: sae.decode(sae.encode(x))
     if callable(sae):
         return sae
-    raise TypeError(f"splice {name!r}: expected an SAE with encode/decode or a callable x -> x_hat, got {type(sae).__name__}")
+    raise InputTypeError(f"splice {name!r}: expected an SAE with encode/decode or a callable x -> x_hat, got {type(sae).__name__}")
 
 
 def _check_tokens(tokens: Any) -> Tensor:
     if not isinstance(tokens, Tensor):
-        raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
+        raise InputTypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
     if tokens.dtype not in (torch.long, torch.int32, torch.int16, torch.int64):
-        raise TypeError(f"tokens must be an integer tensor, got {tokens.dtype}")
+        raise InputTypeError(f"tokens must be an integer tensor, got {tokens.dtype}")
     if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] < 2:
-        raise ValueError(f"tokens must have shape (n_contexts, n_ctx >= 2), got {tuple(tokens.shape)}")
+        raise InputError(f"tokens must have shape (n_contexts, n_ctx >= 2), got {tuple(tokens.shape)}")
     return tokens.long()

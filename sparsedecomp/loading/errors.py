@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from ..errors import InputError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(InputError):
     """A checkpoint exists but cannot be used: wrong format, truncated, missing keys, bad shapes or dtypes."""
 
 

@@ -10,6 +10,7 @@ from typing import Callable, Iterator, Literal, Mapping, Sequence
 import torch
 
 from .sae import SAE
+from ..errors import InputError, InputTypeError
 
 
 class MissingHeadsWarning(UserWarning):
@@ -33,16 +34,16 @@ class HeadSAEs:
     def __post_init__(self) -> None:
         saes = tuple(self.saes)
         if not saes:
-            raise ValueError("HeadSAEs needs at least one SAE")
+            raise InputError("HeadSAEs needs at least one SAE")
         for i, sae in enumerate(saes):
             if not isinstance(sae, SAE):
-                raise TypeError(f"saes[{i}] must be a sparsedecomp SAE, got {type(sae).__name__}")
+                raise InputTypeError(f"saes[{i}] must be a sparsedecomp SAE, got {type(sae).__name__}")
             if not isinstance(sae.head, int):
-                raise ValueError(f"{sae.describe()} reads head={sae.head!r}, not a single head")
+                raise InputError(f"{sae.describe()} reads head={sae.head!r}, not a single head")
         by_head: dict[int, SAE] = {}
         for sae in saes:
             if sae.head in by_head:
-                raise ValueError(
+                raise InputError(
                     f"two SAEs read head {sae.head}: {by_head[sae.head].provenance.get('source', '?')} and "
                     f"{sae.provenance.get('source', '?')}"
                 )
@@ -52,7 +53,7 @@ class HeadSAEs:
         for sae in ordered[1:]:
             for attr in ("model_name", "layer", "hook_name", "d_in", "dtype", "device"):
                 if getattr(sae, attr) != getattr(ref, attr):
-                    raise ValueError(
+                    raise InputError(
                         f"head {sae.head} ({sae.provenance.get('source', '?')}) has {attr}={getattr(sae, attr)!r} "
                         f"but head {ref.head} ({ref.provenance.get('source', '?')}) has {attr}={getattr(ref, attr)!r}; "
                         "per-head SAEs of one layer must agree"
@@ -110,16 +111,16 @@ class HeadSAEs:
     def missing_heads(self, n_heads: int) -> list[int]:
         """Heads in ``range(n_heads)`` without an SAE (raises if an SAE reads a head ``>= n_heads``)."""
         if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1:
-            raise ValueError(f"n_heads must be a positive int, got {n_heads!r}")
+            raise InputError(f"n_heads must be a positive int, got {n_heads!r}")
         extra = [h for h in self.heads if h >= n_heads]
         if extra:
-            raise ValueError(f"SAEs read heads {extra} but the layer has only n_heads={n_heads}")
+            raise InputError(f"SAEs read heads {extra} but the layer has only n_heads={n_heads}")
         return [h for h in range(n_heads) if h not in self.heads]
 
     def check_complete(self, n_heads: int, *, on_missing: Literal["raise", "warn"] = "raise") -> "HeadSAEs":
         """Raise (or warn, ``on_missing="warn"``) when a head in ``range(n_heads)`` has no SAE; returns ``self``."""
         if on_missing not in ("raise", "warn"):
-            raise ValueError(f"on_missing must be 'raise' or 'warn', got {on_missing!r}")
+            raise InputError(f"on_missing must be 'raise' or 'warn', got {on_missing!r}")
         missing = self.missing_heads(n_heads)
         if missing:
             message = (
@@ -127,7 +128,7 @@ class HeadSAEs:
                 f"(loaded: {list(self.heads)})"
             )
             if on_missing == "raise":
-                raise ValueError(message)
+                raise InputError(message)
             warnings.warn(message, MissingHeadsWarning, stacklevel=2)
         return self
 
@@ -148,11 +149,11 @@ class HeadSAEs:
         ``0 .. n_heads-1``."""
         n_heads = len(self.saes)
         if self.heads != tuple(range(n_heads)):
-            raise ValueError(f"reconstructing the concatenated z needs SAEs for heads 0..{max(self.heads)}; "
+            raise InputError(f"reconstructing the concatenated z needs SAEs for heads 0..{max(self.heads)}; "
                              f"have heads {list(self.heads)}")
         if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[1] != n_heads * self.d_head:
             shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
-            raise ValueError(f"z must have shape (n, n_heads * d_head) = (n, {n_heads * self.d_head}), got {shape}")
+            raise InputError(f"z must have shape (n, n_heads * d_head) = (n, {n_heads * self.d_head}), got {shape}")
         blocks = z.split(self.d_head, dim=1)
         return torch.cat([sae.decode(sae.encode(block)) for sae, block in zip(self.saes, blocks)], dim=1)
 
@@ -169,7 +170,7 @@ class HeadSAEs:
         expected = tuple(range(len(self.saes)))
         if self.heads != expected:
             missing = [h for h in range(max(self.heads) + 1) if h not in self.heads]
-            raise ValueError(
+            raise InputError(
                 f"the block dictionary needs SAEs for heads 0..{max(self.heads)}; missing heads {missing}"
             )
         pending = self.heads_needing_input_scale
@@ -202,18 +203,18 @@ def load_head_saes(
     from .registry import load_sae
 
     if on_missing not in ("raise", "warn"):
-        raise ValueError(f"on_missing must be 'raise' or 'warn', got {on_missing!r}")
+        raise InputError(f"on_missing must be 'raise' or 'warn', got {on_missing!r}")
     if isinstance(sources, (str, Path)):
-        raise TypeError("sources must be a mapping head -> path or a list of paths, not a single path")
+        raise InputTypeError("sources must be a mapping head -> path or a list of paths, not a single path")
     items = list(sources.items()) if isinstance(sources, Mapping) else [(None, s) for s in sources]
     if not items:
-        raise ValueError("sources is empty")
+        raise InputError("sources is empty")
     saes = []
     for expected_head, source in items:
         path = Path(root) / source if root is not None else Path(source)
         sae = load_sae(path, format=format, device=device)
         if expected_head is not None and sae.head != expected_head:
-            raise ValueError(f"the source given for head {expected_head} ({path}) holds an SAE for head {sae.head!r}")
+            raise InputError(f"the source given for head {expected_head} ({path}) holds an SAE for head {sae.head!r}")
         saes.append(sae)
     result = HeadSAEs(tuple(saes))
     if n_heads is not None:

@@ -18,6 +18,7 @@ import torch
 from .errors import CheckpointError, CheckpointNotFoundError
 from .files import check_sae_tensors, config_int, config_str, layer_from_hook, read_json, read_torch_state_dict
 from .sae import CONCATENATED, SAE
+from ..errors import InputError, InputTypeError
 
 DEFAULT_REPO_ID = "ckkissane/tinystories-1M-SAES"
 ENC_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -80,10 +81,10 @@ def load_kissane(
     ``huggingface_hub.hf_hub_download`` (``cache_dir``, ``revision``, ``local_files_only`` are passed through).
     """
     if source is not None and repo_id is not None:
-        raise ValueError("pass either a local source or repo_id, not both")
+        raise InputError("pass either a local source or repo_id, not both")
     if source is None:
         if version is None:
-            raise ValueError("load_kissane needs a local source or a hub version (e.g. version='.../gelu-2l_..._v78')")
+            raise InputError("load_kissane needs a local source or a hub version (e.g. version='.../gelu-2l_..._v78')")
         pt, cfg = _download(repo_id or DEFAULT_REPO_ID, str(version), revision, cache_dir, local_files_only)
         where = {"repo_id": repo_id or DEFAULT_REPO_ID, "version": str(version), "revision": revision}
         return read_kissane(pt, cfg, device=device, where=where)
@@ -206,10 +207,10 @@ def save_kissane(
     written in the equivalent form ``b_enc' = b_enc + b_dec @ W_enc`` (exact).
     """
     if not isinstance(sae, SAE):
-        raise TypeError(f"sae must be a sparsedecomp SAE, got {type(sae).__name__}")
+        raise InputTypeError(f"sae must be a sparsedecomp SAE, got {type(sae).__name__}")
     names = {v: k for k, v in ENC_DTYPES.items()}
     if sae.dtype not in names:
-        raise ValueError(f"the Kissane format stores fp32/fp16/bf16 weights; cast the {sae.dtype} SAE with .to(dtype=...)")
+        raise InputError(f"the Kissane format stores fp32/fp16/bf16 weights; cast the {sae.dtype} SAE with .to(dtype=...)")
     pt_path, cfg_path = kissane_paths(directory, version)
     b_enc = sae.b_enc if sae.apply_b_dec_to_input else sae.b_enc + sae.b_dec @ sae.W_enc
     state = {
@@ -248,7 +249,7 @@ def save_kissane(
         cfg["sparsedecomp_transformations"] = list(sae.transformations)
     clash = sorted(set(cfg_extra or {}) & {"act_size", "dict_size", "enc_dtype", "act_name"})
     if clash:
-        raise ValueError(f"cfg_extra may not override {clash}: they are determined by the SAE's weights")
+        raise InputError(f"cfg_extra may not override {clash}: they are determined by the SAE's weights")
     cfg.update(dict(cfg_extra or {}))
     pt_path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, pt_path)

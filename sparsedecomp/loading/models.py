@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 import torch
+from ..errors import InputError, InputTypeError
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class ProcessingFlags:
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
             if not isinstance(value, bool):
-                raise TypeError(f"ProcessingFlags.{name} must be a bool, got {value!r}")
+                raise InputTypeError(f"ProcessingFlags.{name} must be a bool, got {value!r}")
 
     @classmethod
     def none(cls) -> "ProcessingFlags":
@@ -67,7 +68,7 @@ def load_model(
     _check_flags(flags)
     overlap = sorted(set(from_pretrained_kwargs) & set(flags.as_kwargs()))
     if overlap:
-        raise ValueError(f"pass processing flags through flags=ProcessingFlags(...), not as {overlap}")
+        raise InputError(f"pass processing flags through flags=ProcessingFlags(...), not as {overlap}")
     model = HookedTransformer.from_pretrained(
         name, device=device, dtype=dtype, **flags.as_kwargs(), **from_pretrained_kwargs
     )
@@ -87,7 +88,7 @@ def process_state_dict(
     ``state_dict`` (tensors cloned): the caller's dict and tensors are left untouched."""
     _check_flags(flags)
     if not hasattr(model, "load_and_process_state_dict"):
-        raise TypeError(f"model must be a HookedTransformer, got {type(model).__name__}")
+        raise InputTypeError(f"model must be a HookedTransformer, got {type(model).__name__}")
     copy = {key: value.detach().clone() for key, value in state_dict.items()}
     model.load_and_process_state_dict(copy, **flags.as_kwargs())
     model.eval()
@@ -96,4 +97,4 @@ def process_state_dict(
 
 def _check_flags(flags: object) -> None:
     if not isinstance(flags, ProcessingFlags):
-        raise TypeError(f"flags must be ProcessingFlags, got {type(flags).__name__}")
+        raise InputTypeError(f"flags must be ProcessingFlags, got {type(flags).__name__}")

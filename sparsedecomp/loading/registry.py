@@ -13,6 +13,7 @@ from .kissane import CFG_SUFFIX, find_kissane_pair, load_kissane
 from .sae import SAE
 from .saelens6 import is_saelens6_cfg, load_saelens6
 from .saelens_legacy import CFG_NAME, WEIGHTS_NAME, is_legacy_cfg, is_sae_dir, list_checkpoints, load_legacy_saelens
+from ..errors import InputError
 
 LOADERS: dict[str, Callable[..., SAE]] = {
     "kissane": load_kissane,
@@ -74,10 +75,10 @@ def load_sae(
     """Load one SAE from a local checkpoint (format detected unless ``format`` names it) or, with ``repo_id``
     (or no ``source`` but a ``version``), a Kissane checkpoint from the Hugging Face hub."""
     if format is not None and format not in LOADERS:
-        raise ValueError(f"format must be one of {sorted(LOADERS)}, got {format!r}")
+        raise InputError(f"format must be one of {sorted(LOADERS)}, got {format!r}")
     if source is None or repo_id is not None:
         if format not in (None, "kissane"):
-            raise ValueError(f"only the 'kissane' format is read from a hub repo here, got format={format!r}")
+            raise InputError(f"only the 'kissane' format is read from a hub repo here, got format={format!r}")
         return load_kissane(source, version=version, repo_id=repo_id, device=device)
     name = format or detect_format(source, version=version)
     path = Path(source)
@@ -85,11 +86,11 @@ def load_sae(
     if name == "kissane":
         options["version"] = version
     elif version is not None:
-        raise ValueError(f"version= only applies to Kissane checkpoints; {source} is {name}")
+        raise InputError(f"version= only applies to Kissane checkpoints; {source} is {name}")
     if name == "saelens_legacy":
         options["sae_name"] = sae_name
     elif sae_name is not None:
-        raise ValueError(f"sae_name= only applies to legacy SAELens trees; {source} is {name}")
+        raise InputError(f"sae_name= only applies to legacy SAELens trees; {source} is {name}")
     if name == "saelens6" and path.is_file():
         path = path.parent
     return LOADERS[name](path, device=device, **options)

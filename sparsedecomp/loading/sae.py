@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..validation import check_positive, check_tensor
+from ..errors import InputError, InputTypeError
 
 CONCATENATED = "concatenated"
 NO_HEAD = "none"  # the hook has no head axis (e.g. a residual-stream SAE)
@@ -64,36 +65,36 @@ class SAE:
         for name, shape in expected.items():
             value = check_tensor(getattr(self, name), name)
             if tuple(value.shape) != shape:
-                raise ValueError(
+                raise InputError(
                     f"{name} must have shape {shape} to match W_enc (d_in={d_in}, d_sae={d_sae}); "
                     f"got {tuple(value.shape)}"
                 )
         for name in ("b_enc", "W_dec", "b_dec"):
             value = getattr(self, name)
             if value.dtype != self.W_enc.dtype or value.device != self.W_enc.device:
-                raise ValueError(
+                raise InputError(
                     f"{name} is {value.dtype} on {value.device} but W_enc is {self.W_enc.dtype} on "
                     f"{self.W_enc.device}; all SAE weights must share dtype and device"
                 )
         if self.log_sparsity is not None:
             if not isinstance(self.log_sparsity, Tensor) or tuple(self.log_sparsity.shape) != (d_sae,):
                 shape = getattr(self.log_sparsity, "shape", type(self.log_sparsity).__name__)
-                raise ValueError(f"log_sparsity must be a ({d_sae},) tensor, got {shape}")
+                raise InputError(f"log_sparsity must be a ({d_sae},) tensor, got {shape}")
         if not isinstance(self.apply_b_dec_to_input, bool):
-            raise TypeError(f"apply_b_dec_to_input must be a bool, got {type(self.apply_b_dec_to_input).__name__}")
+            raise InputTypeError(f"apply_b_dec_to_input must be a bool, got {type(self.apply_b_dec_to_input).__name__}")
         if not isinstance(self.hook_name, str) or not self.hook_name:
-            raise ValueError(f"hook_name must be a non-empty string, got {self.hook_name!r}")
+            raise InputError(f"hook_name must be a non-empty string, got {self.hook_name!r}")
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
-            raise ValueError(f"layer must be a non-negative int, got {self.layer!r}")
+            raise InputError(f"layer must be a non-negative int, got {self.layer!r}")
         head_ok = (isinstance(self.head, int) and not isinstance(self.head, bool) and self.head >= 0) or (
             self.head in (CONCATENATED, NO_HEAD)
         )
         if not head_ok:
-            raise ValueError(f"head must be a non-negative int, {CONCATENATED!r} or {NO_HEAD!r}; got {self.head!r}")
+            raise InputError(f"head must be a non-negative int, {CONCATENATED!r} or {NO_HEAD!r}; got {self.head!r}")
         if not isinstance(self.model_name, str):
-            raise TypeError(f"model_name must be a string, got {type(self.model_name).__name__}")
+            raise InputTypeError(f"model_name must be a string, got {type(self.model_name).__name__}")
         if not isinstance(self.transformations, tuple) or not all(isinstance(t, str) for t in self.transformations):
-            raise TypeError("transformations must be a tuple of strings")
+            raise InputTypeError("transformations must be a tuple of strings")
 
     # -- shape -------------------------------------------------------------------------------------------------
     @property
@@ -130,7 +131,7 @@ class SAE:
     def _check_input(self, x: Tensor, name: str, width: int) -> Tensor:
         check_tensor(x, name)
         if x.ndim == 0 or x.shape[-1] != width:
-            raise ValueError(f"{name} must have shape (..., {width}), got {tuple(x.shape)}")
+            raise InputError(f"{name} must have shape (..., {width}), got {tuple(x.shape)}")
         # Computing in the SAE's own dtype matches how the SAE was trained and evaluated.
         return x.to(device=self.device, dtype=self.dtype)
 
@@ -185,7 +186,7 @@ class SAE:
         norms = self.W_dec.norm(dim=1)
         if bool((norms == 0).any()):
             zero = (norms == 0).nonzero().squeeze(1)[:5].tolist()
-            raise ValueError(
+            raise InputError(
                 f"{int((norms == 0).sum())} decoder rows are zero (first {zero}); their norm cannot be folded"
             )
         note = (
@@ -202,7 +203,7 @@ class SAE:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "SAE":
         """A copy on ``device`` in floating ``dtype``; a dtype change is recorded, a device move is not."""
         if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            raise TypeError(f"dtype must be a floating-point torch dtype, got {dtype}")
+            raise InputTypeError(f"dtype must be a floating-point torch dtype, got {dtype}")
         moved = {
             name: getattr(self, name).to(device=device, dtype=dtype) for name in ("W_enc", "b_enc", "W_dec", "b_dec")
         }

@@ -25,6 +25,7 @@ from torch import Tensor
 from .errors import CheckpointError, UnsupportedCheckpointError
 from .files import check_sae_tensors, config_int, layer_from_hook, read_json, read_safetensors
 from .sae import CONCATENATED, NO_HEAD, SAE
+from ..errors import InputError, InputTypeError
 
 CFG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae_weights.safetensors"
@@ -197,7 +198,7 @@ def load_saelens_pretrained(
         path = lookup.saes_map[sae_id]
         version = path[: -len(".pt")] if path.endswith(".pt") else path
         if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+            raise InputError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         sae = load_kissane(version=version, repo_id=lookup.repo_id, device=device)
         if sae.dtype != _DTYPES[dtype]:
             sae = sae.to(dtype=_DTYPES[dtype])
@@ -245,12 +246,12 @@ def save_saelens6(
     from safetensors.torch import save_file
 
     if not isinstance(sae, SAE):
-        raise TypeError(f"sae must be a sparsedecomp SAE, got {type(sae).__name__}")
+        raise InputTypeError(f"sae must be a sparsedecomp SAE, got {type(sae).__name__}")
     names = {v: k for k, v in _DTYPES.items() if not k.startswith("torch.")}
     if reshape_activations is None:
         reshape_activations = "hook_z" if sae.head == CONCATENATED and "hook_z" in sae.hook_name else "none"
     if reshape_activations not in ("none", "hook_z"):
-        raise ValueError(f"reshape_activations must be 'none' or 'hook_z', got {reshape_activations!r}")
+        raise InputError(f"reshape_activations must be 'none' or 'hook_z', got {reshape_activations!r}")
     if normalize_activations is None:
         normalize_activations = "expected_average_only_in" if sae.needs_input_scale else "none"
     try:

@@ -32,6 +32,7 @@ from torch import Tensor
 from .errors import CheckpointError, CheckpointNotFoundError
 from .files import check_sae_tensors, config_int, config_str, layer_from_hook, read_json, read_safetensors
 from .sae import CONCATENATED, NO_HEAD, SAE, fold_legacy_scaling_factor
+from ..errors import InputError, InputTypeError
 
 CFG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae_weights.safetensors"
@@ -253,17 +254,17 @@ def save_legacy_saelens(
     from safetensors.torch import save_file
 
     if not isinstance(sae, SAE):
-        raise TypeError(f"sae must be a sparsedecomp SAE, got {type(sae).__name__}")
+        raise InputTypeError(f"sae must be a sparsedecomp SAE, got {type(sae).__name__}")
     if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 0:
-        raise ValueError(f"n_tokens must be a non-negative int, got {n_tokens!r}")
+        raise InputError(f"n_tokens must be a non-negative int, got {n_tokens!r}")
     if not isinstance(wandb_id, str) or not wandb_id or "/" in wandb_id:
-        raise ValueError(f"wandb_id must be a non-empty folder name, got {wandb_id!r}")
+        raise InputError(f"wandb_id must be a non-empty folder name, got {wandb_id!r}")
     clash = sorted(set(cfg_extra or {}) & {"d_in", "d_sae", "dtype", "hook_point"})
     if clash:
-        raise ValueError(f"cfg_extra may not override {clash}: they are determined by the SAE")
+        raise InputError(f"cfg_extra may not override {clash}: they are determined by the SAE")
     dtype_name = str(sae.dtype)
     if dtype_name not in _DTYPES:
-        raise ValueError(f"cannot write dtype {sae.dtype} in the legacy format")
+        raise InputError(f"cannot write dtype {sae.dtype} in the legacy format")
     checkpoint = Path(root) / wandb_id / (f"final_{n_tokens}" if final else str(n_tokens))
     sae_dir = checkpoint / legacy_sae_name(sae)
     sae_dir.mkdir(parents=True, exist_ok=True)
@@ -335,7 +336,7 @@ def save_legacy_saelens(
     }
     cfg.update(dict(cfg_extra or {}))
     if not isinstance(cfg["normalize_activations"], bool):
-        raise ValueError(f"legacy normalize_activations is a bool, got {cfg['normalize_activations']!r}")
+        raise InputError(f"legacy normalize_activations is a bool, got {cfg['normalize_activations']!r}")
     weights = {
         "W_enc": sae.W_enc,
         "b_enc": sae.b_enc,
@@ -348,6 +349,6 @@ def save_legacy_saelens(
     sparsity = sae.log_sparsity if sparsity is None else sparsity
     if sparsity is not None:
         if not isinstance(sparsity, Tensor) or tuple(sparsity.shape) != (sae.d_sae,):
-            raise ValueError(f"sparsity must be a ({sae.d_sae},) tensor of log10 firing frequencies")
+            raise InputError(f"sparsity must be a ({sae.d_sae},) tensor of log10 firing frequencies")
         save_file({"sparsity": sparsity.detach().cpu().float().contiguous()}, str(sae_dir / SPARSITY_NAME))
     return sae_dir

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..validation import check_tensor
 from .heads import HeadSAEs
+from ..errors import InputError, InputTypeError
 
 
 class HeadNormAccumulator:
@@ -37,7 +38,7 @@ class HeadNormAccumulator:
     def update(self, z: Tensor) -> None:
         check_tensor(z, "z", ndim=4)
         if self._shape is not None and tuple(z.shape[2:]) != self._shape:
-            raise ValueError(f"z batches must share (n_heads, d_head) = {self._shape}; got {tuple(z.shape[2:])}")
+            raise InputError(f"z batches must share (n_heads, d_head) = {self._shape}; got {tuple(z.shape[2:])}")
         if self.exclude_bos:
             # Position 0 holds BOS when prompts are prepended with it; its z is atypically large.
             z = z[:, 1:]
@@ -59,7 +60,7 @@ class HeadNormAccumulator:
     def mean_norms(self) -> Tensor:
         """``E ||z_h||`` per head, ``(n_heads,)`` float64."""
         if self._sum is None or self._count == 0:
-            raise ValueError("no activations were seen (empty iterable, or only BOS positions with exclude_bos=True)")
+            raise InputError("no activations were seen (empty iterable, or only BOS positions with exclude_bos=True)")
         return self._sum / self._count
 
 
@@ -101,10 +102,10 @@ def _finish(acc: HeadNormAccumulator, heads: Sequence[int] | None, description: 
     chosen = list(range(n_heads)) if heads is None else list(heads)
     bad = [h for h in chosen if not (isinstance(h, int) and 0 <= h < n_heads)]
     if bad:
-        raise ValueError(f"heads {bad} are not in range(n_heads={n_heads})")
+        raise InputError(f"heads {bad} are not in range(n_heads={n_heads})")
     zero = [h for h in chosen if float(means[h]) == 0.0]
     if zero:
-        raise ValueError(f"heads {zero} have E||z_h|| = 0 on these activations: no scale can be estimated")
+        raise InputError(f"heads {zero} have E||z_h|| = 0 on these activations: no scale can be estimated")
     return HeadScales(
         scales={h: math.sqrt(d_head) / float(means[h]) for h in chosen},
         mean_norms={h: float(means[h]) for h in chosen},
@@ -134,7 +135,7 @@ def estimate_head_scales_from_model(
         for tokens in batches:
             if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.dtype not in (torch.long, torch.int):
                 shape = getattr(tokens, "shape", None)
-                raise ValueError(f"token batches must be integer tensors [batch, pos], got {type(tokens).__name__} {shape}")
+                raise InputError(f"token batches must be integer tensors [batch, pos], got {type(tokens).__name__} {shape}")
             _, cache = hooked.run_with_cache(tokens, names_filter=hook_name, stop_at_layer=layer + 1)
             acc.update(cache[hook_name])
             n_tokens += tokens.numel()
@@ -154,13 +155,13 @@ def estimate_input_scale(activations: Tensor | Iterable[Tensor]) -> float:
     for x in batches:
         check_tensor(x, "activations")
         if dim is not None and x.shape[-1] != dim:
-            raise ValueError(f"activation batches must share the last dimension {dim}; got {x.shape[-1]}")
+            raise InputError(f"activation batches must share the last dimension {dim}; got {x.shape[-1]}")
         dim = x.shape[-1]
         norms = x.double().reshape(-1, dim).norm(dim=1)
         total += float(norms.sum())
         count += norms.numel()
     if count == 0 or total == 0.0:
-        raise ValueError("no (non-zero) activations were seen")
+        raise InputError("no (non-zero) activations were seen")
     return math.sqrt(dim) / (total / count)
 
 
@@ -177,16 +178,16 @@ def fold_head_scales(
     is refused unless ``force=True``, because folding a scale into it would break it.
     """
     if not isinstance(head_saes, HeadSAEs):
-        raise TypeError(f"head_saes must be HeadSAEs, got {type(head_saes).__name__}")
+        raise InputTypeError(f"head_saes must be HeadSAEs, got {type(head_saes).__name__}")
     table = scales.scales if isinstance(scales, HeadScales) else dict(scales)
     source = scales.description if isinstance(scales, HeadScales) else "user-supplied scales"
     missing = [h for h in head_saes.heads if h not in table]
     if missing:
-        raise ValueError(f"no scale given for heads {missing} (scales cover {sorted(table)})")
+        raise InputError(f"no scale given for heads {missing} (scales cover {sorted(table)})")
     if not force:
         unneeded = [h for h in head_saes.heads if not head_saes[h].needs_input_scale]
         if unneeded:
-            raise ValueError(
+            raise InputError(
                 f"heads {unneeded} do not need an input scale (normalize_activations off, or already folded); "
                 "pass force=True to fold anyway"
             )

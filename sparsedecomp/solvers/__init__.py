@@ -19,6 +19,7 @@ from .omp import OMP
 from .pinv import Pseudoinverse
 from .proximal import NNLS, Lasso
 from .reference import CvxpyBPDN, CvxpyLasso, CvxpyNNLS
+from ..errors import InputError, InputTypeError
 
 SOLVERS: dict[str, tuple[type[Solver], dict[str, Any]]] = {
     "pinv": (Pseudoinverse, {}),
@@ -37,12 +38,12 @@ SOLVERS: dict[str, tuple[type[Solver], dict[str, Any]]] = {
 def make_solver(method: str, **params: Any) -> Solver:
     """Build the solver registered as ``method`` with ``params`` (e.g. ``alpha``, ``n_nonzero``, ``tol``)."""
     if method not in SOLVERS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(SOLVERS)}")
+        raise InputError(f"unknown method {method!r}; choose one of {sorted(SOLVERS)}")
     cls, fixed = SOLVERS[method]
     allowed = {f.name for f in dataclasses.fields(cls)} - set(fixed)
     unknown = set(params) - allowed
     if unknown:
-        raise TypeError(f"method {method!r} takes parameters {sorted(allowed)}; got unexpected {sorted(unknown)}")
+        raise InputTypeError(f"method {method!r} takes parameters {sorted(allowed)}; got unexpected {sorted(unknown)}")
     return cls(**fixed, **params)
 
 

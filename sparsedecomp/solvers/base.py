@@ -17,6 +17,7 @@ from torch import Tensor
 from ..decomposition import Decomposition, concat_decompositions
 from ..dictionary import Dictionary
 from ..validation import check_positive_int, check_targets
+from ..errors import InputError, InputTypeError
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class Solver:
         dictionary = as_dictionary(dictionary)
         targets = check_targets(targets, dictionary.dim)
         if targets.dtype != dictionary.dtype or targets.device != dictionary.device:
-            raise ValueError(
+            raise InputError(
                 f"targets are {targets.dtype} on {targets.device} but the dictionary is {dictionary.dtype} on "
                 f"{dictionary.device}; move one with .to(...) so both match"
             )
@@ -105,7 +106,7 @@ def as_dictionary(dictionary: Dictionary | Tensor) -> Dictionary:
         return dictionary
     if isinstance(dictionary, Tensor):
         return Dictionary.from_atoms(dictionary, normalize=False)
-    raise TypeError(f"dictionary must be a sparsedecomp.Dictionary or an (n_atoms, d) tensor, got {type(dictionary).__name__}")
+    raise InputTypeError(f"dictionary must be a sparsedecomp.Dictionary or an (n_atoms, d) tensor, got {type(dictionary).__name__}")
 
 
 def full_status(n: int, status: int, device: torch.device) -> Tensor:

@@ -44,6 +44,7 @@ from ..decomposition import KKT_VIOLATION, Status
 from ..dictionary import Dictionary
 from ..validation import check_bool, check_positive, check_positive_int
 from .base import ChunkResult, Solver
+from ..errors import InputError
 
 # Numerical thresholds, as multiples of the working dtype's machine epsilon.
 # Stop (NO_PROGRESS) when the best normalised correlation is below this times ||y||: the residual is then zero
@@ -108,7 +109,7 @@ class OMP(Solver):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.n_nonzero is None and self.tol is None:
-            raise ValueError("OMP needs a stopping rule: give n_nonzero (atoms per target), tol (fraction of "
+            raise InputError("OMP needs a stopping rule: give n_nonzero (atoms per target), tol (fraction of "
                              "variance unexplained), or both")
         if self.n_nonzero is not None:
             check_positive_int(self.n_nonzero, "n_nonzero")
@@ -120,7 +121,7 @@ class OMP(Solver):
     def check_dictionary(self, dictionary: Dictionary) -> None:
         limit = min(dictionary.dim, dictionary.n_atoms)
         if self.n_nonzero is not None and self.n_nonzero > limit:
-            raise ValueError(
+            raise InputError(
                 f"n_nonzero={self.n_nonzero} exceeds min(d, n_atoms) = min({dictionary.dim}, {dictionary.n_atoms}) "
                 f"= {limit}: more atoms than that are linearly dependent"
             )
