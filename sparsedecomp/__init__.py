@@ -1,28 +1,57 @@
 """sparsedecomp: decompose attention-layer SAE features into per-head SAE dictionaries.
 
-Importing the package has no side effects and does not import transformer_lens or sae_lens; loaders and
-dashboards import them when used.
+Importing the package has no side effects and imports nothing heavy: the names below are loaded on first use
+(PEP 562), so ``sparsedecomp --help`` answers without importing torch, and loaders and dashboards import
+transformer_lens / sae_lens only when used.
 """
 
-from .decomposition import ConvergenceWarning, Decomposition, Status
-from .dictionary import BlockDictionary, Dictionary, mix_targets
-from .loading import SAE, HeadSAEs, load_head_saes, load_sae
-from .solvers import SOLVERS, decompose, make_solver
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BlockDictionary",
-    "ConvergenceWarning",
-    "Decomposition",
-    "Dictionary",
-    "HeadSAEs",
-    "SAE",
-    "SOLVERS",
-    "Status",
-    "decompose",
-    "load_head_saes",
-    "load_sae",
-    "make_solver",
-    "mix_targets",
-]
+# Public name -> the module that defines it.
+_EXPORTS: dict[str, str] = {
+    "BlockDictionary": ".dictionary",
+    "Codes": ".codes",
+    "ConvergenceWarning": ".decomposition",
+    "Decomposition": ".decomposition",
+    "Dictionary": ".dictionary",
+    "HeadSAEs": ".loading",
+    "InputError": ".errors",
+    "InputTypeError": ".errors",
+    "PreparedSolver": ".solvers",
+    "SAE": ".loading",
+    "SOLVERS": ".solvers",
+    "Status": ".decomposition",
+    "decompose": ".solvers",
+    "load_head_saes": ".loading",
+    "load_sae": ".loading",
+    "make_solver": ".solvers",
+    "mix_targets": ".dictionary",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'sparsedecomp' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from .codes import Codes
+    from .decomposition import ConvergenceWarning, Decomposition, Status
+    from .dictionary import BlockDictionary, Dictionary, mix_targets
+    from .errors import InputError, InputTypeError
+    from .loading import SAE, HeadSAEs, load_head_saes, load_sae
+    from .solvers import SOLVERS, PreparedSolver, decompose, make_solver

@@ -1,62 +1,122 @@
-"""Command line: ``sparsedecomp demo`` and ``sparsedecomp decompose``. Thin: parse, call the library, print."""
+"""Command line: ``sparsedecomp demo`` and ``sparsedecomp decompose``. Thin: parse, call the library, print.
+
+Parsing imports nothing heavy (``sparsedecomp --help`` answers without torch); the library is imported once a
+command runs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
-from .pipeline import DEFAULT_METHOD, SPACES
 from .errors import InputError
+from .outputs import check_output_folder
+
+# Literal copies of the registry's names and the pipeline's choices, so parsing needs no torch; a test checks
+# they equal sparsedecomp.SOLVERS and sparsedecomp.pipeline's.
+METHODS = ("pinv", "nnls", "lasso", "nn_lasso", "omp", "nn_omp", "cvxpy_lasso", "cvxpy_nn_lasso", "cvxpy_nnls",
+           "cvxpy_bpdn")
+SPACES = ("z", "residual", "both")
+DEFAULT_METHOD = "nn_omp"
+# The flag behind each solver parameter, to name it in errors.
+PARAM_FLAGS = {"alpha": "--alpha", "n_nonzero": "--n-nonzero", "tol": "--tol", "max_iter": "--max-iter",
+               "eps": "--eps"}
+METHOD_HELP = """methods:
+  nn_omp (default)  non-negative OMP: at most --n-nonzero atoms (16), stops early at --tol (0.01) FVU; fast
+  omp               signed OMP, same budget
+  nn_lasso, lasso   (non-negative) lasso; --alpha is a fraction of each feature's alpha_max (e.g. 0.05) unless
+                    --alpha-absolute; certified by the duality gap
+  pinv              per-head pseudoinverse (the seed notebook's decomposition): exact, dense codes
+  nnls              non-negative least squares: SLOW today (minutes for hundreds of features, dense codes of
+                    hundreds of atoms, some targets stop at --max-iter); use it on a few features as a
+                    sparsity-free baseline
+  cvxpy_*           interior-point references (about a second per feature): for checking on small sets
+"""
 
 # Only the package's own input errors and the operating system's file errors are the user's to fix; any other
 # exception is a bug and keeps its traceback.
 USER_ERRORS = (InputError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
-def _add_solver_args(p: argparse.ArgumentParser) -> None:
-    from .solvers import SOLVERS
+SOURCE_HELP = """
+sources (--concat-sae, --head-saes): a local path, or a hub reference:
+  hf://OWNER/REPO/VERSION       a Kissane pair {VERSION}.pt + {VERSION}_cfg.json in a Hugging Face repo
+  saelens://RELEASE/SAE_ID      an SAE of a SAELens pretrained release
+"""
 
-    p.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(SOLVERS),
-                   help=f"sparse-coding method (default {DEFAULT_METHOD} with n_nonzero=16, tol=0.01)")
-    p.add_argument("--alpha", type=float, help="L1 weight (lasso methods)")
+
+def _add_solver_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS,
+                   help=f"sparse-coding method (default {DEFAULT_METHOD} with n_nonzero=16, tol=0.01; see below)")
+    p.add_argument("--alpha", type=float, help="lasso L1 weight, as a fraction of each feature's alpha_max "
+                                               "(the weight that gives the zero code), e.g. 0.05")
+    p.add_argument("--alpha-absolute", action="store_true",
+                   help="read --alpha as an absolute L1 weight on the unit-norm targets instead")
     p.add_argument("--n-nonzero", type=int, help="atom budget (OMP methods)")
     p.add_argument("--tol", type=float, help="stopping tolerance")
     p.add_argument("--max-iter", type=int, help="iteration limit (iterative methods)")
     p.add_argument("--eps", type=float, help="residual bound (BPDN)")
     p.add_argument("--space", default="z", choices=SPACES,
                    help="decompose in concatenated z, in the residual stream (through W_O; needs a model), or both")
-    p.add_argument("--out", type=Path, required=True, help="output folder (summary.json, index.html, codes)")
+    p.add_argument("--out", type=str, required=True,
+                   help="output folder: new, empty, or an earlier run's (summary.json, index.html, codes, manifest)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def _params(args: argparse.Namespace) -> dict:
-    names = {"alpha": "alpha", "n_nonzero": "n_nonzero", "tol": "tol", "max_iter": "max_iter", "eps": "eps"}
-    return {key: getattr(args, attr) for attr, key in names.items() if getattr(args, attr) is not None}
+    """The solver parameters given on the command line, checked against the method before anything loads."""
+    params = {name: getattr(args, name) for name in PARAM_FLAGS if getattr(args, name) is not None}
+    if args.alpha_absolute:
+        if "alpha" not in params:
+            raise InputError("--alpha-absolute needs --alpha")
+        params["alpha_is_fraction_of_max"] = False
+    if args.method in ("lasso", "nn_lasso", "cvxpy_lasso", "cvxpy_nn_lasso") and "alpha" not in params:
+        raise InputError(f"--method {args.method} needs --alpha (a fraction of each feature's alpha_max, e.g. "
+                         "0.05; with --alpha-absolute an absolute L1 weight)")
+    if args.method == "cvxpy_bpdn" and "eps" not in params:
+        raise InputError("--method cvxpy_bpdn needs --eps (the residual bound relative to each feature's norm)")
+    from .pipeline import solver_params
+
+    try:
+        return solver_params(args.method, params)
+    except InputError as err:  # name the flag, not the keyword argument
+        message = str(err)
+        for name, flag in PARAM_FLAGS.items():
+            message = re.sub(rf"'{name}'|\b{name}\b", flag, message)
+        raise InputError(message) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparsedecomp",
         description="Decompose attention-layer (concatenated z) SAE features into per-head SAE dictionaries.",
+        epilog=METHOD_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the full decomposition on the bundled demo model and SAEs")
+    demo = sub.add_parser("demo", help="run the full decomposition on the bundled demo model and SAEs",
+                          epilog=METHOD_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_argument("--artifacts", type=Path, default=None, help=argparse.SUPPRESS)
     _add_solver_args(demo)
 
-    dec = sub.add_parser("decompose", help="decompose a real concat SAE into real per-head SAEs")
+    dec = sub.add_parser("decompose", help="decompose a real concat SAE into real per-head SAEs",
+                         epilog=METHOD_HELP + SOURCE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     dec.add_argument("--concat-sae", required=True,
-                     help="concat SAE: Kissane {version}.pt/_cfg.json folder or file, SAELens folder, legacy run")
+                     help="concat SAE: a local Kissane {version}.pt/_cfg.json folder or file, SAELens folder or "
+                          "legacy run, or a hub reference (see below)")
     dec.add_argument("--concat-version", help="Kissane version name, when the folder holds several pairs")
     dec.add_argument("--head-saes", nargs="+", required=True, metavar="SOURCE",
-                     help="one checkpoint per head (legacy SAELens run / checkpoint / SAE folders, SAELens folders)")
+                     help="one checkpoint per head (legacy SAELens run / checkpoint / SAE folders, SAELens folders, "
+                          "or hub references)")
     dec.add_argument("--head-index-map", help="comma-separated head index of each --head-saes source, in order "
                                               "(checked against each checkpoint's config), e.g. 0,1,2,3,4,5,6,7")
-    dec.add_argument("--model", help="TransformerLens model name (e.g. gelu-2l) for W_O and input-scale estimation; "
-                                     "loaded with from_pretrained's default processing flags, recorded")
+    dec.add_argument("--model", help="TransformerLens model name (e.g. gelu-2l) or a local model folder, for W_O and "
+                                     "input-scale estimation; loaded with from_pretrained's default processing "
+                                     "flags, recorded")
     dec.add_argument("--tokens", type=Path,
                      help="safetensors/pt file with a 'tokens' [batch, pos] tensor (BOS first) to re-estimate the "
                           "per-head input scales on --model")
@@ -73,6 +133,8 @@ def _print_result(result, elapsed: float) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    params = _params(args)
+    check_output_folder(args.out)
     from .demo import load_demo_world
     from .pipeline import run_decomposition
 
@@ -91,7 +153,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
         context.update(describe_summary(world.report["quality"]["summary"]))
     result = run_decomposition(world.concat_sae, world.head_saes, out_dir=args.out, method=args.method,
-                               params=_params(args), space=args.space, W_O=world.W_O,
+                               params=params, space=args.space, W_O=world.W_O,
                                title="Demo: per-head decomposition of concat-SAE features", context=context,
                                progress=not args.no_progress)
     _print_result(result, time.time() - t0)
@@ -120,6 +182,12 @@ def run_decompose(args: argparse.Namespace) -> int:
                           load_model, load_sae)
     from .pipeline import run_decomposition
 
+    params = _params(args)
+    check_output_folder(args.out)
+    if args.tokens is not None and not args.model:
+        raise InputError("--tokens needs --model: input scales are estimated on the model's hook_z")
+    # Read the tokens before anything large loads, so a bad file fails in a second, not after the model.
+    tokens = _load_tokens(args.tokens) if args.tokens is not None else None
     t0 = time.time()
     sources: dict | list = list(args.head_saes)
     if args.head_index_map:
@@ -140,18 +208,15 @@ def run_decompose(args: argparse.Namespace) -> int:
         loaded = load_model(args.model, flags=ProcessingFlags())
         W_O = loaded.model.W_O[concat.layer].detach()
         context["model"] = loaded.describe()
-        if args.tokens is not None and head_saes.heads_needing_input_scale:
-            tokens = _load_tokens(args.tokens)
+        if tokens is not None and head_saes.heads_needing_input_scale:
             scales = estimate_head_scales_from_model(loaded, list(tokens.split(8)), layer=head_saes.layer)
             head_saes = fold_head_scales(head_saes, scales)
             context["head_scale_estimate"] = scales.description
-    elif args.tokens is not None:
-        raise InputError("--tokens needs --model: input scales are estimated on the model's hook_z")
     if head_saes.heads_needing_input_scale:
         print(f"note: heads {list(head_saes.heads_needing_input_scale)} were trained on inputs scaled by a factor "
               "that was never saved; directions are unaffected, but activation units are training units "
               "(pass --model and --tokens to re-estimate and fold the scales)", flush=True)
-    result = run_decomposition(concat, head_saes, out_dir=args.out, method=args.method, params=_params(args),
+    result = run_decomposition(concat, head_saes, out_dir=args.out, method=args.method, params=params,
                                space=args.space, W_O=W_O, context=context, progress=not args.no_progress)
     _print_result(result, time.time() - t0)
     return 0

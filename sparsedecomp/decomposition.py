@@ -7,14 +7,16 @@ wrong: the objective value, an optimality certificate (duality gap or KKT violat
 
 from __future__ import annotations
 
+import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
+from .codes import Codes
 from .dictionary import Dictionary
 
 
@@ -34,7 +36,32 @@ class Status(IntEnum):
 
     @property
     def is_failure(self) -> bool:
-        return self in (Status.MAX_ITER, Status.NUMERICAL_ERROR)
+        return self in FAILURES
+
+
+FAILURES = frozenset({Status.MAX_ITER, Status.NUMERICAL_ERROR})
+"""The statuses that mean "this code is not the answer to the problem asked"; every other ending is normal."""
+
+STATUS_LEGEND: dict[str, str] = {
+    "CONVERGED": "the certificate met the tolerance, or the solver is exact",
+    "BUDGET_REACHED": "OMP used its n_nonzero atoms before reaching tol (normal: the budget is the question asked)",
+    "MAX_ITER": "an iterative solver stopped at max_iter with its certificate above tol (failure)",
+    "NO_PROGRESS": "a greedy solver found no atom that improves the fit (e.g. no positive correlation left)",
+    "NUMERICAL_ERROR": "non-finite values, or the reference solver did not reach an optimal status (failure)",
+}
+"""Each status name with its meaning, for reports written to disk (``Status`` members' docstrings say the same)."""
+
+
+def count_statuses(status: Tensor) -> dict[str, int]:
+    """``{status name: count}`` of a ``(n,)`` status tensor, for the statuses that occur (in enum order)."""
+    counts = torch.bincount(status.detach().cpu().long(), minlength=len(Status))
+    return {s.name: int(counts[s]) for s in Status if int(counts[s]) > 0}
+
+
+def failed_mask(status: Tensor) -> Tensor:
+    """``(n,)`` bool: the rows whose status is a failure (:data:`FAILURES`)."""
+    failures = torch.tensor(sorted(int(s) for s in FAILURES), device=status.device)
+    return torch.isin(status, failures)
 
 
 # Names of the optimality certificates a solver may report (see :mod:`sparsedecomp.optimality`).
@@ -48,7 +75,8 @@ class Decomposition:
     """Codes for a batch of targets on one dictionary, with per-target diagnostics.
 
     Attributes:
-        coefficients: ``(n_targets, n_atoms)``; ``reconstruction = coefficients @ dictionary.atoms``.
+        codes: the :class:`~sparsedecomp.codes.Codes` (dense or row-padded sparse; ``coefficients`` is the dense
+            view); ``reconstruction = coefficients @ dictionary.atoms``.
         reconstruction: ``(n_targets, d)``.
         targets: ``(n_targets, d)``, the inputs, kept for metrics.
         objective: ``(n_targets,)`` the solver's objective at the returned code.
@@ -61,7 +89,7 @@ class Decomposition:
         dictionary: the dictionary decomposed into (for head attribution and feature units).
     """
 
-    coefficients: Tensor
+    codes: Codes
     reconstruction: Tensor
     targets: Tensor
     objective: Tensor
@@ -75,35 +103,52 @@ class Decomposition:
 
     @property
     def n_targets(self) -> int:
-        return self.coefficients.shape[0]
+        return self.codes.n_targets
+
+    @property
+    def coefficients(self) -> Tensor:
+        """``(n_targets, n_atoms)`` dense view of the codes (materialised on each access when sparse: prefer
+        :attr:`codes` in loops and at scale)."""
+        return self.codes.to_dense()
 
     def statuses(self) -> list[Status]:
         return [Status(int(s)) for s in self.status.tolist()]
 
     def status_counts(self) -> dict[str, int]:
-        counts = torch.bincount(self.status.cpu(), minlength=len(Status))
-        return {s.name: int(counts[s]) for s in Status if int(counts[s]) > 0}
+        return count_statuses(self.status)
 
     @property
     def converged(self) -> Tensor:
-        """``(n_targets,)`` bool: the solver ended normally on this target."""
-        return (self.status != Status.MAX_ITER) & (self.status != Status.NUMERICAL_ERROR)
+        """``(n_targets,)`` bool: the solver ended normally on this target (its status is not in
+        :data:`FAILURES`)."""
+        return ~failed_mask(self.status)
+
+    def feature_codes(self) -> Codes:
+        """The codes in each per-head SAE's own feature units (undoing atom normalisation), same layout."""
+        if self.dictionary is None:
+            return self.codes
+        return self.codes.scaled(1.0 / self.dictionary.scales)
 
     def feature_coefficients(self) -> Tensor:
-        """Coefficients in each per-head SAE's own feature units (undoing atom normalisation)."""
-        if self.dictionary is None:
-            return self.coefficients
-        return self.dictionary.to_feature_units(self.coefficients)
+        """Dense view of :meth:`feature_codes`."""
+        return self.feature_codes().to_dense()
 
     def support(self, row: int, *, threshold: float = 0.0) -> Tensor:
         """Indices of atoms with ``|coefficient| > threshold`` for target ``row``, largest first."""
-        c = self.coefficients[row]
-        idx = (c.abs() > threshold).nonzero().squeeze(1)
-        return idx[c[idx].abs().argsort(descending=True)]
+        return self.codes.row_support(row, threshold=threshold)[0]
+
+    def rows(self, index: slice | Tensor) -> "Decomposition":
+        """The decomposition of a subset of its targets."""
+        return replace(
+            self, codes=self.codes.rows(index), reconstruction=self.reconstruction[index],
+            targets=self.targets[index], objective=self.objective[index], certificate=self.certificate[index],
+            iterations=self.iterations[index], status=self.status[index],
+        )
 
     def warn_if_failed(self) -> None:
-        """Emit one summary warning if any target did not converge (never one warning per target)."""
-        failed = ~self.converged
+        """Emit one summary warning if any target did not converge (never one warning per target), pointing at
+        the first line of the caller's code outside this package."""
+        failed = failed_mask(self.status)
         n_failed = int(failed.sum())
         if n_failed == 0:
             return
@@ -114,12 +159,23 @@ class Decomposition:
             f"{float(self.certificate[failed].max()):.3g}). Raise max_iter or loosen tol; "
             "inspect Decomposition.status.",
             ConvergenceWarning,
-            stacklevel=3,
+            stacklevel=caller_stacklevel(),
         )
 
 
 class ConvergenceWarning(UserWarning):
     """Some targets of a decomposition did not meet the solver's tolerance."""
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised by the caller of this function point at the first frame
+    outside this package (and outside torch's decorator wrappers such as ``no_grad``)."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("sparsedecomp", "torch"):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 def concat_decompositions(parts: list[Decomposition]) -> Decomposition:
@@ -132,7 +188,7 @@ def concat_decompositions(parts: list[Decomposition]) -> Decomposition:
         return torch.cat([getattr(p, name) for p in parts])
 
     return Decomposition(
-        coefficients=cat("coefficients"),
+        codes=Codes.cat([p.codes for p in parts]),
         reconstruction=cat("reconstruction"),
         targets=cat("targets"),
         objective=cat("objective"),

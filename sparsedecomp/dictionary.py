@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .codes import Codes
 from .validation import check_tensor
 from .errors import InputError
 
@@ -160,9 +161,14 @@ class Dictionary:
         """Convert a code on these (possibly normalised) atoms into the SAE's own feature activations."""
         return coefficients / self.scales.to(coefficients)
 
-    def reconstruct(self, coefficients: Tensor) -> Tensor:
-        """``coefficients @ atoms``; per head block when block-diagonal (``n_heads`` times fewer flops, since
-        head ``h``'s atoms are zero outside its own columns)."""
+    def reconstruct(self, coefficients: Tensor | Codes) -> Tensor:
+        """``coefficients @ atoms``; sparse :class:`~sparsedecomp.codes.Codes` gather only their atoms, a dense
+        code is multiplied per head block when block-diagonal (``n_heads`` times fewer flops, since head ``h``'s
+        atoms are zero outside its own columns)."""
+        if isinstance(coefficients, Codes):
+            if coefficients.is_sparse:
+                return coefficients.matmul(self.atoms)
+            coefficients = coefficients.values
         if self.block_columns is None:
             return coefficients @ self.atoms
         out = coefficients.new_zeros(coefficients.shape[0], self.dim)

@@ -5,30 +5,47 @@ Targets are the concat SAE's decoder rows ``W_dec[i] / ||W_dec[i]||`` (Kissane's
 recorded in the summary); the dictionary is the per-head decoders lifted block-diagonally into concatenated ``z``
 with unit atoms (``normalize=True``), so a coefficient is the weight of a unit per-head feature direction and
 ``coefficient / ||W_dec_h[j]||`` is the per-head feature's activation in its SAE's own units. In the residual space
-both sides go through the layer's ``W_O``: atoms ``d_j @ W_O[h]`` and targets ``t @ W_O_cat`` (not renormalised).
+both sides go through the layer's ``W_O``: atoms ``d_j @ W_O[h]`` and targets ``t @ W_O_cat``, renormalised to unit
+norm so that the two spaces ask the same question at the same scale (each feature's ``||t @ W_O_cat||`` is kept in
+the summary). Lasso weights default to a fraction of each target's own ``alpha_max``
+(``alpha_is_fraction_of_max=True``), which means the same sparsity pressure in both spaces whatever the norms of
+the mixed atoms.
+
+Everything is written through one :class:`~sparsedecomp.outputs.RunWriter`: atomic files, strict JSON and a
+``manifest.json``.
 """
 
 from __future__ import annotations
 
-import json
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
 
-from .decomposition import Decomposition, concat_decompositions
-from .dictionary import BlockDictionary, Dictionary, mix_targets
+from .codes_file import write_codes_file
+from .decomposition import STATUS_LEGEND, Decomposition, Status
+from .dictionary import mix_targets
 from .evaluation.metrics import decomposition_metrics, head_columns, target_head_shares
-from .solvers import decompose, make_solver
-from .errors import InputError, InputTypeError
+from .outputs import RunWriter
+from .solvers import SOLVERS, make_solver
+from .errors import InputError
 
 SPACES = ("z", "residual", "both")
 DEFAULT_METHOD = "nn_omp"
-DEFAULT_PARAMS: dict[str, dict[str, Any]] = {"nn_omp": {"n_nonzero": 16, "tol": 0.01}}
+DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
+    "nn_omp": {"n_nonzero": 16, "tol": 0.01},
+    # A fraction of each target's alpha_max: comparable across targets and across the z and residual spaces.
+    "lasso": {"alpha_is_fraction_of_max": True},
+    "nn_lasso": {"alpha_is_fraction_of_max": True},
+}
+# Most atoms listed per feature in summary.json (every non-zero of the sparse methods; the codes file has all).
+MAX_LISTED_ATOMS = 64
+# A decomposition whose median relative error exceeds this explains under 1 - 0.3^2 = 91 % of a typical target's
+# squared norm; the summary and the page say so in words.
+EXPLAINS_LITTLE_RELATIVE_ERROR = 0.3
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,35 +84,13 @@ def check_compatible(concat_sae, head_saes) -> tuple[int, int]:
 
 
 def solver_params(method: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``params`` over the method's defaults (only ``nn_omp`` has defaults here); validated by building the solver."""
+    """``params`` over the pipeline's defaults for the method (:data:`DEFAULT_PARAMS`), validated by building
+    the solver (which raises :class:`~sparsedecomp.errors.InputError` naming a bad method or parameter)."""
+    if method not in SOLVERS:
+        raise InputError(f"unknown method {method!r}; choose one of {sorted(SOLVERS)}")
     merged = {**DEFAULT_PARAMS.get(method, {}), **{k: v for k, v in (params or {}).items() if v is not None}}
-    make_solver(method, **merged)  # raises ValueError / TypeError naming a bad method or parameter
+    make_solver(method, **merged)
     return merged
-
-
-def decompose_with_progress(targets: Tensor, dictionary: Dictionary, *, method: str, params: Mapping[str, Any],
-                            chunk: int | None = None, progress: bool = True, desc: str = "decompose") -> Decomposition:
-    """:func:`sparsedecomp.decompose` over chunks of targets with a tqdm bar.
-
-    ``chunk`` defaults to about a tenth of the targets (at least 512): batched solvers amortise their per-step
-    overhead over the chunk, so many small progress chunks would make a full-size run several times slower.
-    """
-    from tqdm.auto import tqdm
-
-    if chunk is None:
-        chunk = max(512, -(-targets.shape[0] // 10))
-    parts = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for start in tqdm(range(0, targets.shape[0], chunk), desc=desc, unit="chunk", disable=not progress):
-            parts.append(decompose(targets[start : start + chunk], dictionary, method=method, **params))
-    result = concat_decompositions(parts)
-    if any(w.category.__name__ == "ConvergenceWarning" for w in caught):
-        result.warn_if_failed()
-    for w in caught:
-        if w.category.__name__ != "ConvergenceWarning":
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return result
 
 
 def run_decomposition(
@@ -109,7 +104,6 @@ def run_decomposition(
     W_O: Tensor | None = None,
     title: str = "Per-head decomposition of concat-SAE features",
     context: Mapping[str, Any] | None = None,
-    top_atoms: int = 8,
     html_max_features: int = 2048,
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -119,7 +113,8 @@ def run_decomposition(
     ``head_saes`` must already have their input scales folded if their magnitudes matter (directions do not
     depend on them; :class:`~sparsedecomp.loading.HeadSAEs` warns otherwise). ``space`` is ``"z"``,
     ``"residual"`` (needs ``W_O``, ``(n_heads, d_head, d_model)``) or ``"both"``. ``context`` is copied into the
-    summary (model, sources, flags ...).
+    summary (model, sources, flags ...). The output folder must be new, empty or an earlier run's
+    (:func:`~sparsedecomp.outputs.check_output_folder`).
     """
     if space not in SPACES:
         raise InputError(f"space must be one of {SPACES}, got {space!r}")
@@ -127,8 +122,8 @@ def run_decomposition(
         raise InputError(f"space={space!r} needs W_O (pass a model so that W_O of layer {concat_sae.layer} is known)")
     n_heads, d_head = check_compatible(concat_sae, head_saes)
     params = solver_params(method, params)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    spaces = ["z", "residual"] if space == "both" else [space]
+    writer = RunWriter(out_dir, command="decompose", settings={"method": method, "params": params, "spaces": spaces})
     t0 = time.time()
 
     dictionary = head_saes.dictionary(normalize=True)
@@ -138,8 +133,9 @@ def run_decomposition(
     log(f"dictionary: {dictionary.n_atoms} atoms ({n_heads} heads x {dictionary.n_atoms // n_heads}) in "
         f"{dictionary.dim} dims; {targets.shape[0]} targets; method {method} {params}")
 
-    spaces = ["z", "residual"] if space == "both" else [space]
+    solver = make_solver(method, **params)
     results: dict[str, Decomposition] = {}
+    residual_norms = None
     ranks: dict[str, Any] = {"head_dictionaries": {str(h): r for h, r in dictionary.head_ranks().items()},
                              "block_dictionary": dictionary.rank(), "concat_decoder": _rank(targets)}
     for name in spaces:
@@ -147,45 +143,83 @@ def run_decomposition(
             dict_s, targets_s = dictionary, targets
         else:
             dict_s = dictionary.mix(W_O.to(dictionary.dtype))
-            targets_s = mix_targets(targets, W_O.to(dictionary.dtype))
+            mixed = mix_targets(targets, W_O.to(dictionary.dtype))
+            residual_norms = mixed.norm(dim=1)
+            # Unit targets in both spaces; a feature that W_O maps to (numerically) zero stays zero.
+            targets_s = mixed / residual_norms.clamp_min(torch.finfo(mixed.dtype).tiny)[:, None]
             ranks["mixed_dictionary"] = dict_s.rank()
-        results[name] = decompose_with_progress(targets_s, dict_s, method=method, params=params,
-                                                progress=progress, desc=f"decompose ({name})")
+        results[name] = solver.prepare(dict_s).solve(targets_s, progress=progress, desc=f"decompose ({name})")
 
     summary: dict[str, Any] = {
         "title": title,
         "context": dict(context or {}),
         "method": method,
         "params": params,
+        "alpha_meaning": _alpha_meaning(params),
         "spaces": spaces,
         "n_targets": int(targets.shape[0]),
         "n_heads": n_heads,
         "d_head": d_head,
         "dictionary_sizes": {str(h): int(s) for h, s in head_saes.d_sae.items()},
-        "targets": target_note,
+        "targets": {**target_note, "unit_norm_in_every_space": True},
         "ranks": ranks,
         "weight_head_share_mean": [float(v) for v in weight_shares.mean(0)],
+        "status_legend": {s.name: {"code": int(s), "meaning": STATUS_LEGEND[s.name]} for s in Status},
         "results": {},
     }
+    if residual_norms is not None:
+        summary["targets"]["residual_norm"] = {"min": float(residual_norms.min()),
+                                               "mean": float(residual_norms.mean()),
+                                               "max": float(residual_norms.max())}
     code_paths = {}
-    for name, dec in results.items():
-        metrics = decomposition_metrics(dec)
-        features = _feature_records(dec, weight_shares, metrics, top_atoms)
-        summary["results"][name] = {
-            "metrics": metrics.summary(),
-            "agreement_weight_vs_decomposition": _share_agreement(weight_shares, metrics.head_mass_share),
-            "features": features,
-        }
-        code_paths[name] = _save_codes(out / f"codes_{name}.safetensors", dec)
-    summary["elapsed_s"] = round(time.time() - t0, 2)
-    summary_path = out / "summary.json"
-    summary_path.write_text(json.dumps(summary, separators=(",", ":"), default=_json_default) + "\n")
-    from .summary_html import render_summary_html
+    with writer:
+        for name, dec in results.items():
+            metrics = decomposition_metrics(dec)
+            summary["results"][name] = {
+                "metrics": metrics.summary(),
+                "certificate_kind": dec.certificate_kind,
+                "verdict": _verdict(method, params, dec, metrics),
+                "agreement_weight_vs_decomposition": _share_agreement(weight_shares, metrics.head_mass_share),
+                "codes_file": f"codes_{name}.safetensors",
+                "codes_layout": dec.codes.layout,
+                "features": _feature_records(dec, weight_shares, metrics,
+                                             residual_norms if name == "residual" else None),
+            }
+            code_paths[name] = writer.write_with(f"codes_{name}.safetensors",
+                                                 lambda tmp, dec=dec: write_codes_file(tmp, dec))
+        summary["elapsed_s"] = round(time.time() - t0, 2)
+        summary_path = writer.write_json("summary.json", summary)
+        from .summary_html import render_summary_html
 
-    html_path = out / "index.html"
-    html_path.write_text(render_summary_html(summary, max_features=html_max_features), encoding="utf-8")
+        html_path = writer.write_text("index.html", render_summary_html(summary, max_features=html_max_features))
     return PipelineResult(summary=summary, summary_path=summary_path, html_path=html_path, code_paths=code_paths,
                           decompositions=results)
+
+
+def _alpha_meaning(params: Mapping[str, Any]) -> str | None:
+    if "alpha" not in params:
+        return None
+    if params.get("alpha_is_fraction_of_max"):
+        return (f"alpha = {params['alpha']} x each target's alpha_max = max_j |t . d_j| "
+                "(the smallest weight giving the zero code), in each space")
+    return f"alpha = {params['alpha']}, an absolute L1 weight on unit-norm targets"
+
+
+def _verdict(method: str, params: Mapping[str, Any], dec: Decomposition, metrics) -> str:
+    """One sentence on how much of the targets the decomposition explains, and why it stopped."""
+    median_error = float(metrics.relative_error.double().nanmedian())
+    explained = 1 - median_error**2
+    counts = dec.status_counts()
+    n = dec.n_targets
+    stops = ", ".join(f"{name} on {count:,} of {n:,}" for name, count in counts.items())
+    text = (f"{method} stopped with {stops} features. Median relative error {median_error:.2f}: a typical feature "
+            f"direction keeps {100 * explained:.0f} % of its squared norm in the decomposition.")
+    if median_error > EXPLAINS_LITTLE_RELATIVE_ERROR:
+        hint = ("a larger n_nonzero or a smaller tol" if "n_nonzero" in params else
+                "a smaller alpha" if "alpha" in params else "another method")
+        text += (f" This decomposition explains little of most features (median relative error above "
+                 f"{EXPLAINS_LITTLE_RELATIVE_ERROR}): read its head attributions with care, or try {hint}.")
+    return text
 
 
 def _rank(matrix: Tensor) -> int:
@@ -205,57 +239,44 @@ def _share_agreement(weight: Tensor, decomposition: Tensor | None) -> dict[str, 
             "mean_total_variation": float(0.5 * (w - d).abs().sum(1).mean())}
 
 
-def _feature_records(dec: Decomposition, weight_shares: Tensor, metrics, top_atoms: int) -> list[dict]:
-    coef = dec.coefficients
-    units = dec.feature_coefficients()
-    head = dec.dictionary.head
-    feature = dec.dictionary.feature
-    k = min(top_atoms, coef.shape[1])
-    top_val, top_idx = coef.abs().topk(k, dim=1)
+def _feature_records(dec: Decomposition, weight_shares: Tensor, metrics, residual_norms: Tensor | None) -> list[dict]:
+    """One record per feature: status (by name), certificate, objective, iterations, metrics, head shares, and
+    its code's atoms (every non-zero up to :data:`MAX_LISTED_ATOMS`, largest first; ``n_atoms_listed`` < ``l0``
+    says a list was cut, and the codes file always has them all)."""
+    codes = dec.codes.rows(slice(None)).to(device="cpu")
+    units = dec.feature_codes().to(device="cpu")
+    head = dec.dictionary.head.cpu()
+    feature = dec.dictionary.feature.cpu()
+    k = min(MAX_LISTED_ATOMS, codes.width)
+    top_val, top_slot = codes.values.abs().topk(k, dim=1)
+    top_atom = codes.atom_indices().gather(1, top_slot)
+    signed = codes.values.gather(1, top_slot)
+    in_units = units.values.gather(1, top_slot)
+    status, certificate = dec.status.cpu(), dec.certificate.cpu()
+    objective, iterations = dec.objective.cpu(), dec.iterations.cpu()
     records = []
-    for i in range(coef.shape[0]):
+    for i in range(codes.n_targets):
         atoms = []
-        for v, j in zip(top_val[i].tolist(), top_idx[i].tolist()):
+        for v, j, c, u in zip(top_val[i].tolist(), top_atom[i].tolist(), signed[i].tolist(), in_units[i].tolist()):
             if v == 0:
                 break
-            atoms.append({"head": int(head[j]), "feature": int(feature[j]), "coefficient": float(coef[i, j]),
-                          "activation_units": float(units[i, j])})
+            atoms.append({"head": int(head[j]), "feature": int(feature[j]), "coefficient": c, "activation_units": u})
         dshare = metrics.head_mass_share[i] if metrics.head_mass_share is not None else None
-        records.append({
+        record = {
             "feature": i,
-            "status": int(dec.status[i]),
+            "status": Status(int(status[i])).name,
+            "certificate": float(certificate[i]),
+            "objective": float(objective[i]),
+            "iterations": int(iterations[i]),
             "l0": int(metrics.l0[i]),
             "relative_error": float(metrics.relative_error[i]),
             "cosine": float(metrics.cosine[i]),
             "weight_head_shares": [round(float(v), 4) for v in weight_shares[i]],
             "decomposition_head_shares": None if dshare is None else [round(float(v), 4) for v in dshare],
+            "n_atoms_listed": len(atoms),
             "atoms": atoms,
-        })
+        }
+        if residual_norms is not None:
+            record["residual_norm"] = float(residual_norms[i])
+        records.append(record)
     return records
-
-
-def _save_codes(path: Path, dec: Decomposition) -> Path:
-    """The non-zero coefficients in coordinate form (target row, atom index, value) plus atom labels."""
-    from safetensors.torch import save_file
-
-    nz = dec.coefficients.nonzero()
-    tensors = {
-        "row": nz[:, 0].contiguous(),
-        "atom": nz[:, 1].contiguous(),
-        "value": dec.coefficients[nz[:, 0], nz[:, 1]].float().contiguous(),
-        "atom_head": dec.dictionary.head.contiguous(),
-        "atom_feature": dec.dictionary.feature.contiguous(),
-        "atom_scale": dec.dictionary.scales.float().contiguous(),
-    }
-    save_file(tensors, str(path), metadata={"shape": json.dumps(list(dec.coefficients.shape)), "solver": dec.solver})
-    return path
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item"):
-        return value.item()
-    raise InputTypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -12,6 +12,7 @@ table{border-collapse:collapse;margin:.5em 0;font-size:.85em}
 th,td{border:1px solid #ddd;padding:.2em .45em;text-align:right;vertical-align:top}
 th{background:#f3f3f3}td.l{text-align:left}
 .bar{display:inline-block;height:.7em;background:#4a7bd1;vertical-align:middle}
+.verdict{background:#fff6e0;border-left:4px solid #d1a04a;padding:.4em .7em}
 .bar.w{background:#d18a4a}.muted{color:#777}.atom{white-space:nowrap}
 details{margin:.2em 0}summary{cursor:pointer}
 """
@@ -65,8 +66,9 @@ def _feature_rows(features: list[dict], max_features: int) -> str:
             f"<span class='atom'>h{a['head']}:f{a['feature']} <b>{a['coefficient']:.3f}</b>"
             f"<span class='muted'> ({a['activation_units']:.3g})</span></span><br>" for a in rec["atoms"])
         rows.append(
-            f"<tr><td>{rec['feature']}</td><td>{rec['l0']}</td><td>{rec['cosine']:.3f}</td>"
-            f"<td>{rec['relative_error']:.3f}</td>{_shares_cell(rec['decomposition_head_shares'])}"
+            f"<tr><td>{rec['feature']}</td><td>{rec['l0']}</td><td>{_fmt(rec['cosine'])}</td>"
+            f"<td>{_fmt(rec['relative_error'])}</td><td class='l'>{_e(rec['status'])}</td>"
+            f"{_shares_cell(rec['decomposition_head_shares'])}"
             f"{_shares_cell(rec['weight_head_shares'], 'w')}<td class='l'>{atoms or '–'}</td></tr>")
     return "".join(rows)
 
@@ -103,9 +105,14 @@ def render_summary_html(summary: dict, *, max_features: int = 2048) -> str:
     for space, result in summary["results"].items():
         metrics = result["metrics"]
         agree = result.get("agreement_weight_vs_decomposition") or {}
+        legend = summary.get("status_legend", {})
         parts += [
             f"<h2>Space: {_e(space)}</h2>",
-            f"<p>Status counts: {_e(', '.join(f'{k}: {v}' for k, v in metrics['status_counts'].items()))}. Top head by decoder weight equals top head by "
+            f"<p class='verdict'>{_e(result.get('verdict', ''))}</p>",
+            "<p>Statuses: " + "; ".join(
+                f"<b>{_e(k)}</b> ({_e(legend.get(k, {}).get('meaning', ''))}): {v}"
+                for k, v in metrics['status_counts'].items()) + ".</p>",
+            "<p>Top head by decoder weight equals top head by "
             f"coefficient mass for {100 * agree.get('top_head_agreement', float('nan')):.1f}% of features "
             f"(mean total-variation distance {agree.get('mean_total_variation', float('nan')):.3f}).</p>",
             _metrics_table(metrics),
@@ -115,7 +122,7 @@ def render_summary_html(summary: dict, *, max_features: int = 2048) -> str:
         shown = min(n, max_features)
         parts += [
             f"<details{' open' if space == summary['spaces'][0] else ''}><summary>Features ({shown} of {n} shown)"
-            "</summary><table><tr><th>feature</th><th>L0</th><th>cosine</th><th>rel. error</th>"
+            "</summary><table><tr><th>feature</th><th>L0</th><th>cosine</th><th>rel. error</th><th>status</th>"
             "<th>top heads (coefficient mass)</th><th>top heads (decoder weight)</th>"
             "<th>top per-head features: head:feature coefficient (activation units)</th></tr>",
             _feature_rows(result["features"], max_features),

@@ -2,8 +2,9 @@
 
 A new method added to ``SOLVERS`` must get a row in ``SOLVER_TABLE`` (``test_every_registered_method_is_in_the
 _table`` fails otherwise), and then runs every contract test below: shapes, dtype and device kept, batch equals
-per-row, zero target gives zero code, deterministic, inputs not mutated, input errors named, registry
-entry points agree.
+per-row, zero target gives zero code, deterministic, inputs not mutated, input errors named, a prepared solver
+reused across batches, and a reported certificate that equals the one recomputed from :mod:`sparsedecomp.optimality`.
+Every contract runs on the three kinds of dictionary: dense, block-diagonal (``z``) and ``W_O``-mixed (residual).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from sparsedecomp import SOLVERS, BlockDictionary, Dictionary, Status, decompose, make_solver
+from sparsedecomp import optimality
 from sparsedecomp.decomposition import DUALITY_GAP, EXACT, KKT_VIOLATION
 
 
@@ -45,6 +47,8 @@ N_ATOMS, DIM = N_HEADS * PER_HEAD, N_HEADS * D_HEAD
 N_TARGETS = 4
 ZERO_ROW = 2
 
+D_MODEL = 10
+KINDS = ["dense", "block", "mixed"]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
@@ -52,9 +56,13 @@ def make_problem(kind: str, dtype: torch.dtype = torch.float64, device: str = "c
     """A small dictionary (dense unit atoms or 3 heads x 8 atoms x 4 dims) and targets: planted non-negative
     3-atom combinations (so every non-negative problem is feasible), one zero row."""
     g = torch.Generator().manual_seed(0)
-    if kind == "block":
+    if kind in ("block", "mixed"):
         blocks = [torch.randn(PER_HEAD, D_HEAD, generator=g, dtype=torch.float64) for _ in range(N_HEADS)]
-        dictionary: Dictionary | torch.Tensor = BlockDictionary.from_blocks(blocks).to(device, dtype)
+        dictionary: Dictionary | torch.Tensor = BlockDictionary.from_blocks(blocks)
+        if kind == "mixed":
+            W_O = torch.randn(N_HEADS, D_HEAD, D_MODEL, generator=g, dtype=torch.float64) / D_HEAD**0.5
+            dictionary = dictionary.mix(W_O)
+        dictionary = dictionary.to(device, dtype)
         atoms = dictionary.atoms
     else:
         raw = torch.randn(N_ATOMS, DIM, generator=g, dtype=torch.float64)
@@ -76,15 +84,17 @@ def test_every_registered_method_is_in_the_table():
     assert set(SOLVER_TABLE) == set(SOLVERS), "add a row to SOLVER_TABLE for every registered method"
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("method", METHODS)
-def test_shapes_dtype_device(method, dtype, device):
-    targets, dictionary = make_problem("dense", dtype, device)
+def test_shapes_dtype_device(method, dtype, device, kind):
+    targets, dictionary = make_problem(kind, dtype, device)
     result = solve(method, targets, dictionary)
     n = N_TARGETS
     assert result.coefficients.shape == (n, N_ATOMS)
-    assert result.reconstruction.shape == (n, DIM)
+    assert result.reconstruction.shape == targets.shape
+    assert result.codes.values.device.type == device and result.codes.dtype == dtype
     for name in ("objective", "certificate", "iterations", "status"):
         assert getattr(result, name).shape == (n,), name
     for name in ("coefficients", "reconstruction", "objective", "certificate"):
@@ -99,7 +109,7 @@ def test_shapes_dtype_device(method, dtype, device):
     torch.testing.assert_close(result.reconstruction, result.coefficients @ result.dictionary.atoms)
 
 
-@pytest.mark.parametrize("kind", ["dense", "block"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("method", METHODS)
 def test_batch_equals_per_row(method, kind):
     targets, dictionary = make_problem(kind)
@@ -111,7 +121,7 @@ def test_batch_equals_per_row(method, kind):
         assert int(row.status[0]) == int(batch.status[i])
 
 
-@pytest.mark.parametrize("kind", ["dense", "block"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("method", METHODS)
 def test_easy_problem_converges(method, kind):
     targets, dictionary = make_problem(kind)
@@ -121,10 +131,11 @@ def test_easy_problem_converges(method, kind):
         assert bool((result.coefficients >= 0).all())
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("method", METHODS)
-def test_zero_target_gives_zero_code(method, dtype):
-    targets, dictionary = make_problem("dense", dtype)
+def test_zero_target_gives_zero_code(method, dtype, kind):
+    targets, dictionary = make_problem(kind, dtype)
     result = solve(method, targets, dictionary)
     assert bool((result.coefficients[ZERO_ROW] == 0).all())
     assert bool((result.reconstruction[ZERO_ROW] == 0).all())
@@ -133,16 +144,17 @@ def test_zero_target_gives_zero_code(method, dtype):
     assert bool((only_zero.coefficients == 0).all())
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("method", METHODS)
-def test_deterministic(method):
-    targets, dictionary = make_problem("block")
+def test_deterministic(method, kind):
+    targets, dictionary = make_problem(kind)
     first = solve(method, targets, dictionary)
     second = solve(method, targets, dictionary)
     for name in ("coefficients", "objective", "certificate", "iterations", "status"):
         assert torch.equal(getattr(first, name), getattr(second, name)), name
 
 
-@pytest.mark.parametrize("kind", ["dense", "block"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("method", METHODS)
 def test_inputs_not_mutated(method, kind):
     targets, dictionary = make_problem(kind)
@@ -202,18 +214,69 @@ def test_unknown_method_raises():
         make_solver("no_such_method")
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("method", METHODS)
-def test_decompose_and_make_solver_agree(method):
-    targets, dictionary = make_problem("block")
+def test_prepared_solver_precomputes_once_and_solves_batches(method, kind, monkeypatch):
+    """``prepare`` runs the dictionary-only work once; batches solved on the prepared solver give what one call
+    on all targets gives, and record the solver's parameters."""
+    targets, dictionary = make_problem(kind)
     params = SOLVER_TABLE[method].params
-    via_decompose = decompose(targets, dictionary, method=method, **params)
     solver = make_solver(method, **params)
-    via_solver = solver.solve(targets, dictionary)
-    assert solver.name == method == via_decompose.solver == via_solver.solver
-    assert torch.equal(via_decompose.coefficients, via_solver.coefficients)
-    assert dict(via_decompose.params) == dict(via_solver.params) == solver.params()
+    whole = solver.solve(targets, dictionary)
+    calls = []
+    original = type(solver).precompute
+    monkeypatch.setattr(type(solver), "precompute", lambda self, d: calls.append(1) or original(self, d))
+    prepared = solver.prepare(dictionary)
+    parts = [prepared.solve(targets[:1]), prepared.solve(targets[1:])]
+    assert len(calls) == 1
+    torch.testing.assert_close(torch.cat([p.coefficients for p in parts]), whole.coefficients, rtol=1e-4, atol=1e-4)
+    assert solver.name == method == parts[0].solver
+    assert dict(parts[1].params) == solver.params()
     for key, value in params.items():
-        assert via_decompose.params[key] == value
+        assert parts[0].params[key] == value
+
+
+def recomputed_certificate(method: str, result, atoms: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """The certificate computed from the returned code by :mod:`sparsedecomp.optimality` alone, and how it must
+    compare with the reported one (``"equal"``, or ``"upper"`` when the solver knows more than the code)."""
+    y, c = result.targets, result.coefficients
+    params = SOLVER_TABLE[method].params
+    if method == "pinv":
+        return optimality.least_squares_optimality(y, c, atoms), "zero"
+    if method in ("nnls", "cvxpy_nnls"):
+        return optimality.nonnegative_kkt_violation(y, c, atoms), "equal"
+    if method in ("lasso", "nn_lasso", "cvxpy_lasso", "cvxpy_nn_lasso"):
+        nonnegative = SOLVER_TABLE[method].nonnegative
+        return optimality.lasso_duality_gap(y, c, atoms, params["alpha"], nonnegative=nonnegative), "equal"
+    if method == "cvxpy_bpdn":
+        # Without the solver's dual point the residual-direction dual bound is weaker: the reported value is at
+        # most the recomputed one.
+        return optimality.bpdn_certificate(y, c, atoms, params["eps"]), "upper"
+    # OMP certifies the least-squares (NNLS) fit on its support: the normal equations restricted to it.
+    g = optimality.residual(y, c, atoms) @ atoms.T
+    on_support = c != 0
+    violation = torch.where(on_support, g.abs(), torch.zeros_like(g)).amax(dim=1)
+    scale = y.norm(dim=1) * atoms.norm(dim=1).max()
+    rel = torch.where(scale > 0, violation / scale.clamp_min(1e-300), violation)
+    # nn_omp also counts support atoms whose coefficient dropped to 0, which the code no longer names.
+    return rel, "equal" if method == "omp" else "upper"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", METHODS)
+def test_reported_certificate_matches_optimality_module(method, kind):
+    targets, dictionary = make_problem(kind)
+    result = solve(method, targets, dictionary)
+    atoms = result.dictionary.atoms
+    recomputed, relation = recomputed_certificate(method, result, atoms)
+    reported = result.certificate
+    if relation == "zero":
+        assert result.certificate_kind == EXACT and bool((reported == 0).all())
+        assert float(recomputed.max()) < 1e-10
+    elif relation == "equal":
+        torch.testing.assert_close(reported, recomputed, rtol=1e-5, atol=1e-12)
+    else:
+        assert bool((reported <= recomputed + 1e-12).all()), (reported, recomputed)
 
 
 @pytest.mark.parametrize("method", METHODS)

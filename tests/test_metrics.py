@@ -13,7 +13,7 @@ from sparsedecomp.decomposition import Decomposition
 from sparsedecomp.evaluation import (
     cosine,
     decomposition_metrics,
-    fraction_of_variance_unexplained,
+    relative_squared_error,
     head_columns,
     head_mass_shares,
     heads_for_mass,
@@ -25,6 +25,8 @@ from sparsedecomp.evaluation import (
     top_k_mass_share,
 )
 
+from sparsedecomp.codes import Codes
+
 F64 = torch.float64
 
 
@@ -32,10 +34,11 @@ def t(*rows) -> torch.Tensor:
     return torch.tensor(rows, dtype=F64)
 
 
-def make_decomposition(coefficients: torch.Tensor, dictionary: Dictionary, targets: torch.Tensor) -> Decomposition:
+def make_decomposition(coefficients: torch.Tensor, dictionary: Dictionary, targets: torch.Tensor,
+                       layout: str = "sparse") -> Decomposition:
     n = coefficients.shape[0]
     return Decomposition(
-        coefficients=coefficients,
+        codes=Codes.from_dense(coefficients, layout=layout),
         reconstruction=coefficients @ dictionary.atoms,
         targets=targets,
         objective=torch.zeros(n, dtype=F64),
@@ -59,7 +62,7 @@ def test_reconstruction_metrics_on_a_3_4_5_triangle():
     # y = (3, 4), y_hat = (3, 0): residual (0, 4), ||y|| = 5, so error 4/5, FVU 16/25, cosine 9/(5*3) = 3/5.
     y, y_hat = t([3.0, 4.0]), t([3.0, 0.0])
     assert float(relative_error(y, y_hat)[0]) == pytest.approx(4 / 5)
-    assert float(fraction_of_variance_unexplained(y, y_hat)[0]) == pytest.approx(16 / 25)
+    assert float(relative_squared_error(y, y_hat)[0]) == pytest.approx(16 / 25)
     assert float(cosine(y, y_hat)[0]) == pytest.approx(3 / 5)
 
 
@@ -69,17 +72,17 @@ def test_reconstruction_metrics_exact_and_opposite():
     assert float(cosine(y, y)[0]) == pytest.approx(1.0)
     # y_hat = -y: residual 2y, so error 2, FVU 4, cosine -1.
     assert float(relative_error(y, -y)[0]) == pytest.approx(2.0)
-    assert float(fraction_of_variance_unexplained(y, -y)[0]) == pytest.approx(4.0)
+    assert float(relative_squared_error(y, -y)[0]) == pytest.approx(4.0)
     assert float(cosine(y, -y)[0]) == pytest.approx(-1.0)
 
 
 def test_zero_target_conventions_never_nan():
     zero, other = t([0.0, 0.0]), t([1.0, 0.0])
     assert float(relative_error(zero, zero)[0]) == 0.0
-    assert float(fraction_of_variance_unexplained(zero, zero)[0]) == 0.0
+    assert float(relative_squared_error(zero, zero)[0]) == 0.0
     assert float(cosine(zero, zero)[0]) == 1.0
     assert float(relative_error(zero, other)[0]) == math.inf
-    assert float(fraction_of_variance_unexplained(zero, other)[0]) == math.inf
+    assert float(relative_squared_error(zero, other)[0]) == math.inf
     assert float(cosine(zero, other)[0]) == 0.0
     assert float(cosine(other, zero)[0]) == 0.0
     assert float(relative_error(other, zero)[0]) == 1.0
@@ -166,7 +169,7 @@ def test_decomposition_metrics_block_case(block_case):
     torch.testing.assert_close(m.target_head_share, t([9 / 10, 1 / 10], [0.0, 0.0]))
     assert m.heads_for_mass.tolist() == [2, 0]  # 0.75 < 0.9, so both heads are needed
     assert m.top_k_mass_share.tolist() == pytest.approx([3 / 4, 0.0])
-    for name in ("l1", "relative_error", "cosine", "fraction_of_variance_unexplained", "top_k_mass_share"):
+    for name in ("l1", "relative_error", "cosine", "relative_squared_error", "top_k_mass_share"):
         assert not bool(torch.isnan(getattr(m, name)).any()), name
 
 

@@ -11,7 +11,8 @@ from sklearn.linear_model import Lasso as SklearnLasso
 from sparsedecomp import BlockDictionary, ConvergenceWarning, Dictionary, Status, decompose
 from sparsedecomp.decomposition import DUALITY_GAP, KKT_VIOLATION
 from sparsedecomp.optimality import lasso_objective
-from sparsedecomp.solvers.reference import CvxpyBPDN, CvxpyLasso, CvxpyNNLS, bpdn_certificate
+from sparsedecomp.optimality import bpdn_certificate
+from sparsedecomp.solvers.reference import CvxpyBPDN, CvxpyLasso, CvxpyNNLS
 
 N_ATOMS, DIM, N_TARGETS = 40, 12, 4
 ALPHA = 0.05
@@ -144,9 +145,16 @@ def test_float32_input_solved_in_float64(atoms, targets):
     torch.testing.assert_close(single.coefficients.double(), exact.coefficients, rtol=1e-4, atol=1e-5)
 
 
-def test_problem_is_built_once_and_dpp(atoms):
-    solver = CvxpyLasso(alpha=ALPHA, nonnegative=True)
-    program = solver.prepare(Dictionary.from_atoms(atoms))
+def test_problem_is_built_once_and_dpp(atoms, targets, monkeypatch):
+    """Preparing compiles one DPP problem; solving several batches on the prepared solver reuses it."""
+    builds = []
+    original = CvxpyLasso.build
+    monkeypatch.setattr(CvxpyLasso, "build", lambda self, *args: builds.append(1) or original(self, *args))
+    prepared = CvxpyLasso(alpha=ALPHA, nonnegative=True).prepare(Dictionary.from_atoms(atoms))
+    first, second = prepared.solve(targets[:2]), prepared.solve(targets[2:4])
+    assert len(builds) == 1
+    assert first.n_targets == second.n_targets == 2
+    program = prepared.precomputed
     assert program.problem.is_dcp(dpp=True)
     assert program.target in program.problem.parameters()
 

@@ -7,17 +7,18 @@ Notation: target ``y`` (``(n, d)``), reconstruction ``y_hat = c D`` (``(n, d)``)
 * sparsity: ``l0 = #{i : |c_i| > threshold}``, ``l1 = sum_i |c_i|``, ``top_k_mass_share`` = the ``k`` largest
   ``|c_i|`` over ``sum_i |c_i|``;
 * reconstruction: ``relative_error = ||y - y_hat|| / ||y||``, ``cosine(y, y_hat)``,
-  ``fraction_of_variance_unexplained = ||y - y_hat||^2 / ||y||^2`` (uncentred: a target is a direction, not a
-  sample of a distribution);
+  ``relative_squared_error = ||y - y_hat||^2 / ||y||^2`` (the square of the relative error: a target is one
+  direction, not a sample of a distribution, so nothing is centred; it is *not* an SAE's fraction of variance
+  unexplained over tokens, which :mod:`sparsedecomp.evaluation` reports as ``explained_variance``);
 * head attribution: ``head_mass_shares[h] = sum_{head[i] = h} |c_i| / sum_i |c_i|`` (decomposition-based),
   ``heads_for_mass`` = fewest heads whose shares reach ``fraction`` of the mass, and the seed notebook's
   weight-based ``target_head_shares[h] = ||y[h-block]||^2 / ||y||^2`` (needs the target's head blocks).
 
 0/0 conventions, so that a zero target never yields NaN:
 
-* a zero target reconstructed by zero: relative error 0, FVU 0, cosine 1 (the two are identical);
-  a zero target reconstructed by something non-zero: relative error and FVU ``inf``, cosine 0;
-  a non-zero target reconstructed by zero: cosine 0 (relative error and FVU are 1, no special case);
+* a zero target reconstructed by zero: relative (squared) error 0, cosine 1 (the two are identical);
+  a zero target reconstructed by something non-zero: relative (squared) error ``inf``, cosine 0;
+  a non-zero target reconstructed by zero: cosine 0 (relative errors are 1, no special case);
 * a zero code has no mass to attribute: every mass share (per head, top-k) is 0 and ``heads_for_mass`` is 0, so
   per-head shares sum to 1 for a non-zero code and to 0 for a zero code; likewise ``target_head_shares`` of a
   zero target are all 0.
@@ -33,22 +34,23 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from ..decomposition import Decomposition, Status
+from ..codes import Codes
+from ..decomposition import Decomposition, count_statuses
 from ..validation import check_positive, check_positive_int
 from ..errors import InputError, InputTypeError
 
-SCALAR_METRICS = ("l0", "l1", "relative_error", "cosine", "fraction_of_variance_unexplained", "top_k_mass_share")
+SCALAR_METRICS = ("l0", "l1", "relative_error", "cosine", "relative_squared_error", "top_k_mass_share")
 
 
 # -- pure metric functions ---------------------------------------------------------------------------------------
-def l0(coefficients: Tensor, *, threshold: float = 0.0) -> Tensor:
-    """``#{i : |c_i| > threshold}`` per target, as a long tensor."""
-    return (coefficients.abs() > threshold).sum(dim=1)
+def l0(coefficients: Tensor | Codes, *, threshold: float = 0.0) -> Tensor:
+    """``#{i : |c_i| > threshold}`` per target, as a long tensor (dense tensor or :class:`Codes`)."""
+    return (_values(coefficients).abs() > threshold).sum(dim=1)
 
 
-def l1(coefficients: Tensor) -> Tensor:
+def l1(coefficients: Tensor | Codes) -> Tensor:
     """``sum_i |c_i|`` per target."""
-    return coefficients.abs().sum(dim=1)
+    return _values(coefficients).abs().sum(dim=1)
 
 
 def relative_error(targets: Tensor, reconstruction: Tensor) -> Tensor:
@@ -56,7 +58,7 @@ def relative_error(targets: Tensor, reconstruction: Tensor) -> Tensor:
     return _safe_ratio((targets - reconstruction).norm(dim=1), targets.norm(dim=1), zero_over_zero=0.0)
 
 
-def fraction_of_variance_unexplained(targets: Tensor, reconstruction: Tensor) -> Tensor:
+def relative_squared_error(targets: Tensor, reconstruction: Tensor) -> Tensor:
     """``||y - y_hat||^2 / ||y||^2`` per target (same 0/0 conventions as :func:`relative_error`)."""
     return _safe_ratio((targets - reconstruction).pow(2).sum(dim=1), targets.pow(2).sum(dim=1), zero_over_zero=0.0)
 
@@ -73,25 +75,23 @@ def cosine(targets: Tensor, reconstruction: Tensor) -> Tensor:
     return torch.where((y_norm == 0) & (r_norm == 0), torch.ones_like(value), value)
 
 
-def top_k_mass_share(coefficients: Tensor, *, k: int) -> Tensor:
+def top_k_mass_share(coefficients: Tensor | Codes, *, k: int) -> Tensor:
     """Share of ``sum_i |c_i|`` held by the ``k`` largest ``|c_i|`` per target (0 for a zero code)."""
     check_positive_int(k, "k")
-    mass = coefficients.abs()
+    mass = _values(coefficients).abs()
     top = mass.topk(min(k, mass.shape[1]), dim=1).values.sum(dim=1)
     return _safe_ratio(top, mass.sum(dim=1), zero_over_zero=0.0)
 
 
-def head_mass(coefficients: Tensor, head: Tensor, n_heads: int) -> Tensor:
+def head_mass(coefficients: Tensor | Codes, head: Tensor, n_heads: int) -> Tensor:
     """``(n, n_heads)``: ``sum_{head[i] = h} |c_i|`` per target and head."""
-    if head.shape != (coefficients.shape[1],):
-        raise InputError(
-            f"head must have shape ({coefficients.shape[1]},) to label every atom, got {tuple(head.shape)}"
-        )
-    out = coefficients.new_zeros(coefficients.shape[0], n_heads)
-    return out.index_add_(1, head.to(coefficients.device), coefficients.abs())
+    codes = coefficients if isinstance(coefficients, Codes) else Codes.dense(coefficients)
+    if head.shape != (codes.n_atoms,):
+        raise InputError(f"head must have shape ({codes.n_atoms},) to label every atom, got {tuple(head.shape)}")
+    return codes.group_sums(head, n_heads)
 
 
-def head_mass_shares(coefficients: Tensor, head: Tensor, n_heads: int) -> Tensor:
+def head_mass_shares(coefficients: Tensor | Codes, head: Tensor, n_heads: int) -> Tensor:
     """``(n, n_heads)``: each head's share of the coefficient mass ``sum_i |c_i|`` (rows sum to 1, or to 0 for a
     zero code)."""
     mass = head_mass(coefficients, head, n_heads)
@@ -147,6 +147,12 @@ def summarize(values: Tensor) -> dict[str, float | int | None]:
     }
 
 
+def _values(coefficients: Tensor | Codes) -> Tensor:
+    """The stored entries of a code: sums, counts and maxima of ``|c|`` over them equal those over the dense
+    row, since a sparse row's other entries (and its padding) are zero."""
+    return coefficients.values if isinstance(coefficients, Codes) else coefficients
+
+
 def _safe_ratio(numerator: Tensor, denominator: Tensor, *, zero_over_zero: float) -> Tensor:
     """``numerator / denominator`` with ``0/0 = zero_over_zero`` and ``x/0 = inf`` for ``x > 0``."""
     ratio = numerator / denominator.clamp_min(torch.finfo(numerator.dtype).tiny)
@@ -160,7 +166,7 @@ class DecompositionMetrics:
     """Per-target metrics of one :class:`~sparsedecomp.Decomposition` (see the module docstring).
 
     Attributes:
-        l0: ``(n,)`` long. l1, relative_error, cosine, fraction_of_variance_unexplained, top_k_mass_share: ``(n,)``.
+        l0: ``(n,)`` long. l1, relative_error, cosine, relative_squared_error, top_k_mass_share: ``(n,)``.
         head_mass_share: ``(n, n_heads)``, or ``None`` when the dictionary has no head labels.
         heads_for_mass: ``(n,)`` long, or ``None`` likewise.
         target_head_share: ``(n, n_heads)``, or ``None`` when the targets' head blocks are unknown.
@@ -173,7 +179,7 @@ class DecompositionMetrics:
     l1: Tensor
     relative_error: Tensor
     cosine: Tensor
-    fraction_of_variance_unexplained: Tensor
+    relative_squared_error: Tensor
     top_k_mass_share: Tensor
     head_mass_share: Tensor | None
     heads_for_mass: Tensor | None
@@ -193,7 +199,6 @@ class DecompositionMetrics:
         """A JSON-ready dict: settings, status counts, ``{mean, median, p10, p90, n_nonfinite}`` of every scalar
         metric, and the mean per-head shares (averaged over targets with non-zero mass / non-zero norm, so each
         mean sums to 1; ``None`` if unavailable)."""
-        counts = torch.bincount(self.status.detach().cpu().long(), minlength=len(Status))
         scalars = {name: summarize(getattr(self, name)) for name in SCALAR_METRICS}
         if self.heads_for_mass is not None:
             scalars["heads_for_mass"] = summarize(self.heads_for_mass)
@@ -206,7 +211,7 @@ class DecompositionMetrics:
                 "top_k": self.top_k,
                 "feature_units": self.feature_units,
             },
-            "status_counts": {s.name: int(counts[s]) for s in Status if int(counts[s]) > 0},
+            "status_counts": count_statuses(self.status),
             "metrics": scalars,
             "head_mass_share_mean": _mean_share(self.head_mass_share),
             "target_head_share_mean": _mean_share(self.target_head_share),
@@ -240,7 +245,7 @@ def decomposition_metrics(
     if not isinstance(decomposition, Decomposition):
         raise InputTypeError(f"decomposition must be a sparsedecomp.Decomposition, got {type(decomposition).__name__}")
     dictionary = decomposition.dictionary
-    coefficients = decomposition.feature_coefficients() if feature_units else decomposition.coefficients
+    coefficients = decomposition.feature_codes() if feature_units else decomposition.codes
     targets, reconstruction = decomposition.targets, decomposition.reconstruction
 
     shares = needed = None
@@ -264,7 +269,7 @@ def decomposition_metrics(
         l1=l1(coefficients),
         relative_error=relative_error(targets, reconstruction),
         cosine=cosine(targets, reconstruction),
-        fraction_of_variance_unexplained=fraction_of_variance_unexplained(targets, reconstruction),
+        relative_squared_error=relative_squared_error(targets, reconstruction),
         top_k_mass_share=top_k_mass_share(coefficients, k=top_k),
         head_mass_share=shares,
         heads_for_mass=needed,

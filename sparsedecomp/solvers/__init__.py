@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..decomposition import Decomposition
 from ..dictionary import Dictionary
-from .base import Solver
+from .base import PreparedSolver, Solver
 from .omp import OMP
 from .pinv import Pseudoinverse
 from .proximal import NNLS, Lasso
@@ -40,22 +40,31 @@ def make_solver(method: str, **params: Any) -> Solver:
     if method not in SOLVERS:
         raise InputError(f"unknown method {method!r}; choose one of {sorted(SOLVERS)}")
     cls, fixed = SOLVERS[method]
-    allowed = {f.name for f in dataclasses.fields(cls)} - set(fixed)
-    unknown = set(params) - allowed
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in fixed}
+    unknown = set(params) - set(fields)
     if unknown:
-        raise InputTypeError(f"method {method!r} takes parameters {sorted(allowed)}; got unexpected {sorted(unknown)}")
+        raise InputTypeError(f"method {method!r} takes parameters {sorted(fields)}; got unexpected {sorted(unknown)}")
+    missing = [name for name, f in fields.items() if name not in params
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise InputTypeError(f"method {method!r} needs parameter(s) {missing}; see the {cls.__name__} docstring")
     return cls(**fixed, **params)
 
 
-def decompose(targets: Tensor, dictionary: Dictionary | Tensor, *, method: str, **params: Any) -> Decomposition:
+def decompose(targets: Tensor, dictionary: Dictionary | Tensor, *, method: str, progress: bool = False,
+              **params: Any) -> Decomposition:
     """Decompose each row of ``targets`` (``(n_targets, d)``) into the atoms of ``dictionary``.
 
     ``method`` is one of :data:`SOLVERS`; ``params`` are that solver's parameters, each meaning one thing:
     ``alpha`` (L1 weight), ``n_nonzero`` (OMP budget), ``tol`` (stopping tolerance), ``max_iter``, ``eps``
-    (BPDN residual bound), ``chunk_size``. Returns a :class:`~sparsedecomp.Decomposition`.
+    (BPDN residual bound), ``chunk_size``. ``progress`` shows a bar advancing per solved chunk. Returns a
+    :class:`~sparsedecomp.Decomposition`.
+
+    To solve several batches against one dictionary, prepare once:
+    ``prepared = make_solver(method, **params).prepare(dictionary)``, then ``prepared.solve(batch)`` per batch.
     """
-    return make_solver(method, **params).solve(targets, dictionary)
+    return make_solver(method, **params).solve(targets, dictionary, progress=progress)
 
 
-__all__ = ["SOLVERS", "Solver", "make_solver", "decompose", "Pseudoinverse", "NNLS", "Lasso", "OMP",
+__all__ = ["SOLVERS", "Solver", "PreparedSolver", "make_solver", "decompose", "Pseudoinverse", "NNLS", "Lasso", "OMP",
            "CvxpyLasso", "CvxpyNNLS", "CvxpyBPDN"]

@@ -1,8 +1,9 @@
 """What every solver shares: input checks, chunking over targets, and assembling a :class:`Decomposition`.
 
-A solver is an immutable object holding only its parameters. ``solve(targets, dictionary)`` checks the inputs
-once, does the work that depends only on the dictionary once (:meth:`Solver.prepare`), then solves chunks of at
-most ``chunk_size`` targets (:meth:`Solver.solve_chunk`) so that memory stays bounded, and joins the chunks.
+A solver is an immutable object holding only its parameters. :meth:`Solver.prepare` checks a dictionary and does
+the work that depends only on it once, returning a :class:`PreparedSolver`; its ``solve(targets)`` checks each
+batch, solves chunks of at most ``chunk_size`` targets (:meth:`Solver.solve_chunk`) so that memory stays bounded,
+and joins the chunks.
 Tensors keep the dtype and device of the inputs.
 """
 
@@ -14,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..codes import Codes
 from ..decomposition import Decomposition, concat_decompositions
 from ..dictionary import Dictionary
 from ..validation import check_positive_int, check_targets
@@ -22,9 +24,10 @@ from ..errors import InputError, InputTypeError
 
 @dataclass(frozen=True)
 class ChunkResult:
-    """What :meth:`Solver.solve_chunk` returns for one chunk of targets."""
+    """What every solver's :meth:`Solver.solve_chunk` returns for one chunk of targets (the one per-chunk result
+    type; :class:`PreparedSolver` turns it into a :class:`~sparsedecomp.Decomposition`)."""
 
-    coefficients: Tensor
+    codes: Codes
     objective: Tensor
     certificate: Tensor
     iterations: Tensor
@@ -34,6 +37,10 @@ class ChunkResult:
 @dataclass(frozen=True)
 class Solver:
     """Base class: subclasses set ``name`` and ``certificate_kind`` and implement :meth:`solve_chunk`.
+
+    Use: ``solver.prepare(dictionary)`` does the work that depends only on the dictionary once and returns a
+    :class:`PreparedSolver`, whose ``solve(targets)`` can be called for any number of target batches;
+    ``solver.solve(targets, dictionary)`` does both for a single batch.
 
     Attributes:
         chunk_size: most targets solved at once; bounds memory at about
@@ -52,52 +59,86 @@ class Solver:
         """The solver's parameters, as recorded in each :class:`Decomposition`."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
-    def prepare(self, dictionary: Dictionary) -> Any:
-        """Work that depends only on the dictionary (Gram blocks, Lipschitz constants), reused for every chunk."""
+    # -- what a subclass provides ------------------------------------------------------------------------------
+    def precompute(self, dictionary: Dictionary) -> Any:
+        """Work that depends only on the dictionary (Gram blocks, pseudoinverses, compiled programs), done once
+        by :meth:`prepare` and handed to every :meth:`solve_chunk`."""
         return None
 
     def solve_chunk(self, targets: Tensor, dictionary: Dictionary, prepared: Any) -> ChunkResult:
         raise NotImplementedError
 
     def check_dictionary(self, dictionary: Dictionary) -> None:
-        """Hook for solvers with extra requirements on the dictionary (raise ``ValueError``)."""
+        """Hook for solvers with extra requirements on the dictionary (raise ``InputError``)."""
+
+    # -- public entry points -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prepare(self, dictionary: Dictionary | Tensor) -> "PreparedSolver":
+        """Check ``dictionary`` and precompute what depends only on it; solve batches with the result's ``solve``."""
+        dictionary = as_dictionary(dictionary)
+        self.check_dictionary(dictionary)
+        return PreparedSolver(self, dictionary, self.precompute(dictionary))
+
+    def solve(self, targets: Tensor, dictionary: Dictionary | Tensor, *, progress: bool = False) -> Decomposition:
+        """Decompose every row of ``targets`` (``(n_targets, d)``) into ``dictionary`` (``(n_atoms, d)``)."""
+        return self.prepare(dictionary).solve(targets, progress=progress)
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedSolver:
+    """A solver bound to one dictionary with its dictionary-only work done: ``solve(targets)`` any number of
+    batches without repeating it (what the pipeline, evaluation, dashboards and benchmarks use)."""
+
+    solver: Solver
+    dictionary: Dictionary
+    precomputed: Any
 
     @torch.no_grad()
-    def solve(self, targets: Tensor, dictionary: Dictionary | Tensor) -> Decomposition:
-        """Decompose every row of ``targets`` (``(n_targets, d)``) into ``dictionary`` (``(n_atoms, d)``)."""
-        dictionary = as_dictionary(dictionary)
+    def solve(self, targets: Tensor, *, progress: bool = False, desc: str | None = None) -> Decomposition:
+        """Decompose every row of ``targets`` in chunks of ``solver.chunk_size``; ``progress`` shows a tqdm bar
+        that advances per chunk solved. Emits one :class:`~sparsedecomp.ConvergenceWarning` for the whole batch
+        if any target failed."""
+        dictionary = self.dictionary
         targets = check_targets(targets, dictionary.dim)
         if targets.dtype != dictionary.dtype or targets.device != dictionary.device:
             raise InputError(
                 f"targets are {targets.dtype} on {targets.device} but the dictionary is {dictionary.dtype} on "
                 f"{dictionary.device}; move one with .to(...) so both match"
             )
-        self.check_dictionary(dictionary)
-        prepared = self.prepare(dictionary)
+        n = targets.shape[0]
+        chunk_size = self.solver.chunk_size
         parts = []
-        for start in range(0, max(targets.shape[0], 1), self.chunk_size):
-            chunk = targets[start : start + self.chunk_size]
-            result = self.solve_chunk(chunk, dictionary, prepared)
-            parts.append(self._to_decomposition(chunk, dictionary, result))
+        with _progress_bar(progress, n, desc or self.solver.name) as bar:
+            for start in range(0, max(n, 1), chunk_size):
+                chunk = targets[start : start + chunk_size]
+                result = self.solver.solve_chunk(chunk, dictionary, self.precomputed)
+                parts.append(self._to_decomposition(chunk, result))
+                bar.update(chunk.shape[0])
         decomposition = concat_decompositions(parts)
         decomposition.warn_if_failed()
         return decomposition
 
-    def _to_decomposition(self, targets: Tensor, dictionary: Dictionary, result: ChunkResult) -> Decomposition:
-        coefficients = result.coefficients
+    def _to_decomposition(self, targets: Tensor, result: ChunkResult) -> Decomposition:
+        codes = result.codes.compact()
         return Decomposition(
-            coefficients=coefficients,
-            reconstruction=dictionary.reconstruct(coefficients),
+            codes=codes,
+            reconstruction=self.dictionary.reconstruct(codes),
             targets=targets,
             objective=result.objective,
             certificate=result.certificate,
-            certificate_kind=self.certificate_kind,
+            certificate_kind=self.solver.certificate_kind,
             iterations=result.iterations.to(torch.long),
             status=result.status.to(torch.long),
-            solver=self.name,
-            params=self.params(),
-            dictionary=dictionary,
+            solver=self.solver.name,
+            params=self.solver.params(),
+            dictionary=self.dictionary,
         )
+
+
+def _progress_bar(enabled: bool, total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="target", disable=not enabled, leave=False)
 
 
 def as_dictionary(dictionary: Dictionary | Tensor) -> Dictionary:

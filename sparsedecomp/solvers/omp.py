@@ -40,6 +40,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from ..codes import Codes
 from ..decomposition import KKT_VIOLATION, Status
 from ..dictionary import Dictionary
 from ..validation import check_bool, check_positive, check_positive_int
@@ -126,7 +127,7 @@ class OMP(Solver):
                 f"= {limit}: more atoms than that are linearly dependent"
             )
 
-    def prepare(self, dictionary: Dictionary) -> _Prepared:
+    def precompute(self, dictionary: Dictionary) -> _Prepared:
         dtype = _working_dtype(dictionary.dtype)
         stacked = dictionary.stacked()
         atoms, real, atom_index = stacked.atoms.to(dtype), stacked.mask, stacked.atom_index
@@ -157,7 +158,7 @@ class OMP(Solver):
         prep = prepared
         y = targets.to(prep.dtype)
         n = y.shape[0]
-        out = _Output.empty(n, dictionary.n_atoms, y)
+        out = _empty_result(n, prep.budget, dictionary.n_atoms, y)
         y_norm2 = y.pow(2).sum(dim=1)
         # Zero targets have the zero code; a tol >= 1 is met by the zero code of any target.
         start = (y_norm2 > 0) & ~torch.tensor(self.tol is not None and self.tol >= 1.0, device=y.device)
@@ -173,7 +174,7 @@ class OMP(Solver):
             workspace = y.new_empty(block * n_groups * size)
             self._run(state, prep, out, workspace)
         return ChunkResult(
-            coefficients=out.coefficients.to(targets.dtype),
+            codes=out.codes.to(dtype=targets.dtype),
             objective=out.objective.to(targets.dtype),
             certificate=out.certificate.to(targets.dtype),
             iterations=out.iterations,
@@ -181,7 +182,7 @@ class OMP(Solver):
         )
 
     # -- the greedy loop -----------------------------------------------------------------------------------------
-    def _run(self, st: "_Active", prep: _Prepared, out: "_Output", workspace: Tensor) -> None:
+    def _run(self, st: "_Active", prep: _Prepared, out: ChunkResult, workspace: Tensor) -> None:
         eps = torch.finfo(prep.dtype).eps
         for k in range(prep.budget):  # k atoms chosen so far, the same for every active target
             if k == st.capacity:
@@ -402,9 +403,9 @@ def _nnls_on_support(st: _Active, s: int, max_norm: float, max_iter: int) -> tup
         # Infeasible: move from x towards z until the first passive coefficient reaches 0, drop it.
         blocking = P & (z <= 0)
         ratio = torch.where(blocking, xt / (xt - z).clamp_min(torch.finfo(b.dtype).tiny), torch.full_like(z, torch.inf))
-        alpha, first = ratio.min(dim=1)
-        alpha = alpha.clamp(0, 1)
-        moved = xt + alpha[:, None] * (z - xt)
+        step, first = ratio.min(dim=1)
+        step = step.clamp(0, 1)
+        moved = xt + step[:, None] * (z - xt)
         still = P & (moved > 0)
         still[torch.arange(todo.numel(), device=b.device), first] = False
         moved = torch.where(still, moved, torch.zeros_like(moved))
@@ -438,27 +439,20 @@ def _solve_passive(gram: Tensor, chol: Tensor, b: Tensor, passive: Tensor) -> Te
     return z
 
 
-@dataclass
-class _Output:
-    coefficients: Tensor
-    objective: Tensor
-    certificate: Tensor
-    iterations: Tensor
-    status: Tensor
-
-    @classmethod
-    def empty(cls, n: int, n_atoms: int, like: Tensor) -> "_Output":
-        return cls(
-            coefficients=like.new_zeros(n, n_atoms),
-            objective=like.new_zeros(n),
-            certificate=like.new_zeros(n),
-            iterations=torch.zeros(n, dtype=torch.long, device=like.device),
-            status=torch.zeros(n, dtype=torch.long, device=like.device),
-        )
+def _empty_result(n: int, budget: int, n_atoms: int, like: Tensor) -> ChunkResult:
+    """A zero result for ``n`` targets with room for ``budget`` atoms each, filled in place by :func:`_finish`."""
+    return ChunkResult(
+        codes=Codes.sparse(torch.zeros(n, budget, dtype=torch.long, device=like.device), like.new_zeros(n, budget),
+                           n_atoms),
+        objective=like.new_zeros(n),
+        certificate=like.new_zeros(n),
+        iterations=torch.zeros(n, dtype=torch.long, device=like.device),
+        status=torch.zeros(n, dtype=torch.long, device=like.device),
+    )
 
 
-def _finish(out: _Output, st: _Active, mask: Tensor, s: int, status: Status, prep: _Prepared, nonnegative: bool) -> None:
-    """Write the results of the masked active targets (``s`` atoms chosen) into ``out``."""
+def _finish(out: ChunkResult, st: _Active, mask: Tensor, s: int, status: Status, prep: _Prepared, nonnegative: bool) -> None:
+    """Write the results of the masked active targets (``s`` atoms chosen) into ``out``'s tensors, in place."""
     rows = st.rows[mask]
     R = st.R[:, mask]
     out.objective[rows] = 0.5 * R.pow(2).sum(dim=(0, 2))
@@ -467,7 +461,9 @@ def _finish(out: _Output, st: _Active, mask: Tensor, s: int, status: Status, pre
     if s == 0:
         return
     coef = st.coef[mask, :s]
-    out.coefficients[rows[:, None], st.atom[mask, :s]] = coef
+    # Atoms whose nn_omp coefficient dropped to 0 stay in their slot with value 0, i.e. as padding.
+    out.codes.values[rows, :s] = coef
+    out.codes.indices[rows, :s] = st.atom[mask, :s]
     local = torch.arange(rows.shape[0], device=rows.device)
     grad = (R[st.group[mask, :s], local[:, None]] * st.vec[mask, :s]).sum(dim=2)  # r . d_j on the support
     if nonnegative:

@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from ..codes import Codes
 from ..decomposition import EXACT, Status
 from ..dictionary import Dictionary, StackedBlocks
 from ..optimality import least_squares_objective
@@ -34,7 +35,7 @@ class Pseudoinverse(Solver):
 
     rtol: float | None = None
 
-    def prepare(self, dictionary: Dictionary) -> tuple[StackedBlocks, Tensor]:
+    def precompute(self, dictionary: Dictionary) -> tuple[StackedBlocks, Tensor]:
         stacked = dictionary.stacked()
         # (groups, atoms, dims) -> (groups, dims, atoms); padded zero atoms get zero weight (minimum norm).
         return stacked, torch.linalg.pinv(stacked.atoms, rtol=self.rtol)
@@ -45,7 +46,7 @@ class Pseudoinverse(Solver):
         coefficients = stacked.scatter_coefficients(grouped, dictionary.n_atoms)
         n = targets.shape[0]
         return ChunkResult(
-            coefficients=coefficients,
+            codes=Codes.dense(coefficients),
             objective=least_squares_objective(targets, coefficients, dictionary.atoms),
             certificate=targets.new_zeros(n),
             iterations=torch.zeros(n, dtype=torch.long, device=targets.device),

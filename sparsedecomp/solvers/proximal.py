@@ -30,28 +30,16 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..decomposition import DUALITY_GAP, KKT_VIOLATION, Status
+from ..decomposition import DUALITY_GAP, KKT_VIOLATION
 from ..dictionary import Dictionary, StackedBlocks
 from ..validation import check_bool, check_positive, check_positive_int
 from .base import ChunkResult, Solver
-from .working_set import GAP, KKT, WorkingSetResult, solve_working_set
+from .working_set import GAP, KKT, solve_working_set
 
 # Coordinate-descent epochs between two exact checks of the inner problem, and the smallest number of atoms a
 # working set grows by per round; both only trade overhead against work, never the answer.
 CHECK_EVERY = 5
 MIN_GROWTH = 8
-
-
-def _to_chunk_result(result: WorkingSetResult, dtype: torch.dtype) -> ChunkResult:
-    status = torch.where(result.converged, int(Status.CONVERGED), int(Status.MAX_ITER))
-    status = torch.where(torch.isfinite(result.certificate), status, int(Status.NUMERICAL_ERROR))
-    return ChunkResult(
-        coefficients=result.coefficients.to(dtype),
-        objective=result.objective.to(dtype),
-        certificate=result.certificate.to(dtype),
-        iterations=result.iterations,
-        status=status,
-    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,17 +79,16 @@ class Lasso(Solver):
         check_positive(self.tol, "tol")
         check_positive_int(self.max_iter, "max_iter")
 
-    def prepare(self, dictionary: Dictionary) -> StackedBlocks:
+    def precompute(self, dictionary: Dictionary) -> StackedBlocks:
         return dictionary.stacked()
 
     def solve_chunk(self, targets: Tensor, dictionary: Dictionary, prepared: StackedBlocks) -> ChunkResult:
         alpha = torch.full((targets.shape[0],), float(self.alpha), dtype=targets.dtype, device=targets.device)
-        result = solve_working_set(
+        return solve_working_set(
             targets, prepared, dictionary.n_atoms, alpha,
             nonnegative=self.nonnegative, certificate=GAP, tol=self.tol, max_iter=self.max_iter,
             alpha_is_fraction_of_max=self.alpha_is_fraction_of_max, check_every=CHECK_EVERY, min_growth=MIN_GROWTH,
         )
-        return _to_chunk_result(result, targets.dtype)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,14 +114,13 @@ class NNLS(Solver):
         check_positive(self.tol, "tol")
         check_positive_int(self.max_iter, "max_iter")
 
-    def prepare(self, dictionary: Dictionary) -> StackedBlocks:
+    def precompute(self, dictionary: Dictionary) -> StackedBlocks:
         return dictionary.stacked()
 
     def solve_chunk(self, targets: Tensor, dictionary: Dictionary, prepared: StackedBlocks) -> ChunkResult:
         alpha = targets.new_zeros(targets.shape[0])
-        result = solve_working_set(
+        return solve_working_set(
             targets, prepared, dictionary.n_atoms, alpha,
             nonnegative=True, certificate=KKT, tol=self.tol, max_iter=self.max_iter,
             check_every=CHECK_EVERY, min_growth=MIN_GROWTH,
         )
-        return _to_chunk_result(result, targets.dtype)

@@ -2,7 +2,7 @@
 
 Every problem is solved in float64 whatever the input dtype (the answer comes back in the input's dtype and
 device), with one pinned solver (Clarabel) at tightened tolerances (:data:`CLARABEL_SETTINGS`). The cvxpy problem
-is built once per dictionary in :meth:`~sparsedecomp.solvers.base.Solver.prepare`, with the target as a
+is built once per dictionary in :meth:`~sparsedecomp.solvers.base.Solver.precompute`, with the target as a
 ``cp.Parameter`` (DPP), so cvxpy canonicalises once and every target only pays for the solve.
 
 Each target ``y`` is solved in unit scale, ``u = y / ||y||``, and the code scaled back, ``c = ||y|| b``. The three
@@ -40,14 +40,15 @@ import scipy.sparse
 import torch
 from torch import Tensor
 
+from ..codes import Codes
 from ..decomposition import DUALITY_GAP, KKT_VIOLATION, Status
 from ..dictionary import Dictionary
 from ..optimality import (
     lasso_duality_gap,
     lasso_objective,
     least_squares_objective,
+    bpdn_certificate,
     nonnegative_kkt_violation,
-    residual,
 )
 from ..validation import check_bool, check_positive
 from .base import ChunkResult, Solver
@@ -149,7 +150,7 @@ class CvxpyReference(Solver):
         return None
 
     # -- the shared work -------------------------------------------------------------------------------------------
-    def prepare(self, dictionary: Dictionary) -> ReferenceProgram:
+    def precompute(self, dictionary: Dictionary) -> ReferenceProgram:
         import cvxpy as cp
 
         atoms = dictionary.atoms.detach().to(device="cpu", dtype=torch.float64)
@@ -221,7 +222,7 @@ class CvxpyReference(Solver):
             return t.to(device=targets.device, dtype=targets.dtype if t.is_floating_point() else t.dtype)
 
         return ChunkResult(
-            coefficients=back(codes),
+            codes=Codes.from_dense(back(codes)),
             objective=back(objective),
             certificate=back(certificate),
             iterations=back(iterations),
@@ -448,37 +449,3 @@ def polish(targets: Tensor, coefficients: Tensor, atoms: Tensor, alpha: float, *
                 break
             support, signs = support[keep], signs[keep]
     return out
-
-
-def bpdn_certificate(
-    targets: Tensor, coefficients: Tensor, atoms: Tensor, eps: float, *, duals: Tensor | None = None
-) -> Tensor:
-    """Certificate of non-negative BPDN described in :class:`CvxpyBPDN`, per target.
-
-    ``duals`` (``(n, d)``, optional; NaN rows ignored) are extra candidate dual points. Zero for a zero target
-    with the zero code; infinite for a code with negative entries or a residual that proves infeasibility.
-    """
-    tiny = torch.finfo(targets.dtype).tiny
-    r = residual(targets, coefficients, atoms)
-    y_norm = targets.norm(dim=1)
-    r_norm = r.norm(dim=1)
-    bound = eps * y_norm
-    primal = coefficients.sum(dim=1)
-    inf = torch.full_like(primal, float("inf"))
-
-    # z = t r: the dual objective t (r . y - bound ||r||) is linear in t, so t = 1 / max_j (r . d_j) is best.
-    numerator = (r * targets).sum(dim=1) - bound * r_norm
-    worst = (r @ atoms.T).max(dim=1).values
-    unbounded = (worst <= 0) & (numerator > 0)
-    dual = torch.where(worst > 0, numerator / worst.clamp_min(tiny), torch.zeros_like(primal)).clamp_min(0)
-    if duals is not None:
-        usable = torch.isfinite(duals).all(dim=1)
-        z = torch.where(usable[:, None], duals, torch.zeros_like(duals))
-        z = z / (z @ atoms.T).max(dim=1).values.clamp_min(1)[:, None]
-        dual = torch.maximum(dual, (z * targets).sum(dim=1) - bound * z.norm(dim=1))
-    gap = (primal - dual).clamp_min(0)
-    rel_gap = torch.where(primal > 0, gap / primal.clamp_min(tiny), gap)
-    violation = (r_norm - bound).clamp_min(0)
-    rel_violation = torch.where(y_norm > 0, violation / y_norm.clamp_min(tiny), violation)
-    cert = torch.where(unbounded, inf, torch.maximum(rel_gap, rel_violation))
-    return torch.where((coefficients < 0).any(dim=1), inf, cert)

@@ -36,8 +36,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..codes import Codes
+from ..decomposition import Status
 from ..dictionary import StackedBlocks
 from ..optimality import lasso_gap_from_parts
+from .base import ChunkResult
 from .coordinate_descent import coordinate_descent_epoch, newton_step
 
 GAP = "gap"
@@ -45,17 +48,6 @@ KKT = "kkt"
 # Rounds in a row without a violating atom after which an uncertified target is given up: its certificate is then
 # stuck at the rounding floor of the working dtype (e.g. tol far below float32 precision).
 MAX_STALLS = 3
-
-
-@dataclass(frozen=True)
-class WorkingSetResult:
-    """Per-chunk output of :func:`solve_working_set` (tensors in the working dtype)."""
-
-    coefficients: Tensor
-    objective: Tensor
-    certificate: Tensor
-    iterations: Tensor
-    converged: Tensor
 
 
 @dataclass(frozen=True)
@@ -83,9 +75,10 @@ def solve_working_set(
     alpha_is_fraction_of_max: bool = False,
     check_every: int = 5,
     min_growth: int = 8,
-) -> WorkingSetResult:
+) -> ChunkResult:
     """Solve every row of ``targets`` (``(n, d)``); ``alpha`` is ``(n,)`` (a fraction of each target's
-    ``alpha_max`` when ``alpha_is_fraction_of_max``). ``certificate`` is :data:`GAP` or :data:`KKT`."""
+    ``alpha_max`` when ``alpha_is_fraction_of_max``). ``certificate`` is :data:`GAP` or :data:`KKT`. The codes
+    come back sparse (row-padded), everything in the targets' dtype."""
     work = targets.dtype if targets.dtype in (torch.float32, torch.float64) else torch.float32
     device = targets.device
     atoms = stacked.atoms.to(work)  # (G, m, p)
@@ -101,7 +94,7 @@ def solve_working_set(
     global_index = stacked.atom_index.to(device)
 
     # Targets with alpha >= alpha_max (zero targets included) are solved exactly by the zero code.
-    coefficients = Y.new_zeros(n, n_atoms)
+    pieces: list[tuple[Tensor, Tensor, Tensor]] = []  # (rows, atoms, values) of targets as they finish
     objective = 0.5 * y2
     certificate_out = Y.new_zeros(n)
     iterations = torch.zeros(n, dtype=torch.long, device=device)
@@ -133,7 +126,7 @@ def solve_working_set(
             certificate_out[rows] = cert[done]
             objective[rows] = obj[done]
             converged[rows] = cert[done] <= tol
-            _scatter_codes(coefficients, rows, global_index, W[:, done], c[:, done])
+            pieces.append(_finished_codes(rows, global_index, W[:, done], c[:, done]))
             keep = ~done
             active, W, c, corr, a = active[keep], W[:, keep], c[:, keep], corr[:, keep], a[keep]
             inner_tol, stalls = inner_tol[keep], stalls[keep]
@@ -168,7 +161,16 @@ def solve_working_set(
         # A target always pays at least one epoch per round, so max_iter bounds the number of rounds too.
         iterations[active] += epochs.clamp_min(1)
 
-    return WorkingSetResult(coefficients, objective, certificate_out, iterations, converged)
+    status = torch.where(converged, int(Status.CONVERGED), int(Status.MAX_ITER))
+    status = torch.where(torch.isfinite(certificate_out), status, int(Status.NUMERICAL_ERROR))
+    dtype = targets.dtype
+    return ChunkResult(
+        codes=_assemble_codes(pieces, n, n_atoms, Y).to(dtype=dtype),
+        objective=objective.to(dtype),
+        certificate=certificate_out.to(dtype),
+        iterations=iterations,
+        status=status,
+    )
 
 
 def _gap(r: Tensor, corr: Tensor, W: Tensor, c: Tensor, alpha: Tensor, y2: Tensor, nonnegative: bool):
@@ -200,15 +202,37 @@ def _kkt(r: Tensor, corr: Tensor, dense: Tensor | None, alpha: Tensor, y2: Tenso
     return rel, 0.5 * r.pow(2).sum(dim=(0, 2)) + alpha * l1
 
 
-def _scatter_codes(out: Tensor, rows: Tensor, global_index: Tensor, W: Tensor, c: Tensor) -> None:
-    """Write working-set codes ``c`` (``(G, t, k)``) of targets ``rows`` into the dense ``(n, n_atoms)`` output."""
+def _finished_codes(rows: Tensor, global_index: Tensor, W: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Working-set codes ``c`` on atoms ``W`` (``(G, t, k)``) of the finished targets ``rows`` as
+    ``(rows, atoms (t, G*k), values (t, G*k))`` in the dictionary's atom indices (zero values are padding)."""
     if W.shape[2] == 0:
-        return
+        empty = torch.zeros(rows.numel(), 0, dtype=torch.long, device=rows.device)
+        return rows, empty, c.new_zeros(rows.numel(), 0)
     groups = torch.arange(W.shape[0], device=W.device)[:, None, None]
-    atom = global_index[groups, W]
-    target = rows[None, :, None].expand_as(W)
-    nonzero = c != 0
-    out[target[nonzero], atom[nonzero]] = c[nonzero]
+    atom = global_index[groups, W]  # (G, t, k)
+    values = torch.where(c != 0, c, torch.zeros_like(c))
+    t = W.shape[1]
+    return rows, atom.permute(1, 0, 2).reshape(t, -1), values.permute(1, 0, 2).reshape(t, -1)
+
+
+def _assemble_codes(pieces: list[tuple[Tensor, Tensor, Tensor]], n: int, n_atoms: int, like: Tensor) -> Codes:
+    """Row-padded codes of all ``n`` targets from the pieces written as targets finished (rows never written
+    keep the zero code), each row's non-zeros moved to the front and the width cut to the largest count."""
+    width = max([int((v != 0).sum(dim=1).max()) for _, _, v in pieces if v.numel() > 0] + [0])
+    indices = torch.zeros(n, width, dtype=torch.long, device=like.device)
+    values = like.new_zeros(n, width)
+    for rows, atoms, vals in pieces:
+        if width == 0:
+            break
+        if vals.shape[1] < width:  # zero padding is never "present"
+            atoms = torch.nn.functional.pad(atoms, (0, width - vals.shape[1]))
+            vals = torch.nn.functional.pad(vals, (0, width - vals.shape[1]))
+        present = vals != 0
+        order = torch.argsort(present.to(torch.int8), dim=1, descending=True, stable=True)[:, :width]
+        keep = present.gather(1, order)
+        indices[rows] = torch.where(keep, atoms.gather(1, order), torch.zeros_like(order))
+        values[rows] = torch.where(keep, vals.gather(1, order), torch.zeros((), dtype=vals.dtype, device=vals.device))
+    return Codes.sparse(indices, values, n_atoms)
 
 
 def _compact(W: Tensor, c: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
