@@ -1,9 +1,14 @@
 # One-command entry points. `make demo` and `make test` each set up a fresh machine first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch is installed explicitly first so pip never resolves a multi-GB CUDA build by accident; override with
-# TORCH_SPEC="torch" (or a CUDA wheel) on a machine that wants one.
+# torch is installed first, on its own, so that the build is chosen here and not by the package's resolver:
+# - where a torch wheel is already available locally (this project's machines carry the CPU build in pip's
+#   find-links), `make setup` downloads nothing large;
+# - on a stock Linux x86-64 machine, pip's default index serves the CUDA build of torch, which pulls several GB of
+#   nvidia-* wheels. For a CPU-only build say TORCH_INDEX=https://download.pytorch.org/whl/cpu; for a given CUDA
+#   build, the matching index (e.g. .../whl/cu126) or TORCH_SPEC="torch==2.13.0+cu126" with that index.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-all bench clean
@@ -13,7 +18,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
