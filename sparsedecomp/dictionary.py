@@ -55,7 +55,8 @@ class StackedBlocks:
 
     def scatter_coefficients(self, grouped: Tensor, n_atoms: int) -> Tensor:
         """``(n, n_groups, group_size)`` codes -> ``(n, n_atoms)`` in the dictionary's atom order."""
-        flat = grouped.reshape(grouped.shape[0], -1)
+        # Explicit width: reshape(n, -1) is ambiguous for an empty batch.
+        flat = grouped.reshape(grouped.shape[0], grouped.shape[1] * grouped.shape[2])
         index = self.atom_index.reshape(-1)
         keep = index >= 0
         out = flat.new_zeros(flat.shape[0], n_atoms)

@@ -1,7 +1,7 @@
 """Solver-independent objectives and optimality certificates, batched over targets.
 
 All functions take ``targets`` ``y`` of shape ``(n, d)``, ``coefficients`` ``c`` of shape ``(n, n_atoms)`` and
-``atoms`` ``D`` of shape ``(n_atoms, d)``; residual ``r = y - c D``, correlations ``g = r D^T`` (the negative
+``atoms`` ``D`` of shape ``(n_atoms, d)`` (a tensor or a :class:`~sparsedecomp.Dictionary`); residual ``r = y - c D``, correlations ``g = r D^T`` (the negative
 gradient of the smooth part ``0.5 ||y - c D||^2``).
 
 Lasso, ``P(c) = 0.5 ||y - c D||^2 + alpha ||c||_1`` (with ``c >= 0`` for the non-negative lasso).
@@ -25,25 +25,31 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .dictionary import Dictionary
 
-def residual(targets: Tensor, coefficients: Tensor, atoms: Tensor) -> Tensor:
+
+def residual(targets: Tensor, coefficients: Tensor, atoms: Tensor | Dictionary) -> Tensor:
     """``r = y - c D``."""
+    atoms = _as_atoms(atoms)
     return targets - coefficients @ atoms
 
 
-def least_squares_objective(targets: Tensor, coefficients: Tensor, atoms: Tensor) -> Tensor:
+def least_squares_objective(targets: Tensor, coefficients: Tensor, atoms: Tensor | Dictionary) -> Tensor:
     """``0.5 ||y - c D||^2`` per target."""
+    atoms = _as_atoms(atoms)
     return 0.5 * residual(targets, coefficients, atoms).pow(2).sum(dim=1)
 
 
-def lasso_objective(targets: Tensor, coefficients: Tensor, atoms: Tensor, alpha: float | Tensor) -> Tensor:
+def lasso_objective(targets: Tensor, coefficients: Tensor, atoms: Tensor | Dictionary, alpha: float | Tensor) -> Tensor:
     """``0.5 ||y - c D||^2 + alpha ||c||_1`` per target (``alpha`` a scalar or ``(n,)``)."""
+    atoms = _as_atoms(atoms)
     return least_squares_objective(targets, coefficients, atoms) + _as_column(alpha, targets).squeeze(1) * coefficients.abs().sum(dim=1)
 
 
-def alpha_max(targets: Tensor, atoms: Tensor, *, nonnegative: bool = False) -> Tensor:
+def alpha_max(targets: Tensor, atoms: Tensor | Dictionary, *, nonnegative: bool = False) -> Tensor:
     """Smallest ``alpha`` for which the (non-negative) lasso solution is zero, per target:
     ``max_j |y . d_j|`` (``max_j (y . d_j)_+`` when non-negative)."""
+    atoms = _as_atoms(atoms)
     corr = targets @ atoms.T
     if nonnegative:
         return corr.max(dim=1).values.clamp_min(0)
@@ -51,12 +57,13 @@ def alpha_max(targets: Tensor, atoms: Tensor, *, nonnegative: bool = False) -> T
 
 
 def lasso_duality_gap(
-    targets: Tensor, coefficients: Tensor, atoms: Tensor, alpha: float | Tensor, *, nonnegative: bool = False
+    targets: Tensor, coefficients: Tensor, atoms: Tensor | Dictionary, alpha: float | Tensor, *, nonnegative: bool = False
 ) -> Tensor:
     """Duality gap of the (non-negative) lasso, relative to ``||y||^2`` (0 for a zero target and zero code).
 
     Infinite when a non-negative problem is handed a code with negative entries (it is then infeasible).
     """
+    atoms = _as_atoms(atoms)
     r = residual(targets, coefficients, atoms)
     g = r @ atoms.T
     alpha_vec = _as_column(alpha, targets).squeeze(1).expand(targets.shape[0])
@@ -92,10 +99,11 @@ def lasso_gap_from_parts(
 
 
 def nonnegative_kkt_violation(
-    targets: Tensor, coefficients: Tensor, atoms: Tensor, alpha: float | Tensor = 0.0
+    targets: Tensor, coefficients: Tensor, atoms: Tensor | Dictionary, alpha: float | Tensor = 0.0
 ) -> Tensor:
     """KKT violation of ``min 0.5||y - cD||^2 + alpha sum(c)`` s.t. ``c >= 0`` (NNLS when ``alpha = 0``),
     relative to ``||y|| * max_j ||d_j||``; infinite if ``c`` has negative entries."""
+    atoms = _as_atoms(atoms)
     g = residual(targets, coefficients, atoms) @ atoms.T - _as_column(alpha, targets)
     on_support = coefficients > 0
     violation = torch.where(on_support, g.abs(), g.clamp_min(0)).max(dim=1).values
@@ -104,9 +112,10 @@ def nonnegative_kkt_violation(
     return torch.where((coefficients < 0).any(dim=1), torch.full_like(rel, float("inf")), rel)
 
 
-def least_squares_optimality(targets: Tensor, coefficients: Tensor, atoms: Tensor) -> Tensor:
+def least_squares_optimality(targets: Tensor, coefficients: Tensor, atoms: Tensor | Dictionary) -> Tensor:
     """Normal-equation residual ``||(y - cD) D^T||_inf`` relative to ``||y|| * max_j ||d_j||`` (0 at a
     least-squares solution)."""
+    atoms = _as_atoms(atoms)
     g = residual(targets, coefficients, atoms) @ atoms.T
     scale = targets.norm(dim=1) * atoms.norm(dim=1).max()
     violation = g.abs().max(dim=1).values
@@ -114,7 +123,7 @@ def least_squares_optimality(targets: Tensor, coefficients: Tensor, atoms: Tenso
 
 
 def bpdn_certificate(
-    targets: Tensor, coefficients: Tensor, atoms: Tensor, eps: float, *, duals: Tensor | None = None
+    targets: Tensor, coefficients: Tensor, atoms: Tensor | Dictionary, eps: float, *, duals: Tensor | None = None
 ) -> Tensor:
     """Certificate of non-negative BPDN, ``min ||c||_1`` s.t. ``||y - c D|| <= eps ||y||``, ``c >= 0``, per target.
 
@@ -126,6 +135,7 @@ def bpdn_certificate(
     ``duals`` (``(n, d)``, optional; NaN rows ignored) are extra candidate dual points. Zero for a zero target
     with the zero code; infinite for a code with negative entries or a residual that proves infeasibility.
     """
+    atoms = _as_atoms(atoms)
     tiny = torch.finfo(targets.dtype).tiny
     r = residual(targets, coefficients, atoms)
     y_norm = targets.norm(dim=1)
@@ -150,6 +160,11 @@ def bpdn_certificate(
     rel_violation = torch.where(y_norm > 0, violation / y_norm.clamp_min(tiny), violation)
     cert = torch.where(unbounded, inf, torch.maximum(rel_gap, rel_violation))
     return torch.where((coefficients < 0).any(dim=1), inf, cert)
+
+
+def _as_atoms(atoms: Tensor | Dictionary) -> Tensor:
+    """The ``(n_atoms, d)`` atom matrix of a :class:`~sparsedecomp.Dictionary` (or the tensor itself)."""
+    return atoms.atoms if isinstance(atoms, Dictionary) else atoms
 
 
 def _as_column(alpha: float | Tensor, like: Tensor) -> Tensor:

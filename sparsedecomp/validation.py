@@ -52,7 +52,26 @@ def check_targets(targets: object, dim: int, name: str = "targets") -> Tensor:
             f"{name} has {targets.shape[1]} columns but the dictionary atoms have dimension {dim}: "
             f"expected shape (n_targets, {dim}), got {tuple(targets.shape)}"
         )
+    check_norms_representable(targets, name)
     return targets
+
+
+def check_norms_representable(rows: Tensor, name: str) -> None:
+    """Raise if a row's squared norm overflows or underflows the dtype: every solver and certificate works with
+    ``||y||^2``, so such a row would come back as a zero code or NaN rather than an answer."""
+    if rows.numel() == 0:
+        return
+    work = rows.float() if rows.dtype in (torch.float16, torch.bfloat16) else rows
+    squared = work.pow(2).sum(dim=1)
+    finfo = torch.finfo(work.dtype)
+    bad = ~torch.isfinite(squared) | ((squared < finfo.tiny) & (rows != 0).any(dim=1))
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0])
+        largest = float(rows[row].abs().max())
+        raise InputError(
+            f"{name} row {row} has entries up to {largest:.3g}, whose squared norm is not representable in "
+            f"{rows.dtype} ({int(bad.sum())} such rows); rescale the targets (e.g. to unit norm) or use float64"
+        )
 
 
 def check_positive(value: float, name: str, *, allow_zero: bool = False) -> float:

@@ -285,3 +285,22 @@ def test_chunking_does_not_change_the_answer(method):
     whole = solve(method, targets, dictionary)
     chunked = decompose(targets, dictionary, method=method, chunk_size=3, **SOLVER_TABLE[method].params)
     torch.testing.assert_close(chunked.coefficients, whole.coefficients, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", METHODS)
+def test_empty_batch_gives_an_empty_result(method, kind):
+    targets, dictionary = make_problem(kind)
+    result = solve(method, targets[:0], dictionary)
+    assert result.coefficients.shape == (0, N_ATOMS)
+    assert result.reconstruction.shape == (0, targets.shape[1])
+    assert result.status.shape == (0,) and result.status_counts() == {}
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-25])
+@pytest.mark.parametrize("method", METHODS)
+def test_targets_whose_norms_do_not_fit_the_dtype_are_refused(method, scale):
+    """float32 squares of 1e20 overflow and of 1e-25 underflow: the answer would be a silent zero code."""
+    targets, dictionary = make_problem("dense", torch.float32)
+    with pytest.raises(ValueError, match="squared norm is not representable in torch.float32"):
+        solve(method, targets * scale, dictionary)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from sparsedecomp import optimality
 from sparsedecomp.optimality import alpha_max, lasso_duality_gap, lasso_objective
 
 
@@ -41,3 +42,16 @@ def test_zero_code_at_alpha_max_has_zero_gap_and_negative_code_is_infeasible():
     negative = zero.clone()
     negative[0, 0] = -1.0
     assert torch.isinf(lasso_duality_gap(y, negative, D, 0.1, nonnegative=True)[0])
+
+
+def test_certificates_accept_a_dictionary_as_well_as_its_atoms():
+    from sparsedecomp import Dictionary
+
+    g = torch.Generator().manual_seed(5)
+    atoms = torch.randn(12, 4, generator=g, dtype=torch.float64)
+    targets = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    dictionary = Dictionary.from_atoms(atoms)
+    assert torch.equal(optimality.alpha_max(targets, dictionary), optimality.alpha_max(targets, atoms))
+    code = torch.zeros(3, 12, dtype=torch.float64)
+    assert torch.equal(optimality.lasso_duality_gap(targets, code, dictionary, 0.1),
+                       optimality.lasso_duality_gap(targets, code, atoms, 0.1))

@@ -275,6 +275,8 @@ def test_too_small_max_iter_reports_max_iter_with_one_warning(block_problem, met
         result = decompose(y, dictionary, method=method, max_iter=1, tol=1e-14, chunk_size=3, **params)
     convergence = [w for w in caught if issubclass(w.category, ConvergenceWarning)]
     assert len(convergence) == 1
+    # The warning points at the caller's line (this file), not into torch's no_grad wrapper or the package.
+    assert convergence[0].filename == __file__
     assert bool((result.status == Status.MAX_ITER).any())
     failed = result.status == Status.MAX_ITER
     assert bool((result.certificate[failed] > 1e-14).all())
