@@ -11,7 +11,7 @@ import torch
 
 from .errors import HookUnknownError
 from .files import canonical_hook
-from .sae import CONCATENATED, SAE, InputScaleWarning, warn_input_scale
+from .sae import SAE, InputScaleWarning, warn_input_scale
 from ..errors import InputError, InputTypeError
 
 
@@ -164,9 +164,12 @@ class HeadSAEs:
     def warn_input_scale(self) -> bool:
         """One :class:`InputScaleWarning` naming the heads that still need their input scale and were not warned
         about yet (each SAE is warned about once); returns whether it warned."""
-        pending = [sae for sae in self.saes if sae.needs_input_scale]
-        what = f"the per-head SAEs of heads {[sae.head for sae in pending]} ({self.model_name} {self.hook_name})"
-        return warn_input_scale(pending, what=what)
+        return warn_input_scale(
+            self.saes,
+            describe=lambda pending: (
+                f"the per-head SAEs of heads {[sae.head for sae in pending]} ({self.model_name} {self.hook_name})"
+            ),
+        )
 
     def dictionary(self, normalize: bool = True):
         """The block-diagonal dictionary of all heads' decoders in the concatenated ``z`` space

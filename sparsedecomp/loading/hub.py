@@ -32,7 +32,6 @@ from ..errors import InputError
 
 HF_SCHEME = "hf://"
 SAELENS_SCHEME = "saelens://"
-SCHEMES = (HF_SCHEME, SAELENS_SCHEME)
 SYNTAX = "hf://OWNER/REPO[@REVISION]/VERSION (a Kissane pair) or saelens://RELEASE/SAE_ID (a SAELens release)"
 
 

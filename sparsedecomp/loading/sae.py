@@ -15,7 +15,7 @@ import sys
 import warnings
 import weakref
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -280,17 +280,17 @@ class SAE:
         return replace(self, **moved)
 
 
-def warn_input_scale(saes: Iterable[SAE], *, what: str | None = None) -> bool:
+def warn_input_scale(saes: Iterable[SAE], *, describe: Callable[[list[SAE]], str] | None = None) -> bool:
     """Warn (:class:`InputScaleWarning`) about the SAEs among ``saes`` that still need their input scale and have
-    not been warned about yet; one warning names them all (``what`` describes them, e.g. ``"heads [0, 3]"``).
-    Returns whether a warning was issued. The warning points at the first caller outside ``sparsedecomp``."""
+    not been warned about yet; one warning names them all (``describe(pending)``, default: each SAE's
+    :meth:`SAE.describe`). Returns whether a warning was issued. The warning points at the first caller outside
+    ``sparsedecomp``."""
     pending = [sae for sae in saes if sae.needs_input_scale and sae not in _WARNED_INPUT_SCALE]
     if not pending:
         return False
     for sae in pending:
         _WARNED_INPUT_SCALE.add(sae)
-    if what is None:
-        what = pending[0].describe() if len(pending) == 1 else "; ".join(sae.describe() for sae in pending)
+    what = describe(pending) if describe is not None else "; ".join(sae.describe() for sae in pending)
     verb = "was" if len(pending) == 1 else "were"
     message = (
         f"{what} {verb} trained on inputs multiplied by an input scale that was never saved (legacy SAELens, "

@@ -129,3 +129,12 @@ def test_demo_world_is_folded_and_silent_while_its_raw_head_saes_warn(demo_world
     with pytest.warns(InputScaleWarning, match=r"heads \[0, 1, 2, 3, 4, 5, 6, 7\] .*" + FIX):
         splice_losses_many(world.model, tokens, {"all_heads": (None, raw.reconstruct_concatenated)},
                            layer=world.layer, include_mean=False)
+
+
+def test_a_head_warned_about_on_its_own_is_not_named_again(make_sae):
+    saes = (unscaled(make_sae, head=0), unscaled(make_sae, head=1, seed=1))
+    with pytest.warns(InputScaleWarning, match=r"head=1 "):
+        saes[1].encode(torch.randn(2, 8))
+    with pytest.warns(InputScaleWarning, match=r"heads \[0\] ") as record:
+        HeadSAEs(saes).reconstruct_concatenated(torch.randn(2, 16))
+    assert len(input_scale_warnings(record)) == 1
