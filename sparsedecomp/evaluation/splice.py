@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from ..errors import InputError, InputTypeError
+from ..loading.heads import warn_if_input_scale_missing
 
 Reconstruction = Callable[[Tensor], Tensor]
 
@@ -139,6 +140,8 @@ def splice_losses_many(model, tokens: Tensor, splices: Mapping[str, tuple[int | 
         if head is not None and (isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < n_heads):
             raise InputError(f"splice {name!r}: head must be None or an int in [0, {n_heads}), got {head!r}")
         recon[name] = None if sae is None else _as_reconstruction(sae, name)
+        # An SAE (or per-head SAEs) still needing its unsaved input scale splices in wrong: say so before running.
+        warn_if_input_scale_missing(sae)
     if hook != "attn.hook_z" and any(h is not None for h, _ in splices.values()):
         raise InputError(f"a head index only makes sense for attn.hook_z, not {hook!r}")
 

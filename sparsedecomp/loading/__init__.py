@@ -5,12 +5,19 @@ explicit mapping :data:`LOADERS`. Importing this package imports neither ``sae_l
 they are imported inside the functions that need them. No loader unpickles arbitrary objects.
 """
 
-from .errors import CheckpointError, CheckpointNotFoundError, UnsupportedCheckpointError
-from .heads import HeadSAEs, InputScaleWarning, MissingHeadsWarning, load_head_saes
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    HookUnknownError,
+    ModelNotFoundError,
+    UnsupportedCheckpointError,
+)
+from .heads import HeadSAEs, MissingHeadsWarning, check_compatible, load_head_saes, warn_if_input_scale_missing
+from .hub import HubReference, parse_reference
 from .kissane import DEFAULT_REPO_ID, load_kissane, read_kissane, save_kissane
 from .models import LoadedModel, ProcessingFlags, load_model, process_state_dict
 from .registry import LOADERS, detect_format, load_sae
-from .sae import CONCATENATED, NO_HEAD, SAE
+from .sae import CONCATENATED, NO_HEAD, SAE, InputScaleWarning
 from .saelens6 import from_saelens, load_saelens6, load_saelens_pretrained, save_saelens6
 from .saelens_legacy import choose_checkpoint, find_legacy_sae_dir, load_legacy_saelens, save_legacy_saelens
 from .scaling import (
@@ -30,14 +37,18 @@ __all__ = [
     "HeadNormAccumulator",
     "HeadSAEs",
     "HeadScales",
+    "HookUnknownError",
+    "HubReference",
     "InputScaleWarning",
     "LOADERS",
     "LoadedModel",
     "MissingHeadsWarning",
+    "ModelNotFoundError",
     "NO_HEAD",
     "ProcessingFlags",
     "SAE",
     "UnsupportedCheckpointError",
+    "check_compatible",
     "choose_checkpoint",
     "detect_format",
     "estimate_head_scales",
@@ -53,9 +64,11 @@ __all__ = [
     "load_sae",
     "load_saelens6",
     "load_saelens_pretrained",
+    "parse_reference",
     "process_state_dict",
     "read_kissane",
     "save_kissane",
     "save_legacy_saelens",
     "save_saelens6",
+    "warn_if_input_scale_missing",
 ]

@@ -16,3 +16,12 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 class UnsupportedCheckpointError(CheckpointError):
     """A well-formed checkpoint whose architecture or settings this package cannot represent faithfully
     (e.g. TopK / JumpReLU activations, run-time layer-norm of the input)."""
+
+
+class HookUnknownError(InputError):
+    """An operation needs the hook an SAE reads (``hook_name`` / ``layer``) but its checkpoint does not record it
+    (a SAELens SAE saved without metadata); ``SAE.with_hook(...)`` supplies it."""
+
+
+class ModelNotFoundError(InputError):
+    """A model name that is neither a TransformerLens model name or alias nor an existing local model folder."""

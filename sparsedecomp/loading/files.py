@@ -16,8 +16,17 @@ import torch
 from torch import Tensor
 
 from .errors import CheckpointError, CheckpointNotFoundError
+from ..validation import FLOAT_DTYPES
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# A SAELens SAE folder (legacy 1.4-2.1.3 and 6.x alike): the config, the weights and optional log10 firing frequencies.
+CFG_NAME = "cfg.json"
+WEIGHTS_NAME = "sae_weights.safetensors"
+SPARSITY_NAME = "sparsity.safetensors"
+SAE_DIR_FILES = (CFG_NAME, WEIGHTS_NAME, SPARSITY_NAME)
+
+# dtype names as SAELens configs write them: 6.x writes "float32", 1.x/2.x write str(torch.float32).
+DTYPE_NAMES: dict[str, torch.dtype] = {str(d).removeprefix("torch."): d for d in FLOAT_DTYPES}
+DTYPE_NAMES.update({str(d): d for d in FLOAT_DTYPES})
 
 
 def require_file(path: str | Path, what: str) -> Path:
@@ -140,3 +149,92 @@ def layer_from_hook(hook_name: str) -> int | None:
     if len(parts) >= 2 and parts[0] == "blocks" and parts[1].isdigit():
         return int(parts[1])
     return None
+
+
+def sae_dir_of(path: str | Path) -> Path:
+    """The SAE folder ``path`` names: its parent when ``path`` is one of the folder's files (``cfg.json``,
+    ``sae_weights.safetensors``, ``sparsity.safetensors``), else ``path`` itself."""
+    path = Path(path)
+    if path.name in SAE_DIR_FILES and path.is_file():
+        return path.parent
+    return path
+
+
+def is_sae_dir(path: Path) -> bool:
+    """A folder holding ``cfg.json`` and ``sae_weights.safetensors``."""
+    return (path / CFG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
+
+
+def parse_dtype(name: Any, path: Path | str, key: str = "dtype") -> torch.dtype:
+    """The floating dtype a config names (``"float32"`` or ``"torch.float32"``, ...)."""
+    if name not in DTYPE_NAMES:
+        raise CheckpointError(f"{path}: {key} must be one of {sorted(DTYPE_NAMES)}, got {name!r}")
+    return DTYPE_NAMES[name]
+
+
+def read_sparsity(path: Path, d_sae: int, what: str, *, device: str | torch.device = "cpu") -> Tensor | None:
+    """The ``(d_sae,)`` floating ``sparsity`` tensor (log10 firing frequencies) of ``path``, or ``None`` when the
+    file does not exist (it is optional in every SAELens layout)."""
+    if not path.exists():
+        return None
+    value = read_safetensors(path, what, device=device).get("sparsity")
+    if value is None or tuple(value.shape) != (d_sae,) or value.dtype not in FLOAT_DTYPES:
+        got = None if value is None else f"{value.dtype} {tuple(value.shape)}"
+        raise CheckpointError(f"{path} must hold a floating 'sparsity' tensor of shape ({d_sae},), got {got}")
+    if not bool(torch.isfinite(value).all()):
+        raise CheckpointError(f"{path}: sparsity contains NaN or Inf entries")
+    return value
+
+
+def resolve_layer(declared: Any, hook_name: str | None, where: Path | str, key: str) -> int | None:
+    """The layer from the config entry ``key`` (``declared``) or, when absent, from the hook name.
+
+    Both present and different is an error naming the file; a known hook whose layer cannot be told is an error;
+    an unknown hook without a declared layer gives ``None`` (the layer is unknown)."""
+    derived = None if hook_name is None else layer_from_hook(hook_name)
+    if declared is None:
+        if hook_name is not None and derived is None:
+            raise CheckpointError(f"{where}: cannot tell the layer: no {key!r} and the hook {hook_name!r} names none")
+        return derived
+    if isinstance(declared, bool) or not isinstance(declared, int) or declared < 0:
+        raise CheckpointError(f"{where}: {key} must be a non-negative int, got {declared!r}")
+    if derived is not None and derived != declared:
+        raise CheckpointError(f"{where}: {key} is {declared} but the hook {hook_name!r} is in layer {derived}")
+    return declared
+
+
+def resolve_head(head_index: Any, hook_name: str | None, where: Path | str, key: str) -> int | str | None:
+    """The SAE's head from a config's head index: the index itself; for ``null``, ``"concatenated"`` on a
+    ``hook_z`` hook (all heads' ``z`` flattened), ``"none"`` on a hook without a head axis, and ``None``
+    (unknown) when the hook is unknown too."""
+    from .sae import CONCATENATED, NO_HEAD
+
+    if head_index is None:
+        if hook_name is None:
+            return None
+        return CONCATENATED if "hook_z" in hook_name else NO_HEAD
+    if isinstance(head_index, int) and not isinstance(head_index, bool) and head_index >= 0:
+        return head_index
+    raise CheckpointError(f"{where}: {key} must be null or a head index, got {head_index!r}")
+
+
+def optional_str(cfg: Mapping[str, Any], key: str, path: Path | str, what: str | None = None) -> str | None:
+    """An optional non-empty string config entry (``None`` when absent or null)."""
+    value = cfg.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise CheckpointError(f"{path}: {what or key} must be a non-empty string or absent, got {value!r}")
+    return value
+
+
+_ATTN_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_pattern", "hook_attn_scores", "hook_result")
+
+
+def canonical_hook(hook_name: str) -> str:
+    """TransformerLens's attention-hook alias resolved: ``blocks.L.hook_z`` is ``blocks.L.attn.hook_z``
+    (SAELens release ids use the short form, Kissane's and SAELens's configs the long one)."""
+    parts = hook_name.split(".")
+    if len(parts) == 3 and parts[0] == "blocks" and parts[2] in _ATTN_HOOKS:
+        return f"blocks.{parts[1]}.attn.{parts[2]}"
+    return hook_name

@@ -5,20 +5,18 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import torch
 
-from .sae import SAE
+from .errors import HookUnknownError
+from .files import canonical_hook
+from .sae import SAE, InputScaleWarning, warn_input_scale
 from ..errors import InputError, InputTypeError
 
 
 class MissingHeadsWarning(UserWarning):
     """Some heads of the layer have no SAE."""
-
-
-class InputScaleWarning(UserWarning):
-    """An SAE was trained on inputs scaled by a factor that was never saved and has not been folded in."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,6 +36,11 @@ class HeadSAEs:
         for i, sae in enumerate(saes):
             if not isinstance(sae, SAE):
                 raise InputTypeError(f"saes[{i}] must be a sparsedecomp SAE, got {type(sae).__name__}")
+            if sae.head is None:
+                raise InputError(
+                    f"saes[{i}] ({sae.provenance.get('source', '?')}) does not record which head it reads (a SAELens "
+                    "SAE saved without metadata): give it with sae.with_hook('blocks.<layer>.attn.hook_z', head=<h>)"
+                )
             if not isinstance(sae.head, int):
                 raise InputError(f"{sae.describe()} reads head={sae.head!r}, not a single head")
         by_head: dict[int, SAE] = {}
@@ -66,15 +69,15 @@ class HeadSAEs:
         return tuple(sae.head for sae in self.saes)
 
     @property
-    def model_name(self) -> str:
+    def model_name(self) -> str | None:
         return self.saes[0].model_name
 
     @property
-    def layer(self) -> int:
+    def layer(self) -> int | None:
         return self.saes[0].layer
 
     @property
-    def hook_name(self) -> str:
+    def hook_name(self) -> str | None:
         return self.saes[0].hook_name
 
     @property
@@ -146,7 +149,8 @@ class HeadSAEs:
 
         This is "all per-head SAEs spliced in at once", directly comparable with a concat-z SAE's reconstruction
         (pass it to :func:`sparsedecomp.evaluation.splice.splice_losses` with ``head=None``). Needs every head
-        ``0 .. n_heads-1``."""
+        ``0 .. n_heads-1``. Warns once (:class:`InputScaleWarning`) for heads whose input scale is not folded in."""
+        self.warn_input_scale()
         n_heads = len(self.saes)
         if self.heads != tuple(range(n_heads)):
             raise InputError(f"reconstructing the concatenated z needs SAEs for heads 0..{max(self.heads)}; "
@@ -156,6 +160,16 @@ class HeadSAEs:
             raise InputError(f"z must have shape (n, n_heads * d_head) = (n, {n_heads * self.d_head}), got {shape}")
         blocks = z.split(self.d_head, dim=1)
         return torch.cat([sae.decode(sae.encode(block)) for sae, block in zip(self.saes, blocks)], dim=1)
+
+    def warn_input_scale(self) -> bool:
+        """One :class:`InputScaleWarning` naming the heads that still need their input scale and were not warned
+        about yet (each SAE is warned about once); returns whether it warned."""
+        return warn_input_scale(
+            self.saes,
+            describe=lambda pending: (
+                f"the per-head SAEs of heads {[sae.head for sae in pending]} ({self.model_name} {self.hook_name})"
+            ),
+        )
 
     def dictionary(self, normalize: bool = True):
         """The block-diagonal dictionary of all heads' decoders in the concatenated ``z`` space
@@ -184,6 +198,83 @@ class HeadSAEs:
         return BlockDictionary.from_blocks([sae.W_dec for sae in self.saes], normalize=normalize)
 
 
+def warn_if_input_scale_missing(obj: Any) -> bool:
+    """Warn (:class:`InputScaleWarning`, once per SAE) when ``obj`` -- an :class:`SAE`, a :class:`HeadSAEs`, or a
+    bound method of either (e.g. ``head_saes.reconstruct_concatenated`` handed to a splice) -- still needs an input
+    scale. Anything else is ignored. Returns whether it warned."""
+    owner = getattr(obj, "__self__", obj)
+    if isinstance(owner, HeadSAEs):
+        return owner.warn_input_scale()
+    if isinstance(owner, SAE):
+        return warn_input_scale((owner,))
+    return False
+
+
+def check_compatible(concat_sae: SAE, head_saes: HeadSAEs) -> tuple[int, int]:
+    """``(n_heads, d_head)`` once the concatenated-``z`` SAE and the per-head SAEs are known to read the same layer.
+
+    Checks that the per-head SAEs cover heads ``0 .. n_heads-1``, that the concat SAE is not a one-head SAE, that
+    its width is ``n_heads * d_head``, and -- where both sides record them -- that layer, hook and model agree
+    (TransformerLens aliases count as equal: ``blocks.1.hook_z`` is ``blocks.1.attn.hook_z``, ``gelu-2l`` is
+    ``NeelNanda/GELU_2L512W_C4_Code``). Every difference found is named in one error.
+    """
+    if not isinstance(concat_sae, SAE):
+        raise InputTypeError(f"concat_sae must be a sparsedecomp SAE, got {type(concat_sae).__name__}")
+    if not isinstance(head_saes, HeadSAEs):
+        raise InputTypeError(f"head_saes must be HeadSAEs, got {type(head_saes).__name__}")
+    n_heads, d_head = max(head_saes.heads) + 1, head_saes.d_head
+    missing = [h for h in range(n_heads) if h not in head_saes.heads]
+    if missing:
+        raise InputError(
+            f"the per-head SAEs must cover heads 0..{n_heads - 1} to match a concatenated SAE; missing heads {missing}"
+        )
+    if isinstance(concat_sae.head, int):
+        raise InputError(f"the concat SAE {concat_sae.describe()} reads head {concat_sae.head} only, not all heads' z")
+    problems = []
+    if concat_sae.d_in != n_heads * d_head:
+        problems.append(
+            f"width: the concat SAE reads d_in={concat_sae.d_in} but {n_heads} heads of d_head={d_head} span "
+            f"n_heads * d_head = {n_heads * d_head}"
+        )
+    if concat_sae.layer is not None and head_saes.layer is not None and concat_sae.layer != head_saes.layer:
+        problems.append(f"layer: the concat SAE reads layer {concat_sae.layer}, the per-head SAEs layer {head_saes.layer}")
+    if (
+        concat_sae.hook_name is not None
+        and head_saes.hook_name is not None
+        and canonical_hook(concat_sae.hook_name) != canonical_hook(head_saes.hook_name)
+    ):
+        problems.append(f"hook: the concat SAE reads {concat_sae.hook_name}, the per-head SAEs {head_saes.hook_name}")
+    if (
+        concat_sae.model_name is not None
+        and head_saes.model_name is not None
+        and not _same_model(concat_sae.model_name, head_saes.model_name)
+    ):
+        problems.append(
+            f"model: the concat SAE was trained on {concat_sae.model_name!r}, the per-head SAEs on "
+            f"{head_saes.model_name!r}"
+        )
+    if problems:
+        source = concat_sae.provenance.get("source", "?")
+        raise InputError(
+            f"the concat SAE ({source}) and the per-head SAEs ({head_saes.describe()}) do not match: "
+            + "; ".join(problems)
+        )
+    return n_heads, d_head
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Equal names, or two TransformerLens names / aliases of one model."""
+    if a == b:
+        return True
+    try:
+        from transformer_lens.loading_from_pretrained import make_model_alias_map
+    except ImportError:
+        return False
+    aliases = make_model_alias_map()
+    official_a, official_b = aliases.get(a.lower()), aliases.get(b.lower())
+    return official_a is not None and official_a == official_b
+
+
 def load_head_saes(
     sources: Mapping[int, str | Path] | Sequence[str | Path],
     *,
@@ -196,10 +287,13 @@ def load_head_saes(
     """Load one SAE per head and check that they belong together.
 
     ``sources`` maps head -> checkpoint (like the seed's ``ckpt_subfolders = {0: "rovi1lwe", ...}``; each source
-    may be a run folder, a checkpoint folder or an SAE folder; relative paths are taken under ``root``) or is a
-    list of checkpoints whose configs name their heads. With ``n_heads``, heads without an SAE raise
-    (``on_missing="raise"``) or warn (``"warn"``).
+    may be a run folder, a checkpoint folder, an SAE folder or one of its files, or a hub reference such as
+    ``saelens://RELEASE/SAE_ID`` (see :func:`~sparsedecomp.loading.registry.load_sae`); relative paths are taken
+    under ``root``, references are not) or is a list of checkpoints whose configs name their heads. With
+    ``n_heads``, heads without an SAE raise (``on_missing="raise"``) or warn (``"warn"``).
     """
+    from .hub import is_reference
+
     from .registry import load_sae
 
     if on_missing not in ("raise", "warn"):
@@ -211,8 +305,21 @@ def load_head_saes(
         raise InputError("sources is empty")
     saes = []
     for expected_head, source in items:
-        path = Path(root) / source if root is not None else Path(source)
-        sae = load_sae(path, format=format, device=device)
+        if is_reference(source):
+            path = source
+            if format is not None:
+                raise InputError(f"format= does not apply to the hub reference {source}")
+            sae = load_sae(source, device=device)
+        else:
+            path = Path(root) / source if root is not None else Path(source)
+            sae = load_sae(path, format=format, device=device)
+        if sae.head is None:
+            head = "<h>" if expected_head is None else expected_head
+            raise HookUnknownError(
+                f"{path} does not record which hook and head it reads (a SAELens SAE saved without metadata): load it "
+                f"with load_sae, give them with sae.with_hook('blocks.<layer>.attn.hook_z', head={head}) and build "
+                "HeadSAEs((sae, ...)) from the results"
+            )
         if expected_head is not None and sae.head != expected_head:
             raise InputError(f"the source given for head {expected_head} ({path}) holds an SAE for head {sae.head!r}")
         saes.append(sae)
@@ -220,3 +327,4 @@ def load_head_saes(
     if n_heads is not None:
         result.check_complete(n_heads, on_missing=on_missing)
     return result
+

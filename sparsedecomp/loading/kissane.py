@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import torch
 
 from .errors import CheckpointError, CheckpointNotFoundError
-from .files import check_sae_tensors, config_int, config_str, layer_from_hook, read_json, read_torch_state_dict
+from .files import check_sae_tensors, config_int, config_str, read_json, read_torch_state_dict, resolve_layer
 from .sae import CONCATENATED, SAE
 from ..errors import InputError, InputTypeError
 
@@ -86,7 +86,9 @@ def load_kissane(
         if version is None:
             raise InputError("load_kissane needs a local source or a hub version (e.g. version='.../gelu-2l_..._v78')")
         pt, cfg = _download(repo_id or DEFAULT_REPO_ID, str(version), revision, cache_dir, local_files_only)
-        where = {"repo_id": repo_id or DEFAULT_REPO_ID, "version": str(version), "revision": revision}
+        where = {"repo_id": repo_id or DEFAULT_REPO_ID, "version": str(version)}
+        if revision is not None:
+            where["revision"] = revision
         return read_kissane(pt, cfg, device=device, where=where)
     pair = find_kissane_pair(source, version)
     if pair is None:
@@ -136,9 +138,7 @@ def read_kissane(
     hook_name = config_str(cfg, "act_name", cfg_path)
     dtype = _enc_dtype(cfg, cfg_path)
     version = pt_path.name[: -len(".pt")] if pt_path.name.endswith(".pt") else pt_path.stem
-    layer = cfg.get("layer", layer_from_hook(hook_name))
-    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-        raise CheckpointError(f"{cfg_path}: layer must be a non-negative int (or derivable from act_name), got {layer!r}")
+    layer = resolve_layer(cfg.get("layer"), hook_name, cfg_path, "layer")
     model_name = cfg.get("model_name")
     if not isinstance(model_name, str) or not model_name:
         match = _NAME_MODEL.match(version)
@@ -157,8 +157,10 @@ def read_kissane(
         "cfg": cfg,
         **dict(where or {}),
     }
-    if "repo_id" in provenance:
-        provenance["source"] = f"hf://{provenance['repo_id']}/{provenance['version']}.pt"
+    if "repo_id" in provenance:  # the hub reference load_sae reads back (see hub.py)
+        revision = provenance.get("revision")
+        repo = provenance["repo_id"] + (f"@{revision}" if revision else "")
+        provenance["source"] = f"hf://{repo}/{provenance['version']}"
     return SAE(
         **moved,
         apply_b_dec_to_input=True,
@@ -219,6 +221,9 @@ def save_kissane(
         "b_enc": b_enc.detach().cpu().contiguous(),
         "b_dec": sae.b_dec.detach().cpu().contiguous(),
     }
+    hook_name, layer = sae.require_hook("writing a Kissane checkpoint")
+    if not (sae.head == CONCATENATED or isinstance(sae.head, int)):
+        raise InputError(f"the Kissane format stores concatenated-z or one-head SAEs; this SAE's head is {sae.head!r}")
     head = "cat" if sae.head == CONCATENATED else sae.head
     cfg: dict[str, Any] = {
         "seed": 49,
@@ -234,11 +239,11 @@ def save_kissane(
         "enc_dtype": names[sae.dtype],
         "model_name": sae.model_name,
         "site": "z",
-        "layer": sae.layer,
+        "layer": layer,
         "device": "cpu",
         "head": head,
         "concat_heads": head == "cat",
-        "act_name": sae.hook_name,
+        "act_name": hook_name,
         "act_size": sae.d_in,
         "dict_size": sae.d_sae,
         "name": str(version).rsplit("/", 1)[-1],

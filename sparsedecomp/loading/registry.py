@@ -8,11 +8,12 @@ from typing import Callable
 import torch
 
 from .errors import CheckpointError, CheckpointNotFoundError
-from .files import read_json
+from .files import CFG_NAME, SAE_DIR_FILES, WEIGHTS_NAME, is_sae_dir, read_json, sae_dir_of
+from .hub import SYNTAX, is_reference, load_reference
 from .kissane import CFG_SUFFIX, find_kissane_pair, load_kissane
 from .sae import SAE
 from .saelens6 import is_saelens6_cfg, load_saelens6
-from .saelens_legacy import CFG_NAME, WEIGHTS_NAME, is_legacy_cfg, is_sae_dir, list_checkpoints, load_legacy_saelens
+from .saelens_legacy import is_legacy_cfg, list_checkpoints, load_legacy_saelens
 from ..errors import InputError
 
 LOADERS: dict[str, Callable[..., SAE]] = {
@@ -26,21 +27,26 @@ def detect_format(source: str | Path, *, version: str | int | None = None) -> st
     """Name the format of the checkpoint at ``source`` (a key of :data:`LOADERS`).
 
     * ``{version}.pt`` + ``{version}_cfg.json`` (the file, or a directory holding the pair): ``"kissane"``;
-    * a folder with ``cfg.json`` + ``sae_weights.safetensors`` whose config has ``architecture`` / ``metadata``:
-      ``"saelens6"``; one whose config has ``hook_point``: ``"saelens_legacy"``;
+    * a folder with ``cfg.json`` + ``sae_weights.safetensors`` (or one of those files) whose config has
+      ``architecture`` / ``metadata``: ``"saelens6"``; one whose config has ``hook_point``: ``"saelens_legacy"``;
     * a legacy checkpoint folder (``<sae_name>/`` inside) or run folder (``final_<n>/`` inside):
       ``"saelens_legacy"``.
     """
+    if is_reference(source):
+        raise InputError(f"{source} is a hub reference, not a local checkpoint: load it with load_sae")
     path = Path(source)
     if not path.exists():
         raise CheckpointNotFoundError(f"checkpoint not found: {path}")
     if path.is_file():
         if path.name.endswith(".pt") or path.name.endswith(CFG_SUFFIX):
             return "kissane"
-        if path.name in (CFG_NAME, WEIGHTS_NAME):
+        if path.name in SAE_DIR_FILES:
             path = path.parent
         else:
-            raise CheckpointError(f"{path} is not a checkpoint file this package reads (.pt, _cfg.json, cfg.json)")
+            raise CheckpointError(
+                f"{path} is not a checkpoint file this package reads ({{version}}.pt, {{version}}{CFG_SUFFIX}, "
+                f"{', '.join(SAE_DIR_FILES)})"
+            )
     if find_kissane_pair(path, version) is not None:
         return "kissane"
     if version is not None:
@@ -72,10 +78,19 @@ def load_sae(
     device: str | torch.device = "cpu",
     sae_name: str | None = None,
 ) -> SAE:
-    """Load one SAE from a local checkpoint (format detected unless ``format`` names it) or, with ``repo_id``
-    (or no ``source`` but a ``version``), a Kissane checkpoint from the Hugging Face hub."""
+    """Load one SAE.
+
+    ``source`` is a local checkpoint (file or folder; format detected unless ``format`` names it) or a hub
+    reference, ``hf://OWNER/REPO[@REVISION]/VERSION`` (a Kissane pair) or ``saelens://RELEASE/SAE_ID`` (a SAELens
+    release; see :mod:`sparsedecomp.loading.hub`). With ``repo_id`` (or no ``source`` but a ``version``) a Kissane
+    checkpoint is fetched from the Hugging Face hub.
+    """
     if format is not None and format not in LOADERS:
         raise InputError(f"format must be one of {sorted(LOADERS)}, got {format!r}")
+    if is_reference(source):
+        if repo_id is not None or format is not None or sae_name is not None:
+            raise InputError(f"{source} is a hub reference ({SYNTAX}); it takes no repo_id=, format= or sae_name=")
+        return load_reference(source, version=version, device=device)
     if source is None or repo_id is not None:
         if format not in (None, "kissane"):
             raise InputError(f"only the 'kissane' format is read from a hub repo here, got format={format!r}")
@@ -91,6 +106,6 @@ def load_sae(
         options["sae_name"] = sae_name
     elif sae_name is not None:
         raise InputError(f"sae_name= only applies to legacy SAELens trees; {source} is {name}")
-    if name == "saelens6" and path.is_file():
-        path = path.parent
+    if name in ("saelens6", "saelens_legacy"):
+        path = sae_dir_of(path)
     return LOADERS[name](path, device=device, **options)

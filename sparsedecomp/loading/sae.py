@@ -11,17 +11,35 @@ always say exactly which weights produced it.
 
 from __future__ import annotations
 
+import sys
+import warnings
+import weakref
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 
-from ..validation import check_positive, check_tensor
+from .errors import HookUnknownError
+from ..validation import FLOAT_DTYPES, check_positive, check_tensor
 from ..errors import InputError, InputTypeError
 
 CONCATENATED = "concatenated"
 NO_HEAD = "none"  # the hook has no head axis (e.g. a residual-stream SAE)
+
+
+class InputScaleWarning(UserWarning):
+    """An SAE was trained on inputs scaled by a factor that was never saved and has not been folded in."""
+
+
+# SAEs already warned about (once per SAE object: a derived SAE, e.g. after .to(), is a new object).
+_WARNED_INPUT_SCALE: "weakref.WeakSet[SAE]" = weakref.WeakSet()
+_INPUT_SCALE_FIX = (
+    "Estimate the scale on the model and tokens the SAE was trained on and fold it in first: "
+    "scales = sparsedecomp.loading.estimate_head_scales_from_model(model, token_batches, layer=L) then "
+    "head_saes = sparsedecomp.loading.fold_head_scales(head_saes, scales); for a single SAE, "
+    "sae = sae.with_input_scale(sparsedecomp.loading.estimate_input_scale(activations))."
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -34,12 +52,13 @@ class SAE:
         W_dec: ``(d_sae, d_in)`` decoder; row ``i`` is feature ``i``'s direction (not necessarily unit norm).
         b_dec: ``(d_in,)`` decoder bias.
         apply_b_dec_to_input: whether ``b_dec`` is subtracted from the input before encoding.
-        hook_name: the TransformerLens hook read, e.g. ``"blocks.1.attn.hook_z"``.
-        layer: the layer of that hook.
+        hook_name: the TransformerLens hook read, e.g. ``"blocks.1.attn.hook_z"``; ``None`` when the checkpoint
+            does not say (a SAELens SAE saved without metadata): set it with :meth:`with_hook`.
+        layer: the layer of that hook (``None`` when unknown).
         head: the attention head whose ``z`` (``d_head`` wide) the SAE reads, or ``"concatenated"`` for an SAE on
             all heads' ``z`` flattened head-major (head ``h`` owns columns ``h*d_head:(h+1)*d_head``), or
-            ``"none"`` for a hook without a head axis.
-        model_name: the model the SAE was trained on.
+            ``"none"`` for a hook without a head axis; ``None`` when unknown.
+        model_name: the model the SAE was trained on (``None`` when unknown).
         provenance: format, source path / repository, the checkpoint's own config and loader notes.
         transformations: every change applied since the checkpoint was read, in order.
         log_sparsity: optional ``(d_sae,)`` log10 firing frequency saved next to the weights.
@@ -50,10 +69,10 @@ class SAE:
     W_dec: Tensor
     b_dec: Tensor
     apply_b_dec_to_input: bool
-    hook_name: str
-    layer: int
-    head: int | str
-    model_name: str
+    hook_name: str | None
+    layer: int | None
+    head: int | str | None
+    model_name: str | None
     provenance: dict[str, Any] = field(default_factory=dict)
     transformations: tuple[str, ...] = ()
     log_sparsity: Tensor | None = None
@@ -82,17 +101,19 @@ class SAE:
                 raise InputError(f"log_sparsity must be a ({d_sae},) tensor, got {shape}")
         if not isinstance(self.apply_b_dec_to_input, bool):
             raise InputTypeError(f"apply_b_dec_to_input must be a bool, got {type(self.apply_b_dec_to_input).__name__}")
-        if not isinstance(self.hook_name, str) or not self.hook_name:
-            raise InputError(f"hook_name must be a non-empty string, got {self.hook_name!r}")
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
-            raise InputError(f"layer must be a non-negative int, got {self.layer!r}")
-        head_ok = (isinstance(self.head, int) and not isinstance(self.head, bool) and self.head >= 0) or (
-            self.head in (CONCATENATED, NO_HEAD)
-        )
+        if self.hook_name is not None and (not isinstance(self.hook_name, str) or not self.hook_name):
+            raise InputError(f"hook_name must be a non-empty string or None (unknown), got {self.hook_name!r}")
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0):
+            raise InputError(f"layer must be a non-negative int or None (unknown), got {self.layer!r}")
+        head_ok = self.head is None or (
+            isinstance(self.head, int) and not isinstance(self.head, bool) and self.head >= 0
+        ) or (self.head in (CONCATENATED, NO_HEAD))
         if not head_ok:
-            raise InputError(f"head must be a non-negative int, {CONCATENATED!r} or {NO_HEAD!r}; got {self.head!r}")
-        if not isinstance(self.model_name, str):
-            raise InputTypeError(f"model_name must be a string, got {type(self.model_name).__name__}")
+            raise InputError(
+                f"head must be a non-negative int, {CONCATENATED!r}, {NO_HEAD!r} or None (unknown); got {self.head!r}"
+            )
+        if self.model_name is not None and not isinstance(self.model_name, str):
+            raise InputTypeError(f"model_name must be a string or None (unknown), got {type(self.model_name).__name__}")
         if not isinstance(self.transformations, tuple) or not all(isinstance(t, str) for t in self.transformations):
             raise InputTypeError("transformations must be a tuple of strings")
 
@@ -123,9 +144,21 @@ class SAE:
         """One line naming the SAE: model, hook, head, sizes and source."""
         source = self.provenance.get("source", "?")
         return (
-            f"{self.model_name} {self.hook_name} head={self.head} d_in={self.d_in} d_sae={self.d_sae} "
-            f"({self.provenance.get('format', '?')}: {source})"
+            f"{self.model_name or '<model unknown>'} {self.hook_name or '<hook unknown>'} head={self.head} "
+            f"d_in={self.d_in} d_sae={self.d_sae} ({self.provenance.get('format', '?')}: {source})"
         )
+
+    def require_hook(self, purpose: str) -> tuple[str, int]:
+        """``(hook_name, layer)``, or :class:`~sparsedecomp.loading.errors.HookUnknownError` saying that
+        ``purpose`` needs them and how to give them (:meth:`with_hook`)."""
+        if self.hook_name is None or self.layer is None:
+            source = self.provenance.get("source", "this SAE")
+            raise HookUnknownError(
+                f"{purpose} needs the SAE's hook_name, but {source} does not record one (a SAELens SAE saved without "
+                "metadata): give it with sae.with_hook('blocks.<layer>.attn.hook_z', head=<head index, or "
+                "'concatenated' for all heads' z>)"
+            )
+        return self.hook_name, self.layer
 
     # -- forward -----------------------------------------------------------------------------------------------
     def _check_input(self, x: Tensor, name: str, width: int) -> Tensor:
@@ -136,14 +169,20 @@ class SAE:
         return x.to(device=self.device, dtype=self.dtype)
 
     def encode(self, x: Tensor) -> Tensor:
-        """Feature activations ``relu((x - a*b_dec) @ W_enc + b_enc)`` for ``x`` of shape ``(..., d_in)``."""
+        """Feature activations ``relu((x - a*b_dec) @ W_enc + b_enc)`` for ``x`` of shape ``(..., d_in)``.
+
+        Warns (:class:`InputScaleWarning`, once per SAE) while :attr:`needs_input_scale`."""
+        warn_input_scale((self,))
         x = self._check_input(x, "x", self.d_in)
         if self.apply_b_dec_to_input:
             x = x - self.b_dec
         return torch.relu(x @ self.W_enc + self.b_enc)
 
     def decode(self, f: Tensor) -> Tensor:
-        """Reconstruction ``f @ W_dec + b_dec`` for activations ``f`` of shape ``(..., d_sae)``."""
+        """Reconstruction ``f @ W_dec + b_dec`` for activations ``f`` of shape ``(..., d_sae)``.
+
+        Warns (:class:`InputScaleWarning`, once per SAE) while :attr:`needs_input_scale`."""
+        warn_input_scale((self,))
         f = self._check_input(f, "f", self.d_sae)
         return f @ self.W_dec + self.b_dec
 
@@ -200,9 +239,36 @@ class SAE:
             b_enc=self.b_enc * norms,
         )
 
+    def with_hook(
+        self,
+        hook_name: str,
+        *,
+        head: int | str | None = None,
+        layer: int | None = None,
+        model_name: str | None = None,
+    ) -> "SAE":
+        """A copy that reads ``hook_name`` (for a checkpoint that does not say which hook it reads).
+
+        ``layer`` defaults to the one in ``hook_name`` (``blocks.L....``); ``head`` to the SAE's own if known, else
+        ``"concatenated"`` for a ``hook_z`` hook and ``"none"`` otherwise (pass the head index for a per-head SAE);
+        ``model_name`` to the SAE's own. Recorded in :attr:`transformations`."""
+        from .files import layer_from_hook
+
+        if not isinstance(hook_name, str) or not hook_name:
+            raise InputError(f"hook_name must be a non-empty string, got {hook_name!r}")
+        if layer is None:
+            layer = layer_from_hook(hook_name)
+            if layer is None:
+                raise InputError(f"hook_name {hook_name!r} names no layer (blocks.<layer>....): pass layer=")
+        if head is None:
+            head = self.head if self.head is not None else (CONCATENATED if "hook_z" in hook_name else NO_HEAD)
+        model_name = self.model_name if model_name is None else model_name
+        note = f"hook set by hand: {hook_name} (layer {layer}, head {head!r}, model {model_name!r})"
+        return self._derive(note, hook_name=hook_name, layer=layer, head=head, model_name=model_name)
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "SAE":
         """A copy on ``device`` in floating ``dtype``; a dtype change is recorded, a device move is not."""
-        if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        if dtype is not None and dtype not in FLOAT_DTYPES:
             raise InputTypeError(f"dtype must be a floating-point torch dtype, got {dtype}")
         moved = {
             name: getattr(self, name).to(device=device, dtype=dtype) for name in ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -212,6 +278,37 @@ class SAE:
         if dtype is not None and dtype != self.dtype:
             return self._derive(f"cast {self.dtype} -> {dtype}", **moved)
         return replace(self, **moved)
+
+
+def warn_input_scale(saes: Iterable[SAE], *, describe: Callable[[list[SAE]], str] | None = None) -> bool:
+    """Warn (:class:`InputScaleWarning`) about the SAEs among ``saes`` that still need their input scale and have
+    not been warned about yet; one warning names them all (``describe(pending)``, default: each SAE's
+    :meth:`SAE.describe`). Returns whether a warning was issued. The warning points at the first caller outside
+    ``sparsedecomp``."""
+    pending = [sae for sae in saes if sae.needs_input_scale and sae not in _WARNED_INPUT_SCALE]
+    if not pending:
+        return False
+    for sae in pending:
+        _WARNED_INPUT_SCALE.add(sae)
+    what = describe(pending) if describe is not None else "; ".join(sae.describe() for sae in pending)
+    verb = "was" if len(pending) == 1 else "were"
+    message = (
+        f"{what} {verb} trained on inputs multiplied by an input scale that was never saved (legacy SAELens, "
+        "normalize_activations: true) and is not folded in, so on unscaled activations encode / forward / decode "
+        f"and splice-in losses are wrong (per-head splice scores drop). {_INPUT_SCALE_FIX}"
+    )
+    warnings.warn(message, InputScaleWarning, stacklevel=_outside_stacklevel())
+    return True
+
+
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` (for a ``warnings.warn`` in the caller) of the first frame outside sparsedecomp and torch."""
+    frame = sys._getframe(2)  # the caller of the function that calls warnings.warn
+    level = 2
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("sparsedecomp", "torch"):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 def fold_legacy_scaling_factor(W_dec: Tensor, scaling_factor: Tensor) -> tuple[Tensor, str | None]:

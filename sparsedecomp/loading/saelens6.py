@@ -23,16 +23,26 @@ import torch
 from torch import Tensor
 
 from .errors import CheckpointError, UnsupportedCheckpointError
-from .files import check_sae_tensors, config_int, layer_from_hook, read_json, read_safetensors
-from .sae import CONCATENATED, NO_HEAD, SAE
+from .files import (
+    CFG_NAME,
+    DTYPE_NAMES,
+    SPARSITY_NAME,
+    WEIGHTS_NAME,
+    check_sae_tensors,
+    config_int,
+    optional_str,
+    parse_dtype,
+    read_json,
+    read_safetensors,
+    read_sparsity,
+    resolve_head,
+    resolve_layer,
+    sae_dir_of,
+)
+from .sae import CONCATENATED, SAE
 from ..errors import InputError, InputTypeError
 
-CFG_NAME = "cfg.json"
-WEIGHTS_NAME = "sae_weights.safetensors"
-SPARSITY_NAME = "sparsity.safetensors"
 SUPPORTED_ARCHITECTURES = ("standard",)
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_DTYPES.update({f"torch.{k}": v for k, v in list(_DTYPES.items())})
 # Releases whose files are Kissane-style (.pt + _cfg.json) checkpoints: read them with our safe loader.
 _KISSANE_CONVERSIONS = ("connor_rob_hook_z",)
 
@@ -43,8 +53,12 @@ def is_saelens6_cfg(cfg: Mapping[str, Any]) -> bool:
 
 
 def load_saelens6(path: str | Path, *, device: str | torch.device = "cpu") -> SAE:
-    """Load a SAELens 6.x SAE directory (standard architecture) without unpickling anything."""
-    path = Path(path)
+    """Load a SAELens 6.x SAE directory (standard architecture; the folder or its ``cfg.json`` /
+    ``sae_weights.safetensors``) without unpickling anything.
+
+    A folder saved from a bare ``StandardSAE`` (no ``metadata.hook_name`` / ``model_name``) loads with the hook,
+    layer, head and model unknown (``None``); give them with ``SAE.with_hook(...)`` where they are needed."""
+    path = sae_dir_of(path)
     cfg_path, weights_path = path / CFG_NAME, path / WEIGHTS_NAME
     cfg = read_json(cfg_path, "SAELens config")
     if not is_saelens6_cfg(cfg):
@@ -55,19 +69,13 @@ def load_saelens6(path: str | Path, *, device: str | torch.device = "cpu") -> SA
         raise CheckpointError(f"{cfg_path}: metadata must be a JSON object, got {type(meta).__name__}")
     d_in = config_int(cfg, "d_in", cfg_path)
     d_sae = config_int(cfg, "d_sae", cfg_path)
-    dtype_name = cfg.get("dtype", "float32")
-    if dtype_name not in _DTYPES:
-        raise CheckpointError(f"{cfg_path}: dtype must be one of {sorted(_DTYPES)}, got {dtype_name!r}")
+    dtype = parse_dtype(cfg.get("dtype", "float32"), cfg_path)
     apply_b_dec = cfg.get("apply_b_dec_to_input", True)
     if not isinstance(apply_b_dec, bool):
         raise CheckpointError(f"{cfg_path}: apply_b_dec_to_input must be a bool, got {apply_b_dec!r}")
     tensors = read_safetensors(weights_path, "SAELens weights", device=device)
-    check_sae_tensors(tensors, weights_path, d_in=d_in, d_sae=d_sae, dtype=_DTYPES[dtype_name])
-    log_sparsity = None
-    if (path / SPARSITY_NAME).exists():
-        log_sparsity = read_safetensors(path / SPARSITY_NAME, "SAELens sparsity", device=device).get("sparsity")
-        if log_sparsity is None or tuple(log_sparsity.shape) != (d_sae,):
-            raise CheckpointError(f"{path / SPARSITY_NAME} must hold a 'sparsity' tensor of shape ({d_sae},)")
+    check_sae_tensors(tensors, weights_path, d_in=d_in, d_sae=d_sae, dtype=dtype)
+    log_sparsity = read_sparsity(path / SPARSITY_NAME, d_sae, "SAELens sparsity", device=device)
     files = [str(cfg_path), str(weights_path)] + ([str(path / SPARSITY_NAME)] if log_sparsity is not None else [])
     return _build(
         weights={k: tensors[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")},
@@ -100,6 +108,7 @@ def _build(
     provenance: dict[str, Any],
     log_sparsity: Tensor | None,
 ) -> SAE:
+    """The :class:`SAE` from a SAELens 6 config's pieces; unknown hook / model stay ``None``."""
     if normalize not in ("none", "expected_average_only_in", None):
         raise UnsupportedCheckpointError(
             f"{where}: normalize_activations={normalize!r} is an input-dependent transform that a fixed linear "
@@ -107,22 +116,10 @@ def _build(
         )
     if reshape not in ("none", "hook_z", None):
         raise CheckpointError(f"{where}: unknown reshape_activations {reshape!r}")
-    hook_name = meta.get("hook_name")
-    if not isinstance(hook_name, str) or not hook_name:
-        raise CheckpointError(f"{where}: metadata.hook_name must be a non-empty string, got {hook_name!r}")
-    model_name = meta.get("model_name")
-    if not isinstance(model_name, str) or not model_name:
-        raise CheckpointError(f"{where}: metadata.model_name must be a non-empty string, got {model_name!r}")
-    layer = meta.get("hook_layer", layer_from_hook(hook_name))
-    if layer is None:
-        raise CheckpointError(f"{where}: cannot tell the layer from hook_name {hook_name!r}")
-    head_index = meta.get("hook_head_index")
-    if head_index is None:
-        head: int | str = CONCATENATED if "hook_z" in hook_name else NO_HEAD
-    elif isinstance(head_index, int) and not isinstance(head_index, bool) and head_index >= 0:
-        head = head_index
-    else:
-        raise CheckpointError(f"{where}: metadata.hook_head_index must be null or a head index, got {head_index!r}")
+    hook_name = optional_str(meta, "hook_name", where, "metadata.hook_name")
+    model_name = optional_str(meta, "model_name", where, "metadata.model_name")
+    layer = resolve_layer(meta.get("hook_layer"), hook_name, where, "metadata.hook_layer")
+    head = resolve_head(meta.get("hook_head_index"), hook_name, where, "metadata.hook_head_index")
     needs_scale = normalize == "expected_average_only_in"
     provenance = {
         **provenance,
@@ -130,6 +127,11 @@ def _build(
         "normalize_activations": normalize or "none",
         "needs_input_scale": needs_scale,
     }
+    if hook_name is None:
+        provenance["hook_note"] = (
+            "the checkpoint names no hook (saved without metadata): hook_name, layer and head are unknown; "
+            "set them with SAE.with_hook(...)"
+        )
     if reshape == "hook_z":
         provenance["reshape_note"] = (
             "SAELens would flatten (..., n_heads, d_head) inputs; this SAE reads (..., d_in) vectors directly"
@@ -197,12 +199,12 @@ def load_saelens_pretrained(
             raise CheckpointError(f"sae_id {sae_id!r} is not in release {release!r} (ids: {list(lookup.saes_map)[:5]} ...)")
         path = lookup.saes_map[sae_id]
         version = path[: -len(".pt")] if path.endswith(".pt") else path
-        if dtype not in _DTYPES:
-            raise InputError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        if dtype not in DTYPE_NAMES:
+            raise InputError(f"dtype must be one of {sorted(DTYPE_NAMES)}, got {dtype!r}")
         sae = load_kissane(version=version, repo_id=lookup.repo_id, device=device)
-        if sae.dtype != _DTYPES[dtype]:
-            sae = sae.to(dtype=_DTYPES[dtype])
-        return _with_provenance(sae, where)
+        if sae.dtype != DTYPE_NAMES[dtype]:
+            sae = sae.to(dtype=DTYPE_NAMES[dtype])
+        return _with_provenance(sae, {**where, "source": f"saelens://{release}/{sae_id}"})
     from sae_lens import SAE as LensSAE
 
     try:
@@ -247,9 +249,10 @@ def save_saelens6(
 
     if not isinstance(sae, SAE):
         raise InputTypeError(f"sae must be a sparsedecomp SAE, got {type(sae).__name__}")
-    names = {v: k for k, v in _DTYPES.items() if not k.startswith("torch.")}
+    names = {v: k for k, v in DTYPE_NAMES.items() if not k.startswith("torch.")}
     if reshape_activations is None:
-        reshape_activations = "hook_z" if sae.head == CONCATENATED and "hook_z" in sae.hook_name else "none"
+        is_hook_z = sae.hook_name is not None and "hook_z" in sae.hook_name
+        reshape_activations = "hook_z" if sae.head == CONCATENATED and is_hook_z else "none"
     if reshape_activations not in ("none", "hook_z"):
         raise InputError(f"reshape_activations must be 'none' or 'hook_z', got {reshape_activations!r}")
     if normalize_activations is None:
@@ -258,17 +261,17 @@ def save_saelens6(
         version = importlib_metadata.version("sae-lens")
     except importlib_metadata.PackageNotFoundError:
         version = "6.0.0"
-    meta: dict[str, Any] = {
-        "sae_lens_version": version,
-        "sae_lens_training_version": version,
-        "model_name": sae.model_name,
-        "hook_name": sae.hook_name,
-        "hook_head_index": sae.head if isinstance(sae.head, int) else None,
-        "prepend_bos": True,
-        "context_size": 128,
-        "dataset_path": None,
-        "model_from_pretrained_kwargs": {},
-    }
+    meta: dict[str, Any] = {"sae_lens_version": version, "sae_lens_training_version": version}
+    if sae.hook_name is not None:  # an SAE whose hook is unknown is written as a bare StandardSAE writes itself
+        meta.update({
+            "model_name": sae.model_name,
+            "hook_name": sae.hook_name,
+            "hook_head_index": sae.head if isinstance(sae.head, int) else None,
+            "prepend_bos": True,
+            "context_size": 128,
+            "dataset_path": None,
+            "model_from_pretrained_kwargs": {},
+        })
     meta.update(dict(metadata_extra or {}))
     cfg = {
         "d_in": sae.d_in,

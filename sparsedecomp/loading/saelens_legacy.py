@@ -30,33 +30,31 @@ import torch
 from torch import Tensor
 
 from .errors import CheckpointError, CheckpointNotFoundError
-from .files import check_sae_tensors, config_int, config_str, layer_from_hook, read_json, read_safetensors
-from .sae import CONCATENATED, NO_HEAD, SAE, fold_legacy_scaling_factor
+from .files import (
+    CFG_NAME,
+    DTYPE_NAMES,
+    SPARSITY_NAME,
+    WEIGHTS_NAME,
+    check_sae_tensors,
+    config_int,
+    config_str,
+    is_sae_dir,
+    parse_dtype,
+    read_json,
+    read_safetensors,
+    read_sparsity,
+    resolve_head,
+    resolve_layer,
+    sae_dir_of,
+)
+from .sae import SAE, fold_legacy_scaling_factor
 from ..errors import InputError, InputTypeError
 
-CFG_NAME = "cfg.json"
-WEIGHTS_NAME = "sae_weights.safetensors"
-SPARSITY_NAME = "sparsity.safetensors"
 # Files a legacy tree holds that must never be read (both are pickles).
 NEVER_OPEN = ("training_run_state.pkl", "ctx.safetensors")
 DEFAULT_SAE_LENS_VERSION = "2.1.3"
 
 _CHECKPOINT = re.compile(r"^(final_)?(\d+)$")
-_DTYPES = {
-    "torch.float32": torch.float32,
-    "float32": torch.float32,
-    "torch.float16": torch.float16,
-    "float16": torch.float16,
-    "torch.bfloat16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "torch.float64": torch.float64,
-    "float64": torch.float64,
-}
-
-
-def is_sae_dir(path: Path) -> bool:
-    """A folder holding ``cfg.json`` and ``sae_weights.safetensors``."""
-    return (path / CFG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
 
 
 def is_legacy_cfg(cfg: Mapping[str, Any]) -> bool:
@@ -89,16 +87,20 @@ def choose_checkpoint(run_dir: str | Path) -> tuple[Path, str]:
 
 
 def find_legacy_sae_dir(path: str | Path, *, sae_name: str | None = None) -> tuple[Path, str | None]:
-    """Resolve ``path`` (the SAE folder, a checkpoint folder, or the run folder ``<wandb_id>/``) to the SAE folder.
+    """Resolve ``path`` (the SAE folder or its ``cfg.json`` / ``sae_weights.safetensors``, a checkpoint folder, or
+    the run folder ``<wandb_id>/``) to the SAE folder.
 
     Returns the folder and, when a checkpoint had to be chosen, a sentence saying which. Only directory names
     are inspected here; no file is opened.
     """
-    path = Path(path)
+    path = sae_dir_of(path)
     if not path.exists():
         raise CheckpointNotFoundError(f"legacy SAELens checkpoint not found: {path}")
     if not path.is_dir():
-        raise CheckpointError(f"{path} must be a directory (the SAE folder, a checkpoint folder or a run folder)")
+        raise CheckpointError(
+            f"{path} must be a directory (the SAE folder, a checkpoint folder or a run folder) or the SAE folder's "
+            f"{CFG_NAME} / {WEIGHTS_NAME}"
+        )
     if is_sae_dir(path):
         return path, None
     choice = None
@@ -150,17 +152,9 @@ def load_legacy_saelens(
         d_sae = config_int(cfg, "d_sae", cfg_path)
     else:
         d_sae = d_in * config_int(cfg, "expansion_factor", cfg_path)
-    dtype = _dtype(cfg, cfg_path)
-    layer = cfg.get("hook_point_layer", layer_from_hook(hook_name))
-    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-        raise CheckpointError(f"{cfg_path}: hook_point_layer must be a non-negative int, got {layer!r}")
-    head_index = cfg.get("hook_point_head_index")
-    if head_index is None:
-        head: int | str = CONCATENATED if "hook_z" in hook_name else NO_HEAD
-    elif isinstance(head_index, int) and not isinstance(head_index, bool) and head_index >= 0:
-        head = head_index
-    else:
-        raise CheckpointError(f"{cfg_path}: hook_point_head_index must be null or a head index, got {head_index!r}")
+    dtype = None if cfg.get("dtype") is None else parse_dtype(cfg["dtype"], cfg_path)
+    layer = resolve_layer(cfg.get("hook_point_layer"), hook_name, cfg_path, "hook_point_layer")
+    head = resolve_head(cfg.get("hook_point_head_index"), hook_name, cfg_path, "hook_point_head_index")
     apply_b_dec = cfg.get("apply_b_dec_to_input", True)
     if not isinstance(apply_b_dec, bool):
         raise CheckpointError(f"{cfg_path}: apply_b_dec_to_input must be a bool, got {apply_b_dec!r}")
@@ -175,7 +169,7 @@ def load_legacy_saelens(
     if "scaling_factor" in tensors:
         W_dec, note = fold_legacy_scaling_factor(W_dec, tensors["scaling_factor"])
 
-    log_sparsity = _read_sparsity(sae_dir / SPARSITY_NAME, d_sae, device)
+    log_sparsity = read_sparsity(sae_dir / SPARSITY_NAME, d_sae, "legacy SAELens sparsity", device=device)
     provenance: dict[str, Any] = {
         "format": "saelens_legacy",
         "source": str(sae_dir),
@@ -209,29 +203,10 @@ def load_legacy_saelens(
     )
 
 
-def _dtype(cfg: Mapping[str, Any], path: Path) -> torch.dtype | None:
-    name = cfg.get("dtype")
-    if name is None:
-        return None
-    if name not in _DTYPES:
-        raise CheckpointError(f"{path}: dtype must be one of {sorted(set(_DTYPES))}, got {name!r}")
-    return _DTYPES[name]
-
-
-def _read_sparsity(path: Path, d_sae: int, device) -> Tensor | None:
-    if not path.exists():
-        return None
-    tensors = read_safetensors(path, "legacy SAELens sparsity", device=device)
-    value = tensors.get("sparsity")
-    if value is None or tuple(value.shape) != (d_sae,) or not value.is_floating_point():
-        got = None if value is None else f"{value.dtype} {tuple(value.shape)}"
-        raise CheckpointError(f"{path} must hold a floating 'sparsity' tensor of shape ({d_sae},), got {got}")
-    return value
-
-
 def legacy_sae_name(sae: SAE) -> str:
-    """SAELens 2.x's folder name ``f"{model_name}_{hook_point}_{d_sae}_"``."""
-    return f"{sae.model_name}_{sae.hook_name}_{sae.d_sae}_"
+    """SAELens 2.x's folder name ``f"{model_name}_{hook_point}_{d_sae}_"`` (``/`` in the model name becomes ``_``)."""
+    hook_name, _ = sae.require_hook("writing a legacy SAELens folder")
+    return f"{(sae.model_name or 'unknown').replace('/', '_')}_{hook_name}_{sae.d_sae}_"
 
 
 def save_legacy_saelens(
@@ -262,8 +237,11 @@ def save_legacy_saelens(
     clash = sorted(set(cfg_extra or {}) & {"d_in", "d_sae", "dtype", "hook_point"})
     if clash:
         raise InputError(f"cfg_extra may not override {clash}: they are determined by the SAE")
+    hook_name, layer = sae.require_hook("writing a legacy SAELens folder")
+    if sae.model_name is None:
+        raise InputError("the legacy SAELens format records model_name; this SAE's is unknown")
     dtype_name = str(sae.dtype)
-    if dtype_name not in _DTYPES:
+    if dtype_name not in DTYPE_NAMES:
         raise InputError(f"cannot write dtype {sae.dtype} in the legacy format")
     checkpoint = Path(root) / wandb_id / (f"final_{n_tokens}" if final else str(n_tokens))
     sae_dir = checkpoint / legacy_sae_name(sae)
@@ -271,8 +249,8 @@ def save_legacy_saelens(
     head_index = sae.head if isinstance(sae.head, int) else None
     cfg: dict[str, Any] = {
         "model_name": sae.model_name,
-        "hook_point": sae.hook_name,
-        "hook_point_layer": sae.layer,
+        "hook_point": hook_name,
+        "hook_point_layer": layer,
         "hook_point_head_index": head_index,
         "dataset_path": "NeelNanda/c4-code-tokenized-2b",
         "is_dataset_tokenized": True,

@@ -126,6 +126,11 @@ def estimate_head_scales_from_model(
     """Run ``model`` (a ``HookedTransformer`` or a :class:`~sparsedecomp.loading.models.LoadedModel`) on token
     batches ``[batch, pos]`` (BOS already prepended if the SAEs were trained with it) and estimate each head's
     scale from ``blocks.{layer}.attn.hook_z``. The model must be processed with the same flags as in training."""
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise InputError(
+            f"layer must be a non-negative int, got {layer!r} (an SAE loaded without its hook has layer None: give "
+            "it with sae.with_hook('blocks.<layer>.attn.hook_z', ...))"
+        )
     hooked = getattr(model, "model", model)
     hook_name = f"blocks.{layer}.attn.hook_z"
     batches = [token_batches] if isinstance(token_batches, Tensor) else token_batches

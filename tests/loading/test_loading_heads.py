@@ -7,13 +7,16 @@ import pytest
 import torch
 
 from sparsedecomp import BlockDictionary
+from sparsedecomp.errors import InputError, InputTypeError
 from sparsedecomp.loading import (
     CONCATENATED,
+    SAE,
     CheckpointError,
     CheckpointNotFoundError,
     HeadSAEs,
     InputScaleWarning,
     MissingHeadsWarning,
+    check_compatible,
     detect_format,
     load_head_saes,
     load_sae,
@@ -153,3 +156,54 @@ def test_reconstruct_concatenated_runs_each_head_on_its_own_block(make_sae):
         heads.reconstruct_concatenated(z[:, :16])
     with pytest.raises(ValueError, match=r"heads 0..2; have heads \[0, 2\]"):
         HeadSAEs((saes[0], saes[2])).reconstruct_concatenated(z)
+
+
+# -- check_compatible ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def four_heads(make_sae):
+    return HeadSAEs(tuple(make_sae(head=h, seed=h) for h in range(4)))
+
+
+def test_check_compatible_returns_the_layout(make_sae, four_heads):
+    concat = make_sae(d_in=32, d_sae=40, head=CONCATENATED)
+    assert check_compatible(concat, four_heads) == (4, 8)
+    # TransformerLens aliases are the same hook / model
+    alias = make_sae(d_in=32, d_sae=40, head=CONCATENATED, hook_name="blocks.1.hook_z",
+                     model_name="NeelNanda/GELU_2L512W_C4_Code")
+    assert check_compatible(alias, four_heads) == (4, 8)
+    # a concat SAE that does not record its hook (a bare SAELens SAE) is compared on width only
+    bare = SAE(**{f: getattr(concat, f) for f in ("W_enc", "b_enc", "W_dec", "b_dec", "apply_b_dec_to_input")},
+               hook_name=None, layer=None, head=None, model_name=None)
+    assert check_compatible(bare, four_heads) == (4, 8)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"d_in": 24}, r"width: the concat SAE reads d_in=24 but 4 heads of d_head=8 span n_heads \* d_head = 32"),
+        ({"layer": 0}, r"layer: the concat SAE reads layer 0, the per-head SAEs layer 1"),
+        ({"hook_name": "blocks.1.attn.hook_v"}, r"hook: the concat SAE reads blocks.1.attn.hook_v, the per-head SAEs blocks.1.attn.hook_z"),
+        ({"model_name": "gelu-1l"}, r"model: the concat SAE was trained on 'gelu-1l', the per-head SAEs on 'gelu-2l'"),
+    ],
+)
+def test_check_compatible_names_what_differs(make_sae, four_heads, change, message):
+    fields = {"d_in": 32, "d_sae": 40, "head": CONCATENATED, **change}
+    if "layer" in change:
+        fields["hook_name"] = f"blocks.{change['layer']}.attn.hook_z"
+    with pytest.raises(InputError, match=r"do not match: .*" + message):
+        check_compatible(make_sae(**fields), four_heads)
+
+
+def test_check_compatible_lists_every_difference_and_refuses_bad_inputs(make_sae, four_heads):
+    wrong = make_sae(d_in=24, d_sae=40, head=CONCATENATED, layer=0, model_name="gelu-1l")
+    with pytest.raises(InputError, match=r"width: .*; layer: .*; model: "):
+        check_compatible(wrong, four_heads)
+    with pytest.raises(InputError, match=r"reads head 2 only, not all heads' z"):
+        check_compatible(make_sae(d_in=32, head=2), four_heads)
+    gap = HeadSAEs(tuple(make_sae(head=h, seed=h) for h in (0, 1, 3)))
+    with pytest.raises(InputError, match=r"must cover heads 0..3 .*missing heads \[2\]"):
+        check_compatible(make_sae(d_in=32, head=CONCATENATED), gap)
+    with pytest.raises(InputTypeError, match="head_saes must be HeadSAEs, got list"):
+        check_compatible(make_sae(d_in=32, head=CONCATENATED), list(four_heads))
+    with pytest.raises(InputTypeError, match="concat_sae must be a sparsedecomp SAE, got dict"):
+        check_compatible({}, four_heads)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from sparsedecomp.loading import (
     CheckpointError,
     CheckpointNotFoundError,
+    InputScaleWarning,
     detect_format,
     find_legacy_sae_dir,
     load_legacy_saelens,
@@ -129,7 +130,8 @@ def test_encode_decode_match_the_legacy_formula_with_a_scaling_factor(tree):
     sae = load_legacy_saelens(sae_dir)
     x = torch.randn(11, 8)
     acts, recon = legacy_reference(tensors, cfg, x)
-    torch.testing.assert_close(sae.encode(x), acts)
+    with pytest.warns(InputScaleWarning, match="normalize_activations: true"):  # unscaled legacy SAE: it says so
+        torch.testing.assert_close(sae.encode(x), acts)
     torch.testing.assert_close(sae.forward(x), recon, rtol=1e-5, atol=1e-5)
     assert any("scaling_factor" in t for t in sae.transformations)
 
@@ -158,11 +160,11 @@ def test_sae_lens_reads_the_same_directory_once_hook_z_reshaping_is_off(tree):
 
     lens = LensSAE.load_from_disk(str(tree["sae_dir"]))
     x = torch.randn(6, 8)
-    with pytest.raises(Exception):
-        lens.encode(x)
+    with pytest.raises(RuntimeError, match=r"size of tensor a \(48\) must match the size of tensor b \(8\)"):
+        lens.encode(x)  # [6, 8] flattened to [48]
     lens.turn_off_forward_pass_hook_z_reshaping()
     ours = load_legacy_saelens(tree["sae_dir"])
-    with torch.no_grad():
+    with torch.no_grad(), pytest.warns(InputScaleWarning):
         torch.testing.assert_close(ours.encode(x), lens.encode(x))
         torch.testing.assert_close(ours.decode(ours.encode(x)), lens.decode(lens.encode(x)))
     assert lens.cfg.normalize_activations == "expected_average_only_in"

@@ -55,8 +55,8 @@ def test_per_head_sae_with_the_hook_z_trap(tmp_path, make_sae, apply_b_dec):
     assert sae.head == 3 and sae.apply_b_dec_to_input is apply_b_dec and "reshape_note" in sae.provenance
     lens = lens_load(tmp_path / "h3")
     x = torch.randn(6, D_HEAD)
-    with pytest.raises(Exception):
-        lens.encode(x)  # [N, d_head] is flattened as if N were the head axis
+    with pytest.raises(RuntimeError, match=r"size of tensor a \(48\) must match the size of tensor b \(8\)"):
+        lens.encode(x)  # [6, d_head] is flattened to [48] as if 6 were the head axis
     lens.turn_off_forward_pass_hook_z_reshaping()
     with torch.no_grad():
         torch.testing.assert_close(sae.encode(x), lens.encode(x))
@@ -97,7 +97,8 @@ def test_other_architectures_are_refused(tmp_path, make_sae, architecture):
         (lambda c: c.update(normalize_activations="layer_norm"), UnsupportedCheckpointError, "input-dependent"),
         (lambda c: c.update(dtype="float16"), CheckpointError, r"weights are torch.float32 but the config declares torch.float16"),
         (lambda c: c.update(d_sae=25), CheckpointError, r"sae_weights\.safetensors: W_enc has shape \(8, 24\), expected \(8, 25\)"),
-        (lambda c: c["metadata"].pop("hook_name"), CheckpointError, r"cfg\.json: metadata.hook_name"),
+        (lambda c: c["metadata"].update(hook_name=3), CheckpointError, r"cfg\.json: metadata.hook_name must be a non-empty string"),
+        (lambda c: c["metadata"].update(hook_layer=0), CheckpointError, r"cfg\.json: metadata.hook_layer is 0 but the hook 'blocks.1.attn.hook_z' is in layer 1"),
         (lambda c: c.update(apply_b_dec_to_input="yes"), CheckpointError, r"cfg\.json: apply_b_dec_to_input must be a bool"),
     ],
 )
