@@ -44,8 +44,10 @@ USER_ERRORS = (InputError, FileNotFoundError, NotADirectoryError, IsADirectoryEr
 
 SOURCE_HELP = """
 sources (--concat-sae, --head-saes): a local path, or a hub reference:
-  hf://OWNER/REPO/VERSION       a Kissane pair {VERSION}.pt + {VERSION}_cfg.json in a Hugging Face repo
-  saelens://RELEASE/SAE_ID      an SAE of a SAELens pretrained release
+  hf://OWNER/REPO[@REVISION]/VERSION   a Kissane pair {VERSION}.pt + {VERSION}_cfg.json in a Hugging Face repo
+                                       (or hf://OWNER/REPO with --concat-version VERSION)
+  saelens://RELEASE/SAE_ID             an SAE of a SAELens pretrained release
+  saelens://OWNER/REPO/SAE_ID          an SAELens-format SAE in a hub repo outside the release directory
 """
 
 
@@ -178,7 +180,7 @@ def _load_tokens(path: Path):
 
 
 def run_decompose(args: argparse.Namespace) -> int:
-    from .loading import (ProcessingFlags, estimate_head_scales_from_model, fold_head_scales, load_head_saes,
+    from .loading import (estimate_head_scales_from_model, fold_head_scales, load_head_saes,
                           load_model, load_sae)
     from .pipeline import run_decomposition
 
@@ -205,8 +207,9 @@ def run_decompose(args: argparse.Namespace) -> int:
     context = {"concat_sae": concat.describe(), "head_saes": head_saes.describe()}
     W_O = None
     if args.model:
-        loaded = load_model(args.model, flags=ProcessingFlags())
-        W_O = loaded.model.W_O[concat.layer].detach()
+        # A local folder is loaded with the processing flags it records; a hub name with from_pretrained's.
+        loaded = load_model(args.model, flags=None)
+        W_O = loaded.model.W_O[concat.require_hook("reading W_O from --model")[1]].detach()
         context["model"] = loaded.describe()
         if tokens is not None and head_saes.heads_needing_input_scale:
             scales = estimate_head_scales_from_model(loaded, list(tokens.split(8)), layer=head_saes.layer)

@@ -28,6 +28,7 @@ from torch import Tensor
 from .codes_file import write_codes_file
 from .decomposition import STATUS_LEGEND, Decomposition, Status
 from .dictionary import mix_targets
+from .loading import check_compatible
 from .evaluation.metrics import decomposition_metrics, head_columns, target_head_shares
 from .outputs import RunWriter
 from .solvers import SOLVERS, make_solver
@@ -70,19 +71,6 @@ def concat_targets(concat_sae) -> tuple[Tensor, dict]:
     return concat_sae.W_dec / norms[:, None], note
 
 
-def check_compatible(concat_sae, head_saes) -> tuple[int, int]:
-    """``(n_heads, d_head)`` after checking the concat SAE reads the per-head SAEs' layer, all heads together."""
-    n_heads, d_head = len(head_saes), head_saes.d_head
-    if concat_sae.d_in != n_heads * d_head:
-        raise InputError(
-            f"the concat SAE reads {concat_sae.d_in} dimensions but {n_heads} head SAEs of d_head={d_head} span "
-            f"{n_heads * d_head}; give one SAE per head of the layer (or a --head-index-map)"
-        )
-    if concat_sae.layer != head_saes.layer:
-        raise InputError(f"the concat SAE reads layer {concat_sae.layer} but the head SAEs read layer {head_saes.layer}")
-    return n_heads, d_head
-
-
 def solver_params(method: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
     """``params`` over the pipeline's defaults for the method (:data:`DEFAULT_PARAMS`), validated by building
     the solver (which raises :class:`~sparsedecomp.errors.InputError` naming a bad method or parameter)."""
@@ -120,7 +108,7 @@ def run_decomposition(
         raise InputError(f"space must be one of {SPACES}, got {space!r}")
     if space != "z" and W_O is None:
         raise InputError(f"space={space!r} needs W_O (pass a model so that W_O of layer {concat_sae.layer} is known)")
-    n_heads, d_head = check_compatible(concat_sae, head_saes)
+    n_heads, d_head = check_compatible(concat_sae, head_saes)  # names every difference: width, layer, hook, model
     params = solver_params(method, params)
     spaces = ["z", "residual"] if space == "both" else [space]
     writer = RunWriter(out_dir, command="decompose", settings={"method": method, "params": params, "spaces": spaces})
