@@ -237,3 +237,24 @@ def test_demo_end_to_end(tmp_path, capsys):
     for line in summary["context"].values():
         assert html_escape(str(line).split(";")[0]) in html
     assert "wrote" in capsys.readouterr().out
+
+
+def test_decompose_on_local_demo_artifacts_with_a_local_model_then_rerun_in_place(tmp_path):
+    """`--model` takes a local model folder (the demo's), so local artifacts get input scales folded and the
+    residual view; a `--space z` rerun into the same folder leaves no residual codes behind."""
+    from sparsedecomp.demo import ARTIFACTS_DIR
+
+    heads = sorted(str(p) for p in (ARTIFACTS_DIR / "saes" / "heads" / "checkpoints").iterdir())
+    base = ["decompose", "--concat-sae", str(ARTIFACTS_DIR / "saes" / "concat"), "--head-saes", *heads,
+            "--n-nonzero", "4", "--out", str(tmp_path / "out"), "--no-progress"]
+    assert main([*base, "--model", str(ARTIFACTS_DIR / "model"), "--tokens",
+                 str(ARTIFACTS_DIR / "heldout_tokens.safetensors"), "--space", "both"]) == 0
+    out = tmp_path / "out"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["spaces"] == ["z", "residual"] and (out / "codes_residual.safetensors").is_file()
+    assert "head_scale_estimate" in summary["context"]
+    assert main(base) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["spaces"] == ["z"] and not (out / "codes_residual.safetensors").exists()
+    assert set(json.loads((out / "manifest.json").read_text())["files"]) == {
+        "summary.json", "index.html", "codes_z.safetensors"}
