@@ -10,8 +10,9 @@ import torch
 
 from sparsedecomp.demo import ARTIFACTS_DIR, load_demo_world
 from sparsedecomp.demo import quality
+from sparsedecomp.errors import InputError
 from sparsedecomp.demo.corpus import build_corpus
-from sparsedecomp.demo.layout import REPORT_FILE
+from sparsedecomp.demo.layout import BUILD_MARKER, CONCAT_DIR, REPORT_FILE
 from sparsedecomp.demo.tokenizer import pack, special_ids, train_tokenizer
 
 MAX_ARTIFACT_BYTES = 15 * 1024 * 1024
@@ -146,19 +147,85 @@ def test_tiny_build_writes_a_loadable_world(tmp_path):
     from sparsedecomp.demo.config import DemoConfig
 
     cfg = DemoConfig.tiny()
-    report = build(tmp_path, cfg)
-    world = load_demo_world(tmp_path)
+    out = tmp_path / "world"  # a new folder
+    report = build(out, cfg)
+    world = load_demo_world(out)
     assert len(world.head_saes) == cfg.n_heads
     assert world.concat_sae.d_sae == cfg.concat_d_sae
     assert set(report["timings_s"]) >= {"corpus", "tokenizer", "model", "head SAEs", "concat SAE", "evaluation"}
+    assert (out / BUILD_MARKER).is_file()
     # The legacy folders carry normalize_activations=true and no scale; loading re-estimated and folded one.
-    cfg_json = next(tmp_path.rglob("cfg.json"))
+    cfg_json = next(out.rglob("cfg.json"))
     assert json.loads(cfg_json.read_text())["normalize_activations"] is True
     assert all("folded input scale" in " ".join(s.transformations) for s in world.head_saes)
     # Re-evaluating the written build reproduces the build's own quality numbers.
-    again = reevaluate(tmp_path)
+    again = reevaluate(out)
     assert again["quality"]["summary"] == report["quality"]["summary"]
     assert DemoConfig.from_dict(again["config"]) == cfg
+    # Rebuilding the SAEs into the same folder (a previous build's) replaces the SAE folders it wrote there.
+    stray = out / CONCAT_DIR / "stray.txt"
+    stray.write_text("left by an older build")
+    rebuilt = build(out, cfg, skip_model=True)
+    assert not stray.exists() and len(load_demo_world(out).head_saes) == cfg.n_heads
+    assert "model" not in rebuilt["timings_s"]
+
+
+def test_build_needs_an_output_folder(capsys):
+    from sparsedecomp.demo.build import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--tiny"])
+    assert exc.value.code == 2
+    assert "the following arguments are required: --out" in capsys.readouterr().err
+
+
+def test_build_refuses_a_folder_that_is_not_a_previous_build(tmp_path, capsys):
+    from sparsedecomp.demo.build import build, claim_output_folder, main
+    from sparsedecomp.demo.config import DemoConfig
+
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / CONCAT_DIR).mkdir(parents=True)
+    (tmp_path / CONCAT_DIR / "keep.pt").write_text("mine too")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(InputError, match="not empty and not a previous demo build"):
+        build(tmp_path, DemoConfig.tiny())
+    with pytest.raises(InputError, match="--skip-model reuses the tokenizer and model of a previous build"):
+        build(tmp_path, DemoConfig.tiny(), skip_model=True)
+    assert main(["--out", str(tmp_path), "--tiny"]) == 2
+    assert "not empty and not a previous demo build" in capsys.readouterr().err
+    # Nothing was written or deleted.
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    with pytest.raises(InputError, match="is a file"):
+        claim_output_folder(tmp_path / "notes.txt")
+
+
+def test_build_claims_new_empty_and_previous_build_folders_only(tmp_path):
+    from sparsedecomp.demo.build import _clear, claim_output_folder
+
+    new, empty = tmp_path / "a" / "new", tmp_path / "empty"
+    empty.mkdir()
+    for folder in (new, empty):
+        claim_output_folder(folder)
+        assert [p.name for p in folder.iterdir()] == [BUILD_MARKER]
+    # A marked folder is a previous build's: claimed again, and its SAE folders may be cleared, nothing else.
+    (new / CONCAT_DIR).mkdir(parents=True)
+    (new / CONCAT_DIR / "old.pt").write_text("x")
+    (new / "tokenizer.json").write_text("{}")
+    claim_output_folder(new)
+    _clear(new, CONCAT_DIR)
+    assert not any((new / CONCAT_DIR).iterdir()) and (new / "tokenizer.json").is_file()
+    # Without the marker, clearing is refused even when called directly.
+    (empty / BUILD_MARKER).unlink()
+    (empty / CONCAT_DIR).mkdir(parents=True)
+    (empty / CONCAT_DIR / "old.pt").write_text("x")
+    with pytest.raises(InputError, match="refusing to delete"):
+        _clear(empty, CONCAT_DIR)
+    assert (empty / CONCAT_DIR / "old.pt").is_file()
+
+
+def test_shipped_artifacts_are_a_build_folder():
+    # Refreshing them (python -m sparsedecomp.demo.build --out sparsedecomp/demo/artifacts) needs the marker.
+    assert (ARTIFACTS_DIR / BUILD_MARKER).is_file()
 
 
 def test_every_spliced_site_matters(report):
