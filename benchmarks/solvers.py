@@ -38,6 +38,9 @@ from torch import Tensor
 from sparsedecomp import SOLVERS, Decomposition, Dictionary, decompose
 from sparsedecomp.optimality import lasso_objective, least_squares_objective
 
+from .acceptance import (GIB, CPU_MEMORY_LIMIT_BYTES, CPU_TIME_LIMITS_S, GPU_TIME_LIMITS_S, NN_LASSO_MAX_GAP,
+                         NN_LASSO_MIN_SPEEDUP, OMP_MIN_SPEEDUP, Verdict, judge_failed_run, judge_nn_lasso, judge_omp,
+                         judge_worker)
 from .baselines import Baseline, cvxpy_reference, sklearn_lasso_loop, sklearn_omp, sklearn_omp_gram
 from .planted import SIZES, PlantedConfig, make_planted, mix_planted
 
@@ -63,7 +66,6 @@ SPEED_BASELINES = {
 # Subset sizes for the per-target baselines, by problem size: (sklearn lasso loop, sklearn OMP, cvxpy).
 SUBSETS = {"tiny": (16, 48, 4), "small": (32, 128, 8), "medium": (128, 64, 16), "full": (128, 64, 16)}
 ACCEPTANCE_SHAPE = (8, 2048, 64)
-GIB = 1024**3
 
 
 # ---------------------------------------------------------------------------------------------------- utilities
@@ -380,9 +382,9 @@ class Benchmark:
         c = self.config
         return (c.n_heads, c.n_features, c.d_head) == ACCEPTANCE_SHAPE and self.args.space == "z"
 
-    def add_check(self, name: str, passed: bool | None, detail: str, **values: Any) -> None:
-        status = "SKIP" if passed is None else ("PASS" if passed else "FAIL")
-        self.checks.append({"check": name, "status": status, "detail": detail, **values})
+    def add_check(self, name: str, verdict: Verdict, detail: str, **values: Any) -> None:
+        self.checks.append({"check": name, "status": verdict.status, "detail": detail, "unmet": list(verdict.unmet),
+                            **values})
 
     def check_a(self) -> None:
         """(a) 2,048 targets: OMP 16 atoms >= 50x orthogonal_mp_gram with identical supports (float64); nn_lasso
@@ -395,73 +397,79 @@ class Benchmark:
         for method in ("omp", "nn_omp"):
             row = self.run_method(method, dtype=torch.float64, device=cpu, n=n, label="check-a", n_nonzero=16)
             if "error" in row:
-                self.add_check(f"a-{method}", False if official else None, f"{method} failed: {row['error']}{where}")
+                self.add_check(f"a-{method}", judge_failed_run(row["error"], official=official),
+                               f"{method} failed: {row['error']}{where}")
                 continue
             ratio = gram.extrapolate(n) / row["seconds"]
             identical = row.get("vs_reference", {}).get("identical_supports")
-            ok = ratio >= 50 and (method == "nn_omp" or identical == 1.0)
+            verdict = judge_omp(method, speedup=ratio, identical_supports=identical, official=official)
             text = (f"{method} n_nonzero=16 float64: {row['seconds']:.3f} s vs orthogonal_mp_gram "
                     f"{gram.extrapolate(n):.2f} s{' (extrapolated)' if gram.n_solved < n else ''} = {ratio:.1f}x "
-                    f"(need >= 50x)")
+                    f"(need >= {OMP_MIN_SPEEDUP:g}x)")
             if method == "omp":
-                text += f"; identical supports on {gram.n_solved} targets: {100 * identical:.1f}% (need 100%)"
+                text += f"; identical supports on {gram.n_solved} targets: {100 * (identical or 0):.1f}% (need 100%)"
             else:
                 text += f"; supports equal to sklearn OMP (informational): {100 * (identical or 0):.1f}%"
-            self.add_check(f"a-{method}", ok if official else None, text + where, speedup=ratio,
-                           identical_supports=identical)
+            self.add_check(f"a-{method}", verdict, text + where, speedup=ratio, identical_supports=identical)
         tol = self.args.check_tol
         sk = self.baseline_for("sk_nn_lasso")
         row = self.run_method("nn_lasso", dtype=torch.float64, device=cpu, n=n, label="check-a", tol=tol)
         if "error" in row:
-            self.add_check("a-nn_lasso", False if official else None, f"nn_lasso failed: {row['error']}{where}")
+            self.add_check("a-nn_lasso", judge_failed_run(row["error"], official=official),
+                           f"nn_lasso failed: {row['error']}{where}")
             return
         ratio = sk.extrapolate(n) / row["seconds"]
         gap = row["vs_reference"]["gap_max"]
-        ok = ratio >= 5 and gap <= 1e-6
         self.add_check(
-            "a-nn_lasso", ok if official else None,
+            "a-nn_lasso", judge_nn_lasso(speedup=ratio, gap_max=gap, official=official),
             f"nn_lasso tol={tol:g} float64: {row['seconds']:.3f} s vs sklearn positive-Lasso loop (tol="
             f"{self.args.sklearn_tol:g}) {sk.extrapolate(n):.2f} s{' (extrapolated from ' + str(sk.n_solved) + ')' if sk.n_solved < n else ''}"
-            f" = {ratio:.1f}x (need >= 5x); max objective gap to sklearn {gap:.2e} on {sk.n_solved} targets"
-            f" (need <= 1e-6)" + where, speedup=ratio, gap_max=gap)
+            f" = {ratio:.1f}x (need >= {NN_LASSO_MIN_SPEEDUP:g}x); max objective gap to sklearn {gap:.2e} on "
+            f"{sk.n_solved} targets (need <= {NN_LASSO_MAX_GAP:g})" + where, speedup=ratio, gap_max=gap)
 
     def check_b(self) -> None:
         """(b) full 16,384 targets on CPU: omp (32 atoms) < 60 s, nn_lasso tol 1e-4 < 180 s, peak memory < 8 GB."""
         official = self.at_acceptance_shape() and self.n_targets >= 16384
         if not official:
             for name in ("b-omp", "b-nn_lasso"):
-                self.add_check(name, None, f"needs --size full (16,384 targets on 8x2048x64); this run is "
-                                           f"{self.shape_text()} x {self.n_targets}")
+                self.add_check(name, Verdict("SKIP"), f"needs --size full (16,384 targets on 8x2048x64); this run "
+                                                      f"is {self.shape_text()} x {self.n_targets}")
             return
-        for method, params, limit in (("omp", {"n_nonzero": 32}, 60.0), ("nn_lasso", {"tol": 1e-4}, 180.0)):
+        for method, params in (("omp", {"n_nonzero": 32}), ("nn_lasso", {"tol": 1e-4})):
             out = self.run_worker(method, params, "cpu")
-            self.record_worker(f"b-{method}", method, params, out, limit, 8 * GIB, "peak RSS (VmHWM)")
+            self.record_worker(f"b-{method}", method, params, out, CPU_TIME_LIMITS_S[method], CPU_MEMORY_LIMIT_BYTES,
+                               "peak RSS (VmHWM)")
 
     def check_c(self) -> None:
         """(c) CUDA, full size: omp (32 atoms) < 0.2 s and nn_lasso < 1 s (after one warm-up)."""
         if not torch.cuda.is_available():
             for name in ("c-omp", "c-nn_lasso"):
-                self.add_check(name, None, "CUDA not available")
+                self.add_check(name, Verdict("SKIP"), "CUDA not available")
             return
         if not (self.at_acceptance_shape() and self.n_targets >= 16384):
             for name in ("c-omp", "c-nn_lasso"):
-                self.add_check(name, None, f"needs --size full; this run is {self.shape_text()} x {self.n_targets}")
+                self.add_check(name, Verdict("SKIP"),
+                               f"needs --size full; this run is {self.shape_text()} x {self.n_targets}")
             return
-        for method, params, limit in (("omp", {"n_nonzero": 32}, 0.2), ("nn_lasso", {"tol": 1e-4}, 1.0)):
+        for method, params in (("omp", {"n_nonzero": 32}), ("nn_lasso", {"tol": 1e-4})):
             out = self.run_worker(method, params, "cuda")
-            self.record_worker(f"c-{method}", method, params, out, limit, None, "cuda_max_memory_allocated")
+            self.record_worker(f"c-{method}", method, params, out, GPU_TIME_LIMITS_S[method], None,
+                               "cuda_max_memory_allocated")
 
     def record_worker(self, name: str, method: str, params: dict, out: dict, limit: float, memory_limit: float | None,
                       memory_kind: str) -> None:
         if "error" in out:
-            self.add_check(name, False, f"{method} {params} failed: {out['error']}", **out)
+            self.add_check(name, judge_failed_run(out["error"], official=True), f"{method} {params} failed: "
+                                                                               f"{out['error']}", **out)
             return
         memory = out.get("peak_bytes")
-        ok = out["seconds"] < limit and (memory_limit is None or (memory is not None and memory < memory_limit))
+        verdict = judge_worker(seconds=out["seconds"], time_limit=limit, peak_bytes=memory, memory_limit=memory_limit)
+        memory_text = "not measured" if memory is None else f"{memory / GIB:.2f} GiB"
+        need = f", need < {memory_limit / GIB:g} GiB" if memory_limit is not None else ""
         text = (f"{method} {out['params']} on {out['n_targets']} targets ({out['device_name']}): "
-                f"{out['seconds']:.3f} s (need < {limit:g} s); peak memory {memory / GIB:.2f} GiB ({memory_kind}"
-                f"{', need < 8 GB' if memory_limit else ''}); statuses {out['statuses']}")
-        self.add_check(name, ok, text, **out)
+                f"{out['seconds']:.3f} s (need < {limit:g} s); peak memory {memory_text} ({memory_kind}{need}); "
+                f"statuses {out['statuses']}")
+        self.add_check(name, verdict, text, **out)
         row = {"method": method, "label": name, "dtype": out["dtype"], "device": out["device"],
                "n_targets": out["n_targets"], "params": out["params"], "seconds": out["seconds"],
                "ms_per_target": 1000 * out["seconds"] / out["n_targets"], "statuses": out["statuses"],

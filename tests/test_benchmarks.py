@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+from benchmarks import acceptance
+from benchmarks.acceptance import GIB
 from benchmarks.baselines import cvxpy_reference, sklearn_lasso_loop, sklearn_omp_gram
 from benchmarks.planted import PlantedConfig, make_planted, mix_planted
-from benchmarks.solvers import Benchmark, main, parse_args
+from benchmarks.solvers import Benchmark, main, parse_args, peak_rss_of_this_process
 from sparsedecomp.optimality import lasso_objective
+
+BALLAST_BYTES = 2**30
 
 
 @pytest.fixture(scope="module")
@@ -91,14 +98,14 @@ def test_sklearn_omp_gram_returns_the_budgeted_support(problem):
 
 def test_tiny_benchmark_writes_json_and_markdown(tmp_path, capsys):
     report = main(["--size", "tiny", "--n-targets", "16", "--methods", "pinv", "omp", "--n-omp-ref", "8",
-                   "--n-cvxpy", "2", "--checks", "b", "c", "--device", "cpu", "--out", str(tmp_path), "--quiet"])
+                   "--n-cvxpy", "2", "--checks", "a", "b", "c", "--device", "cpu", "--out", str(tmp_path), "--quiet"])
     printed = capsys.readouterr().out
     saved = json.loads(open(report["paths"]["json"]).read())
     md = open(report["paths"]["markdown"]).read()
     assert {"cpu_count", "torch", "torch_threads", "device_name", "commit"} <= set(saved["machine"])
     assert saved["arguments"]["seed"] == 0 and saved["planted"]["n_targets"] == 16
     assert saved["problem"]["coherence"] > 0.8
-    rows = {r["method"]: r for r in saved["rows"]}
+    rows = {r["method"]: r for r in saved["rows"] if r["label"] == "main"}
     assert set(rows) == {"pinv", "omp"}
     for row in rows.values():
         assert "error" not in row, row.get("error")
@@ -111,17 +118,114 @@ def test_tiny_benchmark_writes_json_and_markdown(tmp_path, capsys):
     assert omp_ref["reference"] == "sklearn orthogonal_mp_gram" and 0 <= omp_ref["identical_supports"] <= 1
     speed = rows["omp"]["speedups"]["sklearn orthogonal_mp_gram"]
     assert speed["extrapolated"] and speed["baseline_targets_timed"] == 8 and speed["ratio"] > 0
-    assert {c["check"] for c in saved["checks"]} == {"b-omp", "b-nn_lasso", "c-omp", "c-nn_lasso"}
+    checks = {c["check"]: c for c in saved["checks"]}
+    assert set(checks) == {"a-omp", "a-nn_omp", "a-nn_lasso", "b-omp", "b-nn_lasso", "c-omp", "c-nn_lasso"}
     assert all(c["status"] == "SKIP" for c in saved["checks"])  # tiny run: the acceptance sizes do not apply
+    # (a) is still measured at this size, and judged: the record says which bars these numbers miss.
+    a_omp, a_lasso = checks["a-omp"], checks["a-nn_lasso"]
+    assert a_omp["speedup"] > 0 and 0 <= a_omp["identical_supports"] <= 1
+    assert a_omp["unmet"] == list(acceptance.judge_omp("omp", speedup=a_omp["speedup"], official=False,
+                                                       identical_supports=a_omp["identical_supports"]).unmet)
+    assert a_lasso["unmet"] == list(acceptance.judge_nn_lasso(speedup=a_lasso["speedup"], gap_max=a_lasso["gap_max"],
+                                                              official=False).unmet)
     for text in (md, printed):
         assert "| method |" in text and "| omp | main |" in text and "## Acceptance checks" in text
         assert "**SKIP** (b-omp)" in text
 
 
-def test_subprocess_worker_reports_its_own_peak_memory(tmp_path):
+def test_subprocess_worker_reports_its_own_peak_memory_not_the_parents(tmp_path):
+    # Linux carries a process's peak RSS (ru_maxrss) across fork and exec, so a worker measured that way reports
+    # at least its parent's peak. Make the parent's peak large and the worker's small: only a measurement of the
+    # worker's own address space (VmHWM) can report the small one.
+    if peak_rss_of_this_process() is None:
+        pytest.skip("needs /proc/self/status (VmHWM): Linux only")
+    ballast = torch.ones(BALLAST_BYTES // 4)  # float32: every page written, so resident
+    assert peak_rss_of_this_process() >= BALLAST_BYTES
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    _, status, usage = os.wait4(child.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # The premise: a child that does nothing has ru_maxrss (KiB on Linux) of at least the ballast.
+    assert usage.ru_maxrss * 1024 >= BALLAST_BYTES
+
     bench = Benchmark(parse_args(["--size", "tiny", "--device", "cpu", "--quiet", "--out", str(tmp_path)]))
     out = bench.run_worker("pinv", {}, "cpu")
+    del ballast
     assert "error" not in out, out
     assert out["n_targets"] == 48 and out["seconds"] > 0
-    # A fresh Python process with torch imported holds tens of MB at least, and far less than 8 GB here.
-    assert 20 * 2**20 < out["peak_bytes"] < 4 * 2**30
+    # A fresh Python process with torch imported holds tens of MB at least; the tiny problem adds little.
+    assert 20 * 2**20 < out["peak_bytes"] < BALLAST_BYTES // 2
+
+
+@pytest.mark.parametrize("method, speedup, identical, unmet", [
+    ("omp", 50.0, 1.0, ()),
+    ("omp", 400.0, 1.0, ()),
+    ("omp", 49.9, 1.0, ("speed-up",)),
+    ("omp", 400.0, 0.999, ("identical supports",)),
+    ("omp", 400.0, None, ("identical supports",)),  # nothing compared is not agreement
+    ("omp", 10.0, 0.5, ("speed-up", "identical supports")),
+    ("nn_omp", 60.0, 0.2, ()),  # scikit-learn has no non-negative OMP: support agreement is informational
+    ("nn_omp", 60.0, None, ()),
+    ("nn_omp", 20.0, 1.0, ("speed-up",)),
+])
+def test_check_a_omp_passes_only_numbers_that_meet_both_bars(method, speedup, identical, unmet):
+    official = acceptance.judge_omp(method, speedup=speedup, identical_supports=identical, official=True)
+    assert official.status == ("FAIL" if unmet else "PASS")
+    assert len(official.unmet) == len(unmet)
+    assert all(text.startswith(expected) for expected, text in zip(unmet, official.unmet)), official.unmet
+    # Away from the acceptance size the same numbers are SKIP, with the same unmet criteria recorded.
+    elsewhere = acceptance.judge_omp(method, speedup=speedup, identical_supports=identical, official=False)
+    assert elsewhere.status == "SKIP" and elsewhere.unmet == official.unmet
+
+
+@pytest.mark.parametrize("speedup, gap, status", [
+    (5.0, 1e-6, "PASS"),
+    (30.0, -1e-3, "PASS"),  # a lower objective than scikit-learn's is no failure
+    (4.99, 0.0, "FAIL"),
+    (30.0, 1.01e-6, "FAIL"),
+    (30.0, float("nan"), "FAIL"),
+    (1.0, 1.0, "FAIL"),
+])
+def test_check_a_nn_lasso_needs_speed_and_agreement(speedup, gap, status):
+    verdict = acceptance.judge_nn_lasso(speedup=speedup, gap_max=gap, official=True)
+    assert verdict.status == status and verdict.met == (status == "PASS")
+    assert acceptance.judge_nn_lasso(speedup=speedup, gap_max=gap, official=False).status == "SKIP"
+
+
+@pytest.mark.parametrize("seconds, peak, memory_limit, status", [
+    (59.0, 7 * GIB, 8 * GIB, "PASS"),
+    (60.0, 1 * GIB, 8 * GIB, "FAIL"),  # the limit is strict
+    (10.0, 8 * GIB, 8 * GIB, "FAIL"),
+    (10.0, None, 8 * GIB, "FAIL"),  # an unmeasured peak does not pass a memory bar
+    (10.0, None, None, "PASS"),  # GPU runs: time only
+])
+def test_worker_checks_need_time_and_memory_below_their_limits(seconds, peak, memory_limit, status):
+    verdict = acceptance.judge_worker(seconds=seconds, time_limit=60.0, peak_bytes=peak, memory_limit=memory_limit)
+    assert verdict.status == status
+
+
+def test_failed_run_fails_at_the_acceptance_size_only():
+    assert acceptance.judge_failed_run("boom", official=True).status == "FAIL"
+    skipped = acceptance.judge_failed_run("boom", official=False)
+    assert skipped.status == "SKIP" and "boom" in skipped.unmet[0]
+
+
+@pytest.mark.parametrize("method, seconds, peak, status", [
+    ("omp", 12.5, 3 * GIB, "PASS"),
+    ("omp", 75.0, 3 * GIB, "FAIL"),
+    ("nn_lasso", 120.0, 9 * GIB, "FAIL"),
+    ("nn_lasso", 120.0, 2 * GIB, "PASS"),
+])
+def test_full_size_cpu_check_records_what_the_worker_measured(tmp_path, method, seconds, peak, status):
+    # check (b) judges a worker's report against its method's limits; feed it a report as run_worker returns one.
+    bench = Benchmark(parse_args(["--size", "tiny", "--device", "cpu", "--quiet", "--out", str(tmp_path)]))
+    out = {"method": method, "params": {}, "device": "cpu", "dtype": "float32", "n_targets": 16384,
+           "seconds": seconds, "statuses": {"CONVERGED": 16384}, "device_name": "cpu", "peak_bytes": peak}
+    bench.record_worker(f"b-{method}", method, {}, out, acceptance.CPU_TIME_LIMITS_S[method],
+                        acceptance.CPU_MEMORY_LIMIT_BYTES, "peak RSS (VmHWM)")
+    check = bench.checks[-1]
+    assert check["check"] == f"b-{method}" and check["status"] == status
+    assert f"{seconds:.3f} s" in check["detail"] and f"{peak / GIB:.2f} GiB" in check["detail"]
+    assert bench.rows[-1]["peak_bytes"] == peak and bench.rows[-1]["label"] == f"b-{method}"
+    failed = {"error": "worker exited with -9", "stdout_tail": ""}
+    bench.record_worker(f"b-{method}", method, {}, failed, 60.0, 8 * GIB, "peak RSS (VmHWM)")
+    assert bench.checks[-1]["status"] == "FAIL" and "-9" in bench.checks[-1]["detail"]

@@ -302,8 +302,11 @@ def test_validation():
         NNLS(max_iter=0)
     with pytest.raises(TypeError, match="nonnegative"):
         Lasso(alpha=0.1, nonnegative=1)
-    with pytest.raises(TypeError):
-        Lasso(0.1)  # keyword-only
+    # Keyword-only: every required argument is given, positionally, so only the keyword-only rule can object.
+    with pytest.raises(TypeError, match=r"takes 1 positional argument but 2 were given"):
+        Lasso(0.1)
+    with pytest.raises(TypeError, match=r"takes 1 positional argument but 2 were given"):
+        NNLS(1e-6)
     with pytest.raises(TypeError, match="alpha"):
         make_solver("nnls", alpha=0.1)
 

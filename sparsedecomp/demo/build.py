@@ -1,9 +1,19 @@
-"""Rebuild the demo world: ``python -m sparsedecomp.demo.build [--out DIR] [--tiny] [--skip-model] [--reevaluate]``.
+"""Build the demo world: ``python -m sparsedecomp.demo.build --out DIR [--tiny] [--skip-model] [--reevaluate]``.
 
 Stages (timed, seeds fixed): corpus -> tokenizer -> model (trained, saved in fp16, reloaded *processed*) ->
 ``hook_z`` activations of the reloaded model -> per-head SAEs (April 2024 recipe, legacy SAELens 2.x layout, no
 saved input scale) -> concatenated-z SAE (Kissane recipe and file pair) -> evaluation of what was written, through
 the same loaders users call, into ``build_report.json``.
+
+``--out`` has no default: a build writes only where it is told. It must be a new or empty folder, or a previous
+build's (marked by ``demo_build.json``, which a build writes first): a rebuild replaces the SAE folders it wrote
+before, and nothing is deleted anywhere else. To refresh the artifacts shipped with the package, run from a source
+checkout::
+
+    python -m sparsedecomp.demo.build --out sparsedecomp/demo/artifacts --threads 2       # everything (~17 min)
+    python -m sparsedecomp.demo.build --out sparsedecomp/demo/artifacts --reevaluate      # the quality section only
+
+and commit the result (``build_report.json`` records the settings and the quality on held-out tokens).
 """
 
 from __future__ import annotations
@@ -17,9 +27,10 @@ from pathlib import Path
 
 import torch
 
+from ..errors import InputError
 from .config import DemoConfig
-from .layout import (ARTIFACTS_DIR, CONCAT_DIR, HEADS_ROOT, HELDOUT_FILE, MODEL_DIR, REPORT_FILE, TOKENIZER_FILE,
-                     concat_version, head_wandb_id, load_heldout_tokens, save_heldout_tokens)
+from .layout import (BUILD_MARKER, CONCAT_DIR, HEADS_ROOT, HELDOUT_FILE, MODEL_DIR, REPORT_FILE, TOKENIZER_FILE,
+                     concat_version, head_wandb_id, save_heldout_tokens)
 
 
 class _Timer:
@@ -43,8 +54,12 @@ class _Timer:
         return _Stage()
 
 
-def build(out: Path = ARTIFACTS_DIR, cfg: DemoConfig = DemoConfig(), *, skip_model: bool = False) -> dict:
-    """Run every stage and write the artifacts under ``out``; returns the build report."""
+def build(out: str | Path, cfg: DemoConfig | None = None, *, skip_model: bool = False) -> dict:
+    """Run every stage and write the artifacts under ``out``; returns the build report.
+
+    ``cfg`` defaults to ``DemoConfig()`` (the shipped build). ``out`` must be new, empty or a previous build's
+    folder (see :func:`claim_output_folder`); ``skip_model`` reuses the tokenizer and model a previous build wrote
+    there."""
     from tokenizers import Tokenizer
 
     from ..loading import SAE, save_kissane, save_legacy_saelens
@@ -53,8 +68,12 @@ def build(out: Path = ARTIFACTS_DIR, cfg: DemoConfig = DemoConfig(), *, skip_mod
     from .sae_training import calibrate_head_l1, collect_hook_z, train_concat_sae, train_head_saes
     from .tokenizer import pack, train_tokenizer
 
+    cfg = DemoConfig() if cfg is None else cfg
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if skip_model and not all(p.exists() for p in (out / BUILD_MARKER, out / TOKENIZER_FILE, out / MODEL_DIR)):
+        raise InputError(f"--skip-model reuses the tokenizer and model of a previous build, but {out} is not one "
+                         f"(it needs {BUILD_MARKER}, {TOKENIZER_FILE} and {MODEL_DIR}/); run a full build first")
+    claim_output_folder(out)
     torch.manual_seed(cfg.seed)
     timer = _Timer()
     report: dict = {"config": cfg.to_dict(), "python": platform.python_version(), "torch": torch.__version__,
@@ -108,7 +127,7 @@ def build(out: Path = ARTIFACTS_DIR, cfg: DemoConfig = DemoConfig(), *, skip_mod
                 steps=cfg.head_calibration_steps, batch_size=cfg.head_batch_size, seed=cfg.seed + 4)
         heads = train_head_saes(acts, d_sae=d_sae, l1=head_l1, lr=cfg.head_lr, steps=cfg.head_steps,
                                 batch_size=cfg.head_batch_size, seed=cfg.seed + 2)
-        _clear(heads_root)
+        _clear(out, HEADS_ROOT)
         n_train = cfg.head_steps * cfg.head_batch_size
         for h in range(cfg.n_heads):
             sae = SAE(W_enc=heads.W_enc[h], b_enc=heads.b_enc[h], W_dec=heads.W_dec[h], b_dec=heads.b_dec[h],
@@ -144,7 +163,7 @@ def build(out: Path = ARTIFACTS_DIR, cfg: DemoConfig = DemoConfig(), *, skip_mod
         sae = SAE(W_enc=concat.W_enc, b_enc=concat.b_enc, W_dec=concat.W_dec, b_dec=concat.b_dec,
                   apply_b_dec_to_input=True, hook_name=hook_name, layer=cfg.sae_layer, head="concatenated",
                   model_name=cfg.model_name)
-        _clear(out / CONCAT_DIR)
+        _clear(out, CONCAT_DIR)
         version = concat_version(cfg, l1_raw)
         save_kissane(sae, out / CONCAT_DIR, version, cfg_extra={
             "seed": cfg.seed + 3, "batch_size": cfg.concat_batch_size, "lr": cfg.concat_lr, "l1_coeff": l1_raw,
@@ -181,7 +200,7 @@ def _evaluate_into(report: dict, out: Path, cfg: DemoConfig, train_tokens: torch
                                        train_tokens=train_tokens)
 
 
-def reevaluate(out: Path = ARTIFACTS_DIR) -> dict:
+def reevaluate(out: str | Path) -> dict:
     """Recompute the quality section of an existing build's report (e.g. after the bars changed) without
     retraining anything; the build's config is read from its report and its training tokens re-packed."""
     from tokenizers import Tokenizer
@@ -208,8 +227,32 @@ def reevaluate(out: Path = ARTIFACTS_DIR) -> dict:
     return report
 
 
-def _clear(directory: Path) -> None:
-    """Remove a previous build's files under ``directory`` (only files this build writes live there)."""
+def claim_output_folder(out: Path) -> None:
+    """Make ``out`` a build folder: create it (or take an empty one) and write :data:`BUILD_MARKER` into it; a
+    folder that already carries the marker is a previous build's and is reused. Any other existing path is refused,
+    so that a build never writes into, or deletes from, a folder it did not create."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; give a new or empty folder, or a previous build's")
+    if out.is_dir() and not (out / BUILD_MARKER).is_file() and any(out.iterdir()):
+        raise InputError(f"--out {out} is not empty and not a previous demo build (no {BUILD_MARKER} in it); give a "
+                         "new or empty folder, or a previous build's")
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / BUILD_MARKER).is_file():
+        _write_marker(out)
+
+
+def _write_marker(out: Path) -> None:
+    (out / BUILD_MARKER).write_text(json.dumps({
+        "written_by": "python -m sparsedecomp.demo.build",
+        "note": "a sparsedecomp demo build: rebuilding into this folder replaces the files the build writes",
+    }, indent=2) + "\n")
+
+
+def _clear(out: Path, subfolder: str) -> None:
+    """Remove a previous build's files under ``out / subfolder`` (only files this build writes live there)."""
+    if not (out / BUILD_MARKER).is_file():
+        raise InputError(f"refusing to delete from {out}: not a demo build folder (no {BUILD_MARKER})")
+    directory = out / subfolder
     if directory.exists():
         for path in sorted(directory.rglob("*"), reverse=True):
             path.unlink() if path.is_file() else path.rmdir()
@@ -217,7 +260,9 @@ def _clear(directory: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sparsedecomp.demo.build", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=ARTIFACTS_DIR, help="artifact folder (default: the package's)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="artifact folder: new, empty or a previous build's (the shipped world, from a source "
+                             "checkout: sparsedecomp/demo/artifacts)")
     parser.add_argument("--tiny", action="store_true", help="seconds-long build with tiny settings (for testing)")
     parser.add_argument("--skip-model", action="store_true",
                         help="reuse the tokenizer and model already in --out; retrain only the SAEs")
@@ -228,11 +273,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.reevaluate:
-        reevaluate(args.out)
-        return 0
-    cfg = DemoConfig.tiny() if args.tiny else DemoConfig()
-    build(args.out, cfg, skip_model=args.skip_model)
+    try:
+        if args.reevaluate:
+            reevaluate(args.out)
+        else:
+            build(args.out, DemoConfig.tiny() if args.tiny else DemoConfig(), skip_model=args.skip_model)
+    except (InputError, FileNotFoundError) as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -15,6 +15,8 @@ MODEL_DIR = "model"
 HEADS_ROOT = "saes/heads/checkpoints"
 CONCAT_DIR = "saes/concat"
 REPORT_FILE = "build_report.json"
+BUILD_MARKER = "demo_build.json"
+"""Written first into every build's output folder; the build deletes files only in a folder that carries it."""
 
 
 def head_wandb_id(head: int) -> str:

@@ -8,6 +8,10 @@
 * every site an SAE is spliced into matters: zeroing it costs at least :data:`MIN_ABLATION_EFFECT_NATS` and at least
   :data:`MIN_ABLATION_EFFECT_STDERRS` standard errors (over contexts). Otherwise the splice score's denominator is
   noise and the score says nothing about the SAE.
+
+Reported beside the bars: each SAE's ``mse`` and ``explained_variance`` on all held-out tokens, with SAELens 6's
+names and formulas (``sae_lens.evals``): ``mse = E||x - x_hat||^2`` (sum over dimensions, mean over tokens) and
+``explained_variance = 1 - mse / (E||x||^2 - ||E x||^2)``, the denominator centred on the mean over all tokens.
 """
 
 from __future__ import annotations
@@ -58,18 +62,31 @@ def sae_statistics(world, tokens: Tensor, batch_size: int = 32) -> dict[str, dic
 
 
 def _stats(sae, x: Tensor) -> dict[str, float]:
+    """Mean L0, dead fraction, ``mse`` and ``explained_variance`` (see the module docstring) of ``sae`` on the rows
+    of ``x`` (tokens)."""
     fired = torch.zeros(sae.d_sae, dtype=torch.bool)
-    l0_sum, err, var = 0.0, 0.0, 0.0
+    l0_sum, residual, total = 0.0, 0.0, 0.0
     mean = x.mean(0)
     for chunk in x.split(8192):
         f = sae.encode(chunk)
         active = f > 0
         fired |= active.any(0)
         l0_sum += float(active.sum())
-        err += float((sae.decode(f) - chunk).pow(2).sum())
-        var += float((chunk - mean).pow(2).sum())
-    return {"l0": l0_sum / len(x), "dead_fraction": float((~fired).float().mean()), "fvu": err / var,
-            "n_tokens": int(len(x))}
+        residual += float((sae.decode(f) - chunk).pow(2).sum())
+        # E||x - E x||^2 equals E||x||^2 - ||E x||^2 and does not cancel catastrophically.
+        total += float((chunk - mean).pow(2).sum())
+    n = len(x)
+    mse, variance = residual / n, total / n
+    return {"l0": l0_sum / n, "dead_fraction": float((~fired).float().mean()), "mse": mse,
+            "explained_variance": explained_variance(mse, variance), "n_tokens": int(n)}
+
+
+def explained_variance(mse: float, variance: float) -> float:
+    """``1 - mse / variance``, with SAELens's convention for inputs that do not vary (``variance < 1e-10``): 1 if
+    they are reconstructed (``mse < 1e-10``), else 0."""
+    if variance < 1e-10:
+        return 1.0 if mse < 1e-10 else 0.0
+    return 1.0 - mse / variance
 
 
 def evaluate_world(world, *, n_splice_sequences: int | None = None, batch_size: int = 32,
@@ -115,7 +132,8 @@ def evaluate_world(world, *, n_splice_sequences: int | None = None, batch_size: 
         **{name: {"l0": round(v["l0"], 2), "dead": round(v["dead_fraction"], 4),
                   "splice": round(v["splice"]["recovered"], 4),
                   "splice_stderr": _round(v["splice"]["recovered_stderr"], 4),
-                  "ablation_effect": round(v["splice"]["ablation_effect"], 4), "fvu": round(v["fvu"], 4)}
+                  "ablation_effect": round(v["splice"]["ablation_effect"], 4),
+                  "explained_variance": round(v["explained_variance"], 4)}
            for name, v in saes.items()},
         "all_heads": {"splice": round(all_heads["recovered"], 4),
                       "splice_stderr": _round(all_heads["recovered_stderr"], 4)},
@@ -138,17 +156,24 @@ def _round(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
 
 
+def _summary_explained_variance(s: dict) -> float:
+    # Reports written before the rename store the same over-tokens quantity as a fraction unexplained, "fvu".
+    return s["explained_variance"] if "explained_variance" in s else 1.0 - s["fvu"]
+
+
 def describe_summary(summary: dict) -> dict[str, str]:
     """One readable line for the model and each SAE of a quality ``summary`` (as :func:`evaluate_world` returns it
-    and the build report stores it), for summary pages and logs."""
+    and the build report stores it, also a report from before ``fvu`` became ``explained_variance``), for summary
+    pages and logs."""
     lines = {"model (held-out)": f"cross-entropy {summary['model_ce']:.3f} nats (unigram {summary['unigram_ce']:.3f})"}
     for name, s in summary.items():
         if not isinstance(s, dict) or "l0" not in s:
             continue
         stderr = "" if s.get("splice_stderr") is None else f" ± {s['splice_stderr']:.3f}"
         cost = "" if s.get("ablation_effect") is None else f"; zeroing it costs {s['ablation_effect']:.3f} nats"
-        lines[f"{name} SAE (held-out)"] = (f"L0 {s['l0']:.1f}, dead {100 * s['dead']:.1f}%, FVU {s['fvu']:.3f}, "
-                                            f"splice-in score {s['splice']:.3f}{stderr}{cost}")
+        lines[f"{name} SAE (held-out)"] = (f"L0 {s['l0']:.1f}, dead {100 * s['dead']:.1f}%, explained variance "
+                                            f"{_summary_explained_variance(s):.3f}, splice-in score "
+                                            f"{s['splice']:.3f}{stderr}{cost}")
     if "all_heads" in summary:
         s = summary["all_heads"]
         stderr = "" if s.get("splice_stderr") is None else f" ± {s['splice_stderr']:.3f}"

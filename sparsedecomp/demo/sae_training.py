@@ -17,6 +17,11 @@ Concat recipe: ``f = relu((x - b_dec) @ W_enc + b_enc)``, ``x_hat = f @ W_dec + 
 row removed before the step, rows renormalised after), Adam(0.9, 0.99), optionally the encoder initialised as the
 decoder's transpose, dead features resampled at fixed steps from inputs drawn with probability proportional to their
 squared reconstruction error.
+
+Both log, every tenth of the run, the step's training batch ``x`` (``B`` rows): ``l0`` (mean active features) and
+``explained_variance = 1 - E||x - x_hat||^2 / E||x - mean(x)||^2``, means over the batch, as SAELens's trainer logs
+``metrics/explained_variance`` (not ``explained_variance_legacy``, the mean of per-row ratios). One batch is a noisy
+estimate; :mod:`sparsedecomp.demo.quality` measures the same quantity on all held-out tokens.
 """
 
 from __future__ import annotations
@@ -114,11 +119,11 @@ def train_head_saes(acts: Tensor, *, d_sae: int, l1: Sequence[float], lr: float,
         if step % max(1, steps // 10) == 0 or step == steps - 1:
             with torch.no_grad():
                 l0 = (f > 0).float().sum(-1).mean(0)
-                fvu = mse / (x - x.mean(0)).pow(2).sum(-1).mean(0)
-            entry = {"step": step + 1, "l0": l0.tolist(), "fvu": fvu.tolist()}
+                explained = 1 - mse / (x - x.mean(0)).pow(2).sum(-1).mean(0)
+            entry = {"step": step + 1, "l0": l0.tolist(), "explained_variance": explained.tolist()}
             history.append(entry)
-            log(f"  head SAEs step {step + 1}/{steps}: L0 {[round(v, 1) for v in entry['l0']]} "
-                f"FVU {[round(v, 3) for v in entry['fvu']]} ({time.time() - start:.0f}s)")
+            log(f"  head SAEs step {step + 1}/{steps}: L0 {[round(v, 1) for v in entry['l0']]} explained variance "
+                f"(batch) {[round(v, 3) for v in entry['explained_variance']]} ({time.time() - start:.0f}s)")
     return HeadSAEWeights(
         W_enc=W_enc.detach(), b_enc=b_enc.detach(), W_dec=W_dec.detach(), b_dec=b_dec.detach(),
         training_scales=scales, log=tuple(history),
@@ -181,9 +186,10 @@ def train_concat_sae(acts: Tensor, *, d_sae: int, l1: float, lr: float, steps: i
         if step % max(1, steps // 10) == 0 or step == steps - 1:
             with torch.no_grad():
                 l0 = float((f > 0).float().sum(-1).mean())
-                fvu = float(mse / (x - x.mean(0)).pow(2).sum(-1).mean())
-            history.append({"step": step + 1, "l0": l0, "fvu": fvu})
-            log(f"  concat SAE step {step + 1}/{steps}: L0 {l0:.1f} FVU {fvu:.3f} ({time.time() - start:.0f}s)")
+                explained = float(1 - mse / (x - x.mean(0)).pow(2).sum(-1).mean())
+            history.append({"step": step + 1, "l0": l0, "explained_variance": explained})
+            log(f"  concat SAE step {step + 1}/{steps}: L0 {l0:.1f} explained variance (batch) {explained:.3f} "
+                f"({time.time() - start:.0f}s)")
     return ConcatSAEWeights(W_enc=W_enc.detach(), b_enc=b_enc.detach(), W_dec=W_dec.detach(), b_dec=b_dec.detach(),
                             n_resampled=tuple(resampled), log=tuple(history))
 

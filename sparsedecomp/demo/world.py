@@ -92,7 +92,8 @@ def head_sae_sources(artifacts_dir: Path = ARTIFACTS_DIR) -> dict[int, Path]:
         sources[h] = root / head_wandb_id(h)
         h += 1
     if not sources:
-        raise FileNotFoundError(f"no per-head SAE runs under {root}; rebuild with python -m sparsedecomp.demo.build")
+        raise FileNotFoundError(f"no per-head SAE runs under {root}; rebuild with "
+                                "python -m sparsedecomp.demo.build --out DIR")
     return sources
 
 
@@ -118,7 +119,8 @@ def load_demo_world(artifacts_dir: str | Path | None = None, *, scale_contexts: 
 
     root = Path(artifacts_dir) if artifacts_dir is not None else ARTIFACTS_DIR
     if not (root / MODEL_DIR).is_dir():
-        raise FileNotFoundError(f"no demo model under {root}; build it with python -m sparsedecomp.demo.build")
+        raise FileNotFoundError(f"no demo model under {root}; build it with "
+                                "python -m sparsedecomp.demo.build --out DIR")
     model, flags = load_model(root / MODEL_DIR)
     tokenizer = Tokenizer.from_file(str(root / TOKENIZER_FILE))
     heldout = load_heldout_tokens(root / HELDOUT_FILE)
