@@ -292,8 +292,8 @@ def test_validation():
         Lasso(alpha=float("nan"))
     with pytest.raises(TypeError, match="alpha"):
         Lasso(alpha="0.1")
-    with pytest.raises(TypeError):
-        Lasso()  # alpha is required
+    with pytest.raises(TypeError, match="missing 1 required keyword-only argument: 'alpha'"):
+        Lasso()
     with pytest.raises(ValueError, match="tol"):
         Lasso(alpha=0.1, tol=0.0)
     with pytest.raises(ValueError, match="tol"):

@@ -126,30 +126,10 @@ def read_model_config(directory: Path) -> dict:
 
 
 def load_model(directory: Path):
-    """``(model, processing_flags)``: the fp16 checkpoint cast to fp32, processed with the recorded flags."""
-    from safetensors.torch import load_file
+    """``(model, processing_flags)``: the fp16 checkpoint cast to fp32, processed with the recorded flags (through
+    :func:`sparsedecomp.loading.load_model`, which reads any local model folder in this layout)."""
+    from ..loading import load_model as load_model_folder
 
-    directory = Path(directory)
-    meta = read_model_config(directory)
-    flags = dict(meta["processing_flags"])
-    model = build_model(meta["hooked_transformer_config"])
-    state = {k: v.to(torch.float32) for k, v in load_file(str(directory / WEIGHTS_FILE)).items()}
-    process_and_load(model, state, flags)
-    model.eval()
-    return model, flags
-
-
-def process_and_load(model, state_dict: dict, flags: dict) -> None:
-    """Load ``state_dict`` into ``model`` applying TransformerLens weight processing with ``flags``.
-
-    Uses :func:`sparsedecomp.loading.models.process_state_dict` when it is available; otherwise calls
-    ``HookedTransformer.load_and_process_state_dict`` with the same explicit flags.
-    """
-    try:
-        from ..loading.models import ProcessingFlags, process_state_dict
-    except ImportError:
-        ProcessingFlags = process_state_dict = None
-    if process_state_dict is not None:
-        process_state_dict(model, state_dict, ProcessingFlags(**flags))
-    else:
-        model.load_and_process_state_dict(dict(state_dict), **flags)
+    loaded = load_model_folder(Path(directory), flags=None)
+    loaded.model.eval()
+    return loaded.model, loaded.flags.as_kwargs()
