@@ -131,6 +131,7 @@ def _print_result(result, elapsed: float) -> None:
         m = res["metrics"]["metrics"]
         print(f"[{space}] L0 mean {m['l0']['mean']:.2f}, cosine mean {m['cosine']['mean']:.4f}, "
               f"relative error median {m['relative_error']['median']:.4f}, status {res['metrics']['status_counts']}")
+        print(f"[{space}] {res['verdict']}")
     print(f"wrote {result.summary_path} and {result.html_path} in {elapsed:.1f}s")
 
 
