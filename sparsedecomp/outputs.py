@@ -6,11 +6,12 @@ Guarantees, for every command that writes a folder:
   (``os.replace``), so a kill leaves either the old file or the new one, never a truncated one. Files get the
   usual ``0666 & ~umask`` mode (a bare ``mkstemp`` would leave them ``0600``).
 * **A manifest.** ``manifest.json`` lists every file of the run (size, SHA-256), the command and its settings,
-  and ``"complete"``. It is rewritten with ``"complete": false`` before the first file is replaced and with
-  ``true`` only after the last, so a folder from an interrupted run says so.
+  and ``"complete"``. It is rewritten with ``"complete": false`` before the first file is replaced and after each
+  file (still listing the earlier run's files), and with ``true`` only after the last, so a folder from an
+  interrupted run says so and the next run knows every file either run wrote.
 * **No mixing of runs.** Files that an earlier run in the same folder wrote and this run did not (say residual
   codes from a ``--space both`` run, when this one is ``--space z``) are deleted when the run completes, so the
-  folder holds exactly one run. A non-empty folder without a manifest holds someone else's files and is refused,
+  folder holds exactly one run; so are temporary files a killed run left behind. A non-empty folder without a manifest holds someone else's files and is refused,
   as is an ``--out`` that is an existing file or an empty path.
 * **Strict JSON.** NaN and infinities become ``null`` (``json`` would write the invalid tokens ``NaN`` /
   ``Infinity``); tensors and numpy scalars become lists and numbers.
@@ -31,6 +32,7 @@ from .errors import InputError
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "sparsedecomp-run/1"
+_TMP_SUFFIX = ".sparsedecomp-tmp"
 
 
 def check_output_folder(out_dir: str | Path | None) -> Path:
@@ -44,6 +46,15 @@ def check_output_folder(out_dir: str | Path | None) -> Path:
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
         raise InputError(f"the output folder {out} is not empty and holds no {MANIFEST_NAME} from an earlier "
                          "sparsedecomp run; give a new or empty folder so no one else's files are overwritten")
+    # Fail now, not after a long solve: the folder (or the nearest existing parent it will be made in) must be
+    # a writable directory.
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"the output folder {out} cannot be made: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"the output folder {out} cannot be written: no write permission on {existing}")
     return out
 
 
@@ -64,6 +75,8 @@ class RunWriter:
 
     def __enter__(self) -> "RunWriter":
         self.out.mkdir(parents=True, exist_ok=True)
+        for leftover in self.out.glob(f".*{_TMP_SUFFIX}"):  # from a run that was killed mid-write
+            leftover.unlink(missing_ok=True)
         # Claim the folder first: an interrupted run leaves a manifest that says it is incomplete and still
         # lists the earlier run's files, so the next run can clean them.
         self._write_manifest(complete=False, extra_files=self._previous)
@@ -89,6 +102,8 @@ class RunWriter:
         final = self.path(name)
         _atomic(final, write)
         self.files[name] = {"bytes": final.stat().st_size, "sha256": _sha256(final)}
+        # Record it at once: if the run dies later, the next run still knows this file is a run's, not a user's.
+        self._write_manifest(complete=False, extra_files=self._previous)
         return final
 
     def write_text(self, name: str, text: str) -> Path:
@@ -140,7 +155,7 @@ def to_json_ready(value: Any) -> Any:
 
 
 def _atomic(final: Path, write: Callable[[Path], None]) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=_TMP_SUFFIX, dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

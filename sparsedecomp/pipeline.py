@@ -41,6 +41,8 @@ DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     # A fraction of each target's alpha_max: comparable across targets and across the z and residual spaces.
     "lasso": {"alpha_is_fraction_of_max": True},
     "nn_lasso": {"alpha_is_fraction_of_max": True},
+    "cvxpy_lasso": {"alpha_is_fraction_of_max": True},
+    "cvxpy_nn_lasso": {"alpha_is_fraction_of_max": True},
 }
 # Most atoms listed per feature in summary.json (every non-zero of the sparse methods; the codes file has all).
 MAX_LISTED_ATOMS = 64
@@ -143,7 +145,7 @@ def run_decomposition(
         "context": dict(context or {}),
         "method": method,
         "params": params,
-        "alpha_meaning": _alpha_meaning(params),
+        "alpha_meaning": _alpha_meaning(method, params),
         "spaces": spaces,
         "n_targets": int(targets.shape[0]),
         "n_heads": n_heads,
@@ -184,11 +186,15 @@ def run_decomposition(
                           decompositions=results)
 
 
-def _alpha_meaning(params: Mapping[str, Any]) -> str | None:
+NONNEGATIVE_LASSOS = ("nn_lasso", "cvxpy_nn_lasso")
+
+
+def _alpha_meaning(method: str, params: Mapping[str, Any]) -> str | None:
     if "alpha" not in params:
         return None
     if params.get("alpha_is_fraction_of_max"):
-        return (f"alpha = {params['alpha']} x each target's alpha_max = max_j |t . d_j| "
+        top = "max_j (t . d_j)_+" if method in NONNEGATIVE_LASSOS else "max_j |t . d_j|"
+        return (f"alpha = {params['alpha']} x each target's alpha_max = {top} "
                 "(the smallest weight giving the zero code), in each space")
     return f"alpha = {params['alpha']}, an absolute L1 weight on unit-norm targets"
 

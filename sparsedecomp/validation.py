@@ -100,3 +100,15 @@ def check_bool(value: object, name: str) -> bool:
     if not isinstance(value, bool):
         raise InputTypeError(f"{name} must be a bool, got {type(value).__name__}")
     return value
+
+
+def check_lasso_alpha(alpha: object, is_fraction_of_max: object) -> float:
+    """Check a lasso weight: a finite ``alpha > 0``, and ``alpha <= 1`` when it is a fraction of each target's
+    ``alpha_max`` (1 gives every target the zero code; more is surely an absolute weight given by mistake)."""
+    check_bool(is_fraction_of_max, "alpha_is_fraction_of_max")
+    value = check_positive(alpha, "alpha")
+    if is_fraction_of_max and value > 1:
+        raise InputError(f"alpha is a fraction of each target's alpha_max and must be <= 1 (from 1 on every code "
+                         f"is zero), got {value}; for an absolute L1 weight set alpha_is_fraction_of_max=False "
+                         "(--alpha-absolute)")
+    return value

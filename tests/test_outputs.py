@@ -70,3 +70,25 @@ def test_json_numbers_survive_exactly():
     value = {"x": 0.1 + 0.2, "n": 2**40, "neg": -1e-300}
     back = json.loads(dumps_strict(value))
     assert back["x"] == 0.1 + 0.2 and back["n"] == 2**40 and math.isclose(back["neg"], -1e-300)
+
+
+def test_files_of_an_interrupted_run_are_cleaned_by_the_next_complete_run(tmp_path):
+    """Run 1 writes z; run 2 writes residual codes, then dies; run 3 writes z only: no residual codes remain."""
+    out = tmp_path / "run"
+    with RunWriter(out, command="test") as w:
+        w.write_text("codes_z.txt", "z")
+    with pytest.raises(KeyboardInterrupt):
+        with RunWriter(out, command="test") as w:
+            w.write_text("codes_residual.txt", "r")
+            (out / ".summary.json.abc.sparsedecomp-tmp").write_text("half")  # what a kill mid-write leaves
+            raise KeyboardInterrupt
+    assert "codes_residual.txt" in json.loads((out / MANIFEST_NAME).read_text())["files"]
+    with RunWriter(out, command="test") as w:
+        w.write_text("codes_z.txt", "z3")
+    assert sorted(p.name for p in out.iterdir()) == ["codes_z.txt", MANIFEST_NAME]
+
+
+def test_an_unwritable_output_folder_is_refused_before_any_work(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(InputError, match="is a file, not a folder"):
+        RunWriter(tmp_path / "afile" / "sub", command="test")

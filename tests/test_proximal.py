@@ -317,3 +317,13 @@ def test_registry_names_and_params():
     assert (lasso.name, nn_lasso.name, make_solver("nnls").name) == ("lasso", "nn_lasso", "nnls")
     assert nn_lasso.nonnegative and not lasso.nonnegative
     assert nn_lasso.params()["alpha"] == 0.1 and "tol" in nn_lasso.params()
+
+
+@pytest.mark.parametrize("method", ["lasso", "nn_lasso", "cvxpy_lasso", "cvxpy_nn_lasso"])
+def test_a_relative_alpha_above_one_is_refused(method):
+    from sparsedecomp import make_solver
+
+    with pytest.raises(ValueError, match="must be <= 1"):
+        make_solver(method, alpha=1.5, alpha_is_fraction_of_max=True)
+    assert make_solver(method, alpha=1.0, alpha_is_fraction_of_max=True).alpha == 1.0
+    assert make_solver(method, alpha=1.5).alpha == 1.5  # an absolute weight may be anything positive

@@ -280,3 +280,19 @@ def test_nnls_exact_fit_in_one_head_is_certified():
     assert float(result.certificate[0]) < 1e-9
     assert float((target - result.reconstruction).norm() / target.norm()) < 1e-9
     assert bool((result.coefficients[0, 8:] == 0).all())  # nothing on the head the target does not touch
+
+
+@pytest.mark.parametrize("nonnegative", [False, True])
+def test_alpha_as_a_fraction_of_each_targets_alpha_max(atoms, targets, nonnegative):
+    """The reference reads a relative alpha as the fast lasso does: alpha * alpha_max(y), per target."""
+    from sparsedecomp.optimality import alpha_max
+
+    method = "nn_lasso" if nonnegative else "lasso"
+    relative = decompose(targets, atoms, method=f"cvxpy_{method}", alpha=0.3, alpha_is_fraction_of_max=True)
+    fast = decompose(targets, atoms, method=method, alpha=0.3, alpha_is_fraction_of_max=True, tol=1e-12)
+    torch.testing.assert_close(relative.objective, fast.objective, rtol=1e-6, atol=1e-12)
+    weights = 0.3 * alpha_max(targets, atoms, nonnegative=nonnegative)
+    for i in (0, 2):
+        absolute = decompose(targets[i : i + 1], atoms, method=f"cvxpy_{method}", alpha=float(weights[i]))
+        torch.testing.assert_close(absolute.objective[0], relative.objective[i], rtol=1e-8, atol=1e-12)
+    assert len(set(weights.tolist())) > 1  # the targets really get different weights

@@ -44,13 +44,14 @@ from ..codes import Codes
 from ..decomposition import DUALITY_GAP, KKT_VIOLATION, Status
 from ..dictionary import Dictionary
 from ..optimality import (
+    alpha_max,
     lasso_duality_gap,
     lasso_objective,
     least_squares_objective,
     bpdn_certificate,
     nonnegative_kkt_violation,
 )
-from ..validation import check_bool, check_positive
+from ..validation import check_bool, check_lasso_alpha, check_positive
 from .base import ChunkResult, Solver
 
 if TYPE_CHECKING:  # cvxpy takes about a second to import: only the reference solvers pay for it, when used.
@@ -141,12 +142,9 @@ class CvxpyReference(Solver):
         """Per-target certificate; ``duals`` (``(n, d)``, NaN where unavailable) are the solver's dual points."""
         raise NotImplementedError
 
-    def weight_value(self, norm: float) -> float:
-        """Value of the weight parameter for a target of norm ``norm`` (lasso: ``alpha / ||y||``)."""
-        return 0.0
-
-    def polish_weight(self) -> float | None:
-        """The L1 weight for :func:`polish` (0 for NNLS), or ``None`` where polishing does not apply."""
+    def l1_weights(self, targets: Tensor, atoms: Tensor) -> Tensor | None:
+        """``(n,)`` float64 L1 weight of each target's problem (0 for NNLS; the lasso's ``alpha``, or its fraction
+        of the target's ``alpha_max``), also used by :func:`polish`; ``None`` where neither applies (BPDN)."""
         return None
 
     # -- the shared work -------------------------------------------------------------------------------------------
@@ -185,11 +183,14 @@ class CvxpyReference(Solver):
         solved = torch.ones(n, dtype=torch.bool)  # False: the solver gave no code at all
         flagged = torch.zeros(n, dtype=torch.bool)  # True: not reported optimal
         norms = y.norm(dim=1)
+        weights = self.l1_weights(y, atoms)
         for i in range(n):
             norm = float(norms[i])
             if norm == 0.0:
                 continue
-            code, dual, n_iter, ok = self._solve_one(prepared, (y[i] / norm).numpy(), norm)
+            # 0.5||s u - s b D||^2 + w ||s b||_1 = s^2 (0.5||u - b D||^2 + (w / s) ||b||_1): unit scale, weight w / s.
+            unit_weight = 0.0 if weights is None else float(weights[i]) / norm
+            code, dual, n_iter, ok = self._solve_one(prepared, (y[i] / norm).numpy(), unit_weight)
             iterations[i] = n_iter
             if code is None:
                 solved[i] = False
@@ -201,11 +202,10 @@ class CvxpyReference(Solver):
                 duals[i] = torch.from_numpy(dual)
 
         certificate = self.certificate(y, codes, atoms, duals)
-        weight = self.polish_weight()
         # Polish only what the interior point left uncertified: polishing costs a k x k solve per row.
         rough = ~(certificate <= self.tol)
-        if weight is not None and bool(rough.any()):
-            polished = polish(y, codes, atoms, weight, rows=rough)
+        if weights is not None and bool(rough.any()):
+            polished = polish(y, codes, atoms, weights, rows=rough)
             polished_certificate = self.certificate(y, polished, atoms, duals)
             better = polished_certificate < certificate
             codes = torch.where(better[:, None], polished, codes)
@@ -230,7 +230,7 @@ class CvxpyReference(Solver):
         )
 
     def _solve_one(
-        self, program: ReferenceProgram, unit_target: np.ndarray, norm: float
+        self, program: ReferenceProgram, unit_target: np.ndarray, unit_weight: float
     ) -> tuple[np.ndarray | None, np.ndarray | None, int, bool]:
         """Solve for one unit-norm target: (unit-scale code or None, dual point or None, iterations, reported
         optimal)."""
@@ -238,7 +238,7 @@ class CvxpyReference(Solver):
 
         program.target.value = unit_target
         if program.weight is not None:
-            program.weight.value = self.weight_value(norm)
+            program.weight.value = unit_weight
         n_iter = 0
         for settings in (CLARABEL_SETTINGS, CLARABEL_FALLBACK_SETTINGS):
             try:
@@ -283,16 +283,19 @@ class CvxpyLasso(CvxpyReference):
     Attributes:
         alpha: the L1 weight (> 0), in the units of ``y . d_j``; ``alpha >= alpha_max(y)`` gives the zero code.
         nonnegative: constrain the code to ``c >= 0``.
+        alpha_is_fraction_of_max: read ``alpha`` as a fraction of each target's own
+            :func:`~sparsedecomp.optimality.alpha_max`, as :class:`~sparsedecomp.solvers.proximal.Lasso` does.
     """
 
     certificate_kind: ClassVar[str] = DUALITY_GAP
 
     alpha: float
     nonnegative: bool = False
+    alpha_is_fraction_of_max: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive(self.alpha, "alpha")
+        check_lasso_alpha(self.alpha, self.alpha_is_fraction_of_max)
         check_bool(self.nonnegative, "nonnegative")
 
     @property
@@ -314,18 +317,17 @@ class CvxpyLasso(CvxpyReference):
             return cp.Problem(cp.Minimize(fit + weight * cp.sum(code)), [code >= 0]), weight, None
         return cp.Problem(cp.Minimize(fit + weight * cp.norm1(code))), weight, None
 
-    def polish_weight(self) -> float:
-        return self.alpha
-
-    def weight_value(self, norm: float) -> float:
-        # 0.5||s u - s b D||^2 + alpha ||s b||_1 = s^2 (0.5||u - b D||^2 + (alpha / s) ||b||_1).
-        return self.alpha / norm
+    def l1_weights(self, targets: Tensor, atoms: Tensor) -> Tensor:
+        if self.alpha_is_fraction_of_max:
+            return self.alpha * alpha_max(targets, atoms, nonnegative=self.nonnegative)
+        return torch.full((targets.shape[0],), float(self.alpha), dtype=targets.dtype, device=targets.device)
 
     def objective(self, targets: Tensor, coefficients: Tensor, atoms: Tensor) -> Tensor:
-        return lasso_objective(targets, coefficients, atoms, self.alpha)
+        return lasso_objective(targets, coefficients, atoms, self.l1_weights(targets, atoms))
 
     def certificate(self, targets: Tensor, coefficients: Tensor, atoms: Tensor, duals: Tensor) -> Tensor:
-        return lasso_duality_gap(targets, coefficients, atoms, self.alpha, nonnegative=self.nonnegative)
+        return lasso_duality_gap(targets, coefficients, atoms, self.l1_weights(targets, atoms),
+                                 nonnegative=self.nonnegative)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -345,8 +347,8 @@ class CvxpyNNLS(CvxpyReference):
 
         return cp.Problem(cp.Minimize(0.5 * cp.sum_squares(target - code @ atoms)), [code >= 0]), None, None
 
-    def polish_weight(self) -> float:
-        return 0.0
+    def l1_weights(self, targets: Tensor, atoms: Tensor) -> Tensor:
+        return targets.new_zeros(targets.shape[0])
 
     def objective(self, targets: Tensor, coefficients: Tensor, atoms: Tensor) -> Tensor:
         return least_squares_objective(targets, coefficients, atoms)
@@ -412,7 +414,8 @@ class CvxpyBPDN(CvxpyReference):
 POLISH_MAX_SUPPORT_PER_DIM = 4
 
 
-def polish(targets: Tensor, coefficients: Tensor, atoms: Tensor, alpha: float, *, rows: Tensor | None = None) -> Tensor:
+def polish(targets: Tensor, coefficients: Tensor, atoms: Tensor, alpha: float | Tensor, *,
+           rows: Tensor | None = None) -> Tensor:
     """Newton steps on the support of each code, keeping its signs: the minimum-norm ``delta`` on the support
     ``S`` (signs ``s``) that solves the stationarity conditions ``(y - (c + delta) D) D_S^T = alpha s``, i.e.
     ``delta_S (D_S D_S^T) = r D_S^T - alpha s``. Entries the step would push through zero leave the support
@@ -420,7 +423,8 @@ def polish(targets: Tensor, coefficients: Tensor, atoms: Tensor, alpha: float, *
 
     Why: an interior-point solution with objective accurate to ``tol`` has a gradient accurate only to about
     ``sqrt(tol)`` (the NNLS KKT certificate sees about ``1e-5``); on the right support one linear solve restores
-    the gradient to rounding. The caller keeps the polished code only where its certificate is better.
+    the gradient to rounding. The caller keeps the polished code only where its certificate is better. ``alpha`` is
+    one L1 weight or one per target (``(n,)``).
 
     Only ``rows`` (a boolean mask; all by default) are polished, and only codes with at most
     ``POLISH_MAX_SUPPORT_PER_DIM * d`` non-zeros: each round costs ``O(k^3)``, and interior-point NNLS codes on
@@ -428,6 +432,7 @@ def polish(targets: Tensor, coefficients: Tensor, atoms: Tensor, alpha: float, *
     is fine: the rounds drop it until the support is a vertex.
     """
     out = coefficients.clone()
+    alphas = alpha if isinstance(alpha, Tensor) else torch.full((coefficients.shape[0],), float(alpha))
     for i in range(coefficients.shape[0]):
         if rows is not None and not bool(rows[i]):
             continue
@@ -439,7 +444,7 @@ def polish(targets: Tensor, coefficients: Tensor, atoms: Tensor, alpha: float, *
             sub = atoms[support]
             current = torch.zeros_like(coefficients[i])
             current[support] = coefficients[i, support]
-            rhs = sub @ (targets[i] - current @ atoms) - alpha * signs
+            rhs = sub @ (targets[i] - current @ atoms) - float(alphas[i]) * signs
             delta = torch.linalg.lstsq(sub @ sub.T, rhs[:, None], driver="gelsd").solution[:, 0]
             step = coefficients[i, support] + delta
             keep = step * signs > 0
