@@ -116,9 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "or hub references)")
     dec.add_argument("--head-index-map", help="comma-separated head index of each --head-saes source, in order "
                                               "(checked against each checkpoint's config), e.g. 0,1,2,3,4,5,6,7")
-    dec.add_argument("--model", help="TransformerLens model name (e.g. gelu-2l) or a local model folder, for W_O and "
-                                     "input-scale estimation; loaded with from_pretrained's default processing "
-                                     "flags, recorded")
+    dec.add_argument("--model", help="TransformerLens model name (e.g. gelu-2l; loaded with from_pretrained's "
+                                     "default processing flags) or a local model folder (loaded with the flags it "
+                                     "records), for W_O and input-scale estimation; must be the SAEs' model")
     dec.add_argument("--tokens", type=Path,
                      help="safetensors/pt file with a 'tokens' [batch, pos] tensor (BOS first) to re-estimate the "
                           "per-head input scales on --model")
@@ -163,26 +163,63 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_tokens(path: Path):
+def _load_tokens(path: str | Path):
+    """The ``[batch, pos]`` token ids of a safetensors / ``.pt`` file (tensor ``tokens``, or the file's only tensor),
+    checked as far as possible before a model is loaded: readable, a non-empty 2-D integer tensor, ids >= 0, at least
+    two positions (the first is BOS). Never unpickles anything but tensors (``weights_only=True``)."""
+    import pickle
+
     import torch
 
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--tokens: no file at {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        raise InputError(f"--tokens: no file at {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        data = load_file(str(path))
+            data = load_file(str(path))
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's message suggests weights_only=False, i.e. running code from the file: never.
+        raise InputError(f"--tokens: {path} is not a file of tensors (reading it would mean unpickling arbitrary "
+                         "objects, which this package never does); save the tokens with safetensors or torch.save "
+                         "of a tensor") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        kind = "safetensors" if path.suffix == ".safetensors" else "torch"
+        raise InputError(f"--tokens: {path} could not be read as a {kind} tensor file ({type(err).__name__}: {err})"
+                         ) from None
+    except Exception as err:  # safetensors' own error type for a malformed file
+        if type(err).__module__.startswith("safetensors"):
+            raise InputError(f"--tokens: {path} is not a valid safetensors file ({err})") from None
+        raise
+    if isinstance(data, dict):
+        tokens = data.get("tokens", next(iter(data.values())) if len(data) == 1 else None)
     else:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    tokens = data.get("tokens") if isinstance(data, dict) else data
+        tokens = data
     if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2:
-        raise InputError(f"--tokens: {path} must hold a 'tokens' [batch, pos] integer tensor")
+        found = f"shape {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise InputError(f"--tokens: {path} must hold a 'tokens' [batch, pos] integer tensor, found {found}")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise InputError(f"--tokens: {path} holds {tokens.dtype} values; token ids must be integers")
+    if tokens.shape[0] == 0 or tokens.shape[1] < 2:
+        raise InputError(f"--tokens: {path} has shape {tuple(tokens.shape)}; give at least one context of at least "
+                         "two positions (BOS first)")
+    if int(tokens.min()) < 0:
+        raise InputError(f"--tokens: {path} holds negative token ids (min {int(tokens.min())})")
     return tokens.long()
 
 
+def _check_tokens_fit(tokens, d_vocab: int, path: str) -> None:
+    if int(tokens.max()) >= d_vocab:
+        raise InputError(f"--tokens: {path} holds token ids up to {int(tokens.max())} but the model's vocabulary has "
+                         f"{d_vocab} tokens: these tokens are not for this model")
+
+
 def run_decompose(args: argparse.Namespace) -> int:
-    from .loading import (estimate_head_scales_from_model, fold_head_scales, load_head_saes,
-                          load_model, load_sae)
+    from .loading import (check_compatible, check_model_matches, estimate_head_scales_from_model, fold_head_scales,
+                          load_head_saes, load_model, load_sae)
     from .pipeline import run_decomposition
 
     params = _params(args)
@@ -205,11 +242,15 @@ def run_decompose(args: argparse.Namespace) -> int:
     concat = load_sae(args.concat_sae, version=args.concat_version)
     head_saes = load_head_saes(sources)
     print(f"concat SAE: {concat.describe()}\nhead SAEs: {head_saes.describe()}", flush=True)
+    check_compatible(concat, head_saes)  # before the model loads
     context = {"concat_sae": concat.describe(), "head_saes": head_saes.describe()}
     W_O = None
     if args.model:
         # A local folder is loaded with the processing flags it records; a hub name with from_pretrained's.
         loaded = load_model(args.model, flags=None)
+        check_model_matches(loaded.name, concat, head_saes)
+        if tokens is not None:
+            _check_tokens_fit(tokens, loaded.model.cfg.d_vocab, args.tokens)
         W_O = loaded.model.W_O[concat.require_hook("reading W_O from --model")[1]].detach()
         context["model"] = loaded.describe()
         if tokens is not None and head_saes.heads_needing_input_scale:

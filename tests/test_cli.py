@@ -258,3 +258,64 @@ def test_decompose_on_local_demo_artifacts_with_a_local_model_then_rerun_in_plac
     assert summary["spaces"] == ["z"] and not (out / "codes_residual.safetensors").exists()
     assert set(json.loads((out / "manifest.json").read_text())["files"]) == {
         "summary.json", "index.html", "codes_z.safetensors"}
+
+
+@pytest.fixture(scope="module")
+def demo_sources():
+    from sparsedecomp.demo import ARTIFACTS_DIR
+
+    heads = sorted(str(p) for p in (ARTIFACTS_DIR / "saes" / "heads" / "checkpoints").iterdir())
+    return ARTIFACTS_DIR, ["--concat-sae", str(ARTIFACTS_DIR / "saes" / "concat"), "--head-saes", *heads]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"tokens": torch.full((2, 8), 5000)}, "ids up to 5000 but the model's vocabulary has 2048"),
+        ({"tokens": torch.rand(2, 8)}, "token ids must be integers"),
+        ({"tokens": torch.zeros(0, 8, dtype=torch.long)}, "at least one context"),
+        ({"tokens": torch.zeros(3, dtype=torch.long)}, "found shape (3,)"),
+        ({"tokens": -torch.ones(2, 8, dtype=torch.long)}, "negative token ids"),
+        (b"not a safetensors file", "is not a valid safetensors file"),
+    ],
+)
+def test_bad_token_files_are_named(demo_sources, tmp_path, capsys, content, message):
+    from safetensors.torch import save_file
+
+    artifacts, sources = demo_sources
+    path = tmp_path / "tokens.safetensors"
+    if isinstance(content, bytes):
+        path.write_bytes(content * 4)
+    else:
+        save_file(content, str(path))
+    code = main(["decompose", *sources, "--model", str(artifacts / "model"), "--tokens", str(path),
+                 "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--tokens" in err and message in err and "Traceback" not in err
+
+
+def test_a_pickle_given_as_tokens_is_never_unpickled(demo_sources, tmp_path, capsys):
+    import pickle
+
+    artifacts, sources = demo_sources
+    path = tmp_path / "tokens.pt"
+    path.write_bytes(pickle.dumps({"tokens": [[1, 2, 3]]}))
+    code = main(["decompose", *sources, "--model", str(artifacts / "model"), "--tokens", str(path),
+                 "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "never does" in err and "weights_only" not in err
+
+
+def test_a_model_other_than_the_saes_is_refused(demo_sources, tmp_path, capsys):
+    import shutil
+
+    artifacts, sources = demo_sources
+    other = tmp_path / "other-model"
+    shutil.copytree(artifacts / "model", other)
+    config = json.loads((other / "config.json").read_text())
+    config["hooked_transformer_config"]["model_name"] = "some-other-model"
+    (other / "config.json").write_text(json.dumps(config))
+    code = main(["decompose", *sources, "--model", str(other), "--space", "residual", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "'some-other-model' is not the one the SAEs were trained on" in err
+    assert not (tmp_path / "o").exists()

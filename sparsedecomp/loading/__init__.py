@@ -12,7 +12,8 @@ from .errors import (
     ModelNotFoundError,
     UnsupportedCheckpointError,
 )
-from .heads import HeadSAEs, MissingHeadsWarning, check_compatible, load_head_saes, warn_if_input_scale_missing
+from .heads import (HeadSAEs, MissingHeadsWarning, check_compatible, check_model_matches, load_head_saes,
+                    warn_if_input_scale_missing)
 from .hub import HubReference, parse_reference
 from .kissane import DEFAULT_REPO_ID, load_kissane, read_kissane, save_kissane
 from .models import LoadedModel, ProcessingFlags, load_model, process_state_dict
@@ -49,6 +50,7 @@ __all__ = [
     "SAE",
     "UnsupportedCheckpointError",
     "check_compatible",
+    "check_model_matches",
     "choose_checkpoint",
     "detect_format",
     "estimate_head_scales",

@@ -262,6 +262,17 @@ def check_compatible(concat_sae: SAE, head_saes: HeadSAEs) -> tuple[int, int]:
     return n_heads, d_head
 
 
+def check_model_matches(model_name: str, *saes: SAE | HeadSAEs) -> None:
+    """Raise :class:`~sparsedecomp.errors.InputError` if any SAE records a model other than ``model_name``
+    (TransformerLens aliases count as equal; an SAE that records no model is not checked): ``W_O`` and input
+    scales taken from another model would be silently wrong."""
+    recorded = {sae.model_name for sae in saes if sae.model_name is not None}
+    differing = sorted(name for name in recorded if not _same_model(name, model_name))
+    if differing:
+        raise InputError(f"the model {model_name!r} is not the one the SAEs were trained on ({differing}): its W_O "
+                         "and hook_z would not be the SAEs'; give the SAEs' model")
+
+
 def _same_model(a: str, b: str) -> bool:
     """Equal names, or two TransformerLens names / aliases of one model."""
     if a == b:
