@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .codes import Codes
-from .validation import check_tensor
+from .validation import check_norms_representable, check_tensor
 from .errors import InputError
 
 
@@ -91,6 +91,8 @@ class Dictionary:
         n = self.atoms.shape[0]
         if n == 0 or self.atoms.shape[1] == 0:
             raise InputError(f"atoms must be a non-empty (n_atoms, d) matrix, got shape {tuple(self.atoms.shape)}")
+        # Solvers work with ||d_j||^2: an atom whose square over/underflows would yield silent zero codes.
+        check_norms_representable(self.atoms, "atoms")
         check_tensor(self.scales, "scales", ndim=1)
         if self.scales.shape[0] != n:
             raise InputError(f"scales must have shape ({n},), got {tuple(self.scales.shape)}")

@@ -70,7 +70,7 @@ def check_norms_representable(rows: Tensor, name: str) -> None:
         largest = float(rows[row].abs().max())
         raise InputError(
             f"{name} row {row} has entries up to {largest:.3g}, whose squared norm is not representable in "
-            f"{rows.dtype} ({int(bad.sum())} such rows); rescale the targets (e.g. to unit norm) or use float64"
+            f"{rows.dtype} ({int(bad.sum())} such rows); rescale them (e.g. to unit norm) or use float64"
         )
 
 

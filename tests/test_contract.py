@@ -328,3 +328,20 @@ def test_targets_whose_norms_do_not_fit_the_dtype_are_refused(method, scale):
     targets, dictionary = make_problem("dense", torch.float32)
     with pytest.raises(ValueError, match="squared norm is not representable in torch.float32"):
         solve(method, targets * scale, dictionary)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", METHODS)
+def test_half_precision_inputs_are_solved_and_returned_in_their_dtype(method, dtype):
+    targets, dictionary = make_problem("block", dtype)
+    with warnings.catch_warnings():
+        # The certificate of a code rounded to half precision can exceed a tolerance met in float32.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        result = solve(method, targets, dictionary)
+    assert result.coefficients.dtype == dtype and result.reconstruction.dtype == dtype
+    assert bool(torch.isfinite(result.coefficients).all())
+    exact = solve(method, targets.double(), dictionary.to(dtype=torch.float64))
+    # Half precision keeps about 3 significant digits (bfloat16 about 2): the reconstruction agrees with the
+    # float64 one to a few percent of each target's norm.
+    difference = (result.reconstruction.double() - exact.reconstruction).norm(dim=1)
+    assert bool((difference <= 0.05 * targets.double().norm(dim=1) + 1e-3).all()), difference

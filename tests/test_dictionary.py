@@ -172,3 +172,12 @@ def test_stacked_round_trip(blocks):
     parts = stacked.split_targets(y)
     for h in range(len(SIZES)):
         torch.testing.assert_close(parts[:, h], grouped[:, h] @ stacked.atoms[h])
+
+
+def test_atoms_whose_squared_norms_do_not_fit_the_dtype_are_refused():
+    from sparsedecomp import Dictionary
+
+    with pytest.raises(ValueError, match=r"atoms row 0 .* not representable in torch.float32"):
+        Dictionary.from_atoms(torch.ones(3, 4) * 1e20)
+    with pytest.raises(ValueError, match="not representable"):
+        Dictionary.from_atoms(torch.ones(3, 4) * 1e-25)

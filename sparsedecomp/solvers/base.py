@@ -150,5 +150,11 @@ def as_dictionary(dictionary: Dictionary | Tensor) -> Dictionary:
     raise InputTypeError(f"dictionary must be a sparsedecomp.Dictionary or an (n_atoms, d) tensor, got {type(dictionary).__name__}")
 
 
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a solver computes in: half precisions in float32 (Cholesky, triangular solves and the SVD need at
+    least single precision), float32 and float64 as they are."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def full_status(n: int, status: int, device: torch.device) -> Tensor:
     return torch.full((n,), int(status), dtype=torch.long, device=device)

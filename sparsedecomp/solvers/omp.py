@@ -44,7 +44,7 @@ from ..codes import Codes
 from ..decomposition import KKT_VIOLATION, Status
 from ..dictionary import Dictionary
 from ..validation import check_bool, check_positive, check_positive_int
-from .base import ChunkResult, Solver
+from .base import ChunkResult, Solver, working_dtype
 from ..errors import InputError
 
 # Numerical thresholds, as multiples of the working dtype's machine epsilon.
@@ -128,7 +128,7 @@ class OMP(Solver):
             )
 
     def precompute(self, dictionary: Dictionary) -> _Prepared:
-        dtype = _working_dtype(dictionary.dtype)
+        dtype = working_dtype(dictionary.dtype)
         stacked = dictionary.stacked()
         atoms, real, atom_index = stacked.atoms.to(dtype), stacked.mask, stacked.atom_index
         size = atoms.shape[1]
@@ -473,8 +473,3 @@ def _finish(out: ChunkResult, st: _Active, mask: Tensor, s: int, status: Status,
     violation = violation.max(dim=1).values
     scale = st.y_norm2[mask].sqrt() * prep.max_norm
     out.certificate[rows] = torch.where(scale > 0, violation / scale.clamp_min(torch.finfo(scale.dtype).tiny), violation)
-
-
-def _working_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Half precisions are solved in float32 (triangular solves and Cholesky need at least single precision)."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -18,7 +18,7 @@ from ..codes import Codes
 from ..decomposition import EXACT, Status
 from ..dictionary import Dictionary, StackedBlocks
 from ..optimality import least_squares_objective
-from .base import ChunkResult, Solver, full_status
+from .base import ChunkResult, Solver, full_status, working_dtype
 
 
 @dataclass(frozen=True)
@@ -37,13 +37,14 @@ class Pseudoinverse(Solver):
 
     def precompute(self, dictionary: Dictionary) -> tuple[StackedBlocks, Tensor]:
         stacked = dictionary.stacked()
-        # (groups, atoms, dims) -> (groups, dims, atoms); padded zero atoms get zero weight (minimum norm).
-        return stacked, torch.linalg.pinv(stacked.atoms, rtol=self.rtol)
+        # (groups, atoms, dims) -> (groups, dims, atoms); padded zero atoms get zero weight (minimum norm). Half
+        # precisions are solved in float32 (torch has no half-precision SVD), like every other solver.
+        return stacked, torch.linalg.pinv(stacked.atoms.to(working_dtype(dictionary.dtype)), rtol=self.rtol)
 
     def solve_chunk(self, targets: Tensor, dictionary: Dictionary, prepared: tuple[StackedBlocks, Tensor]) -> ChunkResult:
         stacked, pinv = prepared
-        grouped = torch.einsum("ngp,gpm->ngm", stacked.split_targets(targets), pinv)
-        coefficients = stacked.scatter_coefficients(grouped, dictionary.n_atoms)
+        grouped = torch.einsum("ngp,gpm->ngm", stacked.split_targets(targets.to(pinv.dtype)), pinv)
+        coefficients = stacked.scatter_coefficients(grouped, dictionary.n_atoms).to(targets.dtype)
         n = targets.shape[0]
         return ChunkResult(
             codes=Codes.dense(coefficients),

@@ -40,7 +40,7 @@ from ..codes import Codes
 from ..decomposition import Status
 from ..dictionary import StackedBlocks
 from ..optimality import lasso_gap_from_parts
-from .base import ChunkResult
+from .base import ChunkResult, working_dtype
 from .coordinate_descent import coordinate_descent_epoch, newton_step
 
 GAP = "gap"
@@ -79,7 +79,7 @@ def solve_working_set(
     """Solve every row of ``targets`` (``(n, d)``); ``alpha`` is ``(n,)`` (a fraction of each target's
     ``alpha_max`` when ``alpha_is_fraction_of_max``). ``certificate`` is :data:`GAP` or :data:`KKT`. The codes
     come back sparse (row-padded), everything in the targets' dtype."""
-    work = targets.dtype if targets.dtype in (torch.float32, torch.float64) else torch.float32
+    work = working_dtype(targets.dtype)
     device = targets.device
     atoms = stacked.atoms.to(work)  # (G, m, p)
     atoms_t = atoms.transpose(1, 2)
