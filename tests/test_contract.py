@@ -341,7 +341,8 @@ def test_half_precision_inputs_are_solved_and_returned_in_their_dtype(method, dt
     assert result.coefficients.dtype == dtype and result.reconstruction.dtype == dtype
     assert bool(torch.isfinite(result.coefficients).all())
     exact = solve(method, targets.double(), dictionary.to(dtype=torch.float64))
-    # Half precision keeps about 3 significant digits (bfloat16 about 2): the reconstruction agrees with the
-    # float64 one to a few percent of each target's norm.
+    # float16 keeps about 3 significant digits, bfloat16 about 2 (and NNLS codes, whose atoms partly cancel, lose
+    # more when rounded): the reconstruction agrees with the float64 one to that share of each target's norm.
+    share = 0.02 if dtype == torch.float16 else 0.1
     difference = (result.reconstruction.double() - exact.reconstruction).norm(dim=1)
-    assert bool((difference <= 0.05 * targets.double().norm(dim=1) + 1e-3).all()), difference
+    assert bool((difference <= share * targets.double().norm(dim=1) + 1e-3).all()), difference
