@@ -9,6 +9,28 @@ from sparsedecomp.loading.files import canonical_hook
 
 pytestmark = pytest.mark.network
 
+
+def _hub_reachable() -> str | None:
+    """``None`` when the Hugging Face hub answers, else why not (offline mode, no route, timeout)."""
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return "HF_HUB_OFFLINE is set"
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=5).close()
+    except OSError as err:
+        return f"huggingface.co:443 is not reachable ({err})"
+    return None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _needs_the_hub():
+    # A visible skip, with the reason: these tests are about the real hub and say nothing without it.
+    reason = _hub_reachable()
+    if reason is not None:
+        pytest.skip(f"needs the Hugging Face hub: {reason}")
+
 SEED_RUN = (
     "hf://ckkissane/tinystories-1M-SAES/concat-z-gelu-21-l1-lr-sweep-3/"
     "gelu-2l_L1_Hcat_z_lr1.00e-03_l12.00e+00_ds16384_bs4096_dc1.00e-07_rie50000_nr4_v78"
