@@ -125,6 +125,7 @@ def run_decomposition(
 
     solver = make_solver(method, **params)
     results: dict[str, Decomposition] = {}
+    timings: dict[str, float] = {"setup": time.time() - t0}
     residual_norms = None
     ranks: dict[str, Any] = {"head_dictionaries": {str(h): r for h, r in dictionary.head_ranks().items()},
                              "block_dictionary": dictionary.rank(), "concat_decoder": _rank(targets)}
@@ -138,7 +139,9 @@ def run_decomposition(
             # Unit targets in both spaces; a feature that W_O maps to (numerically) zero stays zero.
             targets_s = mixed / residual_norms.clamp_min(torch.finfo(mixed.dtype).tiny)[:, None]
             ranks["mixed_dictionary"] = dict_s.rank()
+        start = time.time()
         results[name] = solver.prepare(dict_s).solve(targets_s, progress=progress, desc=f"decompose ({name})")
+        timings[f"decompose_{name}"] = time.time() - start
 
     summary: dict[str, Any] = {
         "title": title,
@@ -162,6 +165,7 @@ def run_decomposition(
                                                "mean": float(residual_norms.mean()),
                                                "max": float(residual_norms.max())}
     code_paths = {}
+    start = time.time()
     with writer:
         for name, dec in results.items():
             metrics = decomposition_metrics(dec)
@@ -177,10 +181,12 @@ def run_decomposition(
             }
             code_paths[name] = writer.write_with(f"codes_{name}.safetensors",
                                                  lambda tmp, dec=dec: write_codes_file(tmp, dec))
-        summary["elapsed_s"] = round(time.time() - t0, 2)
-        summary_path = writer.write_json("summary.json", summary)
         from .summary_html import render_summary_html
 
+        timings["metrics_and_codes"] = time.time() - start  # the summary and the page are written after this
+        summary["timings_s"] = {name: round(value, 3) for name, value in timings.items()}
+        summary["elapsed_s"] = round(time.time() - t0, 2)
+        summary_path = writer.write_json("summary.json", summary)
         html_path = writer.write_text("index.html", render_summary_html(summary, max_features=html_max_features))
     return PipelineResult(summary=summary, summary_path=summary_path, html_path=html_path, code_paths=code_paths,
                           decompositions=results)

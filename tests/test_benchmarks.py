@@ -229,3 +229,18 @@ def test_full_size_cpu_check_records_what_the_worker_measured(tmp_path, method, 
     failed = {"error": "worker exited with -9", "stdout_tail": ""}
     bench.record_worker(f"b-{method}", method, {}, failed, 60.0, 8 * GIB, "peak RSS (VmHWM)")
     assert bench.checks[-1]["status"] == "FAIL" and "-9" in bench.checks[-1]["detail"]
+
+
+def test_pipeline_overhead_benchmark_runs_the_real_pipeline_at_tiny_size(tmp_path):
+    from benchmarks.pipeline_overhead import main
+
+    code = main(["--size", "tiny", "--method", "nn_lasso", "--repeats", "1", "--out", str(tmp_path)])
+    (result,) = tmp_path.glob("pipeline-overhead-tiny-nn_lasso-*.json")
+    row = json.loads(result.read_text())
+    assert row["n_targets"] == 48 and row["params"]["alpha_is_fraction_of_max"] is True
+    assert row["pipeline_total_seconds"][0] >= row["pipeline_decompose_seconds"][0] > 0
+    assert row["codes_layout"] == "sparse" and row["codes_bytes"] < row["dense_bytes"]
+    # The two timed paths solved the same problem.
+    assert row["pipeline_vs_bare_codes"]["max_abs_difference"] < 1e-4
+    # The verdict follows the bar (timings at this size are noise; the logic is what is checked).
+    assert row["check"] == ("PASS" if row["ratio_best"] <= 1.10 else "FAIL") and code == (row["check"] != "PASS")
