@@ -10,6 +10,7 @@ import argparse
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -158,7 +159,7 @@ def run_demo(args: argparse.Namespace) -> int:
     result = run_decomposition(world.concat_sae, world.head_saes, out_dir=args.out, method=args.method,
                                params=params, space=args.space, W_O=world.W_O,
                                title="Demo: per-head decomposition of concat-SAE features", context=context,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, command="demo")
     _print_result(result, time.time() - t0)
     return 0
 
@@ -218,8 +219,8 @@ def _check_tokens_fit(tokens, d_vocab: int, path: str) -> None:
 
 
 def run_decompose(args: argparse.Namespace) -> int:
-    from .loading import (check_compatible, check_model_matches, estimate_head_scales_from_model, fold_head_scales,
-                          load_head_saes, load_model, load_sae)
+    from .loading import (InputScaleWarning, check_compatible, check_model_matches, estimate_head_scales_from_model,
+                          fold_head_scales, load_head_saes, load_model, load_sae)
     from .pipeline import run_decomposition
 
     params = _params(args)
@@ -257,12 +258,15 @@ def run_decompose(args: argparse.Namespace) -> int:
             scales = estimate_head_scales_from_model(loaded, list(tokens.split(8)), layer=head_saes.layer)
             head_saes = fold_head_scales(head_saes, scales)
             context["head_scale_estimate"] = scales.description
-    if head_saes.heads_needing_input_scale:
-        print(f"note: heads {list(head_saes.heads_needing_input_scale)} were trained on inputs scaled by a factor "
-              "that was never saved; directions are unaffected, but activation units are training units "
-              "(pass --model and --tokens to re-estimate and fold the scales)", flush=True)
-    result = run_decomposition(concat, head_saes, out_dir=args.out, method=args.method, params=params,
-                               space=args.space, W_O=W_O, context=context, progress=not args.no_progress)
+    with warnings.catch_warnings():
+        if head_saes.heads_needing_input_scale:
+            print(f"note: heads {list(head_saes.heads_needing_input_scale)} were trained on inputs scaled by a factor "
+                  "that was never saved; directions are unaffected, but activation units are training units "
+                  "(pass --model and --tokens to re-estimate and fold the scales)", flush=True)
+            # The note above says it for the command line; the library's warning would say it again.
+            warnings.simplefilter("ignore", InputScaleWarning)
+        result = run_decomposition(concat, head_saes, out_dir=args.out, method=args.method, params=params,
+                                   space=args.space, W_O=W_O, context=context, progress=not args.no_progress)
     _print_result(result, time.time() - t0)
     return 0
 

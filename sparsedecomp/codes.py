@@ -168,8 +168,10 @@ class Codes:
         indices = None if self.indices is None else self.indices.to(device=device)
         return Codes(values, indices, self.n_atoms)
 
-    def rows(self, index: slice | Tensor) -> "Codes":
-        """The codes of a subset of targets."""
+    def rows(self, index: int | slice | Tensor) -> "Codes":
+        """The codes of a subset of targets (an ``int`` selects one target and keeps the 2-D layout)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
         return Codes(self.values[index], None if self.indices is None else self.indices[index], self.n_atoms)
 
     def scaled(self, per_atom: Tensor) -> "Codes":

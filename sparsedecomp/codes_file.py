@@ -7,6 +7,8 @@ Tensors (``n`` targets, ``width`` slots per row):
   storing them as coordinates would take three times the bytes);
 * ``objective``, ``certificate``: float32 ``(n,)`` (NaN / inf where a solver failed: see ``status``);
 * ``iterations``: int32 ``(n,)``; ``status``: uint8 ``(n,)`` codes of :class:`~sparsedecomp.Status`;
+* optional per-target float32 ``(n,)``: ``l1_weight`` (the lasso weight each target was solved with) and
+  ``target_norm`` (residual space: ``||t @ W_O_cat||`` of each target before it was renormalised to unit norm);
 * ``atom_head``, ``atom_feature``: int32 ``(n_atoms,)`` the head and per-head feature of every atom;
   ``atom_scale``: float32, ``coefficient / atom_scale`` is the per-head feature's activation in its SAE's units.
 
@@ -20,7 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
@@ -33,8 +35,10 @@ from .outputs import dumps_strict
 CODES_FORMAT = "sparsedecomp-codes/1"
 
 
-def codes_file_tensors(decomposition: Decomposition) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """The tensors and metadata of the codes file for ``decomposition`` (see the module docstring)."""
+def codes_file_tensors(decomposition: Decomposition, extra: Mapping[str, Tensor] | None = None
+                       ) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and metadata of the codes file for ``decomposition`` (see the module docstring); ``extra``
+    per-target tensors (e.g. ``target_norm``, ``l1_weight``) are stored as float32 beside them."""
     codes = decomposition.codes.compact().to(device="cpu", dtype=torch.float32)
     tensors = {"values": codes.values.contiguous()}
     if codes.is_sparse:
@@ -45,6 +49,10 @@ def codes_file_tensors(decomposition: Decomposition) -> tuple[dict[str, Tensor],
         "iterations": decomposition.iterations.detach().cpu().to(torch.int32).contiguous(),
         "status": decomposition.status.detach().cpu().to(torch.uint8).contiguous(),
     })
+    for name, tensor in (extra or {}).items():
+        if name in tensors or tensor.shape != (decomposition.n_targets,):
+            raise InputError(f"extra codes-file tensor {name!r} must be a new per-target (n,) tensor")
+        tensors[name] = tensor.detach().cpu().float().contiguous()
     dictionary = decomposition.dictionary
     if dictionary is not None:
         if dictionary.head is not None:
@@ -65,11 +73,11 @@ def codes_file_tensors(decomposition: Decomposition) -> tuple[dict[str, Tensor],
     return tensors, metadata
 
 
-def write_codes_file(path: str | Path, decomposition: Decomposition) -> None:
+def write_codes_file(path: str | Path, decomposition: Decomposition, extra: Mapping[str, Tensor] | None = None) -> None:
     """Write the codes file (not atomic by itself: the pipeline writes it through its :class:`RunWriter`)."""
     from safetensors.torch import save_file
 
-    tensors, metadata = codes_file_tensors(decomposition)
+    tensors, metadata = codes_file_tensors(decomposition, extra)
     save_file(tensors, str(path), metadata=metadata)
 
 

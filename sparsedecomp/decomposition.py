@@ -137,8 +137,10 @@ class Decomposition:
         """Indices of atoms with ``|coefficient| > threshold`` for target ``row``, largest first."""
         return self.codes.row_support(row, threshold=threshold)[0]
 
-    def rows(self, index: slice | Tensor) -> "Decomposition":
-        """The decomposition of a subset of its targets."""
+    def rows(self, index: int | slice | Tensor) -> "Decomposition":
+        """The decomposition of a subset of its targets (an ``int`` selects one and keeps every axis)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
         return replace(
             self, codes=self.codes.rows(index), reconstruction=self.reconstruction[index],
             targets=self.targets[index], objective=self.objective[index], certificate=self.certificate[index],

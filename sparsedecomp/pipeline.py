@@ -30,6 +30,7 @@ from .decomposition import STATUS_LEGEND, Decomposition, Status
 from .dictionary import mix_targets
 from .loading import check_compatible
 from .evaluation.metrics import decomposition_metrics, head_columns, target_head_shares
+from .optimality import alpha_max
 from .outputs import RunWriter
 from .solvers import SOLVERS, make_solver
 from .errors import InputError
@@ -97,6 +98,7 @@ def run_decomposition(
     html_max_features: int = 2048,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    command: str = "decompose",
 ) -> PipelineResult:
     """Decompose every feature of ``concat_sae`` into ``head_saes``' dictionaries and write the results.
 
@@ -104,7 +106,7 @@ def run_decomposition(
     depend on them; :class:`~sparsedecomp.loading.HeadSAEs` warns otherwise). ``space`` is ``"z"``,
     ``"residual"`` (needs ``W_O``, ``(n_heads, d_head, d_model)``) or ``"both"``. ``context`` is copied into the
     summary (model, sources, flags ...). The output folder must be new, empty or an earlier run's
-    (:func:`~sparsedecomp.outputs.check_output_folder`).
+    (:func:`~sparsedecomp.outputs.check_output_folder`); ``command`` names the run in its manifest.
     """
     if space not in SPACES:
         raise InputError(f"space must be one of {SPACES}, got {space!r}")
@@ -113,7 +115,7 @@ def run_decomposition(
     n_heads, d_head = check_compatible(concat_sae, head_saes)  # names every difference: width, layer, hook, model
     params = solver_params(method, params)
     spaces = ["z", "residual"] if space == "both" else [space]
-    writer = RunWriter(out_dir, command="decompose", settings={"method": method, "params": params, "spaces": spaces})
+    writer = RunWriter(out_dir, command=command, settings={"method": method, "params": params, "spaces": spaces})
     t0 = time.time()
 
     dictionary = head_saes.dictionary(normalize=True)
@@ -179,8 +181,12 @@ def run_decomposition(
                 "features": _feature_records(dec, weight_shares, metrics,
                                              residual_norms if name == "residual" else None),
             }
+            extra = {"l1_weight": _l1_weights(method, params, dec)} if "alpha" in params else {}
+            if name == "residual":
+                # The residual targets were renormalised: these norms turn the codes back into ones for t @ W_O_cat.
+                extra["target_norm"] = residual_norms
             code_paths[name] = writer.write_with(f"codes_{name}.safetensors",
-                                                 lambda tmp, dec=dec: write_codes_file(tmp, dec))
+                                                 lambda tmp, dec=dec, extra=extra: write_codes_file(tmp, dec, extra))
         from .summary_html import render_summary_html
 
         timings["metrics_and_codes"] = time.time() - start  # the summary and the page are written after this
@@ -193,6 +199,14 @@ def run_decomposition(
 
 
 NONNEGATIVE_LASSOS = ("nn_lasso", "cvxpy_nn_lasso")
+
+
+def _l1_weights(method: str, params: Mapping[str, Any], dec: Decomposition) -> Tensor:
+    """Each target's L1 weight as solved: ``alpha``, or ``alpha * alpha_max(t)`` for a relative alpha."""
+    if not params.get("alpha_is_fraction_of_max"):
+        return torch.full((dec.n_targets,), float(params["alpha"]))
+    top = alpha_max(dec.targets, dec.dictionary, nonnegative=method in NONNEGATIVE_LASSOS)
+    return float(params["alpha"]) * top
 
 
 def _alpha_meaning(method: str, params: Mapping[str, Any]) -> str | None:
@@ -208,12 +222,13 @@ def _alpha_meaning(method: str, params: Mapping[str, Any]) -> str | None:
 def _verdict(method: str, params: Mapping[str, Any], dec: Decomposition, metrics) -> str:
     """One sentence on how much of the targets the decomposition explains, and why it stopped."""
     median_error = float(metrics.relative_error.double().nanmedian())
-    explained = 1 - median_error**2
+    unexplained = float(metrics.relative_squared_error.double().nanmedian())
     counts = dec.status_counts()
     n = dec.n_targets
     stops = ", ".join(f"{name} on {count:,} of {n:,}" for name, count in counts.items())
-    text = (f"{method} stopped with {stops} features. Median relative error {median_error:.2f}: a typical feature "
-            f"direction keeps {100 * explained:.0f} % of its squared norm in the decomposition.")
+    text = (f"{method} stopped with {stops} features. Median relative error {median_error:.2f}: for a typical "
+            f"feature, {100 * unexplained:.0f} % of its direction's squared norm is left in the residual "
+            "||t - t_hat||^2 / ||t||^2.")
     if median_error > EXPLAINS_LITTLE_RELATIVE_ERROR:
         hint = ("a larger n_nonzero or a smaller tol" if "n_nonzero" in params else
                 "a smaller alpha" if "alpha" in params else "another method")
@@ -233,7 +248,7 @@ def _share_agreement(weight: Tensor, decomposition: Tensor | None) -> dict[str, 
         return None
     ok = decomposition.sum(1) > 0
     if not bool(ok.any()):
-        return {"top_head_agreement": 0.0, "mean_total_variation": 1.0}
+        return None  # no code has any mass: there is nothing to compare
     w, d = weight[ok].double(), decomposition[ok].double()
     return {"top_head_agreement": float((w.argmax(1) == d.argmax(1)).double().mean()),
             "mean_total_variation": float(0.5 * (w - d).abs().sum(1).mean())}

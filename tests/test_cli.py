@@ -232,6 +232,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert m["cosine"]["mean"] == pytest.approx(float(cosines.mean()), abs=1e-4)
     html = (out / "index.html").read_text()
     assert "<script" not in html and "Space: z" in html
+    assert json.loads((out / "manifest.json").read_text())["command"] == "demo"
     # The default budget explains little on this world, and the page says so where the numbers are.
     assert "explains little" in z["verdict"] and "explains little" in html
     for line in summary["context"].values():
@@ -253,6 +254,12 @@ def test_decompose_on_local_demo_artifacts_with_a_local_model_then_rerun_in_plac
     summary = json.loads((out / "summary.json").read_text())
     assert summary["spaces"] == ["z", "residual"] and (out / "codes_residual.safetensors").is_file()
     assert "head_scale_estimate" in summary["context"]
+    from sparsedecomp.codes_file import read_codes_file
+
+    # The residual codes carry the norms their targets were divided by, as the summary states them.
+    stored = read_codes_file(out / "codes_residual.safetensors")
+    norms = [rec["residual_norm"] for rec in summary["results"]["residual"]["features"][:5]]
+    assert stored.tensors["target_norm"][:5].tolist() == pytest.approx(norms, rel=1e-6)
     assert main(base) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["spaces"] == ["z"] and not (out / "codes_residual.safetensors").exists()
@@ -319,3 +326,22 @@ def test_a_model_other_than_the_saes_is_refused(demo_sources, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "'some-other-model' is not the one the SAEs were trained on" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_lasso_codes_record_each_targets_l1_weight(checkpoints, tmp_path):
+    from sparsedecomp.codes_file import read_codes_file
+    from sparsedecomp.optimality import alpha_max
+
+    out = tmp_path / "out"
+    assert main(["decompose", "--concat-sae", checkpoints["concat"], "--head-saes", *checkpoints["runs"],
+                 "--method", "nn_lasso", "--alpha", "0.1", "--out", str(out), "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert "max_j (t . d_j)_+" in summary["alpha_meaning"]
+    stored = read_codes_file(out / "codes_z.safetensors")
+    concat = checkpoints["concat_sae"]
+    targets = concat.W_dec / concat.W_dec.norm(dim=1, keepdim=True)
+    from sparsedecomp.loading import load_head_saes
+
+    dictionary = load_head_saes(checkpoints["runs"]).dictionary(normalize=True)
+    expected = 0.1 * alpha_max(targets, dictionary, nonnegative=True)
+    torch.testing.assert_close(stored.tensors["l1_weight"], expected.float(), rtol=1e-5, atol=1e-7)

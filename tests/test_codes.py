@@ -92,3 +92,10 @@ def test_bad_shapes_are_named():
         Codes(torch.zeros(2, 4), torch.zeros(2, 3, dtype=torch.long), 9)
     with pytest.raises(InputError, match="cannot multiply 3 atoms"):
         Codes.dense(torch.zeros(2, 4)).matmul(torch.zeros(3, 2))
+
+
+def test_rows_by_int_keeps_the_two_dimensional_layout():
+    dense = random_sparse()
+    codes = Codes.from_dense(dense, layout="sparse")
+    assert torch.equal(codes.rows(3).to_dense(), dense[3:4])
+    assert torch.equal(codes.rows(-1).to_dense(), dense[-1:])

@@ -119,6 +119,9 @@ class CvxpyReference(Solver):
 
     tol: float = 1e-6
     zero_tol: float = 1e-9
+    # Targets are solved one at a time in Python, so chunks cost nothing in speed; small ones let a progress bar
+    # (which advances per chunk) move every few seconds instead of every half hour.
+    chunk_size: int = 16
 
     nonnegative_code: ClassVar[bool] = True
 
