@@ -35,7 +35,8 @@ METHOD_HELP = """methods:
   nnls              non-negative least squares: SLOW today (minutes for hundreds of features, dense codes of
                     hundreds of atoms, some targets stop at --max-iter); use it on a few features as a
                     sparsity-free baseline
-  cvxpy_*           interior-point references (about a second per feature): for checking on small sets
+  cvxpy_*           interior-point references (about a second per feature): for checking a few features
+                    (--features 0-63)
 """
 
 # Only the package's own input errors and the operating system's file errors are the user's to fix; any other
@@ -67,6 +68,8 @@ def _add_solver_args(p: argparse.ArgumentParser) -> None:
                    help="decompose in concatenated z, in the residual stream (through W_O; needs a model), or both")
     p.add_argument("--out", type=str, required=True,
                    help="output folder: new, empty, or an earlier run's (summary.json, index.html, codes, manifest)")
+    p.add_argument("--features", metavar="SPEC",
+                   help="decompose only these concat features: indices and ranges, e.g. 0-63,99 (default: all)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -138,6 +141,7 @@ def _print_result(result, elapsed: float) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     params = _params(args)
+    features = parse_features(args.features)
     check_output_folder(args.out)
     from .demo import load_demo_world
     from .pipeline import run_decomposition
@@ -159,7 +163,7 @@ def run_demo(args: argparse.Namespace) -> int:
     result = run_decomposition(world.concat_sae, world.head_saes, out_dir=args.out, method=args.method,
                                params=params, space=args.space, W_O=world.W_O,
                                title="Demo: per-head decomposition of concat-SAE features", context=context,
-                               progress=not args.no_progress, command="demo")
+                               progress=not args.no_progress, command="demo", features=features)
     _print_result(result, time.time() - t0)
     return 0
 
@@ -212,6 +216,24 @@ def _load_tokens(path: str | Path):
     return tokens.long()
 
 
+def parse_features(spec: str | None) -> list[int] | None:
+    """``"0-3,9"`` -> ``[0, 1, 2, 3, 9]`` (ranges inclusive); ``None`` for all features."""
+    if spec is None:
+        return None
+    features: list[int] = []
+    for part in spec.split(","):
+        first, dash, last = part.strip().partition("-")
+        try:
+            lo = int(first)
+            hi = int(last) if dash else lo
+        except ValueError:
+            raise InputError(f"--features: {part.strip()!r} is not an index or a range like 0-63") from None
+        if hi < lo:
+            raise InputError(f"--features: the range {part.strip()!r} runs backwards")
+        features.extend(range(lo, hi + 1))
+    return features
+
+
 def _check_tokens_fit(tokens, d_vocab: int, path: str) -> None:
     if int(tokens.max()) >= d_vocab:
         raise InputError(f"--tokens: {path} holds token ids up to {int(tokens.max())} but the model's vocabulary has "
@@ -224,6 +246,7 @@ def run_decompose(args: argparse.Namespace) -> int:
     from .pipeline import run_decomposition
 
     params = _params(args)
+    features = parse_features(args.features)
     check_output_folder(args.out)
     if args.tokens is not None and not args.model:
         raise InputError("--tokens needs --model: input scales are estimated on the model's hook_z")
@@ -266,7 +289,8 @@ def run_decompose(args: argparse.Namespace) -> int:
             # The note above says it for the command line; the library's warning would say it again.
             warnings.simplefilter("ignore", InputScaleWarning)
         result = run_decomposition(concat, head_saes, out_dir=args.out, method=args.method, params=params,
-                                   space=args.space, W_O=W_O, context=context, progress=not args.no_progress)
+                                   space=args.space, W_O=W_O, context=context, progress=not args.no_progress,
+                                   features=features)
     _print_result(result, time.time() - t0)
     return 0
 

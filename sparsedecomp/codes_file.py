@@ -7,6 +7,7 @@ Tensors (``n`` targets, ``width`` slots per row):
   storing them as coordinates would take three times the bytes);
 * ``objective``, ``certificate``: float32 ``(n,)`` (NaN / inf where a solver failed: see ``status``);
 * ``iterations``: int32 ``(n,)``; ``status``: uint8 ``(n,)`` codes of :class:`~sparsedecomp.Status`;
+* ``feature_index``: int32 ``(n,)`` the concat feature of each row (all features, or those selected);
 * optional per-target float32 ``(n,)``: ``l1_weight`` (the lasso weight each target was solved with) and
   ``target_norm`` (residual space: ``||t @ W_O_cat||`` of each target before it was renormalised to unit norm);
 * ``atom_head``, ``atom_feature``: int32 ``(n_atoms,)`` the head and per-head feature of every atom;
@@ -38,7 +39,8 @@ CODES_FORMAT = "sparsedecomp-codes/1"
 def codes_file_tensors(decomposition: Decomposition, extra: Mapping[str, Tensor] | None = None
                        ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The tensors and metadata of the codes file for ``decomposition`` (see the module docstring); ``extra``
-    per-target tensors (e.g. ``target_norm``, ``l1_weight``) are stored as float32 beside them."""
+    per-target tensors (e.g. ``feature_index``, ``target_norm``, ``l1_weight``) are stored beside them, as int32
+    when integer and float32 otherwise."""
     codes = decomposition.codes.compact().to(device="cpu", dtype=torch.float32)
     tensors = {"values": codes.values.contiguous()}
     if codes.is_sparse:
@@ -52,7 +54,8 @@ def codes_file_tensors(decomposition: Decomposition, extra: Mapping[str, Tensor]
     for name, tensor in (extra or {}).items():
         if name in tensors or tensor.shape != (decomposition.n_targets,):
             raise InputError(f"extra codes-file tensor {name!r} must be a new per-target (n,) tensor")
-        tensors[name] = tensor.detach().cpu().float().contiguous()
+        kind = torch.float32 if tensor.is_floating_point() else torch.int32
+        tensors[name] = tensor.detach().cpu().to(kind).contiguous()
     dictionary = decomposition.dictionary
     if dictionary is not None:
         if dictionary.head is not None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -99,6 +99,7 @@ def run_decomposition(
     progress: bool = True,
     log: Callable[[str], None] = print,
     command: str = "decompose",
+    features: Sequence[int] | None = None,
 ) -> PipelineResult:
     """Decompose every feature of ``concat_sae`` into ``head_saes``' dictionaries and write the results.
 
@@ -106,7 +107,9 @@ def run_decomposition(
     depend on them; :class:`~sparsedecomp.loading.HeadSAEs` warns otherwise). ``space`` is ``"z"``,
     ``"residual"`` (needs ``W_O``, ``(n_heads, d_head, d_model)``) or ``"both"``. ``context`` is copied into the
     summary (model, sources, flags ...). The output folder must be new, empty or an earlier run's
-    (:func:`~sparsedecomp.outputs.check_output_folder`); ``command`` names the run in its manifest.
+    (:func:`~sparsedecomp.outputs.check_output_folder`); ``command`` names the run in its manifest. ``features``
+    selects concat features by index (all by default): records and codes rows keep the selected features' order,
+    and each record names its feature.
     """
     if space not in SPACES:
         raise InputError(f"space must be one of {SPACES}, got {space!r}")
@@ -121,6 +124,9 @@ def run_decomposition(
     dictionary = head_saes.dictionary(normalize=True)
     targets, target_note = concat_targets(concat_sae)
     targets = targets.to(dictionary.dtype)
+    concat_rank = _rank(targets)  # of the whole decoder, whatever is selected
+    feature_ids = check_feature_selection(features, targets.shape[0])
+    targets = targets[feature_ids]
     weight_shares = target_head_shares(targets, head_columns(n_heads * d_head, d_head))
     log(f"dictionary: {dictionary.n_atoms} atoms ({n_heads} heads x {dictionary.n_atoms // n_heads}) in "
         f"{dictionary.dim} dims; {targets.shape[0]} targets; method {method} {params}")
@@ -130,7 +136,7 @@ def run_decomposition(
     timings: dict[str, float] = {"setup": time.time() - t0}
     residual_norms = None
     ranks: dict[str, Any] = {"head_dictionaries": {str(h): r for h, r in dictionary.head_ranks().items()},
-                             "block_dictionary": dictionary.rank(), "concat_decoder": _rank(targets)}
+                             "block_dictionary": dictionary.rank(), "concat_decoder": concat_rank}
     for name in spaces:
         if name == "z":
             dict_s, targets_s = dictionary, targets
@@ -153,6 +159,8 @@ def run_decomposition(
         "alpha_meaning": _alpha_meaning(method, params),
         "spaces": spaces,
         "n_targets": int(targets.shape[0]),
+        "n_concat_features": int(concat_sae.d_sae),
+        "features_selected": None if features is None else feature_ids.tolist(),
         "n_heads": n_heads,
         "d_head": d_head,
         "dictionary_sizes": {str(h): int(s) for h, s in head_saes.d_sae.items()},
@@ -179,9 +187,11 @@ def run_decomposition(
                 "codes_file": f"codes_{name}.safetensors",
                 "codes_layout": dec.codes.layout,
                 "features": _feature_records(dec, weight_shares, metrics,
-                                             residual_norms if name == "residual" else None),
+                                             residual_norms if name == "residual" else None, feature_ids),
             }
-            extra = {"l1_weight": _l1_weights(method, params, dec)} if "alpha" in params else {}
+            extra = {"feature_index": feature_ids}
+            if "alpha" in params:
+                extra["l1_weight"] = _l1_weights(method, params, dec)
             if name == "residual":
                 # The residual targets were renormalised: these norms turn the codes back into ones for t @ W_O_cat.
                 extra["target_norm"] = residual_norms
@@ -254,7 +264,26 @@ def _share_agreement(weight: Tensor, decomposition: Tensor | None) -> dict[str, 
             "mean_total_variation": float(0.5 * (w - d).abs().sum(1).mean())}
 
 
-def _feature_records(dec: Decomposition, weight_shares: Tensor, metrics, residual_norms: Tensor | None) -> list[dict]:
+def check_feature_selection(features: Sequence[int] | None, n_features: int) -> Tensor:
+    """The selected concat-feature indices as a long tensor (all when ``None``), refused by name when out of range,
+    repeated or empty."""
+    if features is None:
+        return torch.arange(n_features)
+    ids = list(features)
+    if not ids:
+        raise InputError("the feature selection is empty")
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+        raise InputError(f"features must be integer indices, got {ids[:5]}...")
+    bad = [i for i in ids if not 0 <= i < n_features]
+    if bad:
+        raise InputError(f"features {bad[:5]} are out of range: the concat SAE has {n_features} features (0..{n_features - 1})")
+    if len(set(ids)) != len(ids):
+        raise InputError("the feature selection repeats indices")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _feature_records(dec: Decomposition, weight_shares: Tensor, metrics, residual_norms: Tensor | None,
+                     feature_ids: Tensor) -> list[dict]:
     """One record per feature: status (by name), certificate, objective, iterations, metrics, head shares, and
     its code's atoms (every non-zero up to :data:`MAX_LISTED_ATOMS`, largest first; ``n_atoms_listed`` < ``l0``
     says a list was cut, and the codes file always has them all)."""
@@ -278,7 +307,7 @@ def _feature_records(dec: Decomposition, weight_shares: Tensor, metrics, residua
             atoms.append({"head": int(head[j]), "feature": int(feature[j]), "coefficient": c, "activation_units": u})
         dshare = metrics.head_mass_share[i] if metrics.head_mass_share is not None else None
         record = {
-            "feature": i,
+            "feature": int(feature_ids[i]),
             "status": Status(int(status[i])).name,
             "certificate": float(certificate[i]),
             "objective": float(objective[i]),

@@ -345,3 +345,25 @@ def test_lasso_codes_record_each_targets_l1_weight(checkpoints, tmp_path):
     dictionary = load_head_saes(checkpoints["runs"]).dictionary(normalize=True)
     expected = 0.1 * alpha_max(targets, dictionary, nonnegative=True)
     torch.testing.assert_close(stored.tensors["l1_weight"], expected.float(), rtol=1e-5, atol=1e-7)
+
+
+def test_a_feature_selection_is_decomposed_and_named(checkpoints, tmp_path, capsys):
+    from sparsedecomp.codes_file import read_codes_file
+
+    out = tmp_path / "out"
+    assert main(["decompose", "--concat-sae", checkpoints["concat"], "--head-saes", *checkpoints["runs"],
+                 "--method", "pinv", "--features", "3-5,30", "--out", str(out), "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_targets"] == 4 and summary["n_concat_features"] == D_SAE_CAT
+    assert summary["features_selected"] == [3, 4, 5, 30]
+    records = summary["results"]["z"]["features"]
+    assert [rec["feature"] for rec in records] == [3, 4, 5, 30]
+    target = checkpoints["concat_sae"].W_dec[30]
+    shares = (target.view(N_HEADS, D_HEAD).pow(2).sum(1) / target.pow(2).sum()).tolist()
+    assert records[3]["weight_head_shares"] == pytest.approx(shares, abs=1e-3)  # feature 30's, not row 3's
+    assert read_codes_file(out / "codes_z.safetensors").tensors["feature_index"].tolist() == [3, 4, 5, 30]
+    for spec, message in [("5-3", "runs backwards"), ("a", "not an index"), ("0,99", "out of range"),
+                          ("1,1", "repeats")]:
+        assert main(["decompose", "--concat-sae", checkpoints["concat"], "--head-saes", *checkpoints["runs"],
+                     "--features", spec, "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
+        assert message in capsys.readouterr().err
