@@ -74,30 +74,36 @@ def measure(size: str, method: str, params: dict[str, Any], repeats: int, seed: 
     make_solver(method, **params)  # a bad setting fails here, before any timing
     bare, step, whole, previous = [], [], [], []
     same, layout, nbytes = None, None, None
-    for _ in range(repeats):
-        gc.collect()
-        start = time.perf_counter()
-        result = decompose(targets, dictionary, method=method, **params)
-        bare.append(time.perf_counter() - start)
-        layout, nbytes = result.codes.layout, result.codes.nbytes
-        bare_codes = result.codes.to_dense().clone()
-        del result  # each timed call starts with the same memory held (a dense pinv result is 2 GB)
-        gc.collect()
-
-        with tempfile.TemporaryDirectory() as out:
-            start = time.perf_counter()
-            run = run_decomposition(concat, heads, out_dir=Path(out) / "run", method=method, params=params,
-                                    progress=False, log=lambda _: None)
-            whole.append(time.perf_counter() - start)
-        step.append(run.summary["timings_s"]["decompose_z"])
-        if run.summary["params"] != params:
-            raise RuntimeError(f"the pipeline solved with {run.summary['params']}, the bare call with {params}")
+    for repeat in range(repeats):
+        # Alternate which of the two runs first, so neither always meets the other's leftovers in the allocator.
+        order = ("bare", "pipeline") if repeat % 2 == 0 else ("pipeline", "bare")
+        codes: dict[str, torch.Tensor] = {}
+        for which in order:
+            gc.collect()
+            if which == "bare":
+                start = time.perf_counter()
+                result = decompose(targets, dictionary, method=method, **params)
+                bare.append(time.perf_counter() - start)
+                layout, nbytes = result.codes.layout, result.codes.nbytes
+                codes["bare"] = result.codes.to_dense().clone()
+                del result  # each timed call starts with the same memory held (a dense pinv result is 2 GB)
+            else:
+                with tempfile.TemporaryDirectory() as out:
+                    start = time.perf_counter()
+                    run = run_decomposition(concat, heads, out_dir=Path(out) / "run", method=method, params=params,
+                                            progress=False, log=lambda _: None)
+                    whole.append(time.perf_counter() - start)
+                step.append(run.summary["timings_s"]["decompose_z"])
+                if run.summary["params"] != params:
+                    raise RuntimeError(f"the pipeline solved with {run.summary['params']}, the bare call with {params}")
+                codes["pipeline"] = run.decompositions["z"].codes.to_dense().clone()
+                del run
         # The pipeline renormalises the concat decoder rows (already unit norm up to rounding), so the two codes
         # agree to rounding, not bit for bit.
-        piped_codes = run.decompositions["z"].codes.to_dense()
-        same = {"max_abs_difference": float((piped_codes - bare_codes).abs().max()),
-                "identical_supports": float(((piped_codes != 0) == (bare_codes != 0)).all(dim=1).double().mean())}
-        del run, piped_codes, bare_codes
+        same = {"max_abs_difference": float((codes["pipeline"] - codes["bare"]).abs().max()),
+                "identical_supports": float(((codes["pipeline"] != 0) == (codes["bare"] != 0)).all(dim=1)
+                                            .double().mean())}
+        del codes
         gc.collect()
 
         chunk = max(512, -(-targets.shape[0] // 10))
