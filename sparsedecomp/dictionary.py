@@ -327,6 +327,9 @@ def check_W_O(W_O: Tensor, n_heads: int, d_head: int) -> Tensor:
 
 
 def _maybe_normalize(atoms: Tensor, normalize: bool, name: str) -> tuple[Tensor, Tensor]:
+    check_tensor(atoms, name, ndim=2)
+    # First, so that atoms too small to square are not reported as all-zero.
+    check_norms_representable(atoms, name)
     norms = atoms.norm(dim=1)
     if bool((norms == 0).any()):
         zero = (norms == 0).nonzero().squeeze(1)[:5].tolist()
