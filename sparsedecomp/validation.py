@@ -112,3 +112,19 @@ def check_lasso_alpha(alpha: object, is_fraction_of_max: object) -> float:
                          f"is zero), got {value}; for an absolute L1 weight set alpha_is_fraction_of_max=False "
                          "(--alpha-absolute)")
     return value
+
+
+def check_device(device: object) -> torch.device:
+    """A ``torch.device`` that this machine has: a CUDA device asked for where torch sees none is refused by name
+    (torch would fail later with an assertion deep inside a tensor move)."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise InputError(f"device {device!r} is not a torch device ({err})") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {device!r} asked for, but torch sees no CUDA device here (a CPU-only build, "
+                             "or no GPU); use device='cpu'")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise InputError(f"device {device!r} asked for, but torch sees {torch.cuda.device_count()} CUDA devices")
+    return resolved

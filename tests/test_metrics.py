@@ -216,3 +216,14 @@ def test_bad_settings_raise(block_case):
         decomposition_metrics(d, d_head=3)
     with pytest.raises(TypeError, match="Decomposition"):
         decomposition_metrics(coefficients)
+
+
+def test_nan_code_rows_give_nan_shares_not_made_up_numbers():
+    from sparsedecomp.evaluation.metrics import head_mass_shares, top_k_mass_share
+
+    codes = torch.tensor([[1.0, 0.0, 3.0, 0.0], [float("nan")] * 4], dtype=F64)
+    head = torch.tensor([0, 0, 1, 1])
+    shares = head_mass_shares(codes, head, 2)
+    assert shares[0].tolist() == [0.25, 0.75] and bool(torch.isnan(shares[1]).all())
+    top = top_k_mass_share(codes, k=1)
+    assert float(top[0]) == 0.75 and math.isnan(float(top[1]))

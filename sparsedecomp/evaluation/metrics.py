@@ -23,7 +23,8 @@ Notation: target ``y`` (``(n, d)``), reconstruction ``y_hat = c D`` (``(n, d)``)
   per-head shares sum to 1 for a non-zero code and to 0 for a zero code; likewise ``target_head_shares`` of a
   zero target are all 0.
 
-NaN inputs (e.g. the NaN codes of a reference solver's failed rows) give NaN metrics for those rows only.
+NaN inputs (e.g. the NaN codes of a reference solver's failed rows) give NaN metrics for those rows only (``l0``, an
+integer count, counts only the entries known to exceed the threshold; the row's status says it failed).
 """
 
 from __future__ import annotations
@@ -157,7 +158,10 @@ def _safe_ratio(numerator: Tensor, denominator: Tensor, *, zero_over_zero: float
     """``numerator / denominator`` with ``0/0 = zero_over_zero`` and ``x/0 = inf`` for ``x > 0``."""
     ratio = numerator / denominator.clamp_min(torch.finfo(numerator.dtype).tiny)
     at_zero = torch.where(numerator == 0, torch.full_like(ratio, zero_over_zero), torch.full_like(ratio, float("inf")))
-    return torch.where(denominator > 0, ratio, at_zero)
+    result = torch.where(denominator > 0, ratio, at_zero)
+    # NaN in, NaN out (the comparisons above would turn a NaN denominator into a made-up 0 or inf).
+    unknown = torch.isnan(numerator) | torch.isnan(denominator)
+    return torch.where(unknown, torch.full_like(result, float("nan")), result)
 
 
 # -- the dataclass ---------------------------------------------------------------------------------------------------

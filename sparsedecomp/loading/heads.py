@@ -232,9 +232,13 @@ def check_compatible(concat_sae: SAE, head_saes: HeadSAEs) -> tuple[int, int]:
         raise InputError(f"the concat SAE {concat_sae.describe()} reads head {concat_sae.head} only, not all heads' z")
     problems = []
     if concat_sae.d_in != n_heads * d_head:
+        spanned = concat_sae.d_in // d_head
+        hint = (f" (it spans {spanned} heads: heads {list(range(n_heads, spanned))} have no SAE here; give one per "
+                "head, e.g. with --head-index-map)"
+                if concat_sae.d_in % d_head == 0 and spanned > n_heads else "")
         problems.append(
             f"width: the concat SAE reads d_in={concat_sae.d_in} but {n_heads} heads of d_head={d_head} span "
-            f"n_heads * d_head = {n_heads * d_head}"
+            f"n_heads * d_head = {n_heads * d_head}{hint}"
         )
     if concat_sae.layer is not None and head_saes.layer is not None and concat_sae.layer != head_saes.layer:
         problems.append(f"layer: the concat SAE reads layer {concat_sae.layer}, the per-head SAEs layer {head_saes.layer}")

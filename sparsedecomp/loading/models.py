@@ -26,6 +26,7 @@ import torch
 from .errors import CheckpointError, ModelNotFoundError
 from .files import read_json, read_safetensors
 from ..errors import InputError, InputTypeError
+from ..validation import check_device
 
 MODEL_CONFIG_NAME = "config.json"
 MODEL_WEIGHTS_NAME = "model.safetensors"
@@ -92,6 +93,7 @@ def load_model(
     """
     if flags is not None:
         _check_flags(flags)
+    check_device(device)  # refuse a device this machine lacks before anything loads
     folder = Path(name)
     if isinstance(name, Path) or folder.is_dir():
         if from_pretrained_kwargs:

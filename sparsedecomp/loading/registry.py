@@ -15,6 +15,7 @@ from .sae import SAE
 from .saelens6 import is_saelens6_cfg, load_saelens6
 from .saelens_legacy import is_legacy_cfg, list_checkpoints, load_legacy_saelens
 from ..errors import InputError
+from ..validation import check_device
 
 LOADERS: dict[str, Callable[..., SAE]] = {
     "kissane": load_kissane,
@@ -87,6 +88,7 @@ def load_sae(
     """
     if format is not None and format not in LOADERS:
         raise InputError(f"format must be one of {sorted(LOADERS)}, got {format!r}")
+    device = check_device(device)
     if is_reference(source):
         if repo_id is not None or format is not None or sae_name is not None:
             raise InputError(f"{source} is a hub reference ({SYNTAX}); it takes no repo_id=, format= or sae_name=")

@@ -131,3 +131,14 @@ def test_importing_the_loaders_does_not_import_sae_lens_or_transformer_lens():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_a_cuda_device_without_cuda_is_refused_by_name(tmp_path):
+    from sparsedecomp.errors import InputError
+    from sparsedecomp.loading import load_sae
+
+    with pytest.raises(InputError, match="torch sees no CUDA device"):
+        load_sae(tmp_path, device="cuda")
+    with pytest.raises(InputError, match="is not a torch device"):
+        load_sae(tmp_path, device="warp-drive")
