@@ -72,12 +72,8 @@ class Codes:
         width = int(present.sum(dim=1).max()) if n > 0 else 0
         if layout == "dense" or (layout == "auto" and not _sparse_is_smaller(width, n_atoms, dense.element_size())):
             return cls.dense(dense)
-        # Stable sort puts each row's non-zeros first, in atom order.
-        order = torch.argsort(present.to(torch.int8), dim=1, descending=True, stable=True)[:, :width]
-        values = dense.gather(1, order)
-        keep = present.gather(1, order)
-        return cls.sparse(torch.where(keep, order, torch.zeros_like(order)),
-                          torch.where(keep, values, torch.zeros_like(values)), n_atoms)
+        atoms = torch.arange(n_atoms, device=dense.device).expand(n, -1)
+        return cls.sparse(*pack_rows(atoms, dense, width), n_atoms)
 
     def compact(self) -> "Codes":
         """The same codes in whichever layout takes fewer bytes, with sparse rows stripped of trailing padding."""
@@ -89,8 +85,7 @@ class Codes:
             return Codes.dense(self.to_dense())
         if width == self.width:
             return self
-        order = torch.argsort(present.to(torch.int8), dim=1, descending=True, stable=True)[:, :width]
-        return Codes.sparse(self.indices.gather(1, order), self.values.gather(1, order), self.n_atoms)
+        return Codes.sparse(*pack_rows(self.indices, self.values, width), self.n_atoms)
 
     @staticmethod
     def cat(parts: list["Codes"]) -> "Codes":
@@ -218,6 +213,22 @@ class Codes:
         values = self.values.abs() if absolute else self.values
         groups = group_of_atom.to(self.device)[self.atom_indices()]
         return values.new_zeros(self.n_targets, n_groups).scatter_add_(1, groups, values)
+
+
+def pack_rows(indices: Tensor, values: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """Row-padded ``(indices, values)`` with each row's non-zero slots moved to the front (in their order) and
+    exactly ``width`` slots per row; the other slots are padding (value 0, index 0). ``width`` must be at least the
+    largest number of non-zeros in a row (non-finite values count as non-zero)."""
+    if values.shape[1] < width:  # zero padding is never "present"
+        extra = width - values.shape[1]
+        indices = torch.nn.functional.pad(indices, (0, extra))
+        values = torch.nn.functional.pad(values, (0, extra))
+    present = values != 0
+    order = torch.argsort(present.to(torch.int8), dim=1, descending=True, stable=True)[:, :width]
+    keep = present.gather(1, order)
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    return (torch.where(keep, indices.gather(1, order), torch.zeros_like(order)),
+            torch.where(keep, values.gather(1, order), zero))
 
 
 def _sparse_is_smaller(width: int, n_atoms: int, value_bytes: int) -> bool:

@@ -287,7 +287,7 @@ def _feature_records(dec: Decomposition, weight_shares: Tensor, metrics, residua
     """One record per feature: status (by name), certificate, objective, iterations, metrics, head shares, and
     its code's atoms (every non-zero up to :data:`MAX_LISTED_ATOMS`, largest first; ``n_atoms_listed`` < ``l0``
     says a list was cut, and the codes file always has them all)."""
-    codes = dec.codes.rows(slice(None)).to(device="cpu")
+    codes = dec.codes.to(device="cpu")
     units = dec.feature_codes().to(device="cpu")
     head = dec.dictionary.head.cpu()
     feature = dec.dictionary.feature.cpu()

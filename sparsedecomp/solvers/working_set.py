@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..codes import Codes
+from ..codes import Codes, pack_rows
 from ..decomposition import Status
 from ..dictionary import StackedBlocks
 from ..optimality import lasso_gap_from_parts
@@ -210,9 +210,8 @@ def _finished_codes(rows: Tensor, global_index: Tensor, W: Tensor, c: Tensor) ->
         return rows, empty, c.new_zeros(rows.numel(), 0)
     groups = torch.arange(W.shape[0], device=W.device)[:, None, None]
     atom = global_index[groups, W]  # (G, t, k)
-    values = torch.where(c != 0, c, torch.zeros_like(c))
     t = W.shape[1]
-    return rows, atom.permute(1, 0, 2).reshape(t, -1), values.permute(1, 0, 2).reshape(t, -1)
+    return rows, atom.permute(1, 0, 2).reshape(t, -1), c.permute(1, 0, 2).reshape(t, -1)
 
 
 def _assemble_codes(pieces: list[tuple[Tensor, Tensor, Tensor]], n: int, n_atoms: int, like: Tensor) -> Codes:
@@ -224,14 +223,7 @@ def _assemble_codes(pieces: list[tuple[Tensor, Tensor, Tensor]], n: int, n_atoms
     for rows, atoms, vals in pieces:
         if width == 0:
             break
-        if vals.shape[1] < width:  # zero padding is never "present"
-            atoms = torch.nn.functional.pad(atoms, (0, width - vals.shape[1]))
-            vals = torch.nn.functional.pad(vals, (0, width - vals.shape[1]))
-        present = vals != 0
-        order = torch.argsort(present.to(torch.int8), dim=1, descending=True, stable=True)[:, :width]
-        keep = present.gather(1, order)
-        indices[rows] = torch.where(keep, atoms.gather(1, order), torch.zeros_like(order))
-        values[rows] = torch.where(keep, vals.gather(1, order), torch.zeros((), dtype=vals.dtype, device=vals.device))
+        indices[rows], values[rows] = pack_rows(atoms, vals, width)
     return Codes.sparse(indices, values, n_atoms)
 
 
