@@ -6,6 +6,6 @@ layout) and one concatenated-z SAE (Kissane recipe). Importing this package load
 """
 
 from .layout import ARTIFACTS_DIR
-from .world import DemoWorld, load_demo_world
+from .world import DemoWorld, demo_tokens, load_demo_world
 
-__all__ = ["ARTIFACTS_DIR", "DemoWorld", "load_demo_world"]
+__all__ = ["ARTIFACTS_DIR", "DemoWorld", "demo_tokens", "load_demo_world"]

@@ -150,3 +150,42 @@ def load_demo_world(artifacts_dir: str | Path | None = None, *, scale_contexts: 
         artifacts_dir=root,
         report=report,
     )
+
+
+def demo_tokens(n_contexts: int | None = None, artifacts_dir: str | Path | None = None):
+    """Held-out contexts of the demo world as a :class:`~sparsedecomp.loading.tokens.TokenSet` (BOS first).
+
+    Up to the shipped file's 374 contexts (``n_contexts=None``: all of them) they are that file's, the contexts the
+    build report was measured on. More are packed the same way (the shipped tokenizer, ``<|endoftext|>`` between
+    documents, BOS then ``n_ctx - 1`` tokens) from more of each held-out document: the first 40,000 characters
+    instead of 8,000, evenly spaced over the stream. The held-out documents never reach training either way; the
+    corpus is read from this interpreter's standard library (its fingerprint is recorded)."""
+    from tokenizers import Tokenizer
+
+    from ..loading.tokens import TokenSet
+    from .corpus import build_corpus
+    from .tokenizer import pack, special_ids
+
+    root = Path(artifacts_dir) if artifacts_dir is not None else ARTIFACTS_DIR
+    shipped = load_heldout_tokens(root / HELDOUT_FILE)
+    tokenizer = Tokenizer.from_file(str(root / TOKENIZER_FILE))
+    bos = special_ids(tokenizer)[0]
+    if n_contexts is not None and (isinstance(n_contexts, bool) or not isinstance(n_contexts, int) or n_contexts < 1):
+        raise InputError(f"n_contexts must be a positive int or None, got {n_contexts!r}")
+    if n_contexts is None or n_contexts <= len(shipped):
+        tokens = shipped if n_contexts is None else shipped[:n_contexts]
+        return TokenSet(tokens, "demo held-out split (shipped file)", bos, False,
+                        {"kind": "demo", "file": HELDOUT_FILE})
+    config = json.loads((root / REPORT_FILE).read_text())["config"] if (root / REPORT_FILE).is_file() else {}
+    corpus = build_corpus(code_char_budget=config.get("code_char_budget"),
+                          prose_char_budget=config.get("prose_char_budget"),
+                          heldout_every=config.get("heldout_every", 20), seed=config.get("seed", 0))
+    tokens = pack(tokenizer, corpus.heldout_texts(DEMO_EXTENDED_DOC_CHARS), shipped.shape[1], n_contexts)
+    if len(tokens) < n_contexts:
+        raise InputError(f"the demo's held-out documents give {len(tokens)} contexts of {shipped.shape[1]} tokens, "
+                         f"fewer than the {n_contexts} asked for")
+    return TokenSet(tokens, "demo held-out split (packed from more of each document)", bos, False,
+                    {"kind": "demo", "doc_chars": DEMO_EXTENDED_DOC_CHARS, "corpus_fingerprint": corpus.fingerprint()})
+
+
+DEMO_EXTENDED_DOC_CHARS = 40_000

@@ -1,0 +1,296 @@
+"""The one activation source: a hooked attention layer's activations, streamed over token batches.
+
+Every statistic the package computes on a model (input-scale estimation, SAE quality, splice-in losses, head
+attribution, faithfulness, the notebook's analyses and the dashboards) reads activations from
+:class:`ActivationStream`. The stream runs the model only up to the hooked layer (``stop_at_layer=layer + 1``),
+once per batch, and yields an :class:`ActivationBatch` with
+
+* ``z``: ``blocks.{layer}.attn.hook_z``, ``(batch, pos, n_heads, d_head)``;
+* where asked (``include``): ``resid_pre`` (the residual stream entering the layer, so that an intervention reruns
+  only the layers from ``layer`` on), ``v`` (``attn.hook_v``, ``(batch, pos, n_heads, d_head)``) and ``pattern``
+  (``attn.hook_pattern``, ``(batch, n_heads, dest, src)``), the two DFA by source position needs.
+
+Batches are sized from a memory budget (:func:`contexts_per_batch`), so no more than one batch of activations is
+ever held. Statistics are :class:`Accumulator` objects with an ``update(batch)`` / ``compute()`` split (the
+torchmetrics pattern): :func:`run_accumulators` feeds one pass to many of them, and an accumulator computes the same
+result whether it sees the tokens in one batch or many (each keeps exact sums, in float64 where it matters).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Mapping, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from .errors import InputError, InputTypeError
+
+EXTRAS = ("resid_pre", "v", "pattern")
+_HOOKS = {"z": "attn.hook_z", "v": "attn.hook_v", "pattern": "attn.hook_pattern", "resid_pre": "hook_resid_pre"}
+DEFAULT_MEMORY_BUDGET = 2**30
+"""Bytes one batch may take (activations kept plus the forward pass's working memory): 1 GiB."""
+
+
+@dataclass(frozen=True, eq=False)
+class ActivationBatch:
+    """One batch of contexts and the hooked layer's activations on them.
+
+    Attributes:
+        tokens: ``(batch, pos)`` long, on the model's device.
+        z: ``(batch, pos, n_heads, d_head)``.
+        first_context: index of ``tokens[0]`` among all contexts of the stream (for top-k bookkeeping).
+        layer: the hooked layer.
+        resid_pre, v, pattern: as in the module docstring, or ``None`` when not asked for.
+    """
+
+    tokens: Tensor
+    z: Tensor
+    first_context: int
+    layer: int
+    resid_pre: Tensor | None = None
+    v: Tensor | None = None
+    pattern: Tensor | None = None
+
+    @property
+    def n_contexts(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def context_size(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def n_heads(self) -> int:
+        return self.z.shape[2]
+
+    @property
+    def d_head(self) -> int:
+        return self.z.shape[3]
+
+    def z_concatenated(self) -> Tensor:
+        """``(batch * pos, n_heads * d_head)``: every position's ``z``, heads side by side (head-major), the input of
+        a concatenated-``z`` SAE. Rows run over contexts, then positions."""
+        return self.z.reshape(self.z.shape[0] * self.z.shape[1], -1)
+
+    def z_head(self, head: int) -> Tensor:
+        """``(batch * pos, d_head)``: head ``head``'s ``z`` at every position, the input of its per-head SAE."""
+        return self.z[:, :, head, :].reshape(-1, self.z.shape[3])
+
+    def require(self, *names: str) -> None:
+        """Raise naming the activations an accumulator needs that this stream was not asked for."""
+        missing = [n for n in names if getattr(self, n) is None]
+        if missing:
+            raise InputError(f"this statistic needs {missing}, which the activation stream did not collect: "
+                             f"pass include={tuple(missing)} (or run it through run_accumulators)")
+
+
+@runtime_checkable
+class Accumulator(Protocol):
+    """A streaming statistic: ``update`` with each :class:`ActivationBatch`, then ``compute`` the result.
+
+    ``needs`` names the extra activations (of :data:`EXTRAS`) the statistic reads; :func:`run_accumulators` asks
+    the stream for their union."""
+
+    needs: tuple[str, ...]
+
+    def update(self, batch: ActivationBatch) -> None: ...
+
+    def compute(self) -> Any: ...
+
+
+def hooked_transformer(model: Any) -> Any:
+    """The ``HookedTransformer`` behind ``model`` (itself, or a :class:`~sparsedecomp.loading.LoadedModel`'s)."""
+    hooked = getattr(model, "model", model)
+    if not (hasattr(hooked, "run_with_cache") and hasattr(hooked, "cfg")):
+        raise InputTypeError(f"expected a TransformerLens HookedTransformer (or a LoadedModel), got {type(model).__name__}")
+    return hooked
+
+
+def model_device(model: Any) -> torch.device:
+    try:
+        return next(hooked_transformer(model).parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def check_tokens(tokens: Any, *, d_vocab: int | None = None, name: str = "tokens") -> Tensor:
+    """A ``(n_contexts, context_size >= 2)`` integer tensor of token ids (as long), refused by name otherwise."""
+    if not isinstance(tokens, Tensor):
+        raise InputTypeError(f"{name} must be a torch.Tensor of token ids, got {type(tokens).__name__}")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise InputTypeError(f"{name} must hold integer token ids, got {tokens.dtype}")
+    if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] < 2:
+        raise InputError(f"{name} must have shape (n_contexts, context_size >= 2), got {tuple(tokens.shape)}")
+    if int(tokens.min()) < 0:
+        raise InputError(f"{name} holds negative token ids (min {int(tokens.min())})")
+    if d_vocab is not None and int(tokens.max()) >= d_vocab:
+        raise InputError(f"{name} holds token ids up to {int(tokens.max())} but the model's vocabulary has {d_vocab} "
+                         "tokens: these tokens are not for this model")
+    return tokens.long()
+
+
+def check_layer(model: Any, layer: Any) -> int:
+    n_layers = hooked_transformer(model).cfg.n_layers
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
+        raise InputError(f"layer must be an int in [0, {n_layers}), got {layer!r} (an SAE loaded without its hook has "
+                         "layer None: give it with sae.with_hook('blocks.<layer>.attn.hook_z', ...))")
+    return layer
+
+
+def bytes_per_context(cfg: Any, context_size: int, include: Iterable[str] = (), *, with_logits: bool = True) -> int:
+    """A conservative estimate of the memory one context of ``context_size`` takes in a batch (float32): the
+    activations kept, the forward pass's largest intermediates (attention scores and pattern, MLP hidden) and,
+    ``with_logits``, the logits and their log-softmax of an intervention rerun."""
+    pos, heads = context_size, cfg.n_heads
+    d_z = heads * cfg.d_head
+    d_mlp = cfg.d_mlp or 4 * cfg.d_model
+    floats = pos * (4 * cfg.d_model + 2 * d_mlp + 3 * heads * pos + 2 * d_z)
+    include = set(include)
+    floats += pos * cfg.d_model * ("resid_pre" in include) + pos * d_z * ("v" in include)
+    floats += heads * pos * pos * ("pattern" in include)
+    if with_logits:
+        floats += 3 * pos * cfg.d_vocab
+    return 4 * floats
+
+
+def contexts_per_batch(model: Any, context_size: int, include: Iterable[str] = (), *,
+                       memory_budget: int = DEFAULT_MEMORY_BUDGET, with_logits: bool = True) -> int:
+    """How many contexts of ``context_size`` fit in ``memory_budget`` bytes (at least 1)."""
+    cfg = hooked_transformer(model).cfg
+    return max(1, int(memory_budget) // bytes_per_context(cfg, context_size, include, with_logits=with_logits))
+
+
+class ActivationStream:
+    """Iterate over ``blocks.{layer}.attn`` activations of ``model`` on ``tokens`` in batches.
+
+    Args:
+        model: a ``HookedTransformer`` or a :class:`~sparsedecomp.loading.LoadedModel` (processed with the flags its
+            SAEs were trained under).
+        tokens: ``(n_contexts, context_size)`` token ids (BOS first where the model and SAEs expect it), or a
+            :class:`~sparsedecomp.loading.tokens.TokenSet`.
+        layer: the attention layer to hook.
+        include: extra activations to collect, of :data:`EXTRAS`.
+        batch_size: contexts per batch; by default as many as fit ``memory_budget`` bytes.
+        progress: show a progress bar over tokens (``tqdm``).
+        desc: the progress bar's label.
+    """
+
+    def __init__(self, model: Any, tokens: Any, *, layer: int, include: Iterable[str] = (),
+                 batch_size: int | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                 with_logits: bool = True, progress: bool = False, desc: str = "activations") -> None:
+        self.model = hooked_transformer(model)
+        self.layer = check_layer(model, layer)
+        token_tensor = getattr(tokens, "tokens", tokens)
+        self.tokens = check_tokens(token_tensor, d_vocab=self.model.cfg.d_vocab)
+        self.include = tuple(dict.fromkeys(include))
+        unknown = [n for n in self.include if n not in EXTRAS]
+        if unknown:
+            raise InputError(f"include must name activations among {EXTRAS}, got {unknown}")
+        if batch_size is None:
+            batch_size = contexts_per_batch(self.model, self.tokens.shape[1], self.include,
+                                            memory_budget=memory_budget, with_logits=with_logits)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.batch_size = batch_size
+        self.progress = progress
+        self.desc = desc
+
+    @property
+    def n_contexts(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.tokens.numel()
+
+    def __len__(self) -> int:
+        return -(-self.n_contexts // self.batch_size)
+
+    def hook_name(self, what: str = "z") -> str:
+        return f"blocks.{self.layer}.{_HOOKS[what]}"
+
+    @torch.no_grad()
+    def __iter__(self) -> Iterator[ActivationBatch]:
+        names = {what: self.hook_name(what) for what in ("z", *self.include)}
+        device = model_device(self.model)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.n_tokens, desc=self.desc, unit="tok", unit_scale=True, leave=False)
+        try:
+            for start in range(0, self.n_contexts, self.batch_size):
+                tokens = self.tokens[start : start + self.batch_size].to(device)
+                _, cache = self.model.run_with_cache(tokens, names_filter=list(names.values()),
+                                                     stop_at_layer=self.layer + 1)
+                yield ActivationBatch(tokens=tokens, first_context=start, layer=self.layer,
+                                      **{what: cache[name] for what, name in names.items()})
+                del cache
+                if bar is not None:
+                    bar.update(tokens.numel())
+        finally:
+            if bar is not None:
+                bar.close()
+
+
+def run_accumulators(model: Any, tokens: Any, accumulators: Mapping[str, Accumulator], *, layer: int,
+                     batch_size: int | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                     progress: bool = False, desc: str = "activations") -> dict[str, Any]:
+    """Feed one pass of :class:`ActivationStream` to every accumulator and return ``{name: acc.compute()}``.
+
+    The stream collects the union of the accumulators' ``needs``; the batch size allows for an intervention rerun
+    when any accumulator needs ``resid_pre`` (splice-in losses)."""
+    if not accumulators:
+        raise InputError("no accumulators given")
+    for name, acc in accumulators.items():
+        if not isinstance(acc, Accumulator):
+            raise InputTypeError(f"accumulator {name!r} has no update/compute/needs: got {type(acc).__name__}")
+    include = tuple(dict.fromkeys(n for acc in accumulators.values() for n in acc.needs))
+    stream = ActivationStream(model, tokens, layer=layer, include=include, batch_size=batch_size,
+                              memory_budget=memory_budget, with_logits="resid_pre" in include, progress=progress,
+                              desc=desc)
+    for batch in stream:
+        for acc in accumulators.values():
+            acc.update(batch)
+    return {name: acc.compute() for name, acc in accumulators.items()}
+
+
+class MeanAccumulator:
+    """``E z`` over every position, ``(n_heads, d_head)`` in float64 (the mean-ablation value)."""
+
+    needs: tuple[str, ...] = ()
+
+    def __init__(self, *, exclude_bos: bool = False) -> None:
+        self.exclude_bos = exclude_bos
+        self._sum: Tensor | None = None
+        self._count = 0
+
+    def update(self, batch: ActivationBatch) -> None:
+        z = batch.z[:, 1:] if self.exclude_bos else batch.z
+        total = z.double().sum(dim=(0, 1)).cpu()
+        self._sum = total if self._sum is None else self._sum + total
+        self._count += z.shape[0] * z.shape[1]
+
+    def compute(self) -> Tensor:
+        if self._sum is None or self._count == 0:
+            raise InputError("no positions were seen: the mean is undefined")
+        return self._sum / self._count
+
+
+class CollectZ:
+    """Every position's ``z`` as ``(n_positions, n_heads, d_head)`` on the CPU: for small token sets only (tests,
+    SAE training data); statistics should be accumulators instead."""
+
+    needs: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self._parts: list[Tensor] = []
+
+    def update(self, batch: ActivationBatch) -> None:
+        self._parts.append(batch.z.reshape(-1, batch.n_heads, batch.d_head).cpu())
+
+    def compute(self) -> Tensor:
+        if not self._parts:
+            raise InputError("no positions were seen")
+        return torch.cat(self._parts)
