@@ -9,21 +9,6 @@ from sparsedecomp.errors import InputError, InputTypeError
 from sparsedecomp.evaluation.jsonable import to_jsonable
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    torch.manual_seed(0)
-    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_ctx=16, d_head=8, n_heads=4, d_vocab=50, act_fn="gelu",
-                                  d_mlp=64, normalization_type="LN")
-    return HookedTransformer(cfg).eval()
-
-
-@pytest.fixture(scope="module")
-def tokens():
-    return torch.randint(0, 50, (11, 16), generator=torch.Generator().manual_seed(1))
-
-
 def test_streaming_equals_one_batch(tiny_model, tokens):
     many = run_accumulators(tiny_model, tokens, {"mean": MeanAccumulator(), "z": CollectZ()}, layer=1, batch_size=3)
     one = run_accumulators(tiny_model, tokens, {"mean": MeanAccumulator(), "z": CollectZ()}, layer=1, batch_size=11)

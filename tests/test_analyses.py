@@ -17,7 +17,6 @@ from sparsedecomp.evaluation.analyses import (HeadOutputCosineAccumulator, decod
 from sparsedecomp.evaluation.jsonable import to_jsonable
 from sparsedecomp.loading.heads import HeadSAEs
 from sparsedecomp.loading.sae import SAE
-from test_activations import tiny_model, tokens  # noqa: F401  (the shared tiny model: 4 heads, d_head 8, layer 1)
 
 
 def make_sae(W_dec: torch.Tensor, *, head=0, provenance=None) -> SAE:
