@@ -146,14 +146,13 @@ class TopKTracker:
         rows = slice(start, stop)
         self._tokens_seen[rows] += n_tokens
 
-        above = activations > self.min_value
-        self._n_firing[rows] += above.sum(dim=0)
+        self._n_firing[rows] += (activations > self.min_value).sum(dim=0)
         self._sum[rows] += activations.sum(dim=0, dtype=torch.float64)
         if n_tokens == 0:
             return
-        # Tokens not above min_value compete as -inf, so they only fill slots that end up marked empty.
-        candidates = torch.where(above, activations, torch.full_like(activations, float("-inf")))
-        token, value = _top_rows_earliest_first(candidates, min(self.k, n_tokens))  # (m, j) each
+        token, value = _top_rows_earliest_first(activations, min(self.k, n_tokens), self.min_value)  # (m, j) each
+        # Entries not above min_value only fill slots of a feature firing on fewer than j tokens: mark them empty.
+        value = value.masked_fill(value <= self.min_value, float("-inf"))
         context = first_context + torch.div(token, context_size, rounding_mode="floor")
         position = token % context_size
         extra = None
@@ -210,20 +209,31 @@ def _feature_range(features: slice | None, n_features: int) -> tuple[int, int]:
     return start, stop
 
 
-def _top_rows_earliest_first(activations: Tensor, j: int) -> tuple[Tensor, Tensor]:
+def _top_rows_earliest_first(activations: Tensor, j: int, floor: float) -> tuple[Tensor, Tensor]:
     """``(tokens, values)``, each ``(m, j)``: per column of ``activations`` (``(n_tokens, m)``) the ``j`` largest
     entries, ordered by value (descending) then row; among rows tied at the ``j``-th value the earliest win.
 
-    ``torch.topk`` finds the ``j``-th value; every entry above it is taken and ties at it are filled in row order
-    (a cumulative count), so exactly ``j`` rows per column are chosen whatever ``topk``'s own tie order."""
-    kth = activations.topk(j, dim=0).values[-1]
-    above = activations > kth
-    at_kth = activations == kth
-    room = j - above.sum(dim=0)
-    chosen = above | (at_kth & (at_kth.cumsum(dim=0) <= room))
-    # nonzero of the transpose runs over columns, then rows in order: j rows per column.
-    token = chosen.T.nonzero()[:, 1].reshape(activations.shape[1], j)
-    values = activations.T.gather(1, token)
+    One ``torch.topk`` of ``j + 1`` rows finds them; only a column whose ``(j+1)``-th value equals its ``j``-th has a
+    tie across the cut that ``topk`` may have broken either way, and only those columns are redone exactly: every
+    entry above the ``j``-th value is taken and ties at it are filled in row order (a cumulative count). Ties at or
+    below ``floor`` are left as they are: such entries are not kept."""
+    n_tokens = activations.shape[0]
+    top = activations.topk(min(j + 1, n_tokens), dim=0)
+    values, token = top.values[:j].T, top.indices[:j].T  # (m, j)
+    if n_tokens > j:
+        crossing = ((top.values[j] == top.values[j - 1]) & (top.values[j] > floor)).nonzero().squeeze(1)
+        if crossing.numel():
+            cols = activations[:, crossing]
+            kth = values[crossing, -1]
+            above = cols > kth
+            at_kth = cols == kth
+            chosen = above | (at_kth & (at_kth.cumsum(dim=0) <= j - above.sum(dim=0)))
+            # nonzero of the transpose runs over columns, then rows in order: j rows per column.
+            token[crossing] = chosen.T.nonzero()[:, 1].reshape(crossing.numel(), j)
+            values[crossing] = cols.T.gather(1, token[crossing])
+    # Ties inside the kept rows: order by row, then (stably) by value.
+    by_row = token.sort(dim=1).indices
+    token, values = token.gather(1, by_row), values.gather(1, by_row)
     order = values.sort(dim=1, descending=True, stable=True).indices
     return token.gather(1, order), values.gather(1, order)
 
