@@ -8,6 +8,7 @@ from sparsedecomp.activations import CollectZ, run_accumulators
 from sparsedecomp.errors import InputError, InputTypeError
 from sparsedecomp.evaluation.top_activations import SAETopActivations, TopKTracker
 from sparsedecomp.loading.sae import SAE
+from tests.test_attribution import tiny_model as make_tiny_model
 
 CONTEXT, N_CONTEXTS, N_FEATURES, K = 5, 7, 9, 4
 
@@ -88,12 +89,7 @@ def test_payload_follows_its_entry():
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    torch.manual_seed(0)
-    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_ctx=16, d_head=8, n_heads=4, d_vocab=50, act_fn="gelu",
-                                  d_mlp=64, normalization_type="LN")
-    return HookedTransformer(cfg).eval()
+    return make_tiny_model()
 
 
 def test_sae_top_activations_streams_like_a_brute_force_encode(tiny_model):
