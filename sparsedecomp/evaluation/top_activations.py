@@ -1,0 +1,289 @@
+"""Each feature's top-``k`` activations over a token stream, with where they happened: :class:`TopKTracker`.
+
+For every feature ``f`` the tracker keeps the ``k`` largest activations ``a_f(t)`` seen so far among the tokens
+with ``a_f(t) > min_value`` (a feature that fires on fewer than ``k`` tokens keeps fewer entries, the rest of its
+slots stay empty: value NaN, context and position -1), each with its context index (``first_context + i`` of the
+batch it came from) and position, plus an optional payload vector gathered at the kept token (e.g. the direct
+feature attribution by head). It also counts, per feature, the tokens with ``a_f(t) > min_value`` and sums
+``a_f(t)`` over every token (float64).
+
+Batches are merged with :func:`torch.topk`-style selection; ties are broken towards the earlier token (smaller
+context, then smaller position), so the result does not depend on how the tokens were split into batches provided
+they arrive in stream order. Memory is ``O(n_features * k)`` plus one batch's activations, which callers feed a
+column chunk (a slice of features) at a time.
+
+:class:`SAETopActivations` is the ready-made :class:`~sparsedecomp.activations.Accumulator` for an SAE's own
+features (encoded a chunk of features at a time), the one feature dashboards and the DFA by head build on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..activations import ActivationBatch
+from ..errors import InputError, InputTypeError
+from ..validation import check_positive_int
+
+Payload = Callable[[Tensor, Tensor], Tensor]
+"""``payload(features (m,), tokens (m, j)) -> (m, j, payload_dim)``: a vector for each candidate entry, where
+``features`` are global feature indices and ``tokens`` row indices into the batch's activations."""
+
+DEFAULT_CHUNK_ELEMENTS = 2**24
+"""Activations (tokens x features) one chunk may hold: 64 MiB in float32."""
+
+
+@dataclass(frozen=True, eq=False)
+class TopActivations:
+    """Each feature's top-``k`` activations (largest first) and where they happened.
+
+    Attributes:
+        values: ``(n_features, k)``; empty slots (fewer than ``k`` tokens above ``min_value``) are NaN.
+        context: ``(n_features, k)`` long context index in the stream (-1 for an empty slot).
+        position: ``(n_features, k)`` long position in the context (-1 for an empty slot).
+        payload: ``(n_features, k, payload_dim)`` vectors gathered at the kept tokens (NaN for empty slots), or
+            ``None``.
+        n_firing: ``(n_features,)`` long: tokens with an activation above ``min_value``.
+        activation_sum: ``(n_features,)`` float64: the sum of the activation over every token.
+        n_tokens: tokens seen.
+        min_value: only activations above this were kept and counted.
+    """
+
+    values: Tensor
+    context: Tensor
+    position: Tensor
+    payload: Tensor | None
+    n_firing: Tensor
+    activation_sum: Tensor
+    n_tokens: int
+    min_value: float
+
+    @property
+    def n_features(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.values.shape[1]
+
+    @property
+    def filled(self) -> Tensor:
+        """``(n_features, k)`` bool: the slots holding an entry."""
+        return self.context >= 0
+
+    @property
+    def n_kept(self) -> Tensor:
+        """``(n_features,)``: entries kept per feature (``min(k, n_firing)``)."""
+        return self.filled.sum(dim=1)
+
+    def mean_activation(self) -> Tensor:
+        """``(n_features,)`` float64 mean activation over every token."""
+        return self.activation_sum / max(self.n_tokens, 1)
+
+
+class TopKTracker:
+    """Streaming top-``k`` of many features (see the module docstring).
+
+    Args:
+        n_features: features tracked.
+        k: entries kept per feature.
+        payload_dim: width of the payload vectors, or ``None`` for none.
+        min_value: only activations strictly above this are kept and counted (0 for ReLU features: a feature's
+            top tokens are tokens where it fires).
+    """
+
+    def __init__(self, n_features: int, k: int, *, payload_dim: int | None = None, min_value: float = 0.0) -> None:
+        self.n_features = check_positive_int(n_features, "n_features")
+        self.k = check_positive_int(k, "k")
+        self.payload_dim = None if payload_dim is None else check_positive_int(payload_dim, "payload_dim")
+        self.min_value = float(min_value)
+        self._values: Tensor | None = None  # (n_features, k), -inf for empty slots
+        self._context: Tensor | None = None
+        self._position: Tensor | None = None
+        self._payload: Tensor | None = None
+        self._n_firing: Tensor | None = None
+        self._sum: Tensor | None = None
+        self._tokens_seen: Tensor | None = None  # (n_features,) tokens fed to each feature
+
+    def _allocate(self, device: torch.device, dtype: torch.dtype) -> None:
+        n, k = self.n_features, self.k
+        self._values = torch.full((n, k), float("-inf"), dtype=dtype, device=device)
+        self._context = torch.full((n, k), -1, dtype=torch.long, device=device)
+        self._position = torch.full((n, k), -1, dtype=torch.long, device=device)
+        if self.payload_dim is not None:
+            self._payload = torch.full((n, k, self.payload_dim), float("nan"), dtype=dtype, device=device)
+        self._n_firing = torch.zeros(n, dtype=torch.long, device=device)
+        self._sum = torch.zeros(n, dtype=torch.float64, device=device)
+        self._tokens_seen = torch.zeros(n, dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def update(self, activations: Tensor, *, first_context: int, context_size: int, features: slice | None = None,
+               payload: Payload | None = None) -> None:
+        """Merge one batch: ``activations`` is ``(n_tokens, m)``, row ``r`` the token at context
+        ``first_context + r // context_size``, position ``r % context_size``, for the features ``features``
+        (a slice of ``range(n_features)`` of length ``m``; all features when ``None``). ``payload`` is called only
+        for the batch's candidate entries (at most ``k`` per feature)."""
+        if not isinstance(activations, Tensor) or not activations.is_floating_point() or activations.ndim != 2:
+            raise InputTypeError("activations must be a floating (n_tokens, n_features) tensor, got "
+                                 f"{getattr(activations, 'dtype', type(activations).__name__)} "
+                                 f"{tuple(getattr(activations, 'shape', ()))}")
+        start, stop = _feature_range(features, self.n_features)
+        n_tokens, m = activations.shape
+        if m != stop - start:
+            raise InputError(f"activations have {m} feature columns but features {start}:{stop} name {stop - start}")
+        check_positive_int(context_size, "context_size")
+        if n_tokens % context_size != 0:
+            raise InputError(f"{n_tokens} activation rows are not whole contexts of {context_size} tokens")
+        if (payload is None) != (self.payload_dim is None):
+            raise InputError("give a payload function exactly when the tracker was built with payload_dim")
+        if torch.isnan(activations).any():
+            raise InputError("activations contain NaN")
+        if self._values is None:
+            self._allocate(activations.device, activations.dtype)
+        rows = slice(start, stop)
+        self._tokens_seen[rows] += n_tokens
+
+        self._n_firing[rows] += (activations > self.min_value).sum(dim=0)
+        self._sum[rows] += activations.sum(dim=0, dtype=torch.float64)
+        if n_tokens == 0:
+            return
+        token, value = _top_rows_earliest_first(activations, min(self.k, n_tokens), self.min_value)  # (m, j) each
+        # Entries not above min_value only fill slots of a feature firing on fewer than j tokens: mark them empty.
+        value = value.masked_fill(value <= self.min_value, float("-inf"))
+        context = first_context + torch.div(token, context_size, rounding_mode="floor")
+        position = token % context_size
+        extra = None
+        if payload is not None:
+            feature_index = torch.arange(start, stop, device=activations.device)
+            extra = payload(feature_index, token)
+            if extra.shape != (*token.shape, self.payload_dim):
+                raise InputError(f"payload returned shape {tuple(extra.shape)}, expected {(*token.shape, self.payload_dim)}")
+        self._merge(rows, value, context, position, extra)
+
+    def _merge(self, rows: slice, value: Tensor, context: Tensor, position: Tensor, extra: Tensor | None) -> None:
+        """Keep the ``k`` best of the kept entries followed by the new ones. Both lists are ordered by value
+        (descending) then token, and every kept token precedes every new one, so a stable descending sort of the
+        concatenation breaks ties towards the earlier token."""
+        values = torch.cat([self._values[rows], value.to(self._values.dtype)], dim=1)
+        order = values.sort(dim=1, descending=True, stable=True).indices[:, : self.k]
+        new_values = values.gather(1, order)
+        empty = new_values == float("-inf")
+        minus_one = torch.full_like(order, -1)
+        self._values[rows] = new_values
+        self._context[rows] = torch.where(empty, minus_one, torch.cat([self._context[rows], context], 1).gather(1, order))
+        self._position[rows] = torch.where(empty, minus_one,
+                                           torch.cat([self._position[rows], position], 1).gather(1, order))
+        if extra is not None:
+            merged = torch.cat([self._payload[rows], extra.to(self._payload.dtype)], dim=1)
+            gathered = merged.gather(1, order[:, :, None].expand(-1, -1, self.payload_dim))
+            self._payload[rows] = gathered.masked_fill(empty[:, :, None], float("nan"))
+
+    def compute(self) -> TopActivations:
+        """The result, on the CPU."""
+        if self._values is None:
+            raise InputError("no activations were seen: nothing to rank")
+        counts = self._tokens_seen.unique()
+        if counts.numel() != 1:
+            raise InputError(f"features saw different numbers of tokens {counts.tolist()[:5]}: feed every feature "
+                             "the same tokens")
+        n_tokens = int(counts[0])
+        values = self._values.masked_fill(self._context < 0, float("nan"))
+        return TopActivations(
+            values=values.cpu(), context=self._context.cpu(), position=self._position.cpu(),
+            payload=None if self._payload is None else self._payload.cpu(), n_firing=self._n_firing.cpu(),
+            activation_sum=self._sum.cpu(), n_tokens=n_tokens, min_value=self.min_value,
+        )
+
+
+def _feature_range(features: slice | None, n_features: int) -> tuple[int, int]:
+    if features is None:
+        return 0, n_features
+    if not isinstance(features, slice) or features.step not in (None, 1):
+        raise InputTypeError(f"features must be a contiguous slice of feature indices, got {features!r}")
+    start, stop, _ = features.indices(n_features)
+    if stop <= start:
+        raise InputError(f"features {features!r} selects no feature of {n_features}")
+    return start, stop
+
+
+def _top_rows_earliest_first(activations: Tensor, j: int, floor: float) -> tuple[Tensor, Tensor]:
+    """``(tokens, values)``, each ``(m, j)``: per column of ``activations`` (``(n_tokens, m)``) the ``j`` largest
+    entries, ordered by value (descending) then row; among rows tied at the ``j``-th value the earliest win.
+
+    One ``torch.topk`` of ``j + 1`` rows finds them; only a column whose ``(j+1)``-th value equals its ``j``-th has a
+    tie across the cut that ``topk`` may have broken either way, and only those columns are redone exactly: every
+    entry above the ``j``-th value is taken and ties at it are filled in row order (a cumulative count). Ties at or
+    below ``floor`` are left as they are: such entries are not kept."""
+    n_tokens = activations.shape[0]
+    top = activations.topk(min(j + 1, n_tokens), dim=0)
+    values, token = top.values[:j].T, top.indices[:j].T  # (m, j)
+    if n_tokens > j:
+        crossing = ((top.values[j] == top.values[j - 1]) & (top.values[j] > floor)).nonzero().squeeze(1)
+        if crossing.numel():
+            cols = activations[:, crossing]
+            kth = values[crossing, -1]
+            above = cols > kth
+            at_kth = cols == kth
+            chosen = above | (at_kth & (at_kth.cumsum(dim=0) <= j - above.sum(dim=0)))
+            # nonzero of the transpose runs over columns, then rows in order: j rows per column.
+            token[crossing] = chosen.T.nonzero()[:, 1].reshape(crossing.numel(), j)
+            values[crossing] = cols.T.gather(1, token[crossing])
+    # Ties inside the kept rows: order by row, then (stably) by value.
+    by_row = token.sort(dim=1).indices
+    token, values = token.gather(1, by_row), values.gather(1, by_row)
+    order = values.sort(dim=1, descending=True, stable=True).indices
+    return token.gather(1, order), values.gather(1, order)
+
+
+def feature_chunks(n_features: int, n_tokens: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> list[slice]:
+    """Contiguous feature slices so that ``n_tokens x`` chunk width stays within ``chunk_elements``."""
+    width = max(1, chunk_elements // max(1, n_tokens))
+    return [slice(s, min(s + width, n_features)) for s in range(0, n_features, width)]
+
+
+class SAETopActivations:
+    """:class:`~sparsedecomp.activations.Accumulator`: the top-``k`` activating tokens of every feature of an SAE
+    on ``hook_z`` (a concatenated-``z`` SAE reads :meth:`ActivationBatch.z_concatenated`, a per-head SAE its head's
+    ``z``), encoded ``chunk_elements`` activations at a time.
+
+    ``payload(x, features, tokens) -> (m, j, payload_dim)`` may add a vector per kept entry, computed from the
+    batch's SAE input ``x`` (``(n_tokens, d_in)``); :func:`sparsedecomp.evaluation.attribution` uses it for the
+    direct feature attribution by head."""
+
+    needs: tuple[str, ...] = ()
+
+    def __init__(self, sae, k: int = 20, *, payload: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
+                 payload_dim: int | None = None, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> None:
+        from ..loading.sae import SAE
+
+        if not isinstance(sae, SAE):
+            raise InputTypeError(f"sae must be a sparsedecomp SAE, got {type(sae).__name__}")
+        self.sae = sae
+        self.chunk_elements = check_positive_int(chunk_elements, "chunk_elements")
+        self.payload = payload
+        self.tracker = TopKTracker(sae.d_sae, k, payload_dim=payload_dim)
+
+    def sae_input(self, batch: ActivationBatch) -> Tensor:
+        """The SAE's input rows for ``batch``, in the SAE's dtype and device."""
+        head = self.sae.head
+        x = batch.z_head(head) if isinstance(head, int) else batch.z_concatenated()
+        if x.shape[1] != self.sae.d_in:
+            raise InputError(f"the SAE reads d_in={self.sae.d_in} but the batch gives {x.shape[1]} columns "
+                             f"(head={head!r}, n_heads={batch.n_heads}, d_head={batch.d_head})")
+        return x.to(device=self.sae.device, dtype=self.sae.dtype)
+
+    @torch.no_grad()
+    def update(self, batch: ActivationBatch) -> None:
+        x = self.sae_input(batch)
+        centred = x - self.sae.b_dec if self.sae.apply_b_dec_to_input else x
+        for chunk in feature_chunks(self.sae.d_sae, x.shape[0], self.chunk_elements):
+            acts = torch.relu(centred @ self.sae.W_enc[:, chunk] + self.sae.b_enc[chunk])
+            hook = None if self.payload is None else (lambda f, t: self.payload(x, f, t))
+            self.tracker.update(acts, first_context=batch.first_context, context_size=batch.context_size,
+                                features=chunk, payload=hook)
+
+    def compute(self) -> TopActivations:
+        return self.tracker.compute()
