@@ -93,9 +93,9 @@ def measure(size: str, method: str, params: dict[str, Any], repeats: int, seed: 
                     run = run_decomposition(concat, heads, out_dir=Path(out) / "run", method=method, params=params,
                                             progress=False, log=lambda _: None)
                     whole.append(time.perf_counter() - start)
-                step.append(run.summary["timings_s"]["decompose_z"])
-                if run.summary["params"] != params:
-                    raise RuntimeError(f"the pipeline solved with {run.summary['params']}, the bare call with {params}")
+                step.append(run.summary.timings_s["decompose_z"])
+                if run.summary.params != params:
+                    raise RuntimeError(f"the pipeline solved with {run.summary.params}, the bare call with {params}")
                 codes["pipeline"] = run.decompositions["z"].codes.to_dense().clone()
                 del run
         # The pipeline renormalises the concat decoder rows (already unit norm up to rounding), so the two codes

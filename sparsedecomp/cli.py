@@ -131,12 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _print_result(result, elapsed: float) -> None:
-    for space, res in result.summary["results"].items():
-        m = res["metrics"]["metrics"]
-        print(f"[{space}] L0 mean {m['l0']['mean']:.2f}, cosine mean {m['cosine']['mean']:.4f}, "
-              f"relative error median {m['relative_error']['median']:.4f}, status {res['metrics']['status_counts']}")
-        print(f"[{space}] {res['verdict']}")
+    for space, res in result.summary.results.items():
+        m = res.metrics.metrics
+        print(f"[{space}] L0 mean {fmt(m['l0'].mean, '.2f')}, cosine mean {fmt(m['cosine'].mean, '.4f')}, "
+              f"relative error median {fmt(m['relative_error'].median, '.4f')}, status {res.metrics.status_counts}")
+        print(f"[{space}] {res.verdict}")
     print(f"wrote {result.summary_path} and {result.html_path} in {elapsed:.1f}s")
+
+
+def fmt(value: float | None, spec: str) -> str:
+    """``value`` formatted by ``spec``; ``-`` when no target gave a finite value (a summary's ``None``)."""
+    return "-" if value is None else format(value, spec)
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -168,52 +173,15 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_tokens(path: str | Path):
-    """The ``[batch, pos]`` token ids of a safetensors / ``.pt`` file (tensor ``tokens``, or the file's only tensor),
-    checked as far as possible before a model is loaded: readable, a non-empty 2-D integer tensor, ids >= 0, at least
-    two positions (the first is BOS). Never unpickles anything but tensors (``weights_only=True``)."""
-    import pickle
+def _load_tokens(path: Path):
+    """The ``[batch, pos]`` token ids of the ``--tokens`` file (:func:`~sparsedecomp.loading.tokens.load_tokens_file`),
+    refused with the flag's name."""
+    from .loading.tokens import load_tokens_file
 
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"--tokens: no file at {path}")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            data = load_file(str(path))
-        else:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # torch's message suggests weights_only=False, i.e. running code from the file: never.
-        raise InputError(f"--tokens: {path} is not a file of tensors (reading it would mean unpickling arbitrary "
-                         "objects, which this package never does); save the tokens with safetensors or torch.save "
-                         "of a tensor") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        kind = "safetensors" if path.suffix == ".safetensors" else "torch"
-        raise InputError(f"--tokens: {path} could not be read as a {kind} tensor file ({type(err).__name__}: {err})"
-                         ) from None
-    except Exception as err:  # safetensors' own error type for a malformed file
-        if type(err).__module__.startswith("safetensors"):
-            raise InputError(f"--tokens: {path} is not a valid safetensors file ({err})") from None
-        raise
-    if isinstance(data, dict):
-        tokens = data.get("tokens", next(iter(data.values())) if len(data) == 1 else None)
-    else:
-        tokens = data
-    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2:
-        found = f"shape {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-        raise InputError(f"--tokens: {path} must hold a 'tokens' [batch, pos] integer tensor, found {found}")
-    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
-        raise InputError(f"--tokens: {path} holds {tokens.dtype} values; token ids must be integers")
-    if tokens.shape[0] == 0 or tokens.shape[1] < 2:
-        raise InputError(f"--tokens: {path} has shape {tuple(tokens.shape)}; give at least one context of at least "
-                         "two positions (BOS first)")
-    if int(tokens.min()) < 0:
-        raise InputError(f"--tokens: {path} holds negative token ids (min {int(tokens.min())})")
-    return tokens.long()
+        return load_tokens_file(path).tokens
+    except InputError as err:
+        raise InputError(f"--tokens: {err}") from None
 
 
 def parse_features(spec: str | None) -> list[int] | None:

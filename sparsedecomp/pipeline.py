@@ -11,14 +11,15 @@ the summary). Lasso weights default to a fraction of each target's own ``alpha_m
 (``alpha_is_fraction_of_max=True``), which means the same sparsity pressure in both spaces whatever the norms of
 the mixed atoms.
 
-Everything is written through one :class:`~sparsedecomp.outputs.RunWriter`: atomic files, strict JSON and a
-``manifest.json``.
+The run's report is a :class:`~sparsedecomp.decomposition_report.DecompositionReport` (typed, JSON-ready);
+``summary.json`` is its JSON form (every key documented in ``docs/outputs.md``). Everything is written through one
+:class:`~sparsedecomp.outputs.RunWriter`: atomic files, strict JSON and a ``manifest.json``.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -27,6 +28,8 @@ from torch import Tensor
 
 from .codes_file import write_codes_file
 from .decomposition import STATUS_LEGEND, Decomposition, Status
+from .decomposition_report import (AtomRecord, DecompositionReport, FeatureRecord, NormRange, Ranks, ShareAgreement,
+                                   SpaceResult, StatusMeaning, TargetsNote)
 from .dictionary import mix_targets
 from .loading import check_compatible
 from .evaluation.metrics import decomposition_metrics, head_columns, target_head_shares
@@ -54,23 +57,25 @@ EXPLAINS_LITTLE_RELATIVE_ERROR = 0.3
 
 @dataclass(frozen=True, eq=False)
 class PipelineResult:
-    """What :func:`run_decomposition` wrote and computed."""
+    """What :func:`run_decomposition` wrote and computed: ``summary`` is the report that ``summary.json`` holds
+    (``summary.to_dict()`` is the file's content)."""
 
-    summary: dict
+    summary: DecompositionReport
     summary_path: Path
     html_path: Path
     code_paths: dict[str, Path]
     decompositions: dict[str, Decomposition] = field(default_factory=dict)
 
 
-def concat_targets(concat_sae) -> tuple[Tensor, dict]:
+def concat_targets(concat_sae) -> tuple[Tensor, TargetsNote]:
     """Unit-norm concat decoder rows and a note on their original norms."""
     norms = concat_sae.W_dec.norm(dim=1)
+    zero_rows = int((norms == 0).sum())
+    if zero_rows:
+        raise InputError(f"the concat SAE has {zero_rows} all-zero decoder rows; they cannot be decomposed")
     unit = bool(torch.allclose(norms, torch.ones_like(norms), atol=1e-3))
-    note = {"decoder_already_unit_norm": unit, "norm_min": float(norms.min()), "norm_mean": float(norms.mean()),
-            "norm_max": float(norms.max()), "zero_rows": int((norms == 0).sum())}
-    if note["zero_rows"]:
-        raise InputError(f"the concat SAE has {note['zero_rows']} all-zero decoder rows; they cannot be decomposed")
+    note = TargetsNote(decoder_already_unit_norm=unit, norm_min=float(norms.min()), norm_mean=float(norms.mean()),
+                       norm_max=float(norms.max()), zero_rows=zero_rows)
     return concat_sae.W_dec / norms[:, None], note
 
 
@@ -135,8 +140,7 @@ def run_decomposition(
     results: dict[str, Decomposition] = {}
     timings: dict[str, float] = {"setup": time.time() - t0}
     residual_norms = None
-    ranks: dict[str, Any] = {"head_dictionaries": {str(h): r for h, r in dictionary.head_ranks().items()},
-                             "block_dictionary": dictionary.rank(), "concat_decoder": concat_rank}
+    mixed_rank = None
     for name in spaces:
         if name == "z":
             dict_s, targets_s = dictionary, targets
@@ -146,49 +150,31 @@ def run_decomposition(
             residual_norms = mixed.norm(dim=1)
             # Unit targets in both spaces; a feature that W_O maps to (numerically) zero stays zero.
             targets_s = mixed / residual_norms.clamp_min(torch.finfo(mixed.dtype).tiny)[:, None]
-            ranks["mixed_dictionary"] = dict_s.rank()
+            mixed_rank = dict_s.rank()
         start = time.time()
         results[name] = solver.prepare(dict_s).solve(targets_s, progress=progress, desc=f"decompose ({name})")
         timings[f"decompose_{name}"] = time.time() - start
 
-    summary: dict[str, Any] = {
-        "title": title,
-        "context": dict(context or {}),
-        "method": method,
-        "params": params,
-        "alpha_meaning": _alpha_meaning(method, params),
-        "spaces": spaces,
-        "n_targets": int(targets.shape[0]),
-        "n_concat_features": int(concat_sae.d_sae),
-        "features_selected": None if features is None else feature_ids.tolist(),
-        "n_heads": n_heads,
-        "d_head": d_head,
-        "dictionary_sizes": {str(h): int(s) for h, s in head_saes.d_sae.items()},
-        "targets": {**target_note, "unit_norm_in_every_space": True},
-        "ranks": ranks,
-        "weight_head_share_mean": [float(v) for v in weight_shares.mean(0)],
-        "status_legend": {s.name: {"code": int(s), "meaning": STATUS_LEGEND[s.name]} for s in Status},
-        "results": {},
-    }
     if residual_norms is not None:
-        summary["targets"]["residual_norm"] = {"min": float(residual_norms.min()),
-                                               "mean": float(residual_norms.mean()),
-                                               "max": float(residual_norms.max())}
+        target_note = replace(target_note, residual_norm=NormRange(min=float(residual_norms.min()),
+                                                                   mean=float(residual_norms.mean()),
+                                                                   max=float(residual_norms.max())))
     code_paths = {}
+    space_results: dict[str, SpaceResult] = {}
     start = time.time()
     with writer:
         for name, dec in results.items():
             metrics = decomposition_metrics(dec)
-            summary["results"][name] = {
-                "metrics": metrics.summary(),
-                "certificate_kind": dec.certificate_kind,
-                "verdict": _verdict(method, params, dec, metrics),
-                "agreement_weight_vs_decomposition": _share_agreement(weight_shares, metrics.head_mass_share),
-                "codes_file": f"codes_{name}.safetensors",
-                "codes_layout": dec.codes.layout,
-                "features": _feature_records(dec, weight_shares, metrics,
-                                             residual_norms if name == "residual" else None, feature_ids),
-            }
+            space_results[name] = SpaceResult(
+                metrics=metrics.summarize(),
+                certificate_kind=dec.certificate_kind,
+                verdict=_verdict(method, params, dec, metrics),
+                agreement_weight_vs_decomposition=_share_agreement(weight_shares, metrics.head_mass_share),
+                codes_file=f"codes_{name}.safetensors",
+                codes_layout=dec.codes.layout,
+                features=_feature_records(dec, weight_shares, metrics,
+                                          residual_norms if name == "residual" else None, feature_ids),
+            )
             extra = {"feature_index": feature_ids}
             if "alpha" in params:
                 extra["l1_weight"] = _l1_weights(method, params, dec)
@@ -197,14 +183,34 @@ def run_decomposition(
                 extra["target_norm"] = residual_norms
             code_paths[name] = writer.write_with(f"codes_{name}.safetensors",
                                                  lambda tmp, dec=dec, extra=extra: write_codes_file(tmp, dec, extra))
-        from .summary_html import render_summary_html
+        from .decomposition_page import render_decomposition_page
 
         timings["metrics_and_codes"] = time.time() - start  # the summary and the page are written after this
-        summary["timings_s"] = {name: round(value, 3) for name, value in timings.items()}
-        summary["elapsed_s"] = round(time.time() - t0, 2)
-        summary_path = writer.write_json("summary.json", summary)
-        html_path = writer.write_text("index.html", render_summary_html(summary, max_features=html_max_features))
-    return PipelineResult(summary=summary, summary_path=summary_path, html_path=html_path, code_paths=code_paths,
+        report = DecompositionReport(
+            title=title,
+            context=dict(context or {}),
+            method=method,
+            params=params,
+            alpha_meaning=_alpha_meaning(method, params),
+            spaces=tuple(spaces),
+            n_targets=int(targets.shape[0]),
+            n_concat_features=int(concat_sae.d_sae),
+            features_selected=None if features is None else tuple(feature_ids.tolist()),
+            n_heads=n_heads,
+            d_head=d_head,
+            dictionary_sizes={str(h): int(s) for h, s in head_saes.d_sae.items()},
+            targets=target_note,
+            ranks=Ranks(head_dictionaries={str(h): r for h, r in dictionary.head_ranks().items()},
+                        block_dictionary=dictionary.rank(), concat_decoder=concat_rank, mixed_dictionary=mixed_rank),
+            weight_head_share_mean=tuple(float(v) for v in weight_shares.mean(0)),
+            status_legend={s.name: StatusMeaning(code=int(s), meaning=STATUS_LEGEND[s.name]) for s in Status},
+            results=space_results,
+            timings_s={name: round(value, 3) for name, value in timings.items()},
+            elapsed_s=round(time.time() - t0, 2),
+        )
+        summary_path = writer.write_json("summary.json", report.to_dict())
+        html_path = writer.write_text("index.html", render_decomposition_page(report, max_features=html_max_features))
+    return PipelineResult(summary=report, summary_path=summary_path, html_path=html_path, code_paths=code_paths,
                           decompositions=results)
 
 
@@ -251,7 +257,7 @@ def _rank(matrix: Tensor) -> int:
     return int(torch.linalg.matrix_rank(matrix.double()))
 
 
-def _share_agreement(weight: Tensor, decomposition: Tensor | None) -> dict[str, float] | None:
+def _share_agreement(weight: Tensor, decomposition: Tensor | None) -> ShareAgreement | None:
     """How often the top head by decoder-weight share is the top head by coefficient mass, and the mean total
     variation distance between the two share vectors."""
     if decomposition is None:
@@ -260,8 +266,8 @@ def _share_agreement(weight: Tensor, decomposition: Tensor | None) -> dict[str, 
     if not bool(ok.any()):
         return None  # no code has any mass: there is nothing to compare
     w, d = weight[ok].double(), decomposition[ok].double()
-    return {"top_head_agreement": float((w.argmax(1) == d.argmax(1)).double().mean()),
-            "mean_total_variation": float(0.5 * (w - d).abs().sum(1).mean())}
+    return ShareAgreement(top_head_agreement=float((w.argmax(1) == d.argmax(1)).double().mean()),
+                          mean_total_variation=float(0.5 * (w - d).abs().sum(1).mean()))
 
 
 def check_feature_selection(features: Sequence[int] | None, n_features: int) -> Tensor:
@@ -283,7 +289,7 @@ def check_feature_selection(features: Sequence[int] | None, n_features: int) -> 
 
 
 def _feature_records(dec: Decomposition, weight_shares: Tensor, metrics, residual_norms: Tensor | None,
-                     feature_ids: Tensor) -> list[dict]:
+                     feature_ids: Tensor) -> tuple[FeatureRecord, ...]:
     """One record per feature: status (by name), certificate, objective, iterations, metrics, head shares, and
     its code's atoms (every non-zero up to :data:`MAX_LISTED_ATOMS`, largest first; ``n_atoms_listed`` < ``l0``
     says a list was cut, and the codes file always has them all)."""
@@ -304,23 +310,21 @@ def _feature_records(dec: Decomposition, weight_shares: Tensor, metrics, residua
         for v, j, c, u in zip(top_val[i].tolist(), top_atom[i].tolist(), signed[i].tolist(), in_units[i].tolist()):
             if v == 0:
                 break
-            atoms.append({"head": int(head[j]), "feature": int(feature[j]), "coefficient": c, "activation_units": u})
+            atoms.append(AtomRecord(head=int(head[j]), feature=int(feature[j]), coefficient=c, activation_units=u))
         dshare = metrics.head_mass_share[i] if metrics.head_mass_share is not None else None
-        record = {
-            "feature": int(feature_ids[i]),
-            "status": Status(int(status[i])).name,
-            "certificate": float(certificate[i]),
-            "objective": float(objective[i]),
-            "iterations": int(iterations[i]),
-            "l0": int(metrics.l0[i]),
-            "relative_error": float(metrics.relative_error[i]),
-            "cosine": float(metrics.cosine[i]),
-            "weight_head_shares": [round(float(v), 4) for v in weight_shares[i]],
-            "decomposition_head_shares": None if dshare is None else [round(float(v), 4) for v in dshare],
-            "n_atoms_listed": len(atoms),
-            "atoms": atoms,
-        }
-        if residual_norms is not None:
-            record["residual_norm"] = float(residual_norms[i])
-        records.append(record)
-    return records
+        records.append(FeatureRecord(
+            feature=int(feature_ids[i]),
+            status=Status(int(status[i])).name,
+            certificate=float(certificate[i]),
+            objective=float(objective[i]),
+            iterations=int(iterations[i]),
+            l0=int(metrics.l0[i]),
+            relative_error=float(metrics.relative_error[i]),
+            cosine=float(metrics.cosine[i]),
+            weight_head_shares=tuple(round(float(v), 4) for v in weight_shares[i]),
+            decomposition_head_shares=None if dshare is None else tuple(round(float(v), 4) for v in dshare),
+            n_atoms_listed=len(atoms),
+            atoms=tuple(atoms),
+            residual_norm=None if residual_norms is None else float(residual_norms[i]),
+        ))
+    return tuple(records)

@@ -1,12 +1,13 @@
 """The command line: the demo end to end, `decompose` on fixture checkpoints, and clear errors."""
 
 import json
-from html import escape as html_escape
+from markupsafe import escape as html_escape
 
 import pytest
 import torch
 
 from sparsedecomp.cli import main
+from sparsedecomp.decomposition_report import read_report
 from sparsedecomp.loading import SAE, save_kissane, save_legacy_saelens
 
 N_HEADS, D_HEAD, D_SAE_HEAD, D_SAE_CAT = 4, 8, 24, 40
@@ -38,17 +39,17 @@ def test_decompose_pinv_on_fixture_checkpoints(checkpoints, tmp_path, capsys):
     code = main(["decompose", "--concat-sae", checkpoints["concat"], "--head-saes", *checkpoints["runs"],
                  "--method", "pinv", "--out", str(out), "--no-progress"])
     assert code == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["n_targets"] == D_SAE_CAT and summary["n_heads"] == N_HEADS
-    assert summary["ranks"]["block_dictionary"] == N_HEADS * D_HEAD
-    assert summary["targets"]["decoder_already_unit_norm"] is False
-    z = summary["results"]["z"]
+    summary = read_report(out / "summary.json")
+    assert summary.n_targets == D_SAE_CAT and summary.n_heads == N_HEADS
+    assert summary.ranks.block_dictionary == N_HEADS * D_HEAD
+    assert summary.targets.decoder_already_unit_norm is False
+    z = summary.results["z"]
     # The block dictionary has full rank, so least squares reconstructs every target exactly.
-    assert z["metrics"]["metrics"]["cosine"]["mean"] == pytest.approx(1.0, abs=1e-4)
-    feat = z["features"][3]
+    assert z.metrics.metrics["cosine"].mean == pytest.approx(1.0, abs=1e-4)
+    feat = z.features[3]
     target = checkpoints["concat_sae"].W_dec[3]
     shares = (target.view(N_HEADS, D_HEAD).pow(2).sum(1) / target.pow(2).sum()).tolist()
-    assert feat["weight_head_shares"] == pytest.approx(shares, abs=1e-3)
+    assert feat.weight_head_shares == pytest.approx(shares, abs=1e-3)
     html = (out / "index.html").read_text()
     assert "<script" not in html and "http" not in html and "h0:f" in html
     assert "wrote" in capsys.readouterr().out
@@ -61,11 +62,11 @@ def test_decompose_default_method_with_head_index_map(checkpoints, tmp_path):
     code = main(["decompose", "--concat-sae", checkpoints["concat"], "--head-saes", *runs, "--head-index-map",
                  ",".join(map(str, order)), "--out", str(out), "--no-progress"])
     assert code == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["method"] == "nn_omp" and summary["params"] == {"n_nonzero": 16, "tol": 0.01}
-    for rec in summary["results"]["z"]["features"]:
-        assert rec["l0"] <= 16
-        assert all(a["coefficient"] >= 0 for a in rec["atoms"])
+    summary = read_report(out / "summary.json")
+    assert summary.method == "nn_omp" and summary.params == {"n_nonzero": 16, "tol": 0.01}
+    for rec in summary.results["z"].features:
+        assert rec.l0 <= 16
+        assert all(a.coefficient >= 0 for a in rec.atoms)
     assert (out / "codes_z.safetensors").is_file()
 
 
@@ -128,27 +129,28 @@ def test_decompose_outputs_are_strict_json_with_manifest_and_codes(checkpoints, 
     def no_constants(name):
         raise AssertionError(f"invalid JSON constant {name}")
 
-    summary = json.loads((out / "summary.json").read_text(), parse_constant=no_constants)
+    json.loads((out / "summary.json").read_text(), parse_constant=no_constants)
+    summary = read_report(out / "summary.json")
     manifest = json.loads((out / "manifest.json").read_text(), parse_constant=no_constants)
     assert manifest["complete"] is True
     assert set(manifest["files"]) == {"summary.json", "index.html", "codes_z.safetensors"}
     for name in manifest["files"]:
         assert (out / name).stat().st_mode & 0o777 == 0o666 & ~_umask(), name
-    z = summary["results"]["z"]
-    assert set(summary["status_legend"]) >= {"CONVERGED", "BUDGET_REACHED", "MAX_ITER"}
+    z = summary.results["z"]
+    assert set(summary.status_legend) >= {"CONVERGED", "BUDGET_REACHED", "MAX_ITER"}
     stored = read_codes_file(out / "codes_z.safetensors")
     assert stored.metadata["layout"] == "sparse" and stored.tensors["indices"].dtype == torch.int32
     assert stored.codes.width == 5
-    for rec in z["features"][:10]:
-        i = rec["feature"]
-        assert rec["status"] == stored.status[i].name
-        assert rec["certificate"] == pytest.approx(float(stored.tensors["certificate"][i]), rel=1e-6, abs=1e-12)
+    for rec in z.features[:10]:
+        i = rec.feature
+        assert rec.status == stored.status[i].name
+        assert rec.certificate == pytest.approx(float(stored.tensors["certificate"][i]), rel=1e-6, abs=1e-12)
         # Every non-zero of the code is listed, as stored.
         dense = stored.codes.rows(slice(i, i + 1)).to_dense()[0]
-        assert rec["n_atoms_listed"] == rec["l0"] == int((dense != 0).sum())
-        for atom in rec["atoms"]:
-            j = atom["head"] * D_SAE_HEAD + atom["feature"]
-            assert atom["coefficient"] == pytest.approx(float(dense[j]), rel=1e-6)
+        assert rec.n_atoms_listed == rec.l0 == int((dense != 0).sum())
+        for atom in rec.atoms:
+            j = atom.head * D_SAE_HEAD + atom.feature
+            assert atom.coefficient == pytest.approx(float(dense[j]), rel=1e-6)
 
 
 def _umask():
@@ -187,7 +189,7 @@ def test_tokens_are_checked_before_the_model_loads(tmp_path, capsys):
     code = main(["decompose", "--concat-sae", "x", "--head-saes", "y", "--model", "no-such-model",
                  "--tokens", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "o")])
     assert code == 2
-    assert "--tokens: no file at" in capsys.readouterr().err
+    assert "--tokens: no tokens file at" in capsys.readouterr().err
 
 
 def test_parser_names_match_the_library():
@@ -212,12 +214,12 @@ def test_help_is_fast_and_module_entry_point_works():
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--no-progress"]) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    z = summary["results"]["z"]
-    assert summary["n_targets"] == len(z["features"]) == 2048
-    assert summary["ranks"]["block_dictionary"] == 256
-    m = z["metrics"]["metrics"]
-    assert m["l0"]["mean"] <= 16
+    summary = read_report(out / "summary.json")
+    z = summary.results["z"]
+    assert summary.n_targets == len(z.features) == 2048
+    assert summary.ranks.block_dictionary == 256
+    m = z.metrics.metrics
+    assert m["l0"].mean <= 16
     # The summary's cosines are those of the stored codes, reconstructed independently here.
     from sparsedecomp.codes_file import read_codes_file
     from sparsedecomp.demo import load_demo_world
@@ -227,15 +229,15 @@ def test_demo_end_to_end(tmp_path, capsys):
     stored = read_codes_file(out / "codes_z.safetensors")
     targets = world.concat_sae.W_dec / world.concat_sae.W_dec.norm(dim=1, keepdim=True)
     cosines = torch.nn.functional.cosine_similarity(stored.codes.to_dense() @ dictionary.atoms, targets)
-    summary_cosines = torch.tensor([rec["cosine"] for rec in z["features"]])
+    summary_cosines = torch.tensor([rec.cosine for rec in z.features])
     torch.testing.assert_close(summary_cosines, cosines.float(), atol=1e-4, rtol=0)
-    assert m["cosine"]["mean"] == pytest.approx(float(cosines.mean()), abs=1e-4)
+    assert m["cosine"].mean == pytest.approx(float(cosines.mean()), abs=1e-4)
     html = (out / "index.html").read_text()
     assert "<script" not in html and "Space: z" in html
     assert json.loads((out / "manifest.json").read_text())["command"] == "demo"
     # The default budget explains little on this world, and the page says so where the numbers are.
-    assert "explains little" in z["verdict"] and "explains little" in html
-    for line in summary["context"].values():
+    assert "explains little" in z.verdict and "explains little" in html
+    for line in summary.context.values():
         assert html_escape(str(line).split(";")[0]) in html
     assert "wrote" in capsys.readouterr().out
 
@@ -251,18 +253,18 @@ def test_decompose_on_local_demo_artifacts_with_a_local_model_then_rerun_in_plac
     assert main([*base, "--model", str(ARTIFACTS_DIR / "model"), "--tokens",
                  str(ARTIFACTS_DIR / "heldout_tokens.safetensors"), "--space", "both"]) == 0
     out = tmp_path / "out"
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["spaces"] == ["z", "residual"] and (out / "codes_residual.safetensors").is_file()
-    assert "head_scale_estimate" in summary["context"]
+    summary = read_report(out / "summary.json")
+    assert summary.spaces == ("z", "residual") and (out / "codes_residual.safetensors").is_file()
+    assert "head_scale_estimate" in summary.context
     from sparsedecomp.codes_file import read_codes_file
 
     # The residual codes carry the norms their targets were divided by, as the summary states them.
     stored = read_codes_file(out / "codes_residual.safetensors")
-    norms = [rec["residual_norm"] for rec in summary["results"]["residual"]["features"][:5]]
+    norms = [rec.residual_norm for rec in summary.results["residual"].features[:5]]
     assert stored.tensors["target_norm"][:5].tolist() == pytest.approx(norms, rel=1e-6)
     assert main(base) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["spaces"] == ["z"] and not (out / "codes_residual.safetensors").exists()
+    summary = read_report(out / "summary.json")
+    assert summary.spaces == ("z",) and not (out / "codes_residual.safetensors").exists()
     assert set(json.loads((out / "manifest.json").read_text())["files"]) == {
         "summary.json", "index.html", "codes_z.safetensors"}
 
@@ -335,8 +337,8 @@ def test_lasso_codes_record_each_targets_l1_weight(checkpoints, tmp_path):
     out = tmp_path / "out"
     assert main(["decompose", "--concat-sae", checkpoints["concat"], "--head-saes", *checkpoints["runs"],
                  "--method", "nn_lasso", "--alpha", "0.1", "--out", str(out), "--no-progress"]) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert "max_j (t . d_j)_+" in summary["alpha_meaning"]
+    summary = read_report(out / "summary.json")
+    assert "max_j (t . d_j)_+" in summary.alpha_meaning
     stored = read_codes_file(out / "codes_z.safetensors")
     concat = checkpoints["concat_sae"]
     targets = concat.W_dec / concat.W_dec.norm(dim=1, keepdim=True)
@@ -353,14 +355,14 @@ def test_a_feature_selection_is_decomposed_and_named(checkpoints, tmp_path, caps
     out = tmp_path / "out"
     assert main(["decompose", "--concat-sae", checkpoints["concat"], "--head-saes", *checkpoints["runs"],
                  "--method", "pinv", "--features", "3-5,30", "--out", str(out), "--no-progress"]) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["n_targets"] == 4 and summary["n_concat_features"] == D_SAE_CAT
-    assert summary["features_selected"] == [3, 4, 5, 30]
-    records = summary["results"]["z"]["features"]
-    assert [rec["feature"] for rec in records] == [3, 4, 5, 30]
+    summary = read_report(out / "summary.json")
+    assert summary.n_targets == 4 and summary.n_concat_features == D_SAE_CAT
+    assert summary.features_selected == (3, 4, 5, 30)
+    records = summary.results["z"].features
+    assert [rec.feature for rec in records] == [3, 4, 5, 30]
     target = checkpoints["concat_sae"].W_dec[30]
     shares = (target.view(N_HEADS, D_HEAD).pow(2).sum(1) / target.pow(2).sum()).tolist()
-    assert records[3]["weight_head_shares"] == pytest.approx(shares, abs=1e-3)  # feature 30's, not row 3's
+    assert records[3].weight_head_shares == pytest.approx(shares, abs=1e-3)  # feature 30's, not row 3's
     assert read_codes_file(out / "codes_z.safetensors").tensors["feature_index"].tolist() == [3, 4, 5, 30]
     for spec, message in [("5-3", "runs backwards"), ("a", "not an index"), ("0,99", "out of range"),
                           ("1,1", "repeats")]:

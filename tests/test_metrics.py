@@ -181,18 +181,23 @@ def test_feature_units_divide_by_decoder_norms(block_case):
     torch.testing.assert_close(m.head_mass_share[0], t(3 / 3.5, 0.5 / 3.5))
 
 
-def test_summary_is_json_ready(block_case):
+def test_summary_is_typed_and_json_ready(block_case):
     dictionary, targets, coefficients = block_case
     m = decomposition_metrics(make_decomposition(coefficients, dictionary, targets), mass_fraction=0.7)
-    summary = m.summary()
-    parsed = json.loads(json.dumps(summary, allow_nan=False))
-    assert parsed["n_targets"] == 2
-    assert parsed["status_counts"] == {"CONVERGED": 2}
-    assert parsed["metrics"]["l1"]["mean"] == pytest.approx((4.0 + 0.0) / 2)
+    summary = m.summarize()
+    assert summary.n_targets == 2 and summary.settings.mass_fraction == 0.7
+    assert summary.status_counts == {"CONVERGED": 2}
+    assert summary.metrics["l1"].mean == pytest.approx((4.0 + 0.0) / 2)
     # The mean head shares average only targets with mass, so they sum to 1.
-    assert parsed["head_mass_share_mean"] == pytest.approx([3 / 4, 1 / 4])
-    assert parsed["target_head_share_mean"] == pytest.approx([9 / 10, 1 / 10])
-    assert parsed["metrics"]["heads_for_mass"]["mean"] == pytest.approx((1 + 0) / 2)  # 0.75 >= 0.7: one head
+    assert summary.head_mass_share_mean == pytest.approx((3 / 4, 1 / 4))
+    assert summary.target_head_share_mean == pytest.approx((9 / 10, 1 / 10))
+    assert summary.metrics["heads_for_mass"].mean == pytest.approx((1 + 0) / 2)  # 0.75 >= 0.7: one head
+    # The dict form is the same values under the same names, and strict JSON.
+    parsed = json.loads(json.dumps(m.summary(), allow_nan=False))
+    assert list(parsed) == ["solver", "n_targets", "settings", "status_counts", "metrics", "head_mass_share_mean",
+                            "target_head_share_mean"]
+    assert parsed["metrics"]["l1"]["mean"] == summary.metrics["l1"].mean
+    assert parsed["head_mass_share_mean"] == list(summary.head_mass_share_mean)
 
 
 def test_dense_dictionary_needs_explicit_d_head():
@@ -202,7 +207,7 @@ def test_dense_dictionary_needs_explicit_d_head():
     d = make_decomposition(targets.clone(), dictionary, targets)
     m = decomposition_metrics(d)
     assert m.head_mass_share is None and m.heads_for_mass is None and m.target_head_share is None
-    assert m.summary()["head_mass_share_mean"] is None
+    assert m.summarize().head_mass_share_mean is None
     m2 = decomposition_metrics(d, d_head=2)
     torch.testing.assert_close(m2.target_head_share, t([0.5, 0.5]))
 

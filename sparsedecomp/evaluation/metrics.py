@@ -30,7 +30,7 @@ integer count, counts only the entries known to exceed the threshold; the row's 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -39,6 +39,7 @@ from ..codes import Codes
 from ..decomposition import Decomposition, count_statuses
 from ..validation import check_positive, check_positive_int
 from ..errors import InputError, InputTypeError
+from .jsonable import to_jsonable
 
 SCALAR_METRICS = ("l0", "l1", "relative_error", "cosine", "relative_squared_error", "top_k_mass_share")
 
@@ -131,21 +132,31 @@ def head_columns(dim: int, d_head: int) -> tuple[tuple[int, int], ...]:
     return tuple((h * d_head, (h + 1) * d_head) for h in range(dim // d_head))
 
 
+@dataclass(frozen=True)
+class ValueSummary:
+    """Mean, median, 10th and 90th percentiles of the finite entries of a per-target metric (``None`` when no
+    entry is finite), and how many entries were not finite."""
+
+    mean: float | None
+    median: float | None
+    p10: float | None
+    p90: float | None
+    n_nonfinite: int
+
+    @classmethod
+    def of(cls, values: Tensor) -> "ValueSummary":
+        values = values.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+        finite = values[torch.isfinite(values)]
+        n_nonfinite = int(values.numel() - finite.numel())
+        if finite.numel() == 0:
+            return cls(None, None, None, None, n_nonfinite)
+        q = torch.quantile(finite, torch.tensor([0.5, 0.1, 0.9], dtype=torch.float64))
+        return cls(float(finite.mean()), float(q[0]), float(q[1]), float(q[2]), n_nonfinite)
+
+
 def summarize(values: Tensor) -> dict[str, float | int | None]:
-    """Mean, median, 10th and 90th percentiles of the finite entries, and how many entries were not finite."""
-    values = values.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
-    finite = values[torch.isfinite(values)]
-    n_nonfinite = int(values.numel() - finite.numel())
-    if finite.numel() == 0:
-        return {"mean": None, "median": None, "p10": None, "p90": None, "n_nonfinite": n_nonfinite}
-    q = torch.quantile(finite, torch.tensor([0.5, 0.1, 0.9], dtype=torch.float64))
-    return {
-        "mean": float(finite.mean()),
-        "median": float(q[0]),
-        "p10": float(q[1]),
-        "p90": float(q[2]),
-        "n_nonfinite": n_nonfinite,
-    }
+    """:meth:`ValueSummary.of` as a JSON-ready dict (``mean``, ``median``, ``p10``, ``p90``, ``n_nonfinite``)."""
+    return to_jsonable(ValueSummary.of(values))
 
 
 def _values(coefficients: Tensor | Codes) -> Tensor:
@@ -199,27 +210,59 @@ class DecompositionMetrics:
     def n_targets(self) -> int:
         return self.l0.shape[0]
 
-    def summary(self) -> dict[str, Any]:
-        """A JSON-ready dict: settings, status counts, ``{mean, median, p10, p90, n_nonfinite}`` of every scalar
-        metric, and the mean per-head shares (averaged over targets with non-zero mass / non-zero norm, so each
-        mean sums to 1; ``None`` if unavailable)."""
-        scalars = {name: summarize(getattr(self, name)) for name in SCALAR_METRICS}
+    def summarize(self) -> "MetricsSummary":
+        """Settings, status counts, a :class:`ValueSummary` of every scalar metric (and of ``heads_for_mass``
+        when the dictionary has head labels), and the mean per-head shares (averaged over targets with non-zero
+        mass / non-zero norm, so each mean sums to 1; ``None`` if unavailable)."""
+        scalars = {name: ValueSummary.of(getattr(self, name)) for name in SCALAR_METRICS}
         if self.heads_for_mass is not None:
-            scalars["heads_for_mass"] = summarize(self.heads_for_mass)
-        return {
-            "solver": self.solver,
-            "n_targets": self.n_targets,
-            "settings": {
-                "threshold": self.threshold,
-                "mass_fraction": self.mass_fraction,
-                "top_k": self.top_k,
-                "feature_units": self.feature_units,
-            },
-            "status_counts": count_statuses(self.status),
-            "metrics": scalars,
-            "head_mass_share_mean": _mean_share(self.head_mass_share),
-            "target_head_share_mean": _mean_share(self.target_head_share),
-        }
+            scalars["heads_for_mass"] = ValueSummary.of(self.heads_for_mass)
+        return MetricsSummary(
+            solver=self.solver,
+            n_targets=self.n_targets,
+            settings=MetricsSettings(threshold=self.threshold, mass_fraction=self.mass_fraction, top_k=self.top_k,
+                                     feature_units=self.feature_units),
+            status_counts=count_statuses(self.status),
+            metrics=scalars,
+            head_mass_share_mean=_mean_share(self.head_mass_share),
+            target_head_share_mean=_mean_share(self.target_head_share),
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """:meth:`summarize` as a JSON-ready dict (the same keys, nested)."""
+        return to_jsonable(self.summarize())
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """The settings :func:`decomposition_metrics` measured with."""
+
+    threshold: float
+    mass_fraction: float
+    top_k: int
+    feature_units: bool
+
+
+@dataclass(frozen=True)
+class MetricsSummary:
+    """Dataset-level summary of a :class:`DecompositionMetrics` (JSON-ready; see
+    :mod:`sparsedecomp.evaluation.jsonable`).
+
+    Attributes:
+        solver, n_targets, settings: what was measured and how.
+        status_counts: targets per solver status name.
+        metrics: a :class:`ValueSummary` per metric name (:data:`SCALAR_METRICS`, then ``heads_for_mass`` when
+            the dictionary has head labels).
+        head_mass_share_mean, target_head_share_mean: mean per-head shares, ``None`` when unavailable.
+    """
+
+    solver: str
+    n_targets: int
+    settings: MetricsSettings
+    status_counts: Mapping[str, int]
+    metrics: Mapping[str, ValueSummary]
+    head_mass_share_mean: tuple[float, ...] | None
+    target_head_share_mean: tuple[float, ...] | None
 
 
 def decomposition_metrics(
@@ -287,11 +330,11 @@ def decomposition_metrics(
     )
 
 
-def _mean_share(shares: Tensor | None) -> list[float] | None:
+def _mean_share(shares: Tensor | None) -> tuple[float, ...] | None:
     if shares is None:
         return None
     shares = shares.detach().to(device="cpu", dtype=torch.float64)
     keep = torch.isfinite(shares).all(dim=1) & (shares.sum(dim=1) > 0)
     if not bool(keep.any()):
-        return [0.0] * shares.shape[1]
-    return [float(v) for v in shares[keep].mean(dim=0)]
+        return (0.0,) * shares.shape[1]
+    return tuple(float(v) for v in shares[keep].mean(dim=0))

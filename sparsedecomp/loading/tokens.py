@@ -42,7 +42,7 @@ class TokenSet:
         tokens: ``(n_contexts, context_size)`` long.
         source: what they are, in words (file path, dataset name and split, "demo held-out").
         bos_token_id: the token at position 0 of every context when contexts start with BOS, else ``None``.
-        bos_added: whether this package prepended that BOS (``False``: it was in the data).
+        bos_added: whether this package prepended that BOS (to at least one context; ``False``: it was in the data).
         details: JSON-ready facts about how they were made (dataset, column, rows read, skipped ...).
     """
 
@@ -163,6 +163,8 @@ def load_dataset_tokens(
     for name, value in (("context_size", context_size), ("n_contexts", n_contexts)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(f"{name} must be a positive int, got {value!r}")
+    if isinstance(skip_contexts, bool) or not isinstance(skip_contexts, int) or skip_contexts < 0:
+        raise InputError(f"skip_contexts must be a non-negative int, got {skip_contexts!r}")
     if context_size < 2:
         raise InputError(f"context_size must be at least 2, got {context_size}")
     kwargs: dict[str, Any] = {"split": split, "streaming": streaming}
@@ -194,10 +196,14 @@ def load_dataset_tokens(
     elif bos_token_id is None and tokenizer is not None:
         bos_token_id = _encoder(tokenizer)[1]
     if prepend_bos and bos_token_id is None:
-        raise InputError("prepend_bos needs the BOS token id: pass bos_token_id= or a tokenizer that has one")
+        raise InputError("prepend_bos needs the BOS token id: pass bos_token_id= or a tokenizer that has one (a "
+                         "tokenizers.Tokenizer does not say which token is BOS: pass e.g. "
+                         "bos_token_id=tokenizer.token_to_id('<|endoftext|>'))")
 
     def sequences() -> Iterator[Tensor]:
         for row in rows:
+            if column not in row:  # a streamed dataset may not know its columns before the first row
+                raise InputError(f"dataset {dataset!r} has no column {column!r} (columns: {sorted(row)})")
             value = row[column]
             ids = torch.as_tensor(value, dtype=torch.long) if pretokenized else torch.as_tensor(encode(value), dtype=torch.long)
             if ids.ndim != 1:
@@ -206,23 +212,30 @@ def load_dataset_tokens(
             yield ids
 
     skipped_short = 0
+    # The contexts taken that got their BOS here (a pre-tokenised row that already starts with BOS keeps it).
+    bos_prepended: list[bool] = []
     if pretokenized:
         def contexts() -> Iterator[Tensor]:
             nonlocal skipped_short
             for ids in sequences():
-                if prepend_bos and (len(ids) == 0 or int(ids[0]) != bos_token_id):
+                added = prepend_bos and (len(ids) == 0 or int(ids[0]) != bos_token_id)
+                if added:
                     ids = torch.cat([torch.tensor([bos_token_id]), ids[: context_size - 1]])
                 if len(ids) < context_size:
                     skipped_short += 1
                     continue
+                bos_prepended.append(added)
                 yield ids[:context_size]
         packing = "one context per row, cut to context_size (SAELens 6, pre-tokenised)"
     else:
         from sae_lens.tokenization_and_batching import concat_and_batch_sequences
 
         def contexts() -> Iterator[Tensor]:
-            yield from concat_and_batch_sequences(sequences(), context_size,
-                                                  begin_batch_token_id=bos_token_id if prepend_bos else None)
+            # Text is tokenised without special tokens, so the packer puts every context's BOS there.
+            for ids in concat_and_batch_sequences(sequences(), context_size,
+                                                  begin_batch_token_id=bos_token_id if prepend_bos else None):
+                bos_prepended.append(prepend_bos)
+                yield ids
         packing = "tokenised, concatenated and cut (sae_lens concat_and_batch_sequences)"
 
     taken: list[Tensor] = []
@@ -234,6 +247,7 @@ def load_dataset_tokens(
         taken.append(ids)
         if len(taken) == n_contexts:
             break
+    n_bos_prepended = sum(bos_prepended[skip_contexts:])
     if not taken:
         raise InputError(f"dataset {dataset!r} ({split}, column {column!r}) gave no context of {context_size} tokens "
                          f"(after skipping {skip_contexts}; {skipped_short} rows were too short)")
@@ -245,8 +259,9 @@ def load_dataset_tokens(
     bos = bos_token_id if prepend_bos else _infer_bos(tokens, bos_token_id)
     details = {"kind": "dataset", "dataset": str(dataset), "split": split, "column": column, "revision": revision,
                "pretokenized": pretokenized, "packing": packing, "prepend_bos": prepend_bos,
-               "skip_contexts": skip_contexts, "rows_too_short": skipped_short}
-    return TokenSet(tokens, f"dataset {dataset} [{split}] column {column!r}", bos, bool(prepend_bos), details)
+               "skip_contexts": skip_contexts, "rows_too_short": skipped_short,
+               "contexts_with_bos_prepended": n_bos_prepended}
+    return TokenSet(tokens, f"dataset {dataset} [{split}] column {column!r}", bos, n_bos_prepended > 0, details)
 
 
 def _encoder(tokenizer: Any) -> tuple[Callable[[str], list[int]], int | None]:
