@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..evaluation.splice import splice_losses_many
+from ..activations import MeanAccumulator, run_accumulators
+from ..evaluation.splice import SpliceReport, splice_losses, splice_variants
 from .sae_training import collect_hook_z
 
 L0_RANGE = (5.0, 60.0)
@@ -93,21 +94,27 @@ def evaluate_world(world, *, n_splice_sequences: int | None = None, batch_size: 
                    train_tokens: Tensor | None = None, include_mean: bool = True) -> dict[str, Any]:
     """All quality numbers and whether each bar passes. L0 and dead fractions use every held-out context;
     splice-in losses use ``n_splice_sequences`` evenly spaced contexts (all if ``None``); ``include_mean=False`` skips the
-    mean-ablation losses (not part of any bar)."""
+    whole-layer mean-ablation loss (not part of any bar) and the pass that computes the mean."""
     heldout = world.heldout_tokens
     splice_tokens = heldout
     if n_splice_sequences is not None and n_splice_sequences < len(heldout):
         # Evenly spaced contexts cover every held-out document, not just the first ones.
         splice_tokens = heldout[torch.linspace(0, len(heldout) - 1, n_splice_sequences).round().long()]
     stats = sae_statistics(world, heldout, batch_size)
-    splices = {f"head{h}": (h, sae) for h, sae in world.head_saes.items()}
-    splices["concat"] = (None, world.concat_sae)
-    # The seed notebook's open question: all per-head SAEs spliced in at once vs the concat SAE (same denominator).
-    splices["all_heads"] = (None, world.head_saes.reconstruct_concatenated)
-    losses = splice_losses_many(world.model, splice_tokens, splices, layer=world.layer, batch_size=batch_size,
-                                include_mean=include_mean)
+    cfg = world.model.cfg
+    # The mean-ablation value is the mean z over the same tokens, from a pass of its own (splice_variants says why).
+    mean_z = (run_accumulators(world.model, splice_tokens, {"mean": MeanAccumulator()}, layer=world.layer,
+                               batch_size=batch_size)["mean"] if include_mean else None)
+    # all_head_saes is the seed notebook's open question: every per-head SAE spliced in at once vs the concat SAE
+    # (same denominator, zeroing the whole layer).
+    variants = splice_variants(cfg.n_heads, cfg.d_head, head_saes=world.head_saes, concat_sae=world.concat_sae,
+                               mean_z=mean_z)
+    report = splice_losses(world.model, splice_tokens, variants, layer=world.layer, batch_size=batch_size)
+    names = {**{f"head{h}": f"head_sae_{h}" for h in world.head_saes.heads}, "concat": "concat_sae",
+             "all_heads": "all_head_saes"}
+    losses = {key: _splice_summary(report, name) for key, name in names.items()}
 
-    clean = next(iter(losses.values())).clean
+    clean = report["clean"].ce_loss
     vocab = world.model.cfg.d_vocab
     unigram_heldout = unigram_cross_entropy(None, splice_tokens, vocab)
     unigram_train = None if train_tokens is None else unigram_cross_entropy(train_tokens, splice_tokens, vocab)
@@ -117,7 +124,7 @@ def evaluate_world(world, *, n_splice_sequences: int | None = None, batch_size: 
              "passes": clean <= baseline - MIN_CE_GAP_NATS}
     saes = {}
     for name, s in stats.items():
-        splice = losses[name].summary()
+        splice = losses[name]
         passes = {
             "l0": L0_RANGE[0] <= s["l0"] <= L0_RANGE[1],
             "dead_fraction": s["dead_fraction"] <= MAX_DEAD_FRACTION,
@@ -125,7 +132,7 @@ def evaluate_world(world, *, n_splice_sequences: int | None = None, batch_size: 
             "ablation_effect": _measurable(splice),
         }
         saes[name] = {**s, "splice": splice, "passes": passes}
-    all_heads = losses["all_heads"].summary()
+    all_heads = losses["all_heads"]
     summary = {
         "model_ce": round(clean, 4),
         "unigram_ce": round(baseline, 4),
@@ -144,6 +151,18 @@ def evaluate_world(world, *, n_splice_sequences: int | None = None, batch_size: 
             "min_ablation_effect_stderrs": MIN_ABLATION_EFFECT_STDERRS}
     return {"bars": bars, "splice_contexts": int(len(splice_tokens)), "model": model, "saes": saes,
             "all_heads_spliced": all_heads, "summary": summary}
+
+
+def _splice_summary(report: SpliceReport, name: str) -> dict[str, Any]:
+    """Variant ``name``'s splice-in numbers under the names the build report has always used (``recovered`` is the
+    score, ``zero_ablated`` its baseline's loss; ``mean_ablated`` for whole-layer variants when measured)."""
+    r = report[name]
+    mean = report.results.get("mean_layer") if r.head is None else None
+    return {"hook_name": report.hook_name, "head": r.head, "clean": report["clean"].ce_loss,
+            "zero_ablated": report[r.score_baseline].ce_loss, "mean_ablated": None if mean is None else mean.ce_loss,
+            "spliced": r.ce_loss, "recovered": r.score, "recovered_stderr": r.score_stderr,
+            "ablation_effect": r.ablation_effect, "ablation_effect_stderr": r.ablation_effect_stderr,
+            "kl": r.kl, "kl_stderr": r.kl_stderr, "n_contexts": r.n_contexts, "n_tokens": r.n_tokens}
 
 
 def _measurable(splice: dict) -> bool:

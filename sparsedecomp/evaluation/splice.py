@@ -1,251 +1,461 @@
-"""Splice-in losses: how much of a layer's (or one head's) contribution an SAE reconstruction keeps.
+"""Splice-in losses: how much of a layer's (or one head's) contribution a reconstruction of ``hook_z`` keeps.
 
-For next-token cross-entropy ``L`` on a batch of contexts:
+A **variant** replaces ``blocks.{layer}.attn.hook_z`` -- one head's ``z`` (``head=h``, rows ``(n, d_head)``) or the
+head-major concatenation of every head's (``head=None``, rows ``(n, n_heads * d_head)``) -- and the model runs on.
+:func:`splice_variants` builds the variants a researcher compares, with these names:
 
-* ``L_clean``: the model as is;
-* ``L_zero``: ``hook_z`` of one head (``head=h``) or of the whole layer (``head=None``) set to 0;
-* ``L_mean``: the same activations replaced by their mean over every position of ``tokens``;
-* ``L_splice``: the activations replaced by the SAE's reconstruction ``x_hat = decode(encode(x))``, where ``x`` is
-  one head's ``z`` (``(n, d_head)``) or the head-major concatenation of all heads (``(n, n_heads * d_head)``).
+* ``clean``: nothing replaced;
+* ``zero_head_<h>`` / ``zero_layer``: head ``h``'s ``z`` / every head's set to 0;
+* ``mean_layer``: every position's ``z`` replaced by the mean ``z`` over tokens (see :func:`splice_variants` on why
+  the mean comes from an earlier pass);
+* ``head_sae_<h>``: head ``h``'s ``z`` replaced by its per-head SAE's ``decode(encode(z_h))``, the others clean;
+* ``all_head_saes``: every head by its own SAE at once; ``concat_sae``: the concatenated-``z`` SAE's reconstruction;
+* ``routed_<label>``: the concat SAE's activations sent through a decomposition onto the per-head atoms
+  (:class:`~sparsedecomp.evaluation.routing.RoutedDecoder`): ``z_hat = encode(z) @ W_routed + b_dec``.
 
-The recovered fraction is ``(L_zero - L_splice) / (L_zero - L_clean)`` (Kissane et al.; 1 = perfect, 0 = no better
-than zeroing; it can be negative). Losses are token-weighted means over all predicted positions. The model runs
-up to the hooked layer once per batch; every intervention then reruns only the layers from there on.
+For every variant ``v`` and context ``i`` the accumulator keeps ``l_i(v)``, the mean next-token cross-entropy over
+the context's predicted positions, and ``k_i(v)``, the mean over the same positions of ``KL(p_clean || p_v)``.
+``ce_loss`` and ``kl`` are their means over contexts (every context has the same number of predicted tokens, so
+these are also token means), with standard errors ``std(x) / sqrt(n)`` over contexts, the independent units.
 
-Uncertainty: every context has the same number of predicted tokens, so each loss is the mean of per-context
-losses ``l_i`` and contexts are the independent units. With ``a_i = z_i - s_i`` and ``b_i = z_i - c_i`` (zeroed minus
-spliced, zeroed minus clean), the recovered fraction is ``R = mean(a) / mean(b)`` and its delta-method standard error
-is ``sqrt(sum_i (a_i - R b_i)^2 / (n (n - 1))) / |mean(b)|``; the ablation effect ``mean(b)`` has standard error
-``std(b) / sqrt(n)``. A score whose denominator is within a few standard errors of 0 says nothing.
+**Score** (loss recovered, Kissane et al.): ``S = (L_zero - L_v) / (L_zero - L_clean)``, where ``L_zero`` is the
+variant's ``score_baseline``: ``zero_head_<h>`` for single-head variants, ``zero_layer`` for whole-layer ones.
+1 = the clean loss, 0 = no better than zeroing; it can be negative. With ``a_i = l_i(zero) - l_i(v)`` and
+``b_i = l_i(zero) - l_i(clean)``, ``S = mean(a) / mean(b)`` and its delta-method standard error is
+``sqrt(sum_i (a_i - S b_i)^2 / (n (n - 1))) / |mean(b)|``. ``ablation_effect = mean(b) = L_zero - L_clean`` has
+standard error ``std(b) / sqrt(n)``; a score whose denominator is within a few standard errors of 0 says nothing.
+By choice, ``clean`` has no score and no baseline (it would be 1 against any baseline, by definition), and each zero
+ablation has score ``None`` (0 against itself by definition) but reports its own ``ablation_effect``;
+``mean_layer`` is scored against ``zero_layer`` (how much of zeroing's cost the mean keeps).
+
+Speed: the stream runs the model up to the layer once per batch; every variant reruns only the layers from
+``layer`` on (``model(resid_pre, start_at_layer=layer)``). The clean pass's probabilities are computed once per
+batch and reused for every variant's KL; a variant's log-softmax is never materialised (``CE = lse - logit_target``
+and ``KL = lse_v - lse_c - sum_x p_c (logits_v - logits_c)``), head variants write into ``z`` in place, and only
+the per-context sums are float64.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+import math
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from ..activations import DEFAULT_MEMORY_BUDGET, ActivationBatch, hooked_transformer, run_accumulators
 from ..errors import InputError, InputTypeError
-from ..loading.heads import warn_if_input_scale_missing
+from ..loading.heads import HeadSAEs, warn_if_input_scale_missing
+from ..loading.sae import warn_input_scale
+from .routing import RoutedDecoder
 
 Reconstruction = Callable[[Tensor], Tensor]
+"""``x (n, width) -> x_hat (n, width)``: ``width`` is ``d_head`` for a head variant, ``n_heads * d_head`` else."""
+
+
+@dataclass(frozen=True, eq=False)
+class SpliceVariant:
+    """One intervention on ``hook_z``.
+
+    Attributes:
+        name: the key it is reported under.
+        description: what it does, in words.
+        head: the head whose ``z`` is replaced, or ``None`` for the whole layer.
+        replacement: a :data:`Reconstruction`, or ``None`` for the clean model.
+        score_baseline: the zero-ablation variant its score and ablation effect refer to (``None`` for clean).
+        setting: JSON-ready parameters worth reporting (e.g. a routed variant's solver setting), or ``None``.
+    """
+
+    name: str
+    description: str
+    head: int | None
+    replacement: Reconstruction | None
+    score_baseline: str | None
+    setting: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise InputError(f"a splice variant needs a non-empty name, got {self.name!r}")
+        if self.head is not None and (isinstance(self.head, bool) or not isinstance(self.head, int) or self.head < 0):
+            raise InputError(f"variant {self.name!r}: head must be None or a non-negative int, got {self.head!r}")
+        if self.replacement is not None and not callable(self.replacement):
+            raise InputTypeError(f"variant {self.name!r}: replacement must be callable x -> x_hat, "
+                                 f"got {type(self.replacement).__name__}")
+
+    @property
+    def is_scored(self) -> bool:
+        """Whether the loss-recovered score means something (not clean, not the baseline itself)."""
+        return self.score_baseline is not None and self.score_baseline != self.name
 
 
 @dataclass(frozen=True)
-class SpliceLosses:
-    """Cross-entropy losses (nats per predicted token) for one hooked site and one SAE (if any)."""
+class SpliceResult:
+    """Splice-in numbers of one variant (see the module docstring for every formula). Losses are nats per
+    predicted token; ``None`` where a number is undefined (a score without baseline, a standard error of one
+    context, a zero denominator)."""
+
+    name: str
+    description: str
+    head: int | None
+    ce_loss: float
+    ce_loss_stderr: float | None
+    kl: float
+    kl_stderr: float | None
+    score: float | None
+    score_stderr: float | None
+    score_baseline: str | None
+    ablation_effect: float | None
+    ablation_effect_stderr: float | None
+    setting: Mapping[str, Any] | None
+    n_contexts: int
+    n_tokens: int
+
+
+@dataclass(frozen=True)
+class SpliceReport:
+    """Every variant's :class:`SpliceResult`, by name, in the order the variants were given (``clean`` first).
+    Indexing and iteration go through ``results``."""
 
     hook_name: str
-    head: int | None
-    clean: float
-    zero_ablated: float
-    mean_ablated: float
-    spliced: float | None
+    n_contexts: int
     n_tokens: int
-    clean_per_context: Tensor | None = None
-    """Per-context mean cross-entropy, ``(n_contexts,)`` float64 (``None`` when built by hand)."""
-    zero_per_context: Tensor | None = None
-    spliced_per_context: Tensor | None = None
+    results: Mapping[str, SpliceResult]
 
-    @property
-    def ablation_effect(self) -> float:
-        """``L_zero - L_clean``: what zeroing the site costs (the recovered fraction's denominator)."""
-        return self.zero_ablated - self.clean
+    def __getitem__(self, name: str) -> SpliceResult:
+        if name not in self.results:
+            raise KeyError(f"no splice variant {name!r}; have {list(self.results)}")
+        return self.results[name]
 
-    @property
-    def ablation_effect_stderr(self) -> float | None:
-        """Standard error of :attr:`ablation_effect` over contexts (``None`` without per-context losses)."""
-        if self.clean_per_context is None or self.zero_per_context is None or len(self.clean_per_context) < 2:
-            return None
-        b = self.zero_per_context - self.clean_per_context
-        return float(b.std(correction=1) / len(b) ** 0.5)
+    def __iter__(self):
+        return iter(self.results)
 
-    @property
-    def recovered_stderr(self) -> float | None:
-        """Delta-method standard error of :attr:`recovered` over contexts (see the module docstring)."""
-        if self.spliced_per_context is None or self.clean_per_context is None or len(self.spliced_per_context) < 2:
-            return None
-        a = self.zero_per_context - self.spliced_per_context
-        b = self.zero_per_context - self.clean_per_context
-        ratio, n = float(a.mean() / b.mean()), len(a)
-        return float(((a - ratio * b).pow(2).sum() / (n * (n - 1))).sqrt() / b.mean().abs())
+    def __len__(self) -> int:
+        return len(self.results)
 
-    @property
-    def recovered(self) -> float | None:
-        """``(L_zero - L_splice) / (L_zero - L_clean)``; ``None`` without an SAE."""
-        if self.spliced is None:
-            return None
-        return recovered_fraction(clean=self.clean, ablated=self.zero_ablated, spliced=self.spliced)
 
-    @property
-    def recovered_vs_mean(self) -> float | None:
-        """``(L_mean - L_splice) / (L_mean - L_clean)``: the same score against mean ablation."""
-        if self.spliced is None or self.mean_ablated != self.mean_ablated:
-            return None
-        return recovered_fraction(clean=self.clean, ablated=self.mean_ablated, spliced=self.spliced)
+# -- statistics over contexts -----------------------------------------------------------------------------------
+def mean_and_stderr(values: Tensor) -> tuple[float, float | None]:
+    """``(mean, std / sqrt(n))`` of per-context values; the standard error is ``None`` for one context."""
+    n = values.numel()
+    if n == 0:
+        raise InputError("no contexts were seen: splice losses are undefined")
+    stderr = float(values.std(correction=1) / math.sqrt(n)) if n > 1 else None
+    return float(values.mean()), stderr
 
-    def summary(self) -> dict[str, Any]:
-        """JSON-ready dict of every loss and both scores."""
-        return {
-            "hook_name": self.hook_name,
-            "head": self.head,
-            "clean": self.clean,
-            "zero_ablated": self.zero_ablated,
-            "mean_ablated": None if self.mean_ablated != self.mean_ablated else self.mean_ablated,
-            "spliced": self.spliced,
-            "recovered": self.recovered,
-            "recovered_vs_mean": self.recovered_vs_mean,
-            "recovered_stderr": self.recovered_stderr,
-            "ablation_effect": self.ablation_effect,
-            "ablation_effect_stderr": self.ablation_effect_stderr,
-            "n_contexts": None if self.clean_per_context is None else len(self.clean_per_context),
-            "n_tokens": self.n_tokens,
-        }
+
+def recovered_with_stderr(*, clean: Tensor, ablated: Tensor, spliced: Tensor) -> tuple[float | None, float | None]:
+    """Loss recovered ``S = mean(a) / mean(b)`` with ``a = ablated - spliced``, ``b = ablated - clean`` (per-context
+    losses), and its delta-method standard error ``sqrt(sum (a - S b)^2 / (n (n - 1))) / |mean(b)|``. ``(None,
+    None)`` when ``mean(b) == 0`` (ablation does not change the loss: the score is undefined)."""
+    a, b = ablated - spliced, ablated - clean
+    denominator = float(b.mean())
+    if denominator == 0 or not math.isfinite(denominator):
+        return None, None
+    score = float(a.mean()) / denominator
+    n = a.numel()
+    if n < 2:
+        return score, None
+    return score, float(((a - score * b).pow(2).sum() / (n * (n - 1))).sqrt()) / abs(denominator)
 
 
 def recovered_fraction(*, clean: float, ablated: float, spliced: float) -> float:
-    """``(ablated - spliced) / (ablated - clean)``; ``ValueError`` when ablation does not change the loss."""
+    """``(ablated - spliced) / (ablated - clean)``; ``InputError`` when ablation does not change the loss."""
     gap = ablated - clean
     if gap == 0 or gap != gap:
         raise InputError(f"ablation does not change the loss (clean {clean}, ablated {ablated}): the score is undefined")
     return (ablated - spliced) / gap
 
 
-def splice_losses(model, tokens: Tensor, sae: Any = None, *, layer: int, head: int | None = None,
-                  hook: str = "attn.hook_z", batch_size: int = 16, include_mean: bool = True) -> SpliceLosses:
-    """Splice-in losses for one site (``blocks.{layer}.{hook}``, one head or all) and one SAE (or ``None``)."""
-    return splice_losses_many(model, tokens, {"sae": (head, sae)}, layer=layer, hook=hook, batch_size=batch_size,
-                              include_mean=include_mean)["sae"]
+# -- the variants -------------------------------------------------------------------------------------------------
+def splice_variants(n_heads: int, d_head: int, *, head_saes: HeadSAEs | Mapping[int, Any] | None = None,
+                    concat_sae: Any = None, mean_z: Tensor | None = None,
+                    routed: Mapping[str, RoutedDecoder] | None = None,
+                    heads: Iterable[int] | None = None) -> dict[str, SpliceVariant]:
+    """The ordered variants (see the module docstring) for a layer of ``n_heads`` heads of width ``d_head``.
 
+    Always ``clean``, ``zero_head_<h>`` for each of ``heads`` (default: every head) and ``zero_layer``; then
+    ``mean_layer`` when ``mean_z`` is given, ``head_sae_<h>`` for each of ``heads`` with an SAE in ``head_saes``
+    (a :class:`~sparsedecomp.loading.HeadSAEs` or a ``{head: sae}`` mapping; an SAE is anything with
+    ``encode``/``decode``), ``all_head_saes`` when ``head_saes`` covers every head, ``concat_sae`` and one
+    ``routed_<label>`` per entry of ``routed`` (which need ``concat_sae``). Take a subset with
+    :func:`select_variants`.
 
-@torch.no_grad()
-def splice_losses_many(model, tokens: Tensor, splices: Mapping[str, tuple[int | None, Any]], *, layer: int,
-                       hook: str = "attn.hook_z", batch_size: int = 16,
-                       include_mean: bool = True) -> dict[str, SpliceLosses]:
-    """Splice-in losses for several ``name -> (head, sae)`` interventions on the same layer, sharing the clean
-    and prefix passes. ``sae`` is an object with ``encode``/``decode``, a callable ``x -> x_hat``, or ``None``.
-    ``include_mean=False`` skips the mean-ablation runs (``mean_ablated`` is then NaN)."""
-    tokens = _check_tokens(tokens)
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
-        raise InputError(f"layer must be an int in [0, {n_layers}), got {layer!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
-    if not splices:
-        raise InputError("splices is empty: give at least one name -> (head, sae)")
-    recon = {}
-    for name, (head, sae) in splices.items():
-        if head is not None and (isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < n_heads):
-            raise InputError(f"splice {name!r}: head must be None or an int in [0, {n_heads}), got {head!r}")
-        recon[name] = None if sae is None else _as_reconstruction(sae, name)
-        # An SAE (or per-head SAEs) still needing its unsaved input scale splices in wrong: say so before running.
-        warn_if_input_scale_missing(sae)
-    if hook != "attn.hook_z" and any(h is not None for h, _ in splices.values()):
-        raise InputError(f"a head index only makes sense for attn.hook_z, not {hook!r}")
+    ``mean_z`` is the ``(n_heads, d_head)`` mean of ``z`` over tokens, e.g. ``run_accumulators(model, tokens,
+    {"mean": MeanAccumulator()}, layer=L)["mean"]``. It is an input rather than computed on the fly because a
+    streamed pass sees each batch once: the mean over all tokens is only known at the end, and a running mean would
+    ablate early batches with a different value than late ones. It may come from other tokens than the evaluation
+    (e.g. the SAEs' training tokens), which keeps the ablation value independent of the tokens scored.
 
-    hook_name = f"blocks.{layer}.{hook}"
-    resid_name = f"blocks.{layer}.hook_resid_pre"
-    batches = [tokens[i : i + batch_size] for i in range(0, len(tokens), batch_size)]
+    SAEs that still need an unsaved input scale warn here, before anything runs.
+    """
+    for value, what in ((n_heads, "n_heads"), (d_head, "d_head")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{what} must be a positive int, got {value!r}")
+    heads_asked = heads is not None
+    heads = _check_heads(range(n_heads) if heads is None else heads, n_heads)
+    head_sae_map = _head_sae_map(head_saes, n_heads, d_head)
+    d_z = n_heads * d_head
 
-    # Pass 1: the residual stream entering the layer (reused by every intervention) and the mean activation.
-    prefix, act_sum, n_pos = [], None, 0
-    for batch in batches:
-        _, cache = model.run_with_cache(batch, names_filter=[resid_name, hook_name], stop_at_layer=layer + 1)
-        prefix.append(cache[resid_name])
-        act = cache[hook_name]
-        total = act.sum(dim=(0, 1))
-        act_sum = total if act_sum is None else act_sum + total
-        n_pos += act.shape[0] * act.shape[1]
-    mean_act = act_sum / n_pos
-
-    heads = sorted({h for h, _ in splices.values()}, key=lambda h: -1 if h is None else h)
-    keys = ["clean", *[("zero", h) for h in heads], *[("mean", h) for h in heads]]
-    keys += [("splice", name) for name in splices]
-    per_context: dict = {key: [] for key in keys}  # per-context summed cross-entropy, one tensor per batch
-    n_pred = 0
-    for batch, resid in zip(batches, prefix):
-        def run(fn=None):
-            hooks = [] if fn is None else [(hook_name, fn)]
-            with model.hooks(fwd_hooks=hooks):
-                logits = model(resid, start_at_layer=layer)
-            return _sum_ce(logits, batch)
-
-        per_context["clean"].append(run())
+    variants = [SpliceVariant("clean", "the model as is", None, None, None)]
+    for h in heads:
+        variants.append(SpliceVariant(f"zero_head_{h}", f"head {h}'s z set to 0", h, torch.zeros_like,
+                                      f"zero_head_{h}"))
+    variants.append(SpliceVariant("zero_layer", "every head's z set to 0", None, torch.zeros_like, "zero_layer"))
+    if mean_z is not None:
+        variants.append(_mean_variant(mean_z, n_heads, d_head))
+    if head_saes is not None:
+        if isinstance(head_saes, HeadSAEs):
+            head_saes.warn_input_scale()
+        else:
+            warn_input_scale([s for s in head_sae_map.values() if hasattr(s, "needs_input_scale")])
         for h in heads:
-            per_context[("zero", h)].append(run(_replace(h, lambda x: torch.zeros_like(x))))
-            if include_mean:
-                per_context[("mean", h)].append(run(_replace_with_mean(h, mean_act)))
-        for name, (h, _) in splices.items():
-            if recon[name] is not None:
-                per_context[("splice", name)].append(run(_replace(h, recon[name])))
-        n_pred += batch.shape[0] * (batch.shape[1] - 1)
+            if h not in head_sae_map:
+                if heads_asked:
+                    raise InputError(f"head {h} was asked for but head_saes has no SAE for it "
+                                     f"(heads with an SAE: {sorted(head_sae_map)})")
+                continue
+            variants.append(SpliceVariant(f"head_sae_{h}", f"head {h}'s z replaced by its per-head SAE's "
+                                          "reconstruction, the other heads clean", h,
+                                          _sae_reconstruction(head_sae_map[h]), f"zero_head_{h}"))
+        if sorted(head_sae_map) == list(range(n_heads)):
+            saes = [head_sae_map[h] for h in range(n_heads)]
+            variants.append(SpliceVariant("all_head_saes", "every head's z replaced by its own per-head SAE's "
+                                          "reconstruction at once", None, _all_heads_reconstruction(saes, d_head),
+                                          "zero_layer"))
+    encode = None
+    if concat_sae is not None:
+        _check_width(concat_sae, d_z, "concat_sae")
+        warn_if_input_scale_missing(concat_sae)
+        # Every rerun's z equals the clean z, so the concat and routed variants share one encode per batch.
+        encode = _reuse_last(concat_sae.encode)
+        variants.append(SpliceVariant("concat_sae", "all heads' z replaced by the concatenated-z SAE's "
+                                      "reconstruction", None, lambda x: concat_sae.decode(encode(x)), "zero_layer"))
+    for label, decoder in (routed or {}).items():
+        variants.append(_routed_variant(label, decoder, concat_sae, encode, d_z))
+    return {v.name: v for v in variants}
 
-    tokens_per_context = tokens.shape[1] - 1
-    losses = {key: torch.cat(parts) / tokens_per_context for key, parts in per_context.items() if parts}
 
-    out = {}
-    for name, (h, _) in splices.items():
-        spliced = losses.get(("splice", name))
-        out[name] = SpliceLosses(
-            hook_name=hook_name,
-            head=h,
-            clean=float(losses["clean"].mean()),
-            zero_ablated=float(losses[("zero", h)].mean()),
-            mean_ablated=float(losses[("mean", h)].mean()) if include_mean else float("nan"),
-            spliced=None if spliced is None else float(spliced.mean()),
-            n_tokens=n_pred,
-            clean_per_context=losses["clean"],
-            zero_per_context=losses[("zero", h)],
-            spliced_per_context=spliced,
-        )
+def select_variants(variants: Mapping[str, SpliceVariant], names: Iterable[str]) -> dict[str, SpliceVariant]:
+    """The named variants with what they need (``clean`` and their score baselines), in ``variants``' order."""
+    names = list(names)
+    unknown = [n for n in names if n not in variants]
+    if unknown:
+        raise InputError(f"unknown splice variants {unknown}; have {list(variants)}")
+    keep = {"clean", *names, *(variants[n].score_baseline for n in names if variants[n].score_baseline)}
+    return {name: v for name, v in variants.items() if name in keep}
+
+
+def _check_heads(heads: Iterable[int], n_heads: int) -> tuple[int, ...]:
+    heads = tuple(heads)
+    bad = [h for h in heads if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < n_heads]
+    if bad:
+        raise InputError(f"unknown heads {bad}: the layer has heads 0..{n_heads - 1}")
+    return tuple(dict.fromkeys(heads))
+
+
+def _head_sae_map(head_saes: Any, n_heads: int, d_head: int) -> dict[int, Any]:
+    if head_saes is None:
+        return {}
+    if not (isinstance(head_saes, HeadSAEs) or isinstance(head_saes, Mapping)):
+        raise InputTypeError(f"head_saes must be HeadSAEs or a {{head: sae}} mapping, got {type(head_saes).__name__}")
+    out = dict(head_saes.items())
+    _check_heads(out, n_heads)
+    for h, sae in out.items():
+        _check_width(sae, d_head, f"head_saes[{h}]")
     return out
 
 
-def _sum_ce(logits: Tensor, tokens: Tensor) -> Tensor:
-    """Summed next-token cross-entropy of each context, ``(batch,)`` in float64 (sums of many terms)."""
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
-    return ce.view(tokens.shape[0], -1).double().sum(dim=1)
+def _check_width(sae: Any, width: int, what: str) -> None:
+    if not (hasattr(sae, "encode") and hasattr(sae, "decode")):
+        raise InputTypeError(f"{what} must have encode and decode, got {type(sae).__name__}")
+    d_in = getattr(sae, "d_in", width)
+    if d_in != width:
+        raise InputError(f"{what} reads d_in={d_in} but its site is {width} wide")
 
 
-def _replace(head: int | None, fn: Reconstruction):
-    """A hook replacing one head's slice (``x: (n, d_head)``) or the flattened activation (``(n, prod(rest))``)."""
-    def hook(act: Tensor, hook=None) -> Tensor:
-        if head is None:
-            flat = act.reshape(act.shape[0] * act.shape[1], -1)
-            return fn(flat).to(act.dtype).reshape(act.shape)
-        out = act.clone()
-        part = act[:, :, head, :]
-        out[:, :, head, :] = fn(part.reshape(-1, part.shape[-1])).to(act.dtype).reshape(part.shape)
+def _sae_reconstruction(sae: Any) -> Reconstruction:
+    return lambda x: sae.decode(sae.encode(x))
+
+
+def _all_heads_reconstruction(saes: list[Any], d_head: int) -> Reconstruction:
+    def reconstruct(x: Tensor) -> Tensor:
+        return torch.cat([s.decode(s.encode(block)) for s, block in zip(saes, x.split(d_head, dim=1))], dim=1)
+    return reconstruct
+
+
+def _mean_variant(mean_z: Tensor, n_heads: int, d_head: int) -> SpliceVariant:
+    if not isinstance(mean_z, Tensor):
+        raise InputTypeError(f"mean_z must be a tensor, got {type(mean_z).__name__}")
+    if tuple(mean_z.shape) != (n_heads, d_head):
+        raise InputError(f"mean_z must have shape (n_heads, d_head) = ({n_heads}, {d_head}), got {tuple(mean_z.shape)}")
+    if not bool(torch.isfinite(mean_z).all()):
+        raise InputError("mean_z holds NaN or inf")
+    flat = mean_z.reshape(1, -1)
+    return SpliceVariant("mean_layer", "every position's z replaced by the mean z over tokens", None,
+                         lambda x: flat.to(x).expand_as(x), "zero_layer")
+
+
+def _reuse_last(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """``fn`` remembering its last input and output: an input equal to the last one (checked, ``torch.equal``: far
+    cheaper than an SAE encode) returns the remembered output."""
+    last: list[Tensor] = []
+
+    def call(x: Tensor) -> Tensor:
+        if last and last[0].shape == x.shape and torch.equal(last[0], x):
+            return last[1]
+        out = fn(x)
+        last[:] = [x, out]
         return out
+
+    return call
+
+
+def _routed_variant(label: str, decoder: RoutedDecoder, concat_sae: Any, encode: Callable[[Tensor], Tensor] | None,
+                    d_z: int) -> SpliceVariant:
+    if not isinstance(decoder, RoutedDecoder):
+        raise InputTypeError(f"routed[{label!r}] must be a RoutedDecoder, got {type(decoder).__name__}")
+    if concat_sae is None:
+        raise InputError(f"routed[{label!r}] needs concat_sae (its activations are what is routed)")
+    expected = (getattr(concat_sae, "d_sae", decoder.W_routed.shape[0]), d_z)
+    if tuple(decoder.W_routed.shape) != expected:
+        raise InputError(f"routed[{label!r}] has W_routed of shape {tuple(decoder.W_routed.shape)}, but the concat "
+                         f"SAE needs (d_sae, n_heads * d_head) = {expected}")
+    W = decoder.W_routed.to(device=concat_sae.W_dec.device, dtype=concat_sae.W_dec.dtype)
+
+    def reconstruct(x: Tensor) -> Tensor:
+        return encode(x) @ W + concat_sae.b_dec
+
+    return SpliceVariant(f"routed_{label}", f"the concat SAE's activations routed onto the per-head atoms through "
+                         f"the {decoder.method} decomposition in {decoder.space} space", None, reconstruct,
+                         "zero_layer", {"label": decoder.label, "method": decoder.method, "space": decoder.space,
+                                        **decoder.setting})
+
+
+# -- the accumulator ----------------------------------------------------------------------------------------------
+class SpliceAccumulator:
+    """Splice-in losses of ``variants`` (name -> :class:`SpliceVariant`), streamed: per batch, one clean rerun and
+    one rerun per variant from the hooked layer on; ``compute()`` gives a :class:`SpliceReport`.
+
+    Per-context sums are kept (float64, two numbers per context and variant) so that standard errors and scores
+    are exact whatever the batching."""
+
+    needs: tuple[str, ...] = ("resid_pre",)
+
+    def __init__(self, model: Any, variants: Mapping[str, SpliceVariant]) -> None:
+        self.model = hooked_transformer(model)
+        if not isinstance(variants, Mapping) or not variants:
+            raise InputError("variants must be a non-empty mapping name -> SpliceVariant (see splice_variants)")
+        n_heads = self.model.cfg.n_heads
+        for name, v in variants.items():
+            if not isinstance(v, SpliceVariant):
+                raise InputTypeError(f"variant {name!r} must be a SpliceVariant, got {type(v).__name__}")
+            if v.name != name:
+                raise InputError(f"variant {name!r} is named {v.name!r}: keys must be the variants' names")
+            if v.head is not None and v.head >= n_heads:
+                raise InputError(f"variant {name!r} replaces head {v.head} but the model has heads 0..{n_heads - 1}")
+            if v.score_baseline is not None and v.score_baseline not in variants:
+                raise InputError(f"variant {name!r} is scored against {v.score_baseline!r}, which is not among the "
+                                 "variants: add it (select_variants keeps baselines)")
+        clean = variants.get("clean", SpliceVariant("clean", "the model as is", None, None, None))
+        if clean.replacement is not None:
+            raise InputError("the variant named 'clean' must not replace anything (replacement=None)")
+        self.variants = {"clean": clean, **{k: v for k, v in variants.items() if k != "clean"}}
+        self._ce: dict[str, list[Tensor]] = {name: [] for name in self.variants}
+        self._kl: dict[str, list[Tensor]] = {name: [] for name in self.variants}
+        self._hook_name: str | None = None
+        self._predicted_per_context = 0
+
+    @torch.no_grad()
+    def update(self, batch: ActivationBatch) -> None:
+        batch.require("resid_pre")
+        self._hook_name = f"blocks.{batch.layer}.attn.hook_z"
+        self._predicted_per_context = batch.context_size - 1
+        targets = batch.tokens[:, 1:, None]
+        # Every position is kept (contiguous tensors are faster); the last one predicts nothing and is dropped.
+        clean_logits = self._logits(batch, None)
+        clean_lse = clean_logits.logsumexp(dim=-1)
+        # p_clean, once per batch: every variant's KL reads it.
+        clean_probs = (clean_logits - clean_lse[..., None]).exp_()
+        for name, variant in self.variants.items():
+            if variant.replacement is None:
+                logits, lse = clean_logits, clean_lse
+            else:
+                logits = self._logits(batch, variant)
+                lse = logits.logsumexp(dim=-1)
+            ce = lse[:, :-1] - logits[:, :-1].gather(-1, targets).squeeze(-1)
+            if variant.replacement is None:
+                kl = torch.zeros_like(ce)
+            else:
+                # KL(p_c || p_v) = sum p_c (log p_c - log p_v) = lse_v - lse_c - sum p_c (logits_v - logits_c); the
+                # difference of logits first keeps a small KL accurate (no cancellation of two large dot products).
+                kl = (lse - clean_lse - torch.linalg.vecdot(clean_probs, logits.sub_(clean_logits)))[:, :-1]
+            self._ce[name].append(ce.double().mean(dim=1).cpu())
+            self._kl[name].append(kl.double().mean(dim=1).cpu())
+
+    def _logits(self, batch: ActivationBatch, variant: SpliceVariant | None) -> Tensor:
+        """Float32 logits ``(batch, pos, d_vocab)`` with ``variant`` spliced in (the model's own tensor, which
+        this accumulator may overwrite)."""
+        hooks = [] if variant is None else [(f"blocks.{batch.layer}.attn.hook_z", _hook(variant))]
+        with self.model.hooks(fwd_hooks=hooks):
+            logits = self.model(batch.resid_pre, start_at_layer=batch.layer)
+        return logits.float()
+
+    def compute(self) -> SpliceReport:
+        if self._hook_name is None:
+            raise InputError("no batches were seen: splice losses are undefined")
+        ce = {name: torch.cat(parts) for name, parts in self._ce.items()}
+        kl = {name: torch.cat(parts) for name, parts in self._kl.items()}
+        n_contexts = len(ce["clean"])
+        n_tokens = n_contexts * self._predicted_per_context
+        results = {}
+        for name, v in self.variants.items():
+            ce_loss, ce_stderr = mean_and_stderr(ce[name])
+            kl_mean, kl_stderr = mean_and_stderr(kl[name])
+            effect = effect_stderr = score = score_stderr = None
+            if v.score_baseline is not None:
+                effect, effect_stderr = mean_and_stderr(ce[v.score_baseline] - ce["clean"])
+            if v.is_scored:
+                score, score_stderr = recovered_with_stderr(clean=ce["clean"], ablated=ce[v.score_baseline],
+                                                            spliced=ce[name])
+            results[name] = SpliceResult(
+                name=name, description=v.description, head=v.head, ce_loss=ce_loss, ce_loss_stderr=ce_stderr,
+                kl=kl_mean, kl_stderr=kl_stderr, score=score, score_stderr=score_stderr,
+                score_baseline=v.score_baseline, ablation_effect=effect, ablation_effect_stderr=effect_stderr,
+                setting=None if v.setting is None else MappingProxyType(dict(v.setting)),
+                n_contexts=n_contexts, n_tokens=n_tokens)
+        return SpliceReport(hook_name=self._hook_name, n_contexts=n_contexts, n_tokens=n_tokens,
+                            results=MappingProxyType(results))
+
+
+def _hook(variant: SpliceVariant):
+    """A ``hook_z`` hook applying ``variant.replacement``: head variants write their head's slice in place (``z``
+    is this rerun's own tensor, so no clone is needed); whole-layer variants return the new ``z``."""
+    fn, head = variant.replacement, variant.head
+
+    def check(out: Tensor, shape: tuple[int, ...]) -> Tensor:
+        if tuple(out.shape) != shape:
+            raise InputError(f"variant {variant.name!r} returned shape {tuple(out.shape)} for input {shape}")
+        return out
+
+    def hook(z: Tensor, hook: Any = None) -> Tensor:
+        if head is None:
+            flat = z.reshape(z.shape[0] * z.shape[1], -1)
+            return check(fn(flat), tuple(flat.shape)).to(z.dtype).reshape(z.shape)
+        part = z[:, :, head].reshape(-1, z.shape[-1])
+        z[:, :, head] = check(fn(part), tuple(part.shape)).to(z.dtype).reshape(z.shape[0], z.shape[1], -1)
+        return z
+
     return hook
 
 
-def _replace_with_mean(head: int | None, mean_act: Tensor):
-    def hook(act: Tensor, hook=None) -> Tensor:
-        out = act.clone()
-        if head is None:
-            out[:] = mean_act
-        else:
-            out[:, :, head, :] = mean_act[head]
-        return out
-    return hook
-
-
-def _as_reconstruction(sae: Any, name: str) -> Reconstruction:
-    if hasattr(sae, "encode") and hasattr(sae, "decode"):
-        return lambda x: sae.decode(sae.encode(x))
-    if callable(sae):
-        return sae
-    raise InputTypeError(f"splice {name!r}: expected an SAE with encode/decode or a callable x -> x_hat, got {type(sae).__name__}")
-
-
-def _check_tokens(tokens: Any) -> Tensor:
-    if not isinstance(tokens, Tensor):
-        raise InputTypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
-    if tokens.dtype not in (torch.long, torch.int32, torch.int16, torch.int64):
-        raise InputTypeError(f"tokens must be an integer tensor, got {tokens.dtype}")
-    if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] < 2:
-        raise InputError(f"tokens must have shape (n_contexts, n_ctx >= 2), got {tuple(tokens.shape)}")
-    return tokens.long()
+def splice_losses(model: Any, tokens: Any, variants: Mapping[str, SpliceVariant], *, layer: int,
+                  batch_size: int | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                  progress: bool = False) -> SpliceReport:
+    """Splice-in losses of ``variants`` (see :func:`splice_variants`) on ``tokens`` (a tensor or a ``TokenSet``)
+    at ``blocks.{layer}.attn.hook_z``, in one streamed pass (:func:`~sparsedecomp.activations.run_accumulators`;
+    to share the pass with other statistics, run a :class:`SpliceAccumulator` there yourself)."""
+    accumulator = SpliceAccumulator(model, variants)
+    return run_accumulators(model, tokens, {"splice": accumulator}, layer=layer, batch_size=batch_size,
+                            memory_budget=memory_budget, progress=progress, desc="splice")["splice"]

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from sparsedecomp.evaluation.splice import splice_losses, splice_losses_many
+from sparsedecomp.evaluation.splice import splice_losses, splice_variants
 from sparsedecomp.loading import (
     HeadSAEs,
     InputScaleWarning,
@@ -93,16 +93,14 @@ def tiny_model():
 def test_splices_warn_before_running(tiny_model, make_sae):
     tokens = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(0))
     with pytest.warns(InputScaleWarning, match=r"checkpoints/run1\) was trained on .*never saved.*" + FIX) as record:
-        splice_losses(tiny_model, tokens, unscaled(make_sae, head=1), layer=1, head=1, include_mean=False)
+        splice_losses(tiny_model, tokens, splice_variants(3, 8, head_saes={1: unscaled(make_sae, head=1)}), layer=1)
     assert record[0].filename == __file__
     heads = HeadSAEs(tuple(unscaled(make_sae, head=h, seed=h) for h in range(3)))
     with pytest.warns(InputScaleWarning, match=r"heads \[0, 1, 2\]"):
-        splice_losses_many(tiny_model, tokens, {"all": (None, heads.reconstruct_concatenated)}, layer=1,
-                           include_mean=False)
+        splice_losses(tiny_model, tokens, splice_variants(3, 8, head_saes=heads), layer=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        splice_losses_many(tiny_model, tokens, {"h0": (0, make_sae(head=0)), "fn": (None, lambda x: x)}, layer=1,
-                           include_mean=False)
+        splice_losses(tiny_model, tokens, splice_variants(3, 8, head_saes={0: make_sae(head=0)}), layer=1)
 
 
 @pytest.fixture(scope="module")
@@ -118,17 +116,16 @@ def test_demo_world_is_folded_and_silent_while_its_raw_head_saes_warn(demo_world
 
     world = demo_world
     tokens = world.heldout_tokens[:2]
-    splices = {"head0": (0, world.head_saes[0]), "all_heads": (None, world.head_saes.reconstruct_concatenated),
-               "concat": (None, world.concat_sae)}
+    cfg = world.model.cfg
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        splice_losses_many(world.model, tokens, splices, layer=world.layer, include_mean=False)
+        splice_losses(world.model, tokens, splice_variants(cfg.n_heads, cfg.d_head, head_saes=world.head_saes,
+                                                           concat_sae=world.concat_sae, heads=[0]), layer=world.layer)
         world.head_saes[3].forward(torch.randn(2, world.head_saes.d_head))
         world.concat_sae.encode(torch.randn(2, world.concat_sae.d_in))
     raw = load_head_saes(head_sae_sources(world.artifacts_dir), n_heads=8)
     with pytest.warns(InputScaleWarning, match=r"heads \[0, 1, 2, 3, 4, 5, 6, 7\] .*" + FIX):
-        splice_losses_many(world.model, tokens, {"all_heads": (None, raw.reconstruct_concatenated)},
-                           layer=world.layer, include_mean=False)
+        splice_variants(cfg.n_heads, cfg.d_head, head_saes=raw)
 
 
 def test_a_head_warned_about_on_its_own_is_not_named_again(make_sae):
