@@ -25,9 +25,10 @@ Excluded tokens (``exclude_bos``: position 0 of every context; ``ignore_tokens``
 token ids, as SAELens's ``ignore_tokens`` / ``run_evals(exclude_special_tokens=...)``) are left out of every sum and of
 ``N``; both choices are recorded in the result.
 
-Every sum is accumulated in float64 (per-token values are computed in the SAE's dtype, as SAELens does), so streaming
-the tokens in any number of batches gives the one-batch result up to float64 rounding. Two metrics are tied to
-batches, as in SAELens:
+The SAE is a ReLU SAE (:class:`~sparsedecomp.loading.SAE`), so ``f >= 0``: ``f != 0`` is ``f > 0`` and ``|f|`` is
+``f``. Per-token values are computed in the SAE's dtype, as SAELens does, and summed in float64, so streaming the
+tokens in any number of batches gives the one-batch result up to the per-token values' own rounding (a matrix product
+of another shape rounds differently in float32: about 1e-7 relative). Two metrics are tied to batches, as in SAELens:
 
 * ``explained_variance_legacy`` centres each token on its own batch's mean input ``μ_B`` (SAELens's eval batch, here
   the stream's batch): it changes with the batch size, which is why SAELens replaced it. It is kept for comparison
@@ -157,8 +158,9 @@ class SAEQualityAccumulator:
         device = sae.device
         self._sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=device)
         self._sum_x = torch.zeros(sae.d_in, dtype=torch.float64, device=device)
-        self._fires = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
-        self._contexts_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
+        # counts in float64: exact up to 2**53
+        self._fires = torch.zeros(sae.d_sae, dtype=torch.float64, device=device)
+        self._contexts_fired = torch.zeros(sae.d_sae, dtype=torch.float64, device=device)
         self._n_tokens = 0
         self._n_contexts = 0
 
@@ -212,17 +214,19 @@ class SAEQualityAccumulator:
         # SAE.decode's formula without its finiteness check: f = relu(finite) needs none, and on a 16k-feature SAE
         # that check costs as much as the decoding.
         x_hat = torch.addmm(self.sae.b_dec, f, self.sae.W_dec)
+        # f >= 0 (ReLU): sign(f) is 1 where a feature fires, else 0, and one float pass over it is several times
+        # cheaper than count_nonzero. Its sums are exact: integers below 2**24 (a chunk holds at most 2**24 entries).
+        fired = f.sign()
         if not bool(rows.all()):
-            f[~rows] = 0  # left-out tokens fire no feature (they are left out of the other sums below)
-        # f >= 0 (ReLU), so f != 0 is f > 0 and |f| is f: counting non-zeros is the cheapest firing test.
-        self._fires += torch.count_nonzero(f, dim=0)
-        self._contexts_fired += torch.count_nonzero(f.view(keep.shape[0], keep.shape[1], -1).amax(1), dim=0)
+            fired[~rows] = 0  # left-out tokens fire no feature (they are left out of the other sums below)
+        self._fires += fired.sum(0)
+        self._contexts_fired += fired.view(keep.shape[0], keep.shape[1], -1).amax(1).sum(0)
 
         norm_in, norm_out = x.norm(dim=-1), x_hat.norm(dim=-1)
         residual = (x - x_hat).pow(2).sum(-1)
         x_dot_x_hat = (x * x_hat).sum(-1)
         values = {
-            "l0": torch.count_nonzero(f, dim=-1),
+            "l0": fired.sum(-1),
             "l1": f.sum(-1),
             "l2_norm_in": norm_in,
             "l2_norm_out": norm_out,
@@ -248,13 +252,13 @@ class SAEQualityAccumulator:
     def feature_density(self) -> Tensor:
         """``(d_sae,)`` float64 on the CPU: the fraction of evaluated tokens on which each feature fired."""
         self._require_tokens()
-        return self._fires.cpu().double() / self._n_tokens
+        return self._fires.cpu() / self._n_tokens
 
     def consistent_activation_heuristic(self) -> Tensor:
         """``(d_sae,)`` float64 on the CPU: tokens a feature fired on per context it fired in (NaN if it never
         fired), SAELens's feature metric of that name."""
         self._require_tokens()
-        return self._fires.cpu().double() / self._contexts_fired.cpu().double()
+        return self._fires.cpu() / self._contexts_fired.cpu()
 
     def compute(self) -> SAEQuality:
         self._require_tokens()
