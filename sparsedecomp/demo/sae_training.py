@@ -33,19 +33,15 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
+from ..activations import CollectZ, run_accumulators
 from ..errors import InputError
 
 
-@torch.no_grad()
 def collect_hook_z(model, tokens: Tensor, *, layer: int, batch_size: int = 32) -> Tensor:
-    """``blocks.{layer}.attn.hook_z`` over every position of ``tokens``: ``(n_seq * n_ctx, n_heads, d_head)``."""
-    name = f"blocks.{layer}.attn.hook_z"
-    out = []
-    for start in range(0, len(tokens), batch_size):
-        _, cache = model.run_with_cache(tokens[start : start + batch_size], names_filter=name, stop_at_layer=layer + 1)
-        z = cache[name]
-        out.append(z.reshape(-1, z.shape[-2], z.shape[-1]).float())
-    return torch.cat(out)
+    """``blocks.{layer}.attn.hook_z`` over every position of ``tokens``: ``(n_seq * n_ctx, n_heads, d_head)`` float32,
+    read through the activation stream (:class:`~sparsedecomp.activations.CollectZ`). All positions are held at
+    once: SAE training data and small token sets only."""
+    return run_accumulators(model, tokens, {"z": CollectZ()}, layer=layer, batch_size=batch_size)["z"].float()
 
 
 @dataclass(frozen=True)

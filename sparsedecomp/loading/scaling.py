@@ -21,13 +21,20 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from ..activations import ActivationBatch, hooked_transformer, run_accumulators
 from ..validation import check_tensor
 from .heads import HeadSAEs
 from ..errors import InputError, InputTypeError
 
 
 class HeadNormAccumulator:
-    """Running ``sum ||z_h||`` and count per head over ``[batch, pos, n_heads, d_head]`` batches (in float64)."""
+    """Running ``sum ||z_h||`` and count per head over ``[batch, pos, n_heads, d_head]`` batches (in float64).
+
+    An :class:`~sparsedecomp.activations.Accumulator`: ``update`` takes an
+    :class:`~sparsedecomp.activations.ActivationBatch` (its ``z``) or a raw ``z`` tensor; ``compute`` gives
+    :meth:`mean_norms`."""
+
+    needs: tuple[str, ...] = ()
 
     def __init__(self, *, exclude_bos: bool = False) -> None:
         self.exclude_bos = bool(exclude_bos)
@@ -35,7 +42,9 @@ class HeadNormAccumulator:
         self._count = 0
         self._shape: tuple[int, int] | None = None
 
-    def update(self, z: Tensor) -> None:
+    def update(self, z: Tensor | ActivationBatch) -> None:
+        if isinstance(z, ActivationBatch):
+            z = z.z
         check_tensor(z, "z", ndim=4)
         if self._shape is not None and tuple(z.shape[2:]) != self._shape:
             raise InputError(f"z batches must share (n_heads, d_head) = {self._shape}; got {tuple(z.shape[2:])}")
@@ -47,6 +56,10 @@ class HeadNormAccumulator:
         self._sum = total if self._sum is None else self._sum + total
         self._count += norms.shape[0] * norms.shape[1]
         self._shape = tuple(z.shape[2:])
+
+    def compute(self) -> Tensor:
+        """:meth:`mean_norms`."""
+        return self.mean_norms()
 
     @property
     def n_vectors(self) -> int:
@@ -125,29 +138,19 @@ def estimate_head_scales_from_model(
 ) -> HeadScales:
     """Run ``model`` (a ``HookedTransformer`` or a :class:`~sparsedecomp.loading.models.LoadedModel`) on token
     batches ``[batch, pos]`` (BOS already prepended if the SAEs were trained with it) and estimate each head's
-    scale from ``blocks.{layer}.attn.hook_z``. The model must be processed with the same flags as in training."""
-    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-        raise InputError(
-            f"layer must be a non-negative int, got {layer!r} (an SAE loaded without its hook has layer None: give "
-            "it with sae.with_hook('blocks.<layer>.attn.hook_z', ...))"
-        )
-    hooked = getattr(model, "model", model)
-    hook_name = f"blocks.{layer}.attn.hook_z"
-    batches = [token_batches] if isinstance(token_batches, Tensor) else token_batches
+    scale from ``blocks.{layer}.attn.hook_z``, read through the activation stream
+    (:func:`~sparsedecomp.activations.run_accumulators`). The model must be processed with the same flags as in
+    training."""
+    batches = [token_batches] if isinstance(token_batches, Tensor) else list(token_batches)
     acc = HeadNormAccumulator(exclude_bos=exclude_bos)
-    n_tokens = 0
-    with torch.no_grad():
-        for tokens in batches:
-            if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.dtype not in (torch.long, torch.int):
-                shape = getattr(tokens, "shape", None)
-                raise InputError(f"token batches must be integer tensors [batch, pos], got {type(tokens).__name__} {shape}")
-            _, cache = hooked.run_with_cache(tokens, names_filter=hook_name, stop_at_layer=layer + 1)
-            acc.update(cache[hook_name])
-            n_tokens += tokens.numel()
-    name = getattr(getattr(hooked, "cfg", None), "model_name", "model")
+    for tokens in batches:
+        run_accumulators(model, tokens, {"hook_z norms": acc}, layer=layer)
+    n_tokens = sum(tokens.numel() for tokens in batches)
+    hooked = hooked_transformer(model)
+    name = getattr(hooked.cfg, "model_name", "model")
     flags = getattr(model, "flags", None)
     description = (
-        f"{name} {hook_name} on {n_tokens} tokens ({acc.n_vectors} positions), exclude_bos={exclude_bos}"
+        f"{name} blocks.{layer}.attn.hook_z on {n_tokens} tokens ({acc.n_vectors} positions), exclude_bos={exclude_bos}"
         + (f", processing {flags.describe()}" if flags is not None and hasattr(flags, "describe") else "")
     )
     return _finish(acc, heads, description)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from sparsedecomp.activations import Accumulator, ActivationBatch, ActivationStream
 from sparsedecomp.loading import (
     HeadSAEs,
     HeadNormAccumulator,
@@ -133,9 +134,26 @@ def test_estimate_from_a_model_matches_its_cached_hook_z():
     model = tiny_model()
     tokens = [torch.randint(0, 30, (2, 10), generator=torch.Generator().manual_seed(s)) for s in range(2)]
     est = estimate_head_scales_from_model(LoadedModel(model, ProcessingFlags(), "tiny"), tokens, layer=1, exclude_bos=True)
-    zs = [model.run_with_cache(t, names_filter="blocks.1.attn.hook_z")[1]["blocks.1.attn.hook_z"] for t in tokens]
-    manual = estimate_head_scales(zs, exclude_bos=True)
-    assert est.scales == pytest.approx(manual.scales, rel=1e-6)
+    # the stream one context at a time, fed to the accumulator by hand
+    acc = HeadNormAccumulator(exclude_bos=True)
+    for t in tokens:
+        for batch in ActivationStream(model, t, layer=1, batch_size=1):
+            acc.update(batch)
+    manual = math.sqrt(D_HEAD) / acc.compute()
+    assert [est[h] for h in range(N_HEADS)] == pytest.approx(manual.tolist(), rel=1e-6)
+    assert est.n_vectors == 2 * 2 * 9
     assert "fold_value_biases=True" in est.description and "exclude_bos=True" in est.description
-    with pytest.raises(ValueError, match="integer tensors"):
+    with pytest.raises(TypeError, match="must hold integer token ids"):
         estimate_head_scales_from_model(model, [torch.randn(2, 3)], layer=1)
+    with pytest.raises(ValueError, match=r"layer must be an int in \[0, 2\)"):
+        estimate_head_scales_from_model(model, tokens, layer=2)
+
+
+def test_head_norm_accumulator_takes_a_batch_or_raw_z():
+    z = planted_z([1.0, 2.0, 3.0])
+    from_batch, from_z = HeadNormAccumulator(), HeadNormAccumulator()
+    from_batch.update(ActivationBatch(tokens=torch.zeros(4, 6, dtype=torch.long), z=z, first_context=0, layer=1))
+    from_z.update(z)
+    assert isinstance(from_batch, Accumulator) and from_batch.needs == ()
+    torch.testing.assert_close(from_batch.compute(), from_z.mean_norms())
+    torch.testing.assert_close(from_batch.compute(), torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
