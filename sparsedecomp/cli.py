@@ -39,6 +39,17 @@ METHOD_HELP = """methods:
                     (--features 0-63)
 """
 
+DEMO_EVAL_CONTEXTS = 128
+EVALUATE_HELP = """what evaluate measures (report.json keys: docs/evaluation.md):
+  splice        clean, zero_head_<h>, zero_layer, mean_layer, head_sae_<h>, all_head_saes, concat_sae and
+                routed_<label> per --methods setting: cross-entropy, KL to clean, loss recovered, standard errors
+  sae_quality   per SAE, SAELens run_evals names (l0, explained_variance, mse, cossim, ce_loss_score, ...)
+  attribution   head attribution of every concat feature: weight, encoder, DFA on top tokens, decomposition
+  faithfulness  how well each sparse z-space decomposition predicts the concat feature's activation
+  analyses      decoder norms, ranks, head-output interference, W_O carry, mixed-feature interference
+Per-head SAEs trained on inputs scaled by an unsaved factor get it re-estimated on the evaluation tokens and folded.
+"""
+
 # Only the package's own input errors and the operating system's file errors are the user's to fix; any other
 # exception is a bug and keeps its traceback.
 USER_ERRORS = (InputError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
@@ -96,6 +107,18 @@ def _params(args: argparse.Namespace) -> dict:
         raise InputError(message) from None
 
 
+def _add_sae_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--concat-sae", required=True,
+                   help="concat SAE: a local Kissane {version}.pt/_cfg.json folder or file, SAELens folder or "
+                        "legacy run, or a hub reference (see below)")
+    p.add_argument("--concat-version", help="Kissane version name, when the folder holds several pairs")
+    p.add_argument("--head-saes", nargs="+", required=True, metavar="SOURCE",
+                   help="one checkpoint per head (legacy SAELens run / checkpoint / SAE folders, SAELens folders, "
+                        "or hub references)")
+    p.add_argument("--head-index-map", help="comma-separated head index of each --head-saes source, in order "
+                                            "(checked against each checkpoint's config), e.g. 0,1,2,3,4,5,6,7")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparsedecomp",
@@ -107,19 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the full decomposition on the bundled demo model and SAEs",
                           epilog=METHOD_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_argument("--artifacts", type=Path, default=None, help=argparse.SUPPRESS)
+    demo.add_argument("--eval-contexts", type=int, default=DEMO_EVAL_CONTEXTS,
+                      help=f"held-out contexts (128 tokens each) the evaluation report runs on (default "
+                           f"{DEMO_EVAL_CONTEXTS}; up to 954)")
+    demo.add_argument("--no-evaluate", action="store_true",
+                      help="only decompose: skip the evaluation report (DIR/evaluation/)")
     _add_solver_args(demo)
 
     dec = sub.add_parser("decompose", help="decompose a real concat SAE into real per-head SAEs",
                          epilog=METHOD_HELP + SOURCE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    dec.add_argument("--concat-sae", required=True,
-                     help="concat SAE: a local Kissane {version}.pt/_cfg.json folder or file, SAELens folder or "
-                          "legacy run, or a hub reference (see below)")
-    dec.add_argument("--concat-version", help="Kissane version name, when the folder holds several pairs")
-    dec.add_argument("--head-saes", nargs="+", required=True, metavar="SOURCE",
-                     help="one checkpoint per head (legacy SAELens run / checkpoint / SAE folders, SAELens folders, "
-                          "or hub references)")
-    dec.add_argument("--head-index-map", help="comma-separated head index of each --head-saes source, in order "
-                                              "(checked against each checkpoint's config), e.g. 0,1,2,3,4,5,6,7")
+    _add_sae_args(dec)
     dec.add_argument("--model", help="TransformerLens model name (e.g. gelu-2l; loaded with from_pretrained's "
                                      "default processing flags) or a local model folder (loaded with the flags it "
                                      "records), for W_O and input-scale estimation; must be the SAEs' model")
@@ -127,6 +147,35 @@ def build_parser() -> argparse.ArgumentParser:
                      help="safetensors/pt file with a 'tokens' [batch, pos] tensor (BOS first) to re-estimate the "
                           "per-head input scales on --model")
     _add_solver_args(dec)
+
+    ev = sub.add_parser("evaluate", help="evaluate per-head SAEs, the concat SAE and decompositions on the model",
+                        epilog=EVALUATE_HELP + SOURCE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_sae_args(ev)
+    ev.add_argument("--model", required=True, help="TransformerLens model name (e.g. gelu-2l) or a local model "
+                                                    "folder; must be the SAEs' model, processed as in their training")
+    source = ev.add_mutually_exclusive_group(required=True)
+    source.add_argument("--tokens", type=Path, help="safetensors/pt file with a 'tokens' [batch, pos] tensor")
+    source.add_argument("--dataset", help="Hugging Face dataset name or local dataset folder (pre-tokenised "
+                                          "'tokens'/'input_ids' column, or text with the model's tokenizer)")
+    ev.add_argument("--split", default="train", help="dataset split (default train)")
+    ev.add_argument("--column", help="dataset column (default: tokens / input_ids / text, the first present)")
+    ev.add_argument("--context-size", type=int, help="tokens per context (default: the SAEs' recorded context_size, "
+                                                     "else the model's n_ctx)")
+    ev.add_argument("--n-contexts", type=int, default=64, help="contexts to evaluate on (default 64)")
+    ev.add_argument("--skip-contexts", type=int, default=0, help="dataset contexts to skip first (default 0)")
+    bos = ev.add_mutually_exclusive_group()
+    bos.add_argument("--prepend-bos", dest="prepend_bos", action="store_true", default=None,
+                     help="put BOS at position 0 of every dataset context (default: the SAEs' recorded prepend_bos, "
+                          "else on)")
+    bos.add_argument("--no-prepend-bos", dest="prepend_bos", action="store_false")
+    ev.add_argument("--bos-token-id", type=int, help="BOS token id (default: the model tokenizer's)")
+    ev.add_argument("--methods", nargs="+", metavar="SETTING", default=None,
+                    help="decompositions to route and compare: METHOD[:NAME=VALUE,...][@residual] (default: pinv "
+                         "nn_omp:n_nonzero=16,tol=0.01 nn_lasso:alpha=0.2)")
+    ev.add_argument("--top-k", type=int, default=20, help="top-activating tokens per feature for DFA (default 20)")
+    ev.add_argument("--out", type=str, required=True,
+                    help="output folder: new, empty, or an earlier run's (report.json, report.html, plotly.min.js)")
+    ev.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
 
@@ -148,6 +197,9 @@ def run_demo(args: argparse.Namespace) -> int:
     params = _params(args)
     features = parse_features(args.features)
     check_output_folder(args.out)
+    _positive(args.eval_contexts, "--eval-contexts")
+    if not args.no_evaluate:
+        check_output_folder(Path(args.out) / "evaluation")
     from .demo import load_demo_world
     from .pipeline import run_decomposition
 
@@ -170,6 +222,17 @@ def run_demo(args: argparse.Namespace) -> int:
                                title="Demo: per-head decomposition of concat-SAE features", context=context,
                                progress=not args.no_progress, command="demo", features=features)
     _print_result(result, time.time() - t0)
+    if not args.no_evaluate:
+        from .demo import demo_tokens
+        from .evaluation_run import run_evaluation
+
+        tokens = demo_tokens(args.eval_contexts, args.artifacts)
+        print(f"evaluating on {tokens.n_tokens:,} held-out tokens ({tokens.n_contexts} contexts) ...", flush=True)
+        t1 = time.time()
+        run = run_evaluation(world.model, tokens, world.head_saes, world.concat_sae,
+                             out_dir=Path(args.out) / "evaluation", context=context, command="demo",
+                             title="Demo: evaluation of per-head and concat SAEs", progress=not args.no_progress)
+        _print_evaluation(run, time.time() - t1)
     return 0
 
 
@@ -208,19 +271,10 @@ def _check_tokens_fit(tokens, d_vocab: int, path: str) -> None:
                          f"{d_vocab} tokens: these tokens are not for this model")
 
 
-def run_decompose(args: argparse.Namespace) -> int:
-    from .loading import (InputScaleWarning, check_compatible, check_model_matches, estimate_head_scales_from_model,
-                          fold_head_scales, load_head_saes, load_model, load_sae)
-    from .pipeline import run_decomposition
+def _load_saes(args: argparse.Namespace):
+    """The concat SAE and the per-head SAEs named on the command line, checked against each other."""
+    from .loading import check_compatible, load_head_saes, load_sae
 
-    params = _params(args)
-    features = parse_features(args.features)
-    check_output_folder(args.out)
-    if args.tokens is not None and not args.model:
-        raise InputError("--tokens needs --model: input scales are estimated on the model's hook_z")
-    # Read the tokens before anything large loads, so a bad file fails in a second, not after the model.
-    tokens = _load_tokens(args.tokens) if args.tokens is not None else None
-    t0 = time.time()
     sources: dict | list = list(args.head_saes)
     if args.head_index_map:
         try:
@@ -235,20 +289,53 @@ def run_decompose(args: argparse.Namespace) -> int:
     head_saes = load_head_saes(sources)
     print(f"concat SAE: {concat.describe()}\nhead SAEs: {head_saes.describe()}", flush=True)
     check_compatible(concat, head_saes)  # before the model loads
+    return concat, head_saes
+
+
+def _load_model_for(model_name: str, concat, head_saes):
+    """The model (a local folder with the flags it records, a hub name with from_pretrained's), checked to be the
+    SAEs' model."""
+    from .loading import check_model_matches, load_model
+
+    loaded = load_model(model_name, flags=None)
+    check_model_matches(loaded.name, concat, head_saes)
+    return loaded
+
+
+def _fold_scales(loaded, tokens, head_saes, context: dict):
+    """Re-estimate and fold the input scales of the heads that need one, on ``tokens``; recorded in ``context``."""
+    from .loading import estimate_head_scales_from_model, fold_head_scales
+
+    if not head_saes.heads_needing_input_scale:
+        return head_saes
+    scales = estimate_head_scales_from_model(loaded, list(tokens.split(8)), layer=head_saes.layer)
+    context["head_scale_estimate"] = scales.description
+    return fold_head_scales(head_saes, scales)
+
+
+def run_decompose(args: argparse.Namespace) -> int:
+    from .loading import InputScaleWarning
+    from .pipeline import run_decomposition
+
+    params = _params(args)
+    features = parse_features(args.features)
+    check_output_folder(args.out)
+    if args.tokens is not None and not args.model:
+        raise InputError("--tokens needs --model: input scales are estimated on the model's hook_z")
+    # Read the tokens before anything large loads, so a bad file fails in a second, not after the model.
+    tokens = _load_tokens(args.tokens) if args.tokens is not None else None
+    t0 = time.time()
+    concat, head_saes = _load_saes(args)
     context = {"concat_sae": concat.describe(), "head_saes": head_saes.describe()}
     W_O = None
     if args.model:
-        # A local folder is loaded with the processing flags it records; a hub name with from_pretrained's.
-        loaded = load_model(args.model, flags=None)
-        check_model_matches(loaded.name, concat, head_saes)
+        loaded = _load_model_for(args.model, concat, head_saes)
         if tokens is not None:
             _check_tokens_fit(tokens, loaded.model.cfg.d_vocab, args.tokens)
         W_O = loaded.model.W_O[concat.require_hook("reading W_O from --model")[1]].detach()
         context["model"] = loaded.describe()
-        if tokens is not None and head_saes.heads_needing_input_scale:
-            scales = estimate_head_scales_from_model(loaded, list(tokens.split(8)), layer=head_saes.layer)
-            head_saes = fold_head_scales(head_saes, scales)
-            context["head_scale_estimate"] = scales.description
+        if tokens is not None:
+            head_saes = _fold_scales(loaded, tokens, head_saes, context)
     with warnings.catch_warnings():
         if head_saes.heads_needing_input_scale:
             print(f"note: heads {list(head_saes.heads_needing_input_scale)} were trained on inputs scaled by a factor "
@@ -263,12 +350,105 @@ def run_decompose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings(specs: Sequence[str] | None):
+    """The ``--methods`` settings, each checked by building its solver (so a typo fails before anything loads)."""
+    from .evaluation_run import DEFAULT_SETTINGS
+    from .pipeline import solver_params
+    from .solver_settings import parse_solver_setting, unique_labels
+
+    settings = list(DEFAULT_SETTINGS) if not specs else [parse_solver_setting(spec) for spec in specs]
+    for setting in settings:
+        try:
+            solver_params(setting.method, setting.params)
+        except InputError as err:
+            raise InputError(f"--methods {setting.label}: {err}") from None
+    return unique_labels(settings)
+
+
+def _positive(value: int, flag: str, *, allow_zero: bool = False) -> int:
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        raise InputError(f"{flag} must be a {'non-negative' if allow_zero else 'positive'} integer, got {value}")
+    return value
+
+
+def _evaluation_tokens(args: argparse.Namespace, loaded, head_saes):
+    """The evaluation contexts: the --tokens file, or --dataset packed with the SAEs' recorded context size and BOS
+    setting unless given."""
+    from .loading.tokens import load_dataset_tokens, load_tokens_file
+
+    model = loaded.model
+    if args.tokens is not None:
+        try:
+            tokens = load_tokens_file(args.tokens)
+        except InputError as err:
+            raise InputError(f"--tokens: {err}") from None
+        _check_tokens_fit(tokens.tokens, model.cfg.d_vocab, args.tokens)
+        return tokens.first(args.n_contexts)
+    recorded = {}
+    for sae in head_saes:
+        config = sae.provenance.get("config") or {}
+        for key in ("context_size", "prepend_bos", "dataset_path"):
+            if key in config and key not in recorded:
+                recorded[key] = config[key]
+    context_size = args.context_size or recorded.get("context_size") or model.cfg.n_ctx
+    prepend_bos = args.prepend_bos if args.prepend_bos is not None else bool(recorded.get("prepend_bos", True))
+    tokenizer = getattr(model, "tokenizer", None)
+    bos = args.bos_token_id if args.bos_token_id is not None else getattr(tokenizer, "bos_token_id", None)
+    tokens = load_dataset_tokens(args.dataset, context_size=int(context_size), n_contexts=args.n_contexts,
+                                 split=args.split, column=args.column, prepend_bos=prepend_bos, bos_token_id=bos,
+                                 tokenizer=tokenizer, skip_contexts=args.skip_contexts)
+    _check_tokens_fit(tokens.tokens, model.cfg.d_vocab, args.dataset)
+    return tokens
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation_run import run_evaluation
+
+    settings = _settings(args.methods)
+    _positive(args.n_contexts, "--n-contexts")
+    _positive(args.skip_contexts, "--skip-contexts", allow_zero=True)
+    _positive(args.context_size, "--context-size")
+    _positive(args.top_k, "--top-k")
+    check_output_folder(args.out)
+    if args.tokens is not None and not args.tokens.is_file():
+        raise InputError(f"--tokens: no file at {args.tokens}")
+    t0 = time.time()
+    concat, head_saes = _load_saes(args)
+    loaded = _load_model_for(args.model, concat, head_saes)
+    tokens = _evaluation_tokens(args, loaded, head_saes)
+    print(f"tokens: {tokens.n_contexts} contexts x {tokens.context_size} ({tokens.source}; BOS first: "
+          f"{tokens.bos_token_id is not None})", flush=True)
+    context = {"model": loaded.describe(), "concat_sae": concat.describe(), "head_saes": head_saes.describe()}
+    head_saes = _fold_scales(loaded, tokens.tokens, head_saes, context)
+    run = run_evaluation(loaded, tokens, head_saes, concat, out_dir=args.out, settings=settings, context=context,
+                         top_k=args.top_k, progress=not args.no_progress, title="Evaluation of per-head and concat SAEs")
+    _print_evaluation(run, time.time() - t0)
+    return 0
+
+
+def _print_evaluation(run, elapsed: float) -> None:
+    report = run.evaluation.report
+    for name in ("clean", "zero_layer", "concat_sae", "all_head_saes",
+                 *[n for n in report.splice if n.startswith("routed_")]):
+        r = report.splice.get(name)
+        if r is not None:
+            score = "" if r.score is None else f", loss recovered {fmt(r.score, '.3f')} ± {fmt(r.score_stderr, '.3f')}"
+            print(f"  {name:<40} CE {r.ce_loss:.4f} ± {fmt(r.ce_loss_stderr, '.4f')}, KL {r.kl:.4f}{score}")
+    for label, check in report.decompositions.items():
+        if check.exact_expected:
+            print(f"  consistency: routing through {label} reproduces the concat SAE "
+                  f"({'yes' if check.consistent else 'NO'}, routing error {check.routing_error:.2g})")
+    print(f"wrote {run.report_path} and {run.html_path} in {elapsed:.1f}s")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
             return run_demo(args)
+        if args.command == "evaluate":
+            return run_evaluate(args)
         return run_decompose(args)
     except USER_ERRORS as err:
         print(f"sparsedecomp {args.command}: error: {err}", file=sys.stderr)

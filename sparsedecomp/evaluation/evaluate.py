@@ -36,6 +36,7 @@ from .analyses import (DecoderNormsReport, HeadOutputCosineAccumulator, HeadOutp
                        OutputSubspaceCarry, RankReport, decoder_norms, dictionary_ranks, mixed_feature_interference,
                        model_saes, output_subspace_carry)
 from .attribution import AttributionReport, DFAAccumulator, HeadAttribution, head_attribution
+from .metrics import l0
 from .faithfulness import Faithfulness, FaithfulnessAccumulator, FaithfulnessReport
 from .routing import RoutedDecoder, route_decomposition, routing_error
 from .sae_quality import SAEQuality, sae_quality_accumulators, with_downstream
@@ -44,6 +45,10 @@ from .splice import SpliceResult, SpliceAccumulator, splice_variants
 REPORT_FORMAT = "sparsedecomp-evaluation/1"
 # Largest routing error (relative, max-abs) of an exact z-space pinv routing that still counts as exact.
 EXACT_ROUTING_TOLERANCE = 1e-4
+# Faithfulness asks how well the per-head features a decomposition *picks* predict the concat feature; a dense code
+# (pinv, nnls: hundreds to thousands of atoms a feature) picks everything, and at gelu-2l size its codes alone take
+# gigabytes. Settings above this mean L0 are listed as skipped, with the reason.
+FAITHFULNESS_MAX_MEAN_L0 = 256
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,7 @@ class EvaluationReport:
     splice: Mapping[str, SpliceResult]
     attribution: AttributionReport
     faithfulness: Mapping[str, FaithfulnessReport]
+    faithfulness_skipped: Mapping[str, str]
     analyses: AnalysesReport
     timings_s: Mapping[str, float]
 
@@ -157,7 +163,16 @@ def evaluate(model: Any, tokens: Any, head_saes: HeadSAEs, concat_sae: SAE, *,
     log(f"weight analyses and routing done ({timings['weight_analyses'] + timings['routing']:.1f}s)")
 
     start = time.time()
-    z_space = {label: dec for label, dec in decompositions.items() if routed[label].space == "z"}
+    z_space, skipped = {}, {}
+    for label, dec in decompositions.items():
+        mean_l0 = float(l0(dec.codes).double().mean())
+        if routed[label].space != "z":
+            skipped[label] = "solved in the residual space (the predictor needs codes on unit z atoms)"
+        elif mean_l0 > FAITHFULNESS_MAX_MEAN_L0:
+            skipped[label] = (f"dense codes (mean L0 {mean_l0:.0f} > {FAITHFULNESS_MAX_MEAN_L0}): faithfulness asks how "
+                              "well the per-head features a decomposition picks predict the feature")
+        else:
+            z_space[label] = dec
     quality = sae_quality_accumulators(head_saes, concat_sae)
     first_pass = {**{f"quality:{name}": acc for name, acc in quality.items()},
                   "mean_z": MeanAccumulator(),
@@ -188,7 +203,7 @@ def evaluate(model: Any, tokens: Any, head_saes: HeadSAEs, concat_sae: SAE, *,
         format=REPORT_FORMAT, title=title, context=dict(context or {}), tokens=token_info,
         hook_name=f"blocks.{layer}.attn.hook_z", n_heads=n_heads, d_head=d_head, decompositions=checks,
         sae_quality=sae_quality, splice=dict(splice.results), attribution=attribution.report(top_n=top_n),
-        faithfulness={label: f.report() for label, f in faithfulness.items()},
+        faithfulness={label: f.report() for label, f in faithfulness.items()}, faithfulness_skipped=skipped,
         analyses=AnalysesReport(head_output_cosines=stats["head_output_cosines"], **analyses_weights),
         timings_s={})
     timings["summaries"] = time.time() - start
