@@ -81,7 +81,7 @@ def run_evaluation(model: Any, tokens: Any, head_saes: Any, concat_sae: Any, *, 
                                         progress=progress, log=log)
     elapsed_decompose = time.time() - start
     evaluation = evaluate(model, tokens, head_saes, concat_sae, decompositions=decompositions, title=title,
-                          context={**dict(context or {}), "settings": [s.describe() for s in settings]},
+                          context=context,
                           top_k=top_k, progress=progress, log=log)
     report = evaluation.report
     report_json = to_jsonable(report)

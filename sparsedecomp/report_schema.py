@@ -47,7 +47,7 @@ def _nested_paths(tp: Any, path: str) -> list[str]:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is tuple or origin is list:
         return _nested_paths(args[0], f"{path}[]")
-    if origin is not None and issubclass(origin, Mapping):
+    if isinstance(origin, type) and issubclass(origin, Mapping):
         return [f"{path}.*", *_nested_paths(args[1], f"{path}.*")]
     return []
 
@@ -101,7 +101,7 @@ def _read(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, list):
             raise InputError(f"{path} must be a list, got {type(value).__name__}")
         return tuple(_read(args[0], item, f"{path}[{i}]") for i, item in enumerate(value))
-    if origin is not None and issubclass(origin, Mapping):
+    if isinstance(origin, type) and issubclass(origin, Mapping):
         if not isinstance(value, Mapping):
             raise InputError(f"{path} must be an object, got {type(value).__name__}")
         return {key: _read(args[1], item, f"{path}.{key}") for key, item in value.items()}

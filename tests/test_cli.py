@@ -213,7 +213,7 @@ def test_help_is_fast_and_module_entry_point_works():
 
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--no-progress"]) == 0
+    assert main(["demo", "--out", str(out), "--no-progress", "--eval-contexts", "8"]) == 0
     summary = read_report(out / "summary.json")
     z = summary.results["z"]
     assert summary.n_targets == len(z.features) == 2048
@@ -240,6 +240,12 @@ def test_demo_end_to_end(tmp_path, capsys):
     for line in summary.context.values():
         assert html_escape(str(line).split(";")[0]) in html
     assert "wrote" in capsys.readouterr().out
+    # ... and the evaluation report of the same world beside it, on the held-out tokens asked for.
+    report = json.loads((out / "evaluation" / "report.json").read_text())
+    assert report["tokens"]["n_contexts"] == 8 and report["tokens"]["kind"] == "demo"
+    assert report["decompositions"]["pinv"]["consistent"] is True
+    assert {"concat_sae", "routed_pinv", "all_head_saes", "mean_layer"} <= set(report["splice"])
+    assert json.loads((out / "evaluation" / "manifest.json").read_text())["command"] == "demo"
 
 
 def test_decompose_on_local_demo_artifacts_with_a_local_model_then_rerun_in_place(tmp_path):

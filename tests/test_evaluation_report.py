@@ -1,0 +1,119 @@
+"""The evaluation report end to end, on an offline gelu-2l-shaped stand-in in the real on-disk layouts: the
+documented keys, the command line, the built-in consistency check and the self-contained page."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from benchmarks.standins import TINY, write_standin
+from sparsedecomp.cli import main
+from sparsedecomp.evaluation.evaluate import EvaluationReport
+from sparsedecomp.report_schema import key_paths
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "evaluation.md"
+
+
+def documented_keys() -> list[str]:
+    section = DOCS.read_text().split("## report.json", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^\| `([^`]+)` \|", section, flags=re.MULTILINE)
+
+
+def file_key_paths(data, documented: set[str]) -> set[str]:
+    """Key paths of a report.json, any key of a documented mapping written ``*``; below a ``*`` that has no documented
+    children (free-form values such as a solver's parameters) nothing is walked."""
+    found: set[str] = set()
+
+    def walk(value, path):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                named = f"{path}.{key}" if path else key
+                child = named if named in documented or f"{path}.*" not in documented else f"{path}.*"
+                found.add(child)
+                if child.endswith("*") and not any(d.startswith(child + ".") or d.startswith(child + "[")
+                                                   for d in documented):
+                    continue
+                walk(item, child)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item, f"{path}[]")
+
+    walk(data, "")
+    return found
+
+
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory):
+    return write_standin(tmp_path_factory.mktemp("standin"), config=TINY, head_d_sae=48, concat_d_sae=128, n_rows=6)
+
+
+@pytest.fixture(scope="module")
+def evaluated(standin, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "out"
+    code = main(["evaluate", "--concat-sae", str(standin.concat_dir), "--concat-version", standin.concat_version,
+                 "--head-saes", *map(str, standin.head_runs), "--model", str(standin.model_dir),
+                 "--dataset", str(standin.dataset_dir), "--n-contexts", "4", "--bos-token-id", "0",
+                 "--methods", "pinv", "nn_omp:n_nonzero=4", "nn_lasso:alpha=0.3@residual",
+                 "--out", str(out), "--no-progress"])
+    assert code == 0
+    return out
+
+
+def test_documented_keys_are_the_reports_keys_in_order():
+    assert documented_keys() == list(key_paths(EvaluationReport))
+
+
+def test_written_report_has_exactly_the_documented_keys(evaluated):
+    documented = set(documented_keys())
+    data = json.loads((evaluated / "report.json").read_text())
+    found = file_key_paths(data, documented)
+    assert found <= documented, sorted(found - documented)
+    # every documented key is written by this run (a z-space sparse setting gives faithfulness, pinv a skipped one)
+    assert found == documented, sorted(documented - found)
+
+
+def test_report_holds_every_splice_variant_and_passes_the_consistency_check(evaluated):
+    data = json.loads((evaluated / "report.json").read_text())
+    heads = range(8)
+    expected = ["clean", *[f"zero_head_{h}" for h in heads], "zero_layer", "mean_layer",
+                *[f"head_sae_{h}" for h in heads], "all_head_saes", "concat_sae", "routed_pinv",
+                "routed_nn_omp_n_nonzero4", "routed_nn_lasso_alpha0.3_residual"]
+    assert list(data["splice"]) == expected
+    splice = data["splice"]
+    assert data["decompositions"]["pinv"]["consistent"] is True
+    assert splice["routed_pinv"]["ce_loss"] == pytest.approx(splice["concat_sae"]["ce_loss"], abs=1e-5)
+    assert splice["routed_nn_lasso_alpha0.3_residual"]["setting"]["params"]["alpha"] == 0.3
+    assert data["decompositions"]["nn_lasso_alpha0.3_residual"]["space"] == "residual"
+    # SAELens's downstream keys come from the splice-in losses of the same run
+    q = data["sae_quality"]["head_3"]
+    assert q["ce_loss_with_sae"] == splice["head_sae_3"]["ce_loss"]
+    assert q["ce_loss_with_ablation"] == splice["zero_head_3"]["ce_loss"]
+    assert data["sae_quality"]["concat"]["ce_loss_with_ablation"] == splice["zero_layer"]["ce_loss"]
+    assert set(data["faithfulness"]) == {"nn_omp_n_nonzero4"}
+    assert set(data["faithfulness_skipped"]) == {"pinv", "nn_lasso_alpha0.3_residual"}
+    assert data["tokens"]["starts_with_bos"] is True and data["tokens"]["context_size"] == TINY["n_ctx"]
+    assert "head_scale_estimate" in data["context"]
+
+
+def test_page_is_self_contained_with_plotly_beside_it(evaluated):
+    page = (evaluated / "report.html").read_text()
+    assert '<script src="plotly.min.js"></script>' in page
+    assert (evaluated / "plotly.min.js").stat().st_size > 1_000_000
+    assert not re.search(r"""(src|href)=["']https?:""", page)
+    assert page.count('class="plotly-graph-div"') == 11
+    manifest = json.loads((evaluated / "manifest.json").read_text())
+    assert manifest["complete"] and set(manifest["files"]) == {"report.json", "report.html", "plotly.min.js"}
+
+
+def test_bad_settings_and_token_sources_are_refused_before_loading(standin, tmp_path, capsys):
+    base = ["evaluate", "--concat-sae", str(standin.concat_dir), "--head-saes", str(standin.head_runs[0]),
+            "--model", str(standin.model_dir), "--out", str(tmp_path / "o")]
+    assert main([*base, "--tokens", str(tmp_path / "missing.safetensors")]) == 2
+    assert "--tokens: no file" in capsys.readouterr().err
+    assert main([*base, "--dataset", "x", "--methods", "nn_omp:n_nonzero=abc"]) == 2
+    assert "not a number" in capsys.readouterr().err
+    assert main([*base, "--dataset", "x", "--methods", "omp:bogus=1"]) == 2
+    assert "--methods omp_bogus1" in capsys.readouterr().err
+    assert main([*base, "--dataset", "x", "--n-contexts", "0"]) == 2
+    assert "--n-contexts must be a positive" in capsys.readouterr().err
