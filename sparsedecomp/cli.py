@@ -176,6 +176,32 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", type=str, required=True,
                     help="output folder: new, empty, or an earlier run's (report.json, report.html, plotly.min.js)")
     ev.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    seed = sub.add_parser("reproduce-seed", help="reproduce the research notebook's numbers (heads or kissane)",
+                          description="Reproduce the seed notebook's numbers with this package, beside the seed's "
+                                      "(see docs/evaluation.md, 'Reproducing the seed').")
+    parts = seed.add_subparsers(dest="part", required=True)
+    heads = parts.add_parser("heads", help="per-head SAEs on gelu-2l: cross-entropy clean / spliced / zeroed, "
+                                           "decoder norms, ranks")
+    heads.add_argument("--head-saes", nargs="+", required=True, metavar="SOURCE",
+                       help="the per-head SAE runs (the seed's checkpoints/<wandb_id> folders), one per head")
+    heads.add_argument("--head-index-map", help="comma-separated head index of each --head-saes source")
+    heads.add_argument("--head", type=int, default=0, help="the head whose SAE is spliced in (the seed: 0)")
+    heads.add_argument("--model", default="gelu-2l", help="model name or local folder (default gelu-2l)")
+    heads.add_argument("--dataset", help="dataset name or local folder (default: the SAEs' recorded dataset_path, "
+                                         "else NeelNanda/c4-code-tokenized-2b)")
+    heads.add_argument("--split", default="train", help="dataset split (default train)")
+    heads.add_argument("--column", help="dataset column (default: tokens / input_ids / text)")
+    heads.add_argument("--n-contexts", type=int, default=32, help="contexts for the many-context estimate (32)")
+    heads.add_argument("--bos-token-id", type=int, help="BOS token id (default: the model tokenizer's)")
+    heads.add_argument("--out", required=True, help="output folder (seed.json)")
+    heads.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    kissane = parts.add_parser("kissane", help="Kissane et al.'s concat SAE: decoder rank, feature 99's head shares")
+    kissane.add_argument("--concat-sae", default=None, help="the concat SAE (default: the seed's run on the hub, "
+                                                            "hf://ckkissane/tinystories-1M-SAES/.../..._v78)")
+    kissane.add_argument("--concat-version", help="Kissane version name, when the folder holds several pairs")
+    kissane.add_argument("--feature", type=int, default=99, help="the feature (the seed: 99)")
+    kissane.add_argument("--out", required=True, help="output folder (seed.json)")
     return parser
 
 
@@ -441,6 +467,59 @@ def _print_evaluation(run, elapsed: float) -> None:
     print(f"wrote {run.report_path} and {run.html_path} in {elapsed:.1f}s")
 
 
+def run_reproduce_seed(args: argparse.Namespace) -> int:
+    from . import seed_reproduction as seed
+    from .evaluation.jsonable import to_jsonable
+    from .outputs import RunWriter
+
+    check_output_folder(args.out)
+    if args.part == "kissane":
+        from .loading import load_sae
+
+        source = args.concat_sae or seed.SEED_KISSANE_SOURCE
+        result = seed.reproduce_kissane(load_sae(source, version=args.concat_version), feature=args.feature)
+        print(f"{result.sae}\n  decoder rank {result.rank} (seed {result.seed['rank']})")
+        print(f"  feature {result.feature} (norm {result.feature_norm:.2f}) squared-norm share per head:")
+        print("    ours: " + " ".join(f"{v:.2f}" for v in result.squared_shares))
+        print("    seed: " + " ".join(f"{v:.2f}" for v in seed.SEED_FEATURE_SHARES))
+    else:
+        _positive(args.n_contexts, "--n-contexts")
+        args.concat_sae, args.concat_version = None, None
+        from .loading import load_head_saes, load_model
+
+        sources = list(args.head_saes)
+        if args.head_index_map:
+            sources = dict(zip([int(h) for h in args.head_index_map.split(",")], sources))
+        head_saes = load_head_saes(sources)
+        loaded = load_model(args.model, flags=None)
+        args.tokens, args.context_size, args.prepend_bos, args.skip_contexts = None, None, None, 0
+        recorded = {k: v for sae in head_saes for k, v in (sae.provenance.get("config") or {}).items()}
+        args.dataset = args.dataset or recorded.get("dataset_path") or seed.SEED_DATASET
+        tokens = _evaluation_tokens(args, loaded, head_saes)
+        print(f"tokens: {tokens.n_contexts} contexts x {tokens.context_size} from {tokens.source}", flush=True)
+        result = seed.reproduce_heads(loaded, head_saes, tokens, head=args.head, progress=not args.no_progress)
+        print(f"head {result.head}: cross-entropy clean / spliced / zeroed (nats; ± s.e. over contexts)")
+        print(f"  seed (one context, SAE on raw z):   {seed.SEED_CE['clean']:.3f} / {seed.SEED_CE['spliced']:.3f} / "
+              f"{seed.SEED_CE['zeroed']:.3f}")
+        for where, table in (("one context", result.one_context), (f"{tokens.n_contexts} contexts", result.many_contexts)):
+            for name, ce in table.items():
+                print(f"  {where}, {name:<19} {ce.clean:.3f}{_pm(ce.clean_stderr)} / {ce.spliced:.3f}"
+                      f"{_pm(ce.spliced_stderr)} / {ce.zeroed:.3f}{_pm(ce.zeroed_stderr)}")
+        print(f"  the seed's set-up: {result.seed_setup}")
+        norms = ", ".join(f"{name} {value:.4f}" for name, value in result.mean_decoder_norm_training_units.items())
+        print(f"mean decoder norm, training units (seed head 0: {seed.SEED_MEAN_DECODER_NORM}): {norms}")
+        print(f"ranks: heads {sorted(set(result.head_ranks.values()))} (seed {seed.SEED_HEAD_RANK}), block dictionary "
+              f"{result.block_rank} (seed {seed.SEED_BLOCK_RANK})")
+    with RunWriter(args.out, command=f"reproduce-seed {args.part}") as writer:
+        path = writer.write_json("seed.json", to_jsonable(result))
+    print(f"wrote {path}")
+    return 0
+
+
+def _pm(stderr: float | None) -> str:
+    return "" if stderr is None else f" ± {stderr:.3f}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -449,6 +528,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(args)
         if args.command == "evaluate":
             return run_evaluate(args)
+        if args.command == "reproduce-seed":
+            return run_reproduce_seed(args)
         return run_decompose(args)
     except USER_ERRORS as err:
         print(f"sparsedecomp {args.command}: error: {err}", file=sys.stderr)
