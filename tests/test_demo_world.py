@@ -152,55 +152,6 @@ def test_quality_bars_hold_when_recomputed_on_all_heldout_tokens(report):
     assert together["recovered"] >= quality.MIN_SPLICE_SCORE
 
 
-def _sae(W_enc, W_dec, b_enc=None, b_dec=None):
-    from sparsedecomp.loading import SAE
-
-    d, m = W_enc.shape
-    return SAE(W_enc=W_enc, b_enc=torch.zeros(m) if b_enc is None else b_enc, W_dec=W_dec,
-               b_dec=torch.zeros(d) if b_dec is None else b_dec, apply_b_dec_to_input=False,
-               hook_name="blocks.0.attn.hook_z", layer=0, head=0, model_name="test")
-
-
-def test_sae_statistics_match_saelens_explained_variance():
-    from sae_lens.evals import ExplainedVarianceCalculator
-
-    g = torch.Generator().manual_seed(0)
-    d, n = 6, 9000  # more rows than one chunk of quality._stats
-    x = torch.randn(n, d, generator=g) * torch.linspace(0.5, 3, d) + 4.0  # a large mean: centring matters
-    # A shrunken copy of x (relu(x) - relu(-x) = x, times 0.6) plus eight random features.
-    eye = torch.eye(d)
-    sae = _sae(torch.cat([eye, -eye, torch.randn(d, 8, generator=g) / d], 1),
-               torch.cat([0.6 * eye, -0.6 * eye, torch.randn(8, d, generator=g) / 3], 0),
-               b_enc=torch.cat([torch.zeros(2 * d), torch.randn(8, generator=g) - 1.0]), b_dec=0.4 * x.mean(0))
-    stats = quality._stats(sae, x)
-    x_hat = sae.decode(sae.encode(x))
-    reference = ExplainedVarianceCalculator()
-    for chunk, chunk_hat in zip(x.split(1000), x_hat.split(1000)):
-        reference.add_batch(sae_output=chunk_hat, hidden_acts=chunk)
-    assert 0.05 < reference.compute() < 0.95  # neither trivial case
-    assert stats["explained_variance"] == pytest.approx(reference.compute(), rel=1e-5)
-    assert stats["mse"] == pytest.approx(float((x - x_hat).pow(2).sum(-1).mean()), rel=1e-5)
-    active = sae.encode(x) > 0
-    assert stats["l0"] == pytest.approx(float(active.sum(-1).float().mean()), rel=1e-6)
-    assert 0 < stats["dead_fraction"] == pytest.approx(float((~active.any(0)).float().mean()))
-    assert stats["n_tokens"] == n
-
-
-def test_explained_variance_of_exact_and_mean_reconstructions():
-    x = torch.tensor([[1.0, 2.0], [3.0, -1.0], [-2.0, 0.5]]) + 10.0
-    eye = torch.eye(2)
-    exact = _sae(torch.cat([eye, -eye], 1), torch.cat([eye, -eye], 0))  # relu(x) - relu(-x) = x
-    stats = quality._stats(exact, x)
-    assert stats["explained_variance"] == pytest.approx(1.0) and stats["mse"] == pytest.approx(0.0, abs=1e-10)
-    assert stats["l0"] == 2.0 and stats["dead_fraction"] == 0.5  # x > 0: the negative halves never fire
-    # Reconstructing every token by the mean explains nothing; by zero, less than nothing (the mean is large).
-    zeros = torch.zeros(2, 2)
-    assert quality._stats(_sae(zeros, zeros, b_dec=x.mean(0)), x)["explained_variance"] == pytest.approx(0.0, abs=1e-6)
-    assert quality._stats(_sae(zeros, zeros), x)["explained_variance"] < -10
-    # SAELens's convention for inputs that do not vary.
-    assert quality.explained_variance(0.0, 0.0) == 1.0 and quality.explained_variance(1.0, 0.0) == 0.0
-
-
 def test_unigram_cross_entropy_of_known_counts():
     eval_tokens = torch.tensor([[0, 1, 1, 2, 2]])  # predicted positions: 1, 1, 2, 2
     # Fitted on the evaluated tokens: the entropy of (1/2, 1/2).

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from ..activations import MeanAccumulator, run_accumulators
+from ..evaluation.sae_quality import sae_quality_accumulators
 from ..evaluation.splice import SpliceReport, splice_losses, splice_variants
-from .sae_training import collect_hook_z
 
 L0_RANGE = (5.0, 60.0)
 MAX_DEAD_FRACTION = 0.2
@@ -51,43 +51,14 @@ def unigram_cross_entropy(train_tokens: Tensor | None, eval_tokens: Tensor, voca
     return float(-logp[targets].mean())
 
 
-@torch.no_grad()
 def sae_statistics(world, tokens: Tensor, batch_size: int = 32) -> dict[str, dict[str, float]]:
-    """Mean L0 and dead fraction of every SAE on all positions of ``tokens``."""
-    z = collect_hook_z(world.model, tokens, layer=world.layer, batch_size=batch_size)
-    out = {}
-    for h, sae in world.head_saes.items():
-        out[f"head{h}"] = _stats(sae, z[:, h])
-    out["concat"] = _stats(world.concat_sae, z.reshape(z.shape[0], -1))
-    return out
-
-
-def _stats(sae, x: Tensor) -> dict[str, float]:
-    """Mean L0, dead fraction, ``mse`` and ``explained_variance`` (see the module docstring) of ``sae`` on the rows
-    of ``x`` (tokens)."""
-    fired = torch.zeros(sae.d_sae, dtype=torch.bool)
-    l0_sum, residual, total = 0.0, 0.0, 0.0
-    mean = x.mean(0)
-    for chunk in x.split(8192):
-        f = sae.encode(chunk)
-        active = f > 0
-        fired |= active.any(0)
-        l0_sum += float(active.sum())
-        residual += float((sae.decode(f) - chunk).pow(2).sum())
-        # E||x - E x||^2 equals E||x||^2 - ||E x||^2 and does not cancel catastrophically.
-        total += float((chunk - mean).pow(2).sum())
-    n = len(x)
-    mse, variance = residual / n, total / n
-    return {"l0": l0_sum / n, "dead_fraction": float((~fired).float().mean()), "mse": mse,
-            "explained_variance": explained_variance(mse, variance), "n_tokens": int(n)}
-
-
-def explained_variance(mse: float, variance: float) -> float:
-    """``1 - mse / variance``, with SAELens's convention for inputs that do not vary (``variance < 1e-10``): 1 if
-    they are reconstructed (``mse < 1e-10``), else 0."""
-    if variance < 1e-10:
-        return 1.0 if mse < 1e-10 else 0.0
-    return 1.0 - mse / variance
+    """Mean L0, dead fraction, ``mse`` and ``explained_variance`` of every SAE on all positions of ``tokens``, from
+    the streamed SAELens metrics (:mod:`sparsedecomp.evaluation.sae_quality`), keyed ``head<h>`` and ``concat``."""
+    accumulators = sae_quality_accumulators(world.head_saes, world.concat_sae)
+    results = run_accumulators(world.model, tokens, accumulators, layer=world.layer, batch_size=batch_size)
+    return {name.replace("head_", "head"): {"l0": q.l0, "dead_fraction": q.dead_fraction, "mse": q.mse,
+                                              "explained_variance": q.explained_variance, "n_tokens": q.n_tokens}
+            for name, q in results.items()}
 
 
 def evaluate_world(world, *, n_splice_sequences: int | None = None, batch_size: int = 32,
