@@ -1,35 +1,74 @@
-"""Evaluation of decompositions: pure per-target metric functions and their summary."""
+"""The evaluation layer: decomposition metrics, SAE quality, splice-in losses, head attribution, faithfulness and
+the research notebook's analyses, each an accumulator over the activation stream or a function of weights, with
+typed, JSON-ready reports (:func:`evaluate` composes them all).
 
-from .metrics import (
-    DecompositionMetrics,
-    cosine,
-    decomposition_metrics,
-    relative_squared_error,
-    head_columns,
-    head_mass,
-    head_mass_shares,
-    heads_for_mass,
-    l0,
-    l1,
-    relative_error,
-    summarize,
-    target_head_shares,
-    top_k_mass_share,
-)
+Names load on first use (PEP 562), so importing this package imports no plotly, transformer_lens or sae_lens.
+"""
 
-__all__ = [
-    "DecompositionMetrics",
-    "cosine",
-    "decomposition_metrics",
-    "relative_squared_error",
-    "head_columns",
-    "head_mass",
-    "head_mass_shares",
-    "heads_for_mass",
-    "l0",
-    "l1",
-    "relative_error",
-    "summarize",
-    "target_head_shares",
-    "top_k_mass_share",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "AttributionReport": ".attribution",
+    "cosine": ".metrics",
+    "decoder_norms": ".analyses",
+    "decomposition_metrics": ".metrics",
+    "DecompositionMetrics": ".metrics",
+    "DFAAccumulator": ".attribution",
+    "dictionary_ranks": ".analyses",
+    "evaluate": ".evaluate",
+    "Evaluation": ".evaluate",
+    "EvaluationReport": ".evaluate",
+    "Faithfulness": ".faithfulness",
+    "FaithfulnessAccumulator": ".faithfulness",
+    "FaithfulnessReport": ".faithfulness",
+    "head_attribution": ".attribution",
+    "head_columns": ".metrics",
+    "head_mass": ".metrics",
+    "head_mass_shares": ".metrics",
+    "HeadAttribution": ".attribution",
+    "HeadOutputCosineAccumulator": ".analyses",
+    "heads_for_mass": ".metrics",
+    "l0": ".metrics",
+    "l1": ".metrics",
+    "mixed_feature_interference": ".analyses",
+    "output_subspace_carry": ".analyses",
+    "relative_error": ".metrics",
+    "relative_squared_error": ".metrics",
+    "route_decomposition": ".routing",
+    "RoutedDecoder": ".routing",
+    "routing_error": ".routing",
+    "sae_quality_accumulators": ".sae_quality",
+    "SAEQuality": ".sae_quality",
+    "SAEQualityAccumulator": ".sae_quality",
+    "SAETopActivations": ".top_activations",
+    "select_variants": ".splice",
+    "splice_losses": ".splice",
+    "splice_variants": ".splice",
+    "SpliceAccumulator": ".splice",
+    "SpliceReport": ".splice",
+    "SpliceResult": ".splice",
+    "summarize": ".metrics",
+    "target_head_shares": ".metrics",
+    "to_jsonable": ".jsonable",
+    "top_k_mass_share": ".metrics",
+    "TopActivations": ".top_activations",
+    "TopKTracker": ".top_activations",
+    "with_downstream": ".sae_quality",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'sparsedecomp.evaluation' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
