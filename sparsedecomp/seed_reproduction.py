@@ -91,7 +91,7 @@ def reproduce_heads(model: Any, head_saes: Any, tokens: Any, *, head: int = SEED
     from .activations import hooked_transformer
     from .evaluation.analyses import decoder_norms, dictionary_ranks, model_saes
     from .evaluation.splice import splice_losses, splice_variants
-    from .loading import estimate_head_scales_from_model, fold_head_scales
+    from .loading import estimate_head_scales_from_model
     from .loading.sae import InputScaleWarning
 
     if head not in head_saes.heads:

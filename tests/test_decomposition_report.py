@@ -3,10 +3,10 @@ into the same dataclasses, and the page escapes what it shows and fetches nothin
 
 import dataclasses
 import json
-import re
 import warnings
 from pathlib import Path
 
+import doc_keys
 import pytest
 import torch
 
@@ -43,28 +43,10 @@ def _run(out, *, space="both", **kwargs):
 
 def documented_keys() -> list[str]:
     """The key paths in docs/outputs.md's summary.json table (first column, in backticks)."""
-    section = DOCS.read_text().split("## summary.json", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"^\| `([^`]+)` \|", section, flags=re.MULTILINE)
+    return doc_keys.documented_keys(DOCS, "summary.json")
 
 
-def file_key_paths(data, documented: set[str]) -> set[str]:
-    """The key paths of a summary.json, with any key of a documented mapping (``path.*``) written as ``*``; a key
-    neither documented nor under a documented mapping is kept as it is (and then fails the comparison)."""
-    found: set[str] = set()
-
-    def walk(value, path):
-        if isinstance(value, dict):
-            for key, item in value.items():
-                named = f"{path}.{key}" if path else key
-                child = named if named in documented or f"{path}.*" not in documented else f"{path}.*"
-                found.add(child)
-                walk(item, child)
-        elif isinstance(value, list):
-            for item in value:
-                walk(item, f"{path}[]")
-
-    walk(data, "")
-    return found
+file_key_paths = doc_keys.file_key_paths
 
 
 @pytest.fixture(scope="module")

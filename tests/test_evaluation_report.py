@@ -5,6 +5,7 @@ import json
 import re
 from pathlib import Path
 
+import doc_keys
 import pytest
 
 from benchmarks.standins import TINY, write_standin
@@ -16,31 +17,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "evaluation.md"
 
 
 def documented_keys() -> list[str]:
-    section = DOCS.read_text().split("## report.json", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"^\| `([^`]+)` \|", section, flags=re.MULTILINE)
-
-
-def file_key_paths(data, documented: set[str]) -> set[str]:
-    """Key paths of a report.json, any key of a documented mapping written ``*``; below a ``*`` that has no documented
-    children (free-form values such as a solver's parameters) nothing is walked."""
-    found: set[str] = set()
-
-    def walk(value, path):
-        if isinstance(value, dict):
-            for key, item in value.items():
-                named = f"{path}.{key}" if path else key
-                child = named if named in documented or f"{path}.*" not in documented else f"{path}.*"
-                found.add(child)
-                if child.endswith("*") and not any(d.startswith(child + ".") or d.startswith(child + "[")
-                                                   for d in documented):
-                    continue
-                walk(item, child)
-        elif isinstance(value, list):
-            for item in value:
-                walk(item, f"{path}[]")
-
-    walk(data, "")
-    return found
+    return doc_keys.documented_keys(DOCS, "report.json")
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +44,7 @@ def test_documented_keys_are_the_reports_keys_in_order():
 def test_written_report_has_exactly_the_documented_keys(evaluated):
     documented = set(documented_keys())
     data = json.loads((evaluated / "report.json").read_text())
-    found = file_key_paths(data, documented)
+    found = doc_keys.file_key_paths(data, documented)
     assert found <= documented, sorted(found - documented)
     # every documented key is written by this run (a z-space sparse setting gives faithfulness, pinv a skipped one)
     assert found == documented, sorted(documented - found)

@@ -24,9 +24,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-import torch
-from torch import Tensor
-
 from ..activations import DEFAULT_MEMORY_BUDGET, MeanAccumulator, check_layer, hooked_transformer, run_accumulators
 from ..decomposition import Decomposition
 from ..errors import InputError, InputTypeError
@@ -231,9 +228,4 @@ def _with_timings(report: EvaluationReport, timings: Mapping[str, float]) -> Eva
     return replace(report, timings_s={name: round(value, 3) for name, value in timings.items()})
 
 
-def tokens_tensor(tokens: Any) -> Tensor:
-    return getattr(tokens, "tokens", tokens)
-
-
 __all__ = ["AnalysesReport", "Evaluation", "EvaluationReport", "REPORT_FORMAT", "RoutingCheck", "evaluate"]
-_ = torch  # torch is imported for type names in docstrings

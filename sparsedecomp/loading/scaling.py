@@ -18,7 +18,6 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping, Sequence
 
-import torch
 from torch import Tensor
 
 from ..activations import ActivationBatch, hooked_transformer, run_accumulators
