@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-browser test-all bench clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -m "not slow and not gpu and not network and not browser" $(PYTEST_ARGS)
+
+# The pages in headless Chromium (tests/test_pages_browser.py); they skip without a browser, fail so under CI=true.
+test-browser: setup
+	$(PY) -m pytest -m browser $(PYTEST_ARGS)
 
 test-all: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
