@@ -238,7 +238,7 @@ def run_demo(args: argparse.Namespace) -> int:
     context = {"world": "sparsedecomp demo", "model": world.model.cfg.model_name, "hook": world.hook_name,
                "processing_flags": world.processing_flags.describe(),
                "head_scale_estimate": world.head_scales.description,
-               "concat_sae": str(world.concat_sae.provenance.get("source", ""))}
+               "concat_sae": world.describe()["concat_sae"]["source"]}
     if "quality" in world.report:
         from .demo.quality import describe_summary
 

@@ -243,3 +243,17 @@ def test_select_variants_keeps_clean_and_baselines(saes):
         "clean", "zero_head_3", "zero_layer", "head_sae_3", "concat_sae"]
     with pytest.raises(InputError, match="unknown splice variants"):
         select_variants(variants, ["head_sae_9"])
+
+
+def test_a_score_over_a_head_that_does_not_matter_is_marked_not_measurable(model, tokens):
+    import copy
+
+    silent = copy.deepcopy(model)
+    with torch.no_grad():
+        silent.blocks[1].attn.W_O[2] = 0  # head 2 writes nothing: zeroing it costs exactly nothing
+    report = splice_losses(silent, tokens, splice_variants(N_HEADS, D_HEAD, head_saes={h: Zero() for h in (0, 2)},
+                                                           heads=[0, 2]), layer=1)
+    assert report["zero_head_2"].ablation_effect == 0.0
+    assert report["head_sae_2"].score_measurable is False and report["head_sae_2"].score is None
+    assert report["head_sae_0"].score_measurable is True and report["head_sae_0"].score == pytest.approx(0, abs=1e-6)
+    assert report["clean"].score_measurable is None

@@ -286,6 +286,7 @@ class MatrixRank:
     n_cols: int
     rank: int
     max_rank: int
+    """The largest rank the matrix can have: ``min(n_rows, n_cols)``, at most ``d_head`` per head after ``W_O``."""
     rtol: float
     sigma_max: float
     sigma_last_kept: float | None
@@ -304,18 +305,21 @@ def default_rtol(shape: tuple[int, int], dtype: torch.dtype) -> float:
 
 
 def matrix_rank(matrix: Tensor, *, name: str, kind: str, rtol: float | None = None,
-                source_dtype: torch.dtype | None = None) -> MatrixRank:
+                source_dtype: torch.dtype | None = None, bound: int | None = None) -> MatrixRank:
     """:class:`MatrixRank` of ``matrix`` (rows normalised first). ``rtol`` defaults to :func:`default_rtol` for
     ``source_dtype`` (the dtype the weights were stored in; default ``matrix.dtype``)."""
     check_tensor(matrix, name, ndim=2)
     sigma = torch.linalg.svdvals(_unit_rows(matrix.detach().double())).cpu()
     return rank_from_singular_values(sigma, tuple(matrix.shape), name=name, kind=kind, rtol=rtol,
-                                     source_dtype=source_dtype or matrix.dtype)
+                                     source_dtype=source_dtype or matrix.dtype, bound=bound)
 
 
 def rank_from_singular_values(sigma: Tensor, shape: tuple[int, int], *, name: str, kind: str,
-                              rtol: float | None = None, source_dtype: torch.dtype = torch.float32) -> MatrixRank:
-    """:class:`MatrixRank` from the singular values ``sigma`` of a ``shape`` matrix (any order)."""
+                              rtol: float | None = None, source_dtype: torch.dtype = torch.float32,
+                              bound: int | None = None) -> MatrixRank:
+    """:class:`MatrixRank` from the singular values ``sigma`` of a ``shape`` matrix (any order); ``bound`` caps
+    ``max_rank`` below ``min(shape)`` when the matrix is a product through a narrower one (``W_dec_h @ W_O[h]``:
+    at most ``d_head``)."""
     rtol = _check_rtol(rtol)
     if rtol is None:
         rtol = default_rtol(shape, source_dtype)
@@ -328,7 +332,8 @@ def rank_from_singular_values(sigma: Tensor, shape: tuple[int, int], *, name: st
     gap = None
     if kept is not None and dropped is not None:
         gap = kept / dropped if dropped > 0 else math.inf
-    return MatrixRank(name=name, kind=kind, n_rows=shape[0], n_cols=shape[1], rank=rank, max_rank=min(shape),
+    max_rank = min(shape) if bound is None else min(min(shape), bound)
+    return MatrixRank(name=name, kind=kind, n_rows=shape[0], n_cols=shape[1], rank=rank, max_rank=max_rank,
                       rtol=rtol, sigma_max=top, sigma_last_kept=kept, sigma_first_dropped=dropped, gap=gap)
 
 
@@ -359,10 +364,10 @@ def dictionary_ranks(head_saes: HeadSAEs, concat_sae: SAE | None = None, W_O: Te
     if W_O is not None:
         W_O = check_W_O(W_O, n_heads, d_head).detach().double().to(decoders[0].device)
         mixed = [W @ W_O[h] for h, W in enumerate(decoders)]
-        entries += [matrix_rank(M, name=f"head {h} @ W_O", kind="mixed head", rtol=rtol, source_dtype=dtype)
-                    for h, M in enumerate(mixed)]
+        entries += [matrix_rank(M, name=f"head {h} @ W_O", kind="mixed head", rtol=rtol, source_dtype=dtype,
+                                bound=d_head) for h, M in enumerate(mixed)]
         entries.append(matrix_rank(torch.cat(mixed), name="all heads @ W_O", kind="mixed", rtol=rtol,
-                                   source_dtype=dtype))
+                                   source_dtype=dtype, bound=n_heads * d_head))
     return RankReport(entries=tuple(entries))
 
 

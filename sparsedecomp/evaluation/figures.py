@@ -64,8 +64,9 @@ def decoder_norms_figure(report: DecoderNormsReport, *, units: Literal["training
     title = f"Decoder norms ({units} units)"
     if skipped:
         title += f"; input scale unknown, not shown: {', '.join(skipped)}"
-    fig.update_layout(title=title, xaxis_title=UNIT_TITLES[units], yaxis_title="features", barmode="overlay",
-                      template=TEMPLATE)
+    # Log counts: one SAE's many features (the concat SAE's) would otherwise flatten every other histogram.
+    fig.update_layout(title=title, xaxis_title=UNIT_TITLES[units], yaxis_title="features (log scale)",
+                      yaxis_type="log", barmode="overlay", template=TEMPLATE)
     return fig
 
 
@@ -78,7 +79,7 @@ def ranks_figure(report: RankReport) -> go.Figure:
              for e in report.entries]
     fig = go.Figure([
         go.Bar(x=names, y=[e.rank for e in report.entries], name="numerical rank", hovertext=hover),
-        go.Bar(x=names, y=[e.max_rank for e in report.entries], name="largest possible rank min(n_rows, n_cols)"),
+        go.Bar(x=names, y=[e.max_rank for e in report.entries], name="largest possible rank"),
     ])
     fig.update_layout(title="Ranks of the dictionaries", yaxis_title="rank", barmode="group", template=TEMPLATE)
     return fig
@@ -89,12 +90,15 @@ def head_output_cosine_figure(result: HeadOutputCosines) -> go.Figure:
     first tokens (the bounded sample); right, a box per pair from the streamed statistics (quartiles estimated
     from the histogram, whiskers at the exact min and max)."""
     _require(result, HeadOutputCosines, "result")
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("First tokens", "All tokens (quartiles from bins)"))
-    for item in result.pairs:
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.45, 0.55],
+                        subplot_titles=("First tokens (click a pair in the legend to add it)",
+                                        "All tokens, one box per pair (quartiles from bins)"))
+    for k, item in enumerate(result.pairs):
         name = f"heads {item.heads[0]}-{item.heads[1]}"
-        fig.add_trace(go.Scatter(y=list(item.sample), mode="lines", line={"width": 1}, name=name, legendgroup=name),
-                      row=1, col=1)
-        fig.add_trace(_box(item.summary, name).update(legendgroup=name, showlegend=False), row=1, col=2)
+        # Every pair's line on one axis is unreadable: the first three are drawn, the others a click away.
+        fig.add_trace(go.Scatter(y=list(item.sample), mode="lines", line={"width": 1}, name=name, legendgroup=name,
+                                 visible=True if k < 3 else "legendonly"), row=1, col=1)
+        fig.add_trace(_box(item.summary, name).update(x=[name], legendgroup=name, showlegend=False), row=1, col=2)
     fig.update_layout(title=f"Cosine between heads' outputs z_h W_O[h] ({result.n_tokens} tokens)",
                       template=TEMPLATE)
     fig.update_xaxes(title_text="token", row=1, col=1)

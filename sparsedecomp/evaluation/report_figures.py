@@ -22,7 +22,8 @@ def splice_scores_figure(splice: Mapping[str, SpliceResult]) -> go.Figure:
         x=[r.name for r in scored], y=[r.score for r in scored],
         error_y={"type": "data", "array": [r.score_stderr or 0.0 for r in scored], "visible": True},
         hovertext=[f"{r.description}; against {r.score_baseline}; CE {r.ce_loss:.4f}, KL {r.kl:.4f}" for r in scored],
-        marker_color=["#d18a4a" if r.name.startswith("routed_") else "#4a7bd1" for r in scored]))
+        marker_color=["#bbbbbb" if r.score_measurable is False else "#d18a4a" if r.name.startswith("routed_")
+                      else "#4a7bd1" for r in scored]))
     fig.update_layout(template=TEMPLATE, title="Splice-in loss recovered (± 1 s.e. over contexts)",
                       yaxis_title="(L_zero − L) / (L_zero − L_clean)", xaxis_tickangle=-45, height=420)
     return fig
@@ -38,7 +39,8 @@ def splice_losses_figure(splice: Mapping[str, SpliceResult]) -> go.Figure:
                 error_y={"type": "data", "array": [r.kl_stderr or 0.0 for r in results]}, yaxis="y2")
     fig.update_layout(template=TEMPLATE, title="Splice-in cross-entropy and KL", barmode="group", height=420,
                       xaxis_tickangle=-45, yaxis={"title": "cross-entropy"},
-                      yaxis2={"title": "KL", "overlaying": "y", "side": "right"})
+                      yaxis2={"title": "KL", "overlaying": "y", "side": "right", "tickformat": ".2f",
+                              "rangemode": "tozero"}, margin={"r": 80})
     return fig
 
 

@@ -108,6 +108,10 @@ class SpliceResult:
     score_baseline: str | None
     ablation_effect: float | None
     ablation_effect_stderr: float | None
+    score_measurable: bool | None
+    """Whether the score's denominator (``ablation_effect``) is at least :data:`MEASURABLE_STDERRS` standard errors
+    above 0; a score over a denominator that is noise says nothing about the variant. ``None`` for an unscored
+    variant (``clean``, the zero ablations)."""
     setting: Mapping[str, Any] | None
     n_contexts: int
     n_tokens: int
@@ -423,10 +427,20 @@ class SpliceAccumulator:
                 name=name, description=v.description, head=v.head, ce_loss=ce_loss, ce_loss_stderr=ce_stderr,
                 kl=kl_mean, kl_stderr=kl_stderr, score=score, score_stderr=score_stderr,
                 score_baseline=v.score_baseline, ablation_effect=effect, ablation_effect_stderr=effect_stderr,
+                score_measurable=_measurable(effect, effect_stderr) if v.is_scored else None,
                 setting=None if v.setting is None else MappingProxyType(dict(v.setting)),
                 n_contexts=n_contexts, n_tokens=n_tokens)
         return SpliceReport(hook_name=self._hook_name, n_contexts=n_contexts, n_tokens=n_tokens,
                             results=MappingProxyType(results))
+
+
+MEASURABLE_STDERRS = 3.0
+
+
+def _measurable(effect: float | None, stderr: float | None) -> bool:
+    if effect is None or not effect > 0:
+        return False
+    return stderr is None or effect >= MEASURABLE_STDERRS * stderr
 
 
 def _hook(variant: SpliceVariant):
