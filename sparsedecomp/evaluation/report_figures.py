@@ -24,23 +24,36 @@ def splice_scores_figure(splice: Mapping[str, SpliceResult]) -> go.Figure:
         hovertext=[f"{r.description}; against {r.score_baseline}; CE {r.ce_loss:.4f}, KL {r.kl:.4f}" for r in scored],
         marker_color=["#bbbbbb" if r.score_measurable is False else "#d18a4a" if r.name.startswith("routed_")
                       else "#4a7bd1" for r in scored]))
-    fig.update_layout(template=TEMPLATE, title="Splice-in loss recovered (± 1 s.e. over contexts)",
-                      yaxis_title="(L_zero − L) / (L_zero − L_clean)", xaxis_tickangle=-45, height=420)
+    fig.update_layout(template=TEMPLATE, title="Splice-in loss recovered (± 1 s.e. over contexts; grey: denominator "
+                      "not measurable)", yaxis_title="(L_zero − L) / (L_zero − L_clean)", xaxis_tickangle=-45,
+                      height=420)
+    # Scores over a denominator that is noise can be anything: keep the axis on the range that means something
+    # (the bars and error bars beyond it are cut, the table has the numbers).
+    measurable = [r.score for r in scored if r.score_measurable is not False]
+    if measurable:
+        fig.update_yaxes(range=[min(-0.1, min(measurable) - 0.1), max(1.1, max(measurable) + 0.1)])
     return fig
 
 
 def splice_losses_figure(splice: Mapping[str, SpliceResult]) -> go.Figure:
     """Cross-entropy and KL to the clean model of every variant, with one standard error."""
+    from plotly.subplots import make_subplots
+
     results = list(splice.values())
-    fig = go.Figure()
-    fig.add_bar(name="cross-entropy (nats)", x=[r.name for r in results], y=[r.ce_loss for r in results],
+    names = [r.name for r in results]
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.05,
+                        subplot_titles=("cross-entropy (nats per token)", "KL to the clean model (nats per token)"))
+    fig.add_bar(x=names, y=[r.ce_loss for r in results], name="cross-entropy", row=1, col=1,
                 error_y={"type": "data", "array": [r.ce_loss_stderr or 0.0 for r in results]})
-    fig.add_bar(name="KL to clean (nats)", x=[r.name for r in results], y=[r.kl for r in results],
-                error_y={"type": "data", "array": [r.kl_stderr or 0.0 for r in results]}, yaxis="y2")
-    fig.update_layout(template=TEMPLATE, title="Splice-in cross-entropy and KL", barmode="group", height=420,
-                      xaxis_tickangle=-45, yaxis={"title": "cross-entropy"},
-                      yaxis2={"title": "KL", "overlaying": "y", "side": "right", "tickformat": ".2f",
-                              "rangemode": "tozero"}, margin={"r": 80})
+    fig.add_bar(x=names, y=[r.kl for r in results], name="KL", row=2, col=1,
+                error_y={"type": "data", "array": [r.kl_stderr or 0.0 for r in results]})
+    clean = splice.get("clean")
+    if clean is not None:
+        fig.update_yaxes(range=[0.95 * min(r.ce_loss for r in results), 1.02 * max(r.ce_loss for r in results)],
+                         row=1, col=1)
+    fig.update_layout(template=TEMPLATE, title="Splice-in cross-entropy and KL (± 1 s.e.)", height=560,
+                      showlegend=False)
+    fig.update_xaxes(tickangle=-45, row=2, col=1)
     return fig
 
 
