@@ -56,8 +56,10 @@ class StandIn:
 
 
 def write_standin(root: str | Path, *, config: dict = GELU_2L, head_d_sae: int = 2048, concat_d_sae: int = 16384,
-                  n_rows: int = 8, seed: int = 0) -> StandIn:
-    """Write a stand-in world under ``root`` (see the module docstring) and return where everything is."""
+                  n_rows: int = 8, seed: int = 0, record_local_dataset: bool = False) -> StandIn:
+    """Write a stand-in world under ``root`` (see the module docstring) and return where everything is. The head
+    SAEs' configs record gelu-2l's dataset (``dataset_path``), or with ``record_local_dataset`` the local stand-in's
+    folder, so that a command defaulting to the recorded dataset runs offline."""
     from safetensors.torch import save_file
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -79,6 +81,8 @@ def write_standin(root: str | Path, *, config: dict = GELU_2L, head_d_sae: int =
 
     n_heads, d_head, layer = config["n_heads"], config["d_head"], 1
     hook = f"blocks.{layer}.attn.hook_z"
+    dataset_dir = root / "dataset"
+    dataset_path = str(dataset_dir) if record_local_dataset else "NeelNanda/c4-code-tokenized-2b"
     head_runs = []
     for h in range(n_heads):
         W_enc, b_enc, W_dec, b_dec = _random_weights(d_head, head_d_sae, gen, decoder_norm=2.0)
@@ -86,7 +90,7 @@ def write_standin(root: str | Path, *, config: dict = GELU_2L, head_d_sae: int =
                   layer=layer, head=h, model_name=config["model_name"], provenance={"needs_input_scale": True})
         save_legacy_saelens(sae, root / "checkpoints", HEAD_WANDB_IDS[h], 983044096,
                             cfg_extra={"normalize_activations": True, "context_size": config["n_ctx"],
-                                       "prepend_bos": True, "dataset_path": "NeelNanda/c4-code-tokenized-2b"})
+                                       "prepend_bos": True, "dataset_path": dataset_path})
         head_runs.append(root / "checkpoints" / HEAD_WANDB_IDS[h])
     d_z = n_heads * d_head
     W_enc, b_enc, W_dec, b_dec = _random_weights(d_z, concat_d_sae, gen, decoder_norm=1.0)
@@ -95,7 +99,6 @@ def write_standin(root: str | Path, *, config: dict = GELU_2L, head_d_sae: int =
     concat_dir = root / "kissane"
     save_kissane(concat, concat_dir, CONCAT_VERSION, cfg_extra={"seq_len": config["n_ctx"]})
 
-    dataset_dir = root / "dataset"
     write_token_dataset(dataset_dir, n_rows=n_rows, row_length=config["n_ctx"], d_vocab=config["d_vocab"], gen=gen)
     return StandIn(root=root, model_dir=model_dir, head_runs=tuple(head_runs), concat_dir=concat_dir,
                    concat_version=CONCAT_VERSION, dataset_dir=dataset_dir, config=dict(config), head_d_sae=head_d_sae,

@@ -153,10 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sae_args(ev)
     ev.add_argument("--model", required=True, help="TransformerLens model name (e.g. gelu-2l) or a local model "
                                                     "folder; must be the SAEs' model, processed as in their training")
-    source = ev.add_mutually_exclusive_group(required=True)
+    source = ev.add_mutually_exclusive_group()
     source.add_argument("--tokens", type=Path, help="safetensors/pt file with a 'tokens' [batch, pos] tensor")
     source.add_argument("--dataset", help="Hugging Face dataset name or local dataset folder (pre-tokenised "
-                                          "'tokens'/'input_ids' column, or text with the model's tokenizer)")
+                                          "'tokens'/'input_ids' column, or text with the model's tokenizer); "
+                                          "default: the dataset the head SAEs' configs record (dataset_path)")
     ev.add_argument("--split", default="train", help="dataset split (default train)")
     ev.add_argument("--column", help="dataset column (default: tokens / input_ids / text, the first present)")
     ev.add_argument("--context-size", type=int, help="tokens per context (default: the SAEs' recorded context_size, "
@@ -173,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="decompositions to route and compare: METHOD[:NAME=VALUE,...][@residual] (default: pinv "
                          "nn_omp:n_nonzero=16,tol=0.01 nn_lasso:alpha=0.2)")
     ev.add_argument("--top-k", type=int, default=20, help="top-activating tokens per feature for DFA (default 20)")
+    ev.add_argument("--device", default="cpu", help="where the model and SAEs run: cpu, cuda, cuda:1 ... or auto "
+                                                    "(cuda when available; default cpu)")
+    ev.add_argument("--memory-budget-gb", type=float, default=1.0,
+                    help="memory one batch of contexts may take, activations and forward pass (default 1 GiB)")
     ev.add_argument("--out", type=str, required=True,
                     help="output folder: new, empty, or an earlier run's (report.json, report.html, plotly.min.js)")
     ev.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -318,12 +323,12 @@ def _load_saes(args: argparse.Namespace):
     return concat, head_saes
 
 
-def _load_model_for(model_name: str, concat, head_saes):
-    """The model (a local folder with the flags it records, a hub name with from_pretrained's), checked to be the
-    SAEs' model."""
+def _load_model_for(model_name: str, concat, head_saes, device: str = "cpu"):
+    """The model (a local folder with the flags it records, a hub name with from_pretrained's) on ``device``, checked
+    to be the SAEs' model."""
     from .loading import check_model_matches, load_model
 
-    loaded = load_model(model_name, flags=None)
+    loaded = load_model(model_name, flags=None, device=device)
     check_model_matches(loaded.name, concat, head_saes)
     return loaded
 
@@ -410,12 +415,11 @@ def _evaluation_tokens(args: argparse.Namespace, loaded, head_saes):
             raise InputError(f"--tokens: {err}") from None
         _check_tokens_fit(tokens.tokens, model.cfg.d_vocab, args.tokens)
         return tokens.first(args.n_contexts)
-    recorded = {}
-    for sae in head_saes:
-        config = sae.provenance.get("config") or {}
-        for key in ("context_size", "prepend_bos", "dataset_path"):
-            if key in config and key not in recorded:
-                recorded[key] = config[key]
+    recorded = recorded_training_data(head_saes)
+    if args.dataset is None:
+        if "dataset_path" not in recorded:
+            raise InputError("give --tokens or --dataset: the head SAEs' configs record no dataset_path")
+        args.dataset = recorded["dataset_path"]
     context_size = args.context_size or recorded.get("context_size") or model.cfg.n_ctx
     prepend_bos = args.prepend_bos if args.prepend_bos is not None else bool(recorded.get("prepend_bos", True))
     tokenizer = getattr(model, "tokenizer", None)
@@ -427,6 +431,27 @@ def _evaluation_tokens(args: argparse.Namespace, loaded, head_saes):
     return tokens
 
 
+def recorded_training_data(head_saes) -> dict:
+    """``context_size``, ``prepend_bos`` and ``dataset_path`` as the head SAEs' configs record them (first found)."""
+    recorded: dict = {}
+    for sae in head_saes:
+        config = sae.provenance.get("cfg") or {}
+        # SAELens 6 keeps training facts under "metadata"; legacy SAELens at the top level.
+        for source in (config, config.get("metadata") or {}):
+            for key in ("context_size", "prepend_bos", "dataset_path"):
+                if source.get(key) is not None and key not in recorded:
+                    recorded[key] = source[key]
+    return recorded
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from .evaluation_run import run_evaluation
 
@@ -435,19 +460,22 @@ def run_evaluate(args: argparse.Namespace) -> int:
     _positive(args.skip_contexts, "--skip-contexts", allow_zero=True)
     _positive(args.context_size, "--context-size")
     _positive(args.top_k, "--top-k")
+    if not args.memory_budget_gb > 0:
+        raise InputError(f"--memory-budget-gb must be positive, got {args.memory_budget_gb}")
     check_output_folder(args.out)
     if args.tokens is not None and not args.tokens.is_file():
         raise InputError(f"--tokens: no file at {args.tokens}")
     t0 = time.time()
     concat, head_saes = _load_saes(args)
-    loaded = _load_model_for(args.model, concat, head_saes)
+    loaded = _load_model_for(args.model, concat, head_saes, device=_device(args.device))
     tokens = _evaluation_tokens(args, loaded, head_saes)
     print(f"tokens: {tokens.n_contexts} contexts x {tokens.context_size} ({tokens.source}; BOS first: "
           f"{tokens.bos_token_id is not None})", flush=True)
     context = {"model": loaded.describe(), "concat_sae": concat.describe(), "head_saes": head_saes.describe()}
     head_saes = _fold_scales(loaded, tokens.tokens, head_saes, context)
     run = run_evaluation(loaded, tokens, head_saes, concat, out_dir=args.out, settings=settings, context=context,
-                         top_k=args.top_k, progress=not args.no_progress, title="Evaluation of per-head and concat SAEs")
+                         top_k=args.top_k, progress=not args.no_progress, title="Evaluation of per-head and concat SAEs",
+                         memory_budget=int(args.memory_budget_gb * 2**30))
     _print_evaluation(run, time.time() - t0)
     return 0
 
@@ -493,8 +521,7 @@ def run_reproduce_seed(args: argparse.Namespace) -> int:
         head_saes = load_head_saes(sources)
         loaded = load_model(args.model, flags=None)
         args.tokens, args.context_size, args.prepend_bos, args.skip_contexts = None, None, None, 0
-        recorded = {k: v for sae in head_saes for k, v in (sae.provenance.get("config") or {}).items()}
-        args.dataset = args.dataset or recorded.get("dataset_path") or seed.SEED_DATASET
+        args.dataset = args.dataset or recorded_training_data(head_saes).get("dataset_path") or seed.SEED_DATASET
         tokens = _evaluation_tokens(args, loaded, head_saes)
         print(f"tokens: {tokens.n_contexts} contexts x {tokens.context_size} from {tokens.source}", flush=True)
         result = seed.reproduce_heads(loaded, head_saes, tokens, head=args.head, progress=not args.no_progress)

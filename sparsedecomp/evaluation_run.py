@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from .activations import DEFAULT_MEMORY_BUDGET
 from .decomposition import Decomposition
 from .dictionary import mix_targets
 from .errors import InputError
@@ -67,22 +68,26 @@ def decompose_settings(concat_sae: Any, head_saes: Any, settings: Sequence[Solve
 def run_evaluation(model: Any, tokens: Any, head_saes: Any, concat_sae: Any, *, out_dir: str | Path,
                    settings: Sequence[SolverSetting] = DEFAULT_SETTINGS, title: str = "Evaluation",
                    context: Mapping[str, Any] | None = None, top_k: int = 20, progress: bool = True,
-                   log: Callable[[str], None] = print, command: str = "evaluate") -> EvaluationRun:
+                   log: Callable[[str], None] = print, command: str = "evaluate",
+                   memory_budget: int = DEFAULT_MEMORY_BUDGET) -> EvaluationRun:
     """Decompose with every setting, evaluate, and write the report (see the module docstring)."""
-    from .activations import hooked_transformer
+    from .activations import hooked_transformer, model_device
     from .evaluation.report_page import render_evaluation_page
 
     writer = RunWriter(out_dir, command=command,
                        settings={"settings": [s.describe() for s in settings], "tokens": _describe(tokens)})
     hooked = hooked_transformer(model)
     layer = concat_sae.require_hook("evaluating on a model")[1]
+    # Everything where the model is: the solvers, the accumulators and the splices run on its device (a GPU if so).
+    device = model_device(hooked)
+    head_saes, concat_sae = head_saes.to(device=device), concat_sae.to(device=device)
     start = time.time()
     decompositions = decompose_settings(concat_sae, head_saes, settings, W_O=hooked.W_O[layer].detach(),
                                         progress=progress, log=log)
     elapsed_decompose = time.time() - start
     evaluation = evaluate(model, tokens, head_saes, concat_sae, decompositions=decompositions, title=title,
                           context=context,
-                          top_k=top_k, progress=progress, log=log)
+                          top_k=top_k, progress=progress, log=log, memory_budget=memory_budget)
     report = evaluation.report
     report_json = to_jsonable(report)
     report_json["timings_s"] = {"decompose": round(elapsed_decompose, 3), **report_json["timings_s"]}

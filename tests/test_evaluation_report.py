@@ -22,7 +22,8 @@ def documented_keys() -> list[str]:
 
 @pytest.fixture(scope="module")
 def standin(tmp_path_factory):
-    return write_standin(tmp_path_factory.mktemp("standin"), config=TINY, head_d_sae=48, concat_d_sae=128, n_rows=6)
+    return write_standin(tmp_path_factory.mktemp("standin"), config=TINY, head_d_sae=48, concat_d_sae=128, n_rows=6,
+                         record_local_dataset=True)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def evaluated(standin, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "out"
     code = main(["evaluate", "--concat-sae", str(standin.concat_dir), "--concat-version", standin.concat_version,
                  "--head-saes", *map(str, standin.head_runs), "--model", str(standin.model_dir),
-                 "--dataset", str(standin.dataset_dir), "--n-contexts", "4", "--bos-token-id", "0",
+                 "--n-contexts", "4", "--bos-token-id", "0",  # the dataset the SAEs' configs record
                  "--methods", "pinv", "nn_omp:n_nonzero=4", "nn_lasso:alpha=0.3@residual",
                  "--out", str(out), "--no-progress"])
     assert code == 0
@@ -50,7 +51,7 @@ def test_written_report_has_exactly_the_documented_keys(evaluated):
     assert found == documented, sorted(documented - found)
 
 
-def test_report_holds_every_splice_variant_and_passes_the_consistency_check(evaluated):
+def test_report_holds_every_splice_variant_and_passes_the_consistency_check(evaluated, standin):
     data = json.loads((evaluated / "report.json").read_text())
     heads = range(8)
     expected = ["clean", *[f"zero_head_{h}" for h in heads], "zero_layer", "mean_layer",
@@ -71,6 +72,7 @@ def test_report_holds_every_splice_variant_and_passes_the_consistency_check(eval
     assert set(data["faithfulness_skipped"]) == {"pinv", "nn_lasso_alpha0.3_residual"}
     assert data["tokens"]["starts_with_bos"] is True and data["tokens"]["context_size"] == TINY["n_ctx"]
     assert "head_scale_estimate" in data["context"]
+    assert data["tokens"]["dataset"] == str(standin.dataset_dir)
 
 
 def test_page_is_self_contained_with_plotly_beside_it(evaluated):

@@ -176,6 +176,9 @@ def load_dataset_tokens(
         rows = datasets.load_dataset(str(dataset), **kwargs)
     except FileNotFoundError as err:
         raise InputError(f"dataset {dataset!r} could not be found ({err})") from None
+    except ConnectionError as err:  # the hub is unreachable and the dataset is not in the local cache
+        raise InputError(f"dataset {dataset!r} could not be fetched ({err}): without the network, give a local "
+                         "dataset folder or a tokens file") from None
     except ValueError as err:  # e.g. an unknown split
         raise InputError(f"dataset {dataset!r} could not be loaded with split={split!r}: {err}") from None
     features = list(getattr(rows, "column_names", None) or [])
