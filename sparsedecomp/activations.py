@@ -114,8 +114,9 @@ def model_device(model: Any) -> torch.device:
         return torch.device("cpu")
 
 
-def check_tokens(tokens: Any, *, d_vocab: int | None = None, name: str = "tokens") -> Tensor:
-    """A ``(n_contexts, context_size >= 2)`` integer tensor of token ids (as long), refused by name otherwise."""
+def check_tokens(tokens: Any, *, d_vocab: int | None = None, n_ctx: int | None = None, name: str = "tokens") -> Tensor:
+    """A ``(n_contexts, context_size >= 2)`` integer tensor of token ids (as long), refused by name otherwise; with
+    ``d_vocab`` / ``n_ctx``, ids must be in the vocabulary and contexts no longer than the model's."""
     if not isinstance(tokens, Tensor):
         raise InputTypeError(f"{name} must be a torch.Tensor of token ids, got {type(tokens).__name__}")
     if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
@@ -127,6 +128,9 @@ def check_tokens(tokens: Any, *, d_vocab: int | None = None, name: str = "tokens
     if d_vocab is not None and int(tokens.max()) >= d_vocab:
         raise InputError(f"{name} holds token ids up to {int(tokens.max())} but the model's vocabulary has {d_vocab} "
                          "tokens: these tokens are not for this model")
+    if n_ctx is not None and tokens.shape[1] > n_ctx:
+        raise InputError(f"{name} has contexts of {tokens.shape[1]} tokens but the model takes at most n_ctx={n_ctx}: "
+                         "use shorter contexts (e.g. --context-size)")
     return tokens.long()
 
 
@@ -150,7 +154,8 @@ def bytes_per_context(cfg: Any, context_size: int, include: Iterable[str] = (), 
     floats += pos * cfg.d_model * ("resid_pre" in include) + pos * d_z * ("v" in include)
     floats += heads * pos * pos * ("pattern" in include)
     if with_logits:
-        floats += 3 * pos * cfg.d_vocab
+        # clean logits and probabilities, a variant's logits and one temporary of the KL: four vocabulary-wide rows
+        floats += 4 * pos * cfg.d_vocab
     return 4 * floats
 
 
@@ -182,7 +187,7 @@ class ActivationStream:
         self.model = hooked_transformer(model)
         self.layer = check_layer(model, layer)
         token_tensor = getattr(tokens, "tokens", tokens)
-        self.tokens = check_tokens(token_tensor, d_vocab=self.model.cfg.d_vocab)
+        self.tokens = check_tokens(token_tensor, d_vocab=self.model.cfg.d_vocab, n_ctx=self.model.cfg.n_ctx)
         self.include = tuple(dict.fromkeys(include))
         unknown = [n for n in self.include if n not in EXTRAS]
         if unknown:

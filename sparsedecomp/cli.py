@@ -296,16 +296,14 @@ def parse_features(spec: str | None) -> list[int] | None:
     return features
 
 
-def _check_tokens_fit(tokens, d_vocab: int, path: str) -> None:
+def _check_tokens_fit(tokens, d_vocab: int, path: str, flag: str = "--tokens") -> None:
     if int(tokens.max()) >= d_vocab:
-        raise InputError(f"--tokens: {path} holds token ids up to {int(tokens.max())} but the model's vocabulary has "
+        raise InputError(f"{flag}: {path} holds token ids up to {int(tokens.max())} but the model's vocabulary has "
                          f"{d_vocab} tokens: these tokens are not for this model")
 
 
-def _load_saes(args: argparse.Namespace):
-    """The concat SAE and the per-head SAEs named on the command line, checked against each other."""
-    from .loading import check_compatible, load_head_saes, load_sae
-
+def _head_sources(args: argparse.Namespace) -> dict | list:
+    """The --head-saes sources, keyed by the --head-index-map heads when given (one distinct head per source)."""
     sources: dict | list = list(args.head_saes)
     if args.head_index_map:
         try:
@@ -316,6 +314,14 @@ def _load_saes(args: argparse.Namespace):
             raise InputError(f"--head-index-map gives {len(heads)} heads ({heads}) for {len(sources)} --head-saes "
                              "sources; give one distinct head per source")
         sources = dict(zip(heads, sources))
+    return sources
+
+
+def _load_saes(args: argparse.Namespace):
+    """The concat SAE and the per-head SAEs named on the command line, checked against each other."""
+    from .loading import check_compatible, load_head_saes, load_sae
+
+    sources = _head_sources(args)
     concat = load_sae(args.concat_sae, version=args.concat_version)
     head_saes = load_head_saes(sources)
     print(f"concat SAE: {concat.describe()}\nhead SAEs: {head_saes.describe()}", flush=True)
@@ -327,9 +333,11 @@ def _load_model_for(model_name: str, concat, head_saes, device: str = "cpu"):
     """The model (a local folder with the flags it records, a hub name with from_pretrained's) on ``device``, checked
     to be the SAEs' model."""
     from .loading import check_model_matches, load_model
+    from .loading.heads import check_model_shape
 
     loaded = load_model(model_name, flags=None, device=device)
     check_model_matches(loaded.name, concat, head_saes)
+    check_model_shape(loaded.model, head_saes)
     return loaded
 
 
@@ -387,7 +395,10 @@ def _settings(specs: Sequence[str] | None):
     from .pipeline import solver_params
     from .solver_settings import parse_solver_setting, unique_labels
 
-    settings = list(DEFAULT_SETTINGS) if not specs else [parse_solver_setting(spec) for spec in specs]
+    try:
+        settings = list(DEFAULT_SETTINGS) if not specs else [parse_solver_setting(spec) for spec in specs]
+    except InputError as err:
+        raise InputError(f"--methods: {err}") from None
     for setting in settings:
         try:
             solver_params(setting.method, setting.params)
@@ -408,12 +419,23 @@ def _evaluation_tokens(args: argparse.Namespace, loaded, head_saes):
     from .loading.tokens import load_dataset_tokens, load_tokens_file
 
     model = loaded.model
+    tokenizer = getattr(model, "tokenizer", None)
+    bos = args.bos_token_id if args.bos_token_id is not None else getattr(tokenizer, "bos_token_id", None)
     if args.tokens is not None:
+        given = [flag for flag, value in (("--split", args.split != "train"), ("--column", args.column),
+                                          ("--context-size", args.context_size),
+                                          ("--prepend-bos/--no-prepend-bos", args.prepend_bos is not None),
+                                          ("--skip-contexts", args.skip_contexts)) if value]
+        if given:
+            raise InputError(f"{', '.join(given)} only apply to --dataset; a --tokens file is used as it is")
         try:
-            tokens = load_tokens_file(args.tokens)
+            tokens = load_tokens_file(args.tokens, bos_token_id=bos)
         except InputError as err:
             raise InputError(f"--tokens: {err}") from None
         _check_tokens_fit(tokens.tokens, model.cfg.d_vocab, args.tokens)
+        if tokens.n_contexts < args.n_contexts:
+            print(f"note: --tokens holds {tokens.n_contexts} contexts, fewer than --n-contexts {args.n_contexts}; "
+                  "using them all", flush=True)
         return tokens.first(args.n_contexts)
     recorded = recorded_training_data(head_saes)
     if args.dataset is None:
@@ -422,12 +444,22 @@ def _evaluation_tokens(args: argparse.Namespace, loaded, head_saes):
         args.dataset = recorded["dataset_path"]
     context_size = args.context_size or recorded.get("context_size") or model.cfg.n_ctx
     prepend_bos = args.prepend_bos if args.prepend_bos is not None else bool(recorded.get("prepend_bos", True))
-    tokenizer = getattr(model, "tokenizer", None)
-    bos = args.bos_token_id if args.bos_token_id is not None else getattr(tokenizer, "bos_token_id", None)
-    tokens = load_dataset_tokens(args.dataset, context_size=int(context_size), n_contexts=args.n_contexts,
-                                 split=args.split, column=args.column, prepend_bos=prepend_bos, bos_token_id=bos,
-                                 tokenizer=tokenizer, skip_contexts=args.skip_contexts)
-    _check_tokens_fit(tokens.tokens, model.cfg.d_vocab, args.dataset)
+    if int(context_size) > model.cfg.n_ctx:
+        raise InputError(f"context size {context_size} ({'--context-size' if args.context_size else 'as the SAEs record'}"
+                         f") is longer than the model's n_ctx={model.cfg.n_ctx}: give --context-size")
+    if prepend_bos and bos is None:
+        raise InputError("BOS is to be prepended but its token id is unknown (the model has no tokenizer): give "
+                         "--bos-token-id, or --no-prepend-bos")
+    try:
+        tokens = load_dataset_tokens(args.dataset, context_size=int(context_size), n_contexts=args.n_contexts,
+                                     split=args.split, column=args.column, prepend_bos=prepend_bos, bos_token_id=bos,
+                                     tokenizer=tokenizer, skip_contexts=args.skip_contexts)
+    except InputError as err:
+        if "pass tokenizer=" in str(err):
+            raise InputError(f"--dataset {args.dataset}: the column holds text and the model has no tokenizer: use a "
+                             "pre-tokenised dataset (a tokens / input_ids column) or --tokens") from None
+        raise
+    _check_tokens_fit(tokens.tokens, model.cfg.d_vocab, args.dataset, flag="--dataset")
     return tokens
 
 
@@ -487,6 +519,8 @@ def _print_evaluation(run, elapsed: float) -> None:
         r = report.splice.get(name)
         if r is not None:
             score = "" if r.score is None else f", loss recovered {fmt(r.score, '.3f')} ± {fmt(r.score_stderr, '.3f')}"
+            if r.score_measurable is False:
+                score += " (not measurable: the ablation's cost is within 3 s.e. of 0)"
             print(f"  {name:<40} CE {r.ce_loss:.4f} ± {fmt(r.ce_loss_stderr, '.4f')}, KL {r.kl:.4f}{score}")
     for label, check in report.decompositions.items():
         if check.exact_expected:
@@ -515,10 +549,7 @@ def run_reproduce_seed(args: argparse.Namespace) -> int:
         args.concat_sae, args.concat_version = None, None
         from .loading import load_head_saes, load_model
 
-        sources = list(args.head_saes)
-        if args.head_index_map:
-            sources = dict(zip([int(h) for h in args.head_index_map.split(",")], sources))
-        head_saes = load_head_saes(sources)
+        head_saes = load_head_saes(_head_sources(args))
         loaded = load_model(args.model, flags=None)
         args.tokens, args.context_size, args.prepend_bos, args.skip_contexts = None, None, None, 0
         args.dataset = args.dataset or recorded_training_data(head_saes).get("dataset_path") or seed.SEED_DATASET

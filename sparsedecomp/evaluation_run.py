@@ -7,7 +7,7 @@ opens from disk with no network) through one :class:`~sparsedecomp.outputs.RunWr
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -17,6 +17,7 @@ from .dictionary import mix_targets
 from .errors import InputError
 from .evaluation.evaluate import Evaluation, evaluate
 from .evaluation.jsonable import to_jsonable
+from .loading.heads import check_compatible, check_model_shape
 from .outputs import RunWriter
 from .pipeline import concat_targets, solver_params
 from .solver_settings import SolverSetting, unique_labels
@@ -78,6 +79,8 @@ def run_evaluation(model: Any, tokens: Any, head_saes: Any, concat_sae: Any, *, 
                        settings={"settings": [s.describe() for s in settings], "tokens": _describe(tokens)})
     hooked = hooked_transformer(model)
     layer = concat_sae.require_hook("evaluating on a model")[1]
+    check_compatible(concat_sae, head_saes)
+    check_model_shape(hooked, head_saes)  # before minutes of decompositions, not after
     # Everything where the model is: the solvers, the accumulators and the splices run on its device (a GPU if so).
     device = model_device(hooked)
     head_saes, concat_sae = head_saes.to(device=device), concat_sae.to(device=device)
@@ -88,13 +91,14 @@ def run_evaluation(model: Any, tokens: Any, head_saes: Any, concat_sae: Any, *, 
     evaluation = evaluate(model, tokens, head_saes, concat_sae, decompositions=decompositions, title=title,
                           context=context,
                           top_k=top_k, progress=progress, log=log, memory_budget=memory_budget)
-    report = evaluation.report
-    report_json = to_jsonable(report)
-    report_json["timings_s"] = {"decompose": round(elapsed_decompose, 3), **report_json["timings_s"]}
+    # The decompositions are part of the run: their time goes into the report beside the evaluation's stages.
+    report = replace(evaluation.report,
+                     timings_s={"decompose": round(elapsed_decompose, 3), **evaluation.report.timings_s})
+    evaluation = replace(evaluation, report=report)
     import plotly.offline
 
     with writer:
-        report_path = writer.write_json("report.json", report_json)
+        report_path = writer.write_json("report.json", to_jsonable(report))
         writer.write_text("plotly.min.js", plotly.offline.get_plotlyjs())
         html_path = writer.write_text("report.html", render_evaluation_page(evaluation, plotly_src="plotly.min.js"))
     return EvaluationRun(evaluation=evaluation, decompositions=decompositions, report_path=report_path,

@@ -90,7 +90,7 @@ def reproduce_heads(model: Any, head_saes: Any, tokens: Any, *, head: int = SEED
     many-context one)."""
     from .activations import hooked_transformer
     from .evaluation.analyses import decoder_norms, dictionary_ranks, model_saes
-    from .evaluation.splice import splice_losses, splice_variants
+    from .evaluation.splice import select_variants, splice_losses, splice_variants
     from .loading import estimate_head_scales_from_model
     from .loading.sae import InputScaleWarning
 
@@ -111,8 +111,12 @@ def reproduce_heads(model: Any, head_saes: Any, tokens: Any, *, head: int = SEED
         # The unfolded SAEs are deliberate here: splicing them is the seed's set-up, and their decoder norms in
         # training units are the seed's numbers.
         warnings.simplefilter("ignore", InputScaleWarning)
-        variants = {"as_loaded": splice_variants(n_heads, d_head, head_saes={head: raw}, heads=[head]),
-                    "input_scale_folded": splice_variants(n_heads, d_head, head_saes={head: folded_sae}, heads=[head])}
+        # clean, zero_head_h and head_sae_h only (select_variants keeps the baselines): no whole-layer reruns.
+        wanted = [f"head_sae_{head}"]
+        variants = {"as_loaded": select_variants(splice_variants(n_heads, d_head, head_saes={head: raw},
+                                                                 heads=[head]), wanted),
+                    "input_scale_folded": select_variants(splice_variants(n_heads, d_head, head_saes={head: folded_sae},
+                                                                          heads=[head]), wanted)}
         for name, chosen in variants.items():
             for out, subset in ((one, tokens.tokens[:1]), (many, tokens.tokens)):
                 report = splice_losses(hooked, subset, chosen, layer=layer, progress=progress)

@@ -61,3 +61,8 @@ def test_to_jsonable_refuses_tensors_and_nulls_nan():
     assert to_jsonable({"a": (1.0, float("nan")), "b": None}) == {"a": [1.0, None], "b": None}
     with pytest.raises(InputTypeError, match=r"report\.x"):
         to_jsonable({"x": torch.zeros(2)})
+
+
+def test_contexts_longer_than_the_model_are_refused(tiny_model):
+    with pytest.raises(InputError, match="n_ctx=16"):
+        ActivationStream(tiny_model, torch.zeros(2, 17, dtype=torch.long), layer=1)

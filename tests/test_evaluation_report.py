@@ -7,6 +7,7 @@ from pathlib import Path
 
 import doc_keys
 import pytest
+import torch
 
 from benchmarks.standins import TINY, write_standin
 from sparsedecomp.cli import main
@@ -96,3 +97,71 @@ def test_bad_settings_and_token_sources_are_refused_before_loading(standin, tmp_
     assert "--methods omp_bogus1" in capsys.readouterr().err
     assert main([*base, "--dataset", "x", "--n-contexts", "0"]) == 2
     assert "--n-contexts must be a positive" in capsys.readouterr().err
+
+
+def _base(standin, out):
+    return ["evaluate", "--concat-sae", str(standin.concat_dir), "--concat-version", standin.concat_version,
+            "--head-saes", *map(str, standin.head_runs), "--model", str(standin.model_dir), "--out", str(out),
+            "--no-progress", "--methods", "pinv"]
+
+
+def test_token_sources_are_refused_by_name_before_anything_runs(standin, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    long = tmp_path / "long.safetensors"
+    save_file({"tokens": torch.zeros(2, TINY["n_ctx"] + 1, dtype=torch.long)}, str(long))
+    assert main([*_base(standin, tmp_path / "a"), "--tokens", str(long)]) == 2
+    assert "n_ctx=64" in capsys.readouterr().err
+    short = tmp_path / "short.safetensors"
+    save_file({"tokens": torch.zeros(2, 8, dtype=torch.long)}, str(short))
+    assert main([*_base(standin, tmp_path / "b"), "--tokens", str(short), "--skip-contexts", "1"]) == 2
+    assert "--skip-contexts only apply to --dataset" in capsys.readouterr().err
+    assert main([*_base(standin, tmp_path / "c"), "--dataset", str(standin.dataset_dir), "--context-size", "65",
+                 "--bos-token-id", "0"]) == 2
+    assert "longer than the model's n_ctx=64" in capsys.readouterr().err
+    assert main([*_base(standin, tmp_path / "d"), "--dataset", str(standin.dataset_dir)]) == 2
+    assert "--bos-token-id" in capsys.readouterr().err  # the stand-in model has no tokenizer to name BOS
+
+
+def test_a_tokens_file_records_its_bos(standin, tmp_path):
+    from safetensors.torch import save_file
+
+    ids = torch.randint(1, TINY["d_vocab"], (3, 16), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = 0
+    path = tmp_path / "t.safetensors"
+    save_file({"tokens": ids}, str(path))
+    out = tmp_path / "e"
+    assert main([*_base(standin, out), "--tokens", str(path), "--bos-token-id", "0"]) == 0
+    tokens = json.loads((out / "report.json").read_text())["tokens"]
+    assert tokens["bos_token_id"] == 0 and tokens["starts_with_bos"] is True and tokens["n_contexts"] == 3
+
+
+def test_a_model_of_another_shape_is_refused_before_decomposing(standin, tmp_path, capsys):
+    import shutil
+
+    other = tmp_path / "model"
+    shutil.copytree(standin.model_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    config["hooked_transformer_config"].update(n_heads=4, d_head=16)
+    (other / "config.json").write_text(json.dumps(config))
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from safetensors.torch import save_file
+
+    model = HookedTransformer(HookedTransformerConfig(**config["hooked_transformer_config"]))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith((".IGNORE", ".mask"))},
+              str(other / "model.safetensors"))
+    args = _base(standin, tmp_path / "f")
+    args[args.index("--model") + 1] = str(other)
+    assert main([*args, "--dataset", str(standin.dataset_dir), "--bos-token-id", "0"]) == 2
+    assert "d_head=16 but the SAEs read heads of width 8" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_evaluate_on_cuda_matches_cpu(standin, evaluated, tmp_path):
+    out = tmp_path / "cuda"
+    assert main([*_base(standin, out)[:-2], "--methods", "pinv", "nn_omp:n_nonzero=4",
+                 "nn_lasso:alpha=0.3@residual", "--n-contexts", "4", "--bos-token-id", "0", "--device", "cuda"]) == 0
+    on_gpu = json.loads((out / "report.json").read_text())["splice"]
+    on_cpu = json.loads((evaluated / "report.json").read_text())["splice"]
+    for name, result in on_cpu.items():
+        assert on_gpu[name]["ce_loss"] == pytest.approx(result["ce_loss"], abs=1e-3), name

@@ -105,3 +105,12 @@ def test_heads_part_reproduces_the_seed_with_its_checkpoints(tmp_path):
     assert (one["clean"], one["spliced"], one["zeroed"]) == pytest.approx((3.699, 3.778, 3.873), abs=0.002)
     assert result["mean_decoder_norm_training_units"]["head 0"] == pytest.approx(2.0519, abs=1e-3)
     assert set(result["head_ranks"].values()) == {64} and result["block_rank"] == 512
+
+
+def test_a_bad_head_index_map_is_refused(standin, tmp_path, capsys):
+    args = ["reproduce-seed", "heads", "--head-saes", *map(str, standin.head_runs[:2]), "--model",
+            str(standin.model_dir), "--dataset", str(standin.dataset_dir), "--out", str(tmp_path / "o")]
+    assert main([*args, "--head-index-map", "a,b"]) == 2
+    assert "comma-separated integers" in capsys.readouterr().err
+    assert main([*args, "--head-index-map", "0"]) == 2
+    assert "one distinct head per source" in capsys.readouterr().err

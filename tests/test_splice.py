@@ -257,3 +257,13 @@ def test_a_score_over_a_head_that_does_not_matter_is_marked_not_measurable(model
     assert report["head_sae_2"].score_measurable is False and report["head_sae_2"].score is None
     assert report["head_sae_0"].score_measurable is True and report["head_sae_0"].score == pytest.approx(0, abs=1e-6)
     assert report["clean"].score_measurable is None
+
+
+def test_non_finite_logits_are_named(model, tokens):
+    import copy
+
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.unembed.W_U[0, 0] = float("nan")
+    with pytest.raises(InputError, match="not finite"):
+        splice_losses(broken, tokens, splice_variants(N_HEADS, D_HEAD, heads=[0]), layer=1)

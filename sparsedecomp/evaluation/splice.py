@@ -380,6 +380,9 @@ class SpliceAccumulator:
         # Every position is kept (contiguous tensors are faster); the last one predicts nothing and is dropped.
         clean_logits = self._logits(batch, None)
         clean_lse = clean_logits.logsumexp(dim=-1)
+        if not bool(torch.isfinite(clean_lse).all()):
+            raise InputError(f"the model's clean logits are not finite on contexts {batch.first_context}.."
+                             f"{batch.first_context + batch.n_contexts - 1}: check its weights for NaN / inf")
         # p_clean, once per batch: every variant's KL reads it.
         clean_probs = (clean_logits - clean_lse[..., None]).exp_()
         for name, variant in self.variants.items():
@@ -438,9 +441,11 @@ MEASURABLE_STDERRS = 3.0
 
 
 def _measurable(effect: float | None, stderr: float | None) -> bool:
-    if effect is None or not effect > 0:
+    """At least ``MEASURABLE_STDERRS`` standard errors above 0; without a standard error (one context) unknown, so
+    not measurable."""
+    if effect is None or stderr is None or not effect > 0:
         return False
-    return stderr is None or effect >= MEASURABLE_STDERRS * stderr
+    return effect >= MEASURABLE_STDERRS * stderr
 
 
 def _hook(variant: SpliceVariant):

@@ -277,6 +277,23 @@ def check_model_matches(model_name: str, *saes: SAE | HeadSAEs) -> None:
                          "and hook_z would not be the SAEs'; give the SAEs' model")
 
 
+def check_model_shape(model: Any, head_saes: "HeadSAEs") -> None:
+    """Raise :class:`~sparsedecomp.errors.InputError` unless ``model`` (a HookedTransformer or a LoadedModel) has the
+    layer the SAEs read, at least their heads and their head width: a model under the right name can still be
+    another size, and it would fail much later, with a message about something else."""
+    hooked = getattr(model, "model", model)
+    cfg = hooked.cfg
+    layer = head_saes.layer
+    if layer is not None and not layer < cfg.n_layers:
+        raise InputError(f"the SAEs read layer {layer} but the model has {cfg.n_layers} layers")
+    if cfg.d_head != head_saes.d_head:
+        raise InputError(f"the model's heads have d_head={cfg.d_head} but the SAEs read heads of width {head_saes.d_head}")
+    beyond = [h for h in head_saes.heads if h >= cfg.n_heads]
+    if beyond or len(head_saes.heads) != cfg.n_heads:
+        raise InputError(f"the model has {cfg.n_heads} heads per layer; the per-head SAEs are for heads "
+                         f"{list(head_saes.heads)}: give one SAE for each of the model's heads")
+
+
 def _same_model(a: str, b: str) -> bool:
     """Equal names, or two TransformerLens names / aliases of one model."""
     if a == b:

@@ -203,8 +203,17 @@ def load_dataset_tokens(
                          "tokenizers.Tokenizer does not say which token is BOS: pass e.g. "
                          "bos_token_id=tokenizer.token_to_id('<|endoftext|>'))")
 
+    def dataset_rows() -> Iterator[Any]:
+        try:
+            yield from rows
+        except Exception as err:  # pyarrow / datasets errors on an empty or unreadable file
+            if type(err).__module__.partition(".")[0] in ("pyarrow", "datasets"):
+                raise InputError(f"dataset {dataset!r} ({split}) could not be read: {type(err).__name__}: {err} "
+                                 "(is it empty?)") from None
+            raise
+
     def sequences() -> Iterator[Tensor]:
-        for row in rows:
+        for row in dataset_rows():
             if column not in row:  # a streamed dataset may not know its columns before the first row
                 raise InputError(f"dataset {dataset!r} has no column {column!r} (columns: {sorted(row)})")
             value = row[column]

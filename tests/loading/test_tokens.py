@@ -167,3 +167,14 @@ def test_a_missing_dataset_folder_is_refused(tmp_path):
 def test_a_tokenizers_tokenizer_without_bos_id_asks_for_one(parquet_dataset, word_tokenizer):
     with pytest.raises(InputError, match="does not say which token is BOS"):
         load_dataset_tokens(parquet_dataset, context_size=4, n_contexts=1, column="text", tokenizer=word_tokenizer)
+
+
+def test_an_empty_dataset_is_refused_by_name(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.table({"tokens": pa.array([], type=pa.list_(pa.int64()))}),
+                   tmp_path / "data" / "train-00000-of-00001.parquet")
+    with pytest.raises(InputError, match="could not be read|gave no context"):
+        load_dataset_tokens(tmp_path, context_size=4, n_contexts=2, bos_token_id=0)
