@@ -1,0 +1,126 @@
+"""Direct feature attribution by source position, split by head, for the examples a dashboard shows.
+
+With ``v`` ``(src, n_heads, d_head)`` (``attn.hook_v``, bias included) and the pattern ``A`` ``(n_heads, dest,
+src)``, ``z[dest, h] = sum_src A[h, dest, src] v[src, h]``, and a feature's pre-activation is linear in ``z``:
+
+    pre_f(dest) = sum_h sum_src A[h, dest, src] * (v[src, h] . W_enc[B_h, f])  -  a * b_dec . W_enc[:, f]  +  b_enc[f]
+
+(``B_h`` the columns of head ``h``: all heads for a concatenated-``z`` SAE, the one head for a per-head SAE, whose
+``W_enc`` rows are exactly ``B_h``). :func:`dfa_by_source` returns the double sum's terms ``dfa[example, src, h]``
+and the two bias terms apart (:func:`~sparsedecomp.evaluation.attribution.dfa_bias`), for the given examples only:
+it runs the model on just their contexts (each distinct context once), in batches, and gathers one destination row
+of the pattern per example. Call it per batch of features (pages are written in batches) to bound its output,
+``n_examples x context_size x n_heads``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..activations import ActivationStream, check_layer, check_tokens, hooked_transformer
+from ..errors import InputError, InputTypeError
+from ..evaluation.attribution import dfa_bias
+from ..evaluation.top_activations import DEFAULT_CHUNK_ELEMENTS
+from ..loading.sae import CONCATENATED, SAE
+from ..validation import check_positive_int
+
+
+@dataclass(frozen=True, eq=False)
+class SourceDFA:
+    """DFA by source position and head of each example.
+
+    Attributes:
+        values: ``(n_examples, context_size, len(heads))``: ``dfa[e, src, i]`` for head ``heads[i]``; 0 for ``src``
+            after the example's position (causal attention).
+        heads: the heads of the last axis (all heads for a concatenated-``z`` SAE, its own for a per-head SAE).
+        bias_decoder: ``(n_examples,)`` ``-a * b_dec . W_enc[:, f]`` of each example's feature.
+        bias_encoder: ``(n_examples,)`` ``b_enc[f]``.
+    """
+
+    values: Tensor
+    heads: tuple[int, ...]
+    bias_decoder: Tensor
+    bias_encoder: Tensor
+
+    def pre_activation(self) -> Tensor:
+        """``(n_examples,)`` the feature's pre-activation at each example: the DFA summed over sources and heads
+        plus both bias terms."""
+        return self.values.sum(dim=(1, 2)) + self.bias_decoder + self.bias_encoder
+
+
+def dfa_by_source(model: Any, sae: SAE, contexts: Tensor, positions: Tensor, features: Tensor, *, layer: int,
+                  batch_size: int | None = None, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> SourceDFA:
+    """:class:`SourceDFA` of the examples ``(contexts[e], positions[e], features[e])``.
+
+    Args:
+        model: the ``HookedTransformer`` (or a ``LoadedModel``) the SAE reads.
+        sae: a concatenated-``z`` SAE or a per-head SAE (``sae.head`` says which).
+        contexts: ``(n_examples, context_size)`` token ids of each example's context.
+        positions: ``(n_examples,)`` the destination position of each example.
+        features: ``(n_examples,)`` the feature of each example.
+        layer: the attention layer the SAE reads.
+        batch_size: distinct contexts per forward pass (by default from the activation stream's memory budget).
+        chunk_elements: gathered ``v`` entries (examples x sources x heads x d_head) processed at a time.
+    """
+    if not isinstance(sae, SAE):
+        raise InputTypeError(f"sae must be a sparsedecomp SAE, got {type(sae).__name__}")
+    hooked = hooked_transformer(model)
+    layer = check_layer(hooked, layer)
+    n_heads, d_head = hooked.cfg.n_heads, hooked.cfg.d_head
+    heads = _sae_heads(sae, n_heads, d_head)
+    tokens = check_tokens(contexts, d_vocab=hooked.cfg.d_vocab, name="contexts")
+    n_examples, size = tokens.shape
+    positions = _index_vector(positions, "positions", n_examples, size)
+    features = _index_vector(features, "features", n_examples, sae.d_sae)
+    chunk_elements = check_positive_int(chunk_elements, "chunk_elements")
+
+    distinct, which = torch.unique(tokens, dim=0, return_inverse=True)
+    device = sae.device
+    which, positions, features = which.to(device), positions.to(device), features.to(device)
+    weights = sae.W_enc[:, features].T.reshape(n_examples, len(heads), d_head)  # (e, heads, d_head)
+    head_index = torch.tensor(heads, device=device)
+    values = torch.zeros(n_examples, size, len(heads), dtype=sae.dtype, device=device)
+    step = max(1, chunk_elements // (size * len(heads) * d_head))
+    stream = ActivationStream(hooked, distinct, layer=layer, include=("v", "pattern"), batch_size=batch_size,
+                              with_logits=False)
+    for batch in stream:
+        in_batch = ((which >= batch.first_context) & (which < batch.first_context + batch.n_contexts)).nonzero()
+        for part in in_batch.squeeze(1).split(step):
+            row = which[part] - batch.first_context
+            v = batch.v.to(device=device, dtype=sae.dtype)[row][:, :, head_index]  # (e, src, heads, d_head)
+            pattern = batch.pattern.to(device=device, dtype=sae.dtype)[row, :, positions[part]]  # (e, n_heads, src)
+            v_dot_w = torch.einsum("eshd,ehd->esh", v, weights[part])
+            values[part] = pattern[:, head_index].transpose(1, 2) * v_dot_w
+    bias = dfa_bias(sae)
+    return SourceDFA(values=values, heads=heads, bias_decoder=bias.decoder[features],
+                     bias_encoder=bias.encoder[features])
+
+
+def _sae_heads(sae: SAE, n_heads: int, d_head: int) -> tuple[int, ...]:
+    if sae.head == CONCATENATED:
+        if sae.d_in != n_heads * d_head:
+            raise InputError(f"the concatenated-z SAE reads d_in={sae.d_in}, the model's z is n_heads * d_head = "
+                             f"{n_heads * d_head}")
+        return tuple(range(n_heads))
+    if isinstance(sae.head, int):
+        if sae.head >= n_heads or sae.d_in != d_head:
+            raise InputError(f"the per-head SAE reads head {sae.head} with d_in={sae.d_in}; the model has {n_heads} "
+                             f"heads of d_head={d_head}")
+        return (sae.head,)
+    raise InputError(f"DFA by source needs an SAE on hook_z that says which head it reads (an int, or "
+                     f"{CONCATENATED!r}), got head={sae.head!r}: set it with sae.with_hook(..., head=...)")
+
+
+def _index_vector(value: Any, name: str, n: int, bound: int) -> Tensor:
+    if not isinstance(value, Tensor) or value.is_floating_point() or value.dtype == torch.bool:
+        raise InputTypeError(f"{name} must be an integer tensor, got {getattr(value, 'dtype', type(value).__name__)}")
+    if value.shape != (n,):
+        raise InputError(f"{name} must have shape ({n},), one per example, got {tuple(value.shape)}")
+    if n and (int(value.min()) < 0 or int(value.max()) >= bound):
+        raise InputError(f"{name} must lie in [0, {bound}), got values in [{int(value.min())}, {int(value.max())}]")
+    return value.long()
+
