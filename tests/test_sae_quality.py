@@ -287,3 +287,49 @@ def test_bad_input_is_refused(tiny_model, tokens):
     with pytest.raises(InputError, match="NaN"):
         SAEQualityAccumulator(head_sae, 1).update(ActivationBatch(tokens=torch.zeros(1, 2, dtype=torch.long), z=nan_z,
                                                                   first_context=0, layer=LAYER))
+
+
+@pytest.mark.parametrize("site", [1, "concatenated"])
+def test_downstream_losses_equal_saelens_get_recons_loss(tiny_model, tokens, site):
+    """SAELens's own downstream evaluation (``sae_lens.evals.get_recons_loss``) and this package's splice accumulator
+    give the same losses on the same tokens, and ``with_downstream`` then the same ``ce_loss_score``."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.evals import get_recons_loss
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    from sparsedecomp.evaluation.splice import splice_losses, splice_variants
+
+    d_in = D_HEAD if site != "concatenated" else N_HEADS * D_HEAD
+    sae = random_sae(d_in, 24, head=site, seed=7)
+    head = None if site == "concatenated" else site
+    lens = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=24, apply_b_dec_to_input=sae.apply_b_dec_to_input,
+                                         metadata=SAEMetadata(model_name="tiny", hook_name=HOOK, hook_head_index=head)))
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(lens, name).copy_(getattr(sae, name))
+        theirs = get_recons_loss(lens, tiny_model, ActivationScaler(), tokens, compute_kl=True, compute_ce_loss=True)
+    if head is None:
+        variants = splice_variants(N_HEADS, D_HEAD, concat_sae=sae, heads=[])
+        spliced, ablated = "concat_sae", "zero_layer"
+    else:
+        variants = splice_variants(N_HEADS, D_HEAD, head_saes={head: sae}, heads=[head])
+        spliced, ablated = f"head_sae_{head}", f"zero_head_{head}"
+    ours = splice_losses(tiny_model, tokens, variants, layer=LAYER, batch_size=4)
+    assert ours[spliced].ce_loss == pytest.approx(float(theirs["ce_loss_with_sae"].mean()), rel=1e-5)
+    assert ours[ablated].ce_loss == pytest.approx(float(theirs["ce_loss_with_ablation"].mean()), rel=1e-5)
+    assert ours["clean"].ce_loss == pytest.approx(float(theirs["ce_loss_without_sae"].mean()), rel=1e-5)
+    # SAELens averages KL over every position; the splice accumulator over the predicted ones (the last predicts
+    # nothing), so compare on those.
+    assert ours[spliced].kl == pytest.approx(float(theirs["kl_div_with_sae"][:, :-1].mean()), rel=1e-4, abs=1e-7)
+    assert ours[ablated].kl == pytest.approx(float(theirs["kl_div_with_ablation"][:, :-1].mean()), rel=1e-4)
+    quality = with_downstream(_quality_of(tiny_model, tokens, sae, site), ce_loss_with_sae=ours[spliced].ce_loss,
+                              ce_loss_without_sae=ours["clean"].ce_loss, ce_loss_with_ablation=ours[ablated].ce_loss,
+                              kl_div_with_sae=ours[spliced].kl, kl_div_with_ablation=ours[ablated].kl)
+    with_sae, clean, ablation = (float(theirs[k].mean()) for k in ("ce_loss_with_sae", "ce_loss_without_sae",
+                                                                   "ce_loss_with_ablation"))
+    assert quality.ce_loss_score == pytest.approx((ablation - with_sae) / (ablation - clean), rel=1e-4)
+
+
+def _quality_of(model, tokens, sae, site):
+    return run_accumulators(model, tokens, {"q": SAEQualityAccumulator(sae, site)}, layer=LAYER)["q"]
