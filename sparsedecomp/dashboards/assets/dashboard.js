@@ -58,6 +58,24 @@
     parent.appendChild(el("p", {"class": "muted empty"}, [text]));
   }
 
+  /** A table: header cells (text, or [text, class]) and body rows (arrays of cell contents, or [contents, class]
+   * pairs built with cell()). */
+  function dataTable(headers, rows) {
+    function th(h) { return Array.isArray(h) ? el("th", {"class": h[1]}, [h[0]]) : el("th", {}, [h]); }
+    return el("table", {"class": "sd-table"}, [
+      el("thead", {}, [el("tr", {}, headers.map(th))]),
+      el("tbody", {}, rows.map(function (r) {
+        return el("tr", {}, r.map(function (c) {
+          return c && c.cell ? el("td", {"class": c.cls}, c.content) : el("td", {}, [c]);
+        }));
+      }))
+    ]);
+  }
+
+  function cell(content, cls) {
+    return {cell: true, content: Array.isArray(content) ? content : [content], cls: cls || null};
+  }
+
   function panel(id) {
     return document.getElementById(id);
   }
@@ -407,72 +425,57 @@
       }), {height: 240, barmode: "group", margin: {l: 45, r: 10, t: 10, b: 30},
            yaxis: {title: {text: "share"}, tickmode: "auto", nticks: 6}, legend: {orientation: "h"}}, PLOT_CONFIG);
     }
-    target.appendChild(el("table", {"class": "sd-table"}, [
-      el("thead", {}, [el("tr", {}, [el("th", {"class": "l"}, ["method"])].concat(labels.map(function (l) {
-        return el("th", {}, [l]);
-      })))]),
-      el("tbody", {}, names.map(function (k) {
-        var top = att.top_heads ? att.top_heads[k] : null;
-        return el("tr", {}, [el("td", {"class": "l"}, [k])].concat(att.methods[k].map(function (v, h) {
-          return el("td", {"class": h === top ? "top" : null}, [fmt(v)]);
-        })));
-      }))
-    ]));
+    target.appendChild(dataTable([["method", "l"]].concat(labels), names.map(function (k) {
+      var top = att.top_heads ? att.top_heads[k] : null;
+      return [cell(k, "l")].concat(att.methods[k].map(function (v, h) { return cell(fmt(v), h === top ? "top" : null); }));
+    })));
+  }
+
+  /** The panel `id`, or null after a note saying why it is empty (a per-head and a concat feature differ). */
+  function linkPanel(id, rec, items, perHeadNote, concatNote) {
+    var target = panel(id);
+    if (items.length) return target;
+    note(target, /^head_/.test(rec.sae) ? perHeadNote : concatNote);
+    return null;
   }
 
   function decompositionPanel(rec) {
-    var target = panel("sd-decomposition"), settings = rec.decomposition || [];
-    if (!settings.length) {
-      note(target, /^head_/.test(rec.sae) ? "A per-head feature: see \u201cused by\u201d for the concat features built from it."
-                                           : "No decomposition of this feature.");
-      return;
-    }
+    var settings = rec.decomposition || [];
+    var target = linkPanel("sd-decomposition", rec, settings,
+                           "A per-head feature: see \u201cused by\u201d for the concat features built from it.",
+                           "No decomposition of this feature.");
+    if (!target) return;
     settings.forEach(function (s) {
       var maxC = Math.max.apply(null, [1e-12].concat(s.atoms.map(function (a) { return Math.abs(a.coefficient); })));
       target.appendChild(el("div", {"class": "setting"}, [
         el("h3", {}, [s.label]),
         el("p", {"class": "muted"}, ["cosine " + fmt(s.cosine) + ", relative error " + fmt(s.relative_error) +
                                      ", L0 " + fmt(s.l0)]),
-        el("table", {"class": "sd-table"}, [
-          el("thead", {}, [el("tr", {}, [el("th", {}, ["head"]), el("th", {}, ["feature"]),
-                                         el("th", {}, ["coefficient"])])]),
-          el("tbody", {}, s.atoms.map(function (a) {
-            return el("tr", {}, [el("td", {}, ["h" + a.head]),
-                                 el("td", {}, [link(a.href, "head_" + a.head + " #" + a.feature)]),
-                                 el("td", {}, [el("span", {"class": "bar", style: "width:" +
-                                   (4 * Math.abs(a.coefficient) / maxC).toFixed(2) + "em"}), " " + fmt(a.coefficient)])]);
-          }))
-        ])
+        dataTable(["head", "feature", "coefficient"], s.atoms.map(function (a) {
+          return ["h" + a.head, link(a.href, "head_" + a.head + " #" + a.feature),
+                  cell([el("span", {"class": "bar", style: "width:" + (4 * Math.abs(a.coefficient) / maxC).toFixed(2) +
+                                    "em"}), " " + fmt(a.coefficient)])];
+        }))
       ]));
     });
   }
 
   function usedByPanel(rec) {
-    var target = panel("sd-used-by"), used = rec.used_by || [];
-    if (!used.length) {
-      note(target, /^head_/.test(rec.sae) ? "No concat feature's decomposition uses this feature."
-                                           : "A concat feature: see its decomposition above.");
-      return;
-    }
-    target.appendChild(el("table", {"class": "sd-table"}, [
-      el("thead", {}, [el("tr", {}, [el("th", {"class": "l"}, ["setting"]), el("th", {}, ["concat feature"]),
-                                     el("th", {}, ["coefficient"])])]),
-      el("tbody", {}, used.map(function (u) {
-        return el("tr", {}, [el("td", {"class": "l"}, [u.label]), el("td", {}, [link(u.href, "concat #" + u.feature)]),
-                             el("td", {}, [fmt(u.coefficient)])]);
-      }))
-    ]));
+    var used = rec.used_by || [];
+    var target = linkPanel("sd-used-by", rec, used, "No concat feature's decomposition uses this feature.",
+                           "A concat feature: see its decomposition above.");
+    if (!target) return;
+    target.appendChild(dataTable([["setting", "l"], "concat feature", "coefficient"], used.map(function (u) {
+      return [cell(u.label, "l"), link(u.href, "concat #" + u.feature), fmt(u.coefficient)];
+    })));
   }
 
   function correlatedPanel(rec) {
     var target = panel("sd-correlated"), corr = rec.correlated || [];
     if (!corr.length) { note(target, "None listed."); return; }
-    target.appendChild(el("table", {"class": "sd-table"}, [
-      el("thead", {}, [el("tr", {}, [el("th", {}, ["feature"]), el("th", {}, ["decoder cosine"])])]),
-      el("tbody", {}, corr.map(function (c) {
-        return el("tr", {}, [el("td", {}, [link(c.href, "#" + c.feature)]), el("td", {}, [fmt(c.cosine)])]);
-      }))
-    ]));
+    target.appendChild(dataTable(["feature", "decoder cosine"], corr.map(function (c) {
+      return [link(c.href, "#" + c.feature), fmt(c.cosine)];
+    })));
   }
 
   function featurePage() {
