@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--eval-contexts", type=int, default=DEMO_EVAL_CONTEXTS,
                       help=f"held-out contexts (128 tokens each) the evaluation report runs on (default "
                            f"{DEMO_EVAL_CONTEXTS}; up to 954)")
+    demo.add_argument("--dashboard-contexts", type=int, default=256,
+                      help="held-out contexts the dashboards (DIR/dashboards/) run on (default 256; up to 954)")
+    demo.add_argument("--no-dashboards", action="store_true", help="skip the feature dashboards")
     demo.add_argument("--no-evaluate", action="store_true",
                       help="only decompose: skip the evaluation report (DIR/evaluation/)")
     _add_solver_args(demo)
@@ -181,6 +184,28 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", type=str, required=True,
                     help="output folder: new, empty, or an earlier run's (report.json, report.html, plotly.min.js)")
     ev.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    dash = sub.add_parser("dashboard", help="write the feature dashboards (a static site) of the concat and per-head "
+                                            "SAEs, linked through the decompositions")
+    _add_sae_args(dash)
+    dash.add_argument("--model", required=True, help="TransformerLens model name or a local model folder")
+    dsource = dash.add_mutually_exclusive_group()
+    dsource.add_argument("--tokens", type=Path, help="safetensors/pt file with a 'tokens' [batch, pos] tensor")
+    dsource.add_argument("--dataset", help="Hugging Face dataset name or local dataset folder")
+    dash.add_argument("--split", default="train", help="dataset split (default train)")
+    dash.add_argument("--column", help="dataset column")
+    dash.add_argument("--context-size", type=int, help="tokens per context (default: the SAEs' recorded one)")
+    dash.add_argument("--n-contexts", type=int, default=256, help="contexts to gather on (default 256)")
+    dash.add_argument("--skip-contexts", type=int, default=0, help="dataset contexts to skip first (default 0)")
+    dbos = dash.add_mutually_exclusive_group()
+    dbos.add_argument("--prepend-bos", dest="prepend_bos", action="store_true", default=None)
+    dbos.add_argument("--no-prepend-bos", dest="prepend_bos", action="store_false")
+    dash.add_argument("--bos-token-id", type=int, help="BOS token id (default: the model tokenizer's)")
+    dash.add_argument("--methods", nargs="+", metavar="SETTING", default=None,
+                      help="decompositions linked on the pages (default as for evaluate)")
+    dash.add_argument("--device", default="cpu", help="cpu, cuda, ... or auto")
+    dash.add_argument("--out", type=str, required=True, help="output folder (a new one, or an earlier run's to resume)")
+    dash.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     seed = sub.add_parser("reproduce-seed", help="reproduce the research notebook's numbers (heads or kissane)",
                           description="Reproduce the seed notebook's numbers with this package, beside the seed's "
@@ -264,6 +289,57 @@ def run_demo(args: argparse.Namespace) -> int:
                              out_dir=Path(args.out) / "evaluation", context=context, command="demo",
                              title="Demo: evaluation of per-head and concat SAEs", progress=not args.no_progress)
         _print_evaluation(run, time.time() - t1)
+    if not args.no_dashboards:
+        from .demo import demo_tokens
+        from .evaluation_run import DEFAULT_SETTINGS, decompose_settings
+
+        _positive(args.dashboard_contexts, "--dashboard-contexts")
+        tokens = demo_tokens(args.dashboard_contexts, args.artifacts)
+        # The evaluation's decompositions when it ran (the same settings), else decompose now.
+        decompositions = (run.decompositions if not args.no_evaluate else
+                          decompose_settings(world.concat_sae, world.head_saes, DEFAULT_SETTINGS, W_O=world.W_O))
+        write_dashboards(world.model, tokens, world.head_saes, world.concat_sae, decompositions,
+                         Path(args.out) / "dashboards", progress=not args.no_progress)
+    return 0
+
+
+def write_dashboards(model, tokens, head_saes, concat, decompositions, out, *, progress: bool = False) -> None:
+    """Gather the dashboard data in one pass and write the site (sparsedecomp.dashboards)."""
+    from functools import lru_cache
+
+    from .activations import hooked_transformer
+    from .dashboards.gather import gather_dashboard_data
+    from .dashboards.site import write_site
+
+    hooked = hooked_transformer(model)
+    tokenizer = getattr(hooked, "tokenizer", None)
+
+    @lru_cache(maxsize=None)
+    def token_str(i: int) -> str:
+        return tokenizer.decode([i]) if tokenizer is not None else f"<{i}>"
+
+    t0 = time.time()
+    data = gather_dashboard_data(model, tokens, head_saes, concat, decompositions, progress=progress)
+    t1 = time.time()
+    site = write_site(data, out, token_str=token_str, model_id=str(hooked.cfg.model_name))
+    size = sum(p.stat().st_size for p in site.out.rglob("*") if p.is_file())
+    print(f"dashboards: {sum(site.n_pages.values())} feature pages ({site.batches_skipped} batches already done) in "
+          f"{site.out}: gather {t1 - t0:.1f}s, write {time.time() - t1:.1f}s, {size / 2**20:.1f} MiB", flush=True)
+
+
+def run_dashboard(args: argparse.Namespace) -> int:
+    settings = _settings(args.methods)
+    _positive(args.n_contexts, "--n-contexts")
+    check_output_folder(args.out)
+    concat, head_saes = _load_saes(args)
+    loaded = _load_model_for(args.model, concat, head_saes, device=_device(args.device))
+    tokens = _evaluation_tokens(args, loaded, head_saes)
+    head_saes = _fold_scales(loaded, tokens.tokens, head_saes, {})
+    from .evaluation_run import decompose_settings
+
+    layer = concat.require_hook("dashboards")[1]
+    decompositions = decompose_settings(concat, head_saes, settings, W_O=loaded.model.W_O[layer].detach())
+    write_dashboards(loaded, tokens, head_saes, concat, decompositions, args.out, progress=not args.no_progress)
     return 0
 
 
@@ -586,6 +662,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(args)
         if args.command == "evaluate":
             return run_evaluate(args)
+        if args.command == "dashboard":
+            return run_dashboard(args)
         if args.command == "reproduce-seed":
             return run_reproduce_seed(args)
         return run_decompose(args)

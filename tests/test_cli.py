@@ -213,7 +213,7 @@ def test_help_is_fast_and_module_entry_point_works():
 
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--no-progress", "--eval-contexts", "8"]) == 0
+    assert main(["demo", "--out", str(out), "--no-progress", "--eval-contexts", "8", "--no-dashboards"]) == 0
     summary = read_report(out / "summary.json")
     z = summary.results["z"]
     assert summary.n_targets == len(z.features) == 2048

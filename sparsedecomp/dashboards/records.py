@@ -1,0 +1,217 @@
+"""Feature records (docs/dashboards.md, "The feature record") and index rows from :class:`~.gather.DashboardData`.
+
+Tensors become plain lists once per SAE (``tolist``), then each record is assembled from those lists: linear in the
+number of features and examples, no tensor work per feature. Floats are rounded to :data:`DIGITS` significant
+digits (a page stays small); NaN becomes ``None``. Hrefs are relative to the feature page (``<sae>/f/<n>.html``).
+
+Decomposition links: every non-zero entry ``(f, j, c)`` of a decomposition's codes in the per-head SAEs' own units
+(:meth:`~sparsedecomp.decomposition.Decomposition.feature_codes`) links concat feature ``f`` to feature
+``dictionary.feature[j]`` of head ``dictionary.head[j]`` with coefficient ``c``; the per-head page lists the same
+entry as a back-link (``used_by``), so one is the exact inverse of the other. Explained fraction ``1 -
+relative_error^2``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..evaluation.attribution import DFA, WEIGHT
+from ..evaluation.metrics import cosine, l0, relative_error
+from .gather import CONCAT_NAME, DashboardData, GatheredSAE, head_name
+
+DIGITS = 4
+
+
+def feature_href(sae: str, feature: int, *, from_sae: str) -> str:
+    """The href of ``sae``'s feature page from a page of ``from_sae``'s features."""
+    return f"{feature}.html" if sae == from_sae else f"../../{sae}/f/{feature}.html"
+
+
+def r(value: float) -> float | None:
+    """``value`` to :data:`DIGITS` significant digits; ``None`` for NaN / infinite."""
+    if value is None or not math.isfinite(value):
+        return None
+    return float(f"{value:.{DIGITS}g}")
+
+
+def _rl(values: Sequence[float]) -> list:
+    return [r(v) for v in values]
+
+
+def decomposition_links(data: DashboardData) -> dict[str, list[tuple[int, int, int, float]]]:
+    """``label -> [(concat_feature, head, head_feature, coefficient)]`` of every non-zero code entry, per concat
+    feature largest ``|coefficient|`` first."""
+    links = {}
+    for label, decomposition in data.decompositions.items():
+        row, atom, value = decomposition.feature_codes().nonzero_entries()
+        dictionary = decomposition.dictionary
+        order = torch.argsort(value.abs(), descending=True, stable=True)
+        order = order[torch.argsort(row[order], stable=True)]
+        head, feature = dictionary.head[atom[order]].tolist(), dictionary.feature[atom[order]].tolist()
+        links[label] = list(zip(row[order].tolist(), head, feature, value[order].tolist()))
+    return links
+
+
+def decomposition_quality(data: DashboardData) -> dict[str, dict[str, list]]:
+    """``label -> {"cosine", "relative_error", "l0"}`` per concat feature."""
+    out = {}
+    for label, d in data.decompositions.items():
+        out[label] = {"cosine": cosine(d.targets, d.reconstruction).tolist(),
+                      "relative_error": relative_error(d.targets, d.reconstruction).tolist(),
+                      "l0": l0(d.codes).tolist()}
+    return out
+
+
+def sae_records(data: DashboardData, name: str, token_str: Callable[[int], str], *,
+                links: dict | None = None, quality: dict | None = None) -> list[dict[str, Any]]:
+    """Every feature record of SAE ``name`` (see the module docstring)."""
+    g = data.saes[name]
+    links = decomposition_links(data) if links is None else links
+    quality = decomposition_quality(data) if quality is None else quality
+    n = g.sae.d_sae
+    d = g.data
+    density, n_firing = d.density.tolist(), d.n_firing.tolist()
+    max_act, mean_act = d.max_activation.tolist(), d.mean_firing_activation().tolist()
+    norms = g.sae.W_dec.norm(dim=1).tolist()
+    scale = g.sae.provenance.get("input_scale")
+    hist = g.activation_histograms
+    hist_lo, hist_hi, hist_bins, hist_counts = hist.lo.tolist(), hist.hi.tolist(), hist.n_bins.tolist(), hist.counts.tolist()
+    lg = g.logits
+    top_ids, top_v, bot_ids, bot_v = lg.top_ids.tolist(), lg.top_values.tolist(), lg.bottom_ids.tolist(), lg.bottom_values.tolist()
+    lh = lg.histogram
+    lh_lo, lh_hi, lh_bins, lh_counts = lh.lo.tolist(), lh.hi.tolist(), lh.n_bins.tolist(), lh.counts.tolist()
+    corr_i, corr_c = g.correlated.indices.tolist(), g.correlated.cosine.tolist()
+    bounds = g.quantiles.bounds.tolist()
+    examples = _examples(g, token_str)
+    attribution = _attribution(data) if name == CONCAT_NAME else None
+    panel: dict[int, list] = defaultdict(list)
+    used_by: dict[int, list] = defaultdict(list)
+    if name == CONCAT_NAME:
+        for label, entries in links.items():
+            atoms: dict[int, list] = defaultdict(list)
+            for f, h, j, c in entries:
+                atoms[f].append({"head": h, "feature": j, "coefficient": r(c),
+                                 "href": feature_href(head_name(h), j, from_sae=name)})
+            q = quality[label]
+            for f in range(n):
+                panel[f].append({"label": label, "cosine": r(q["cosine"][f]),
+                                 "relative_error": r(q["relative_error"][f]), "l0": int(q["l0"][f]),
+                                 "atoms": atoms.get(f, [])})
+    else:
+        head = int(name.split("_")[1])
+        for label, entries in links.items():
+            for f, h, j, c in entries:
+                if h == head:
+                    used_by[j].append({"label": label, "feature": f, "coefficient": r(c),
+                                       "href": feature_href(CONCAT_NAME, f, from_sae=name)})
+    k = g.examples.group.tolist().count(-1)
+    records = []
+    for f in range(n):
+        shown = examples[f]
+        groups = []
+        if n_firing[f] > 0:
+            b = bounds[f]
+            for i in range(len(b) - 1):
+                groups.append({"lo": r(b[i]), "hi": r(b[i + 1]),
+                               "examples": [e for e in shown[k:] if e["_group"] == i]})
+        for e in shown:
+            e.pop("_group", None)
+        records.append({
+            "sae": name, "feature": f, "title": f"{name.replace('_', ' ')} feature {f}",
+            "density": r(density[f]), "n_firing": n_firing[f], "n_tokens": d.n_tokens,
+            "max_activation": r(max_act[f]), "mean_firing_activation": r(mean_act[f]),
+            "decoder_norm": {"sae_units": r(norms[f]), "training_units": None if scale is None else r(norms[f] * scale)},
+            "activation_histogram": _histogram(hist_lo[f], hist_hi[f], hist_bins[f], hist_counts[f]),
+            "logits": {"top": [[token_str(t), r(v)] for t, v in zip(top_ids[f], top_v[f])],
+                       "bottom": [[token_str(t), r(v)] for t, v in zip(bot_ids[f], bot_v[f])],
+                       "histogram": _histogram(lh_lo[f], lh_hi[f], lh_bins[f], lh_counts[f])},
+            "examples": {"top": shown[:k], "quantiles": groups},
+            "correlated": [{"feature": j, "cosine": r(c), "href": feature_href(name, j, from_sae=name)}
+                           for j, c in zip(corr_i[f], corr_c[f])],
+            "attribution": None if attribution is None else attribution[f],
+            "decomposition": panel.get(f, []),
+            "used_by": used_by.get(f, []),
+        })
+    return records
+
+
+def _histogram(lo: float, hi: float, n_bins: int, counts: list[int]) -> dict[str, list]:
+    step = (hi - lo) / n_bins if math.isfinite(lo) and math.isfinite(hi) else 0.0
+    return {"edges": [r(lo + i * step) for i in range(n_bins + 1)], "counts": counts[:n_bins]}
+
+
+def _examples(g: GatheredSAE, token_str: Callable[[int], str]) -> list[list[dict[str, Any]]]:
+    """Per feature, its shown examples as EXAMPLE dicts (filled slots only; ``_group`` marks the group)."""
+    ex = g.examples
+    ctx, pos, val = ex.context.tolist(), ex.position.tolist(), ex.value.tolist()
+    group = ex.group.tolist()
+    ids = g.windows.token_ids.tolist()
+    acts = g.window_acts.tolist()
+    dfa = None if g.dfa is None else g.dfa.transpose(2, 3).tolist()  # (n, e, heads, W)
+    bias_enc, bias_dec = g.dfa_bias_encoder.tolist(), g.dfa_bias_decoder.tolist()
+    left = g.windows.left
+    out = []
+    for f in range(len(ctx)):
+        row = []
+        for e in range(len(ctx[f])):
+            if ctx[f][e] < 0:
+                continue
+            window = ids[f][e]
+            first = next(i for i, t in enumerate(window) if t >= 0)
+            last = max(i for i, t in enumerate(window) if t >= 0) + 1
+            item = {"context": ctx[f][e], "position": pos[f][e], "value": r(val[f][e]),
+                    "tokens": [token_str(t) for t in window[first:last]], "acts": _rl(acts[f][e][first:last]),
+                    "focus": left - first,
+                    "dfa": None if dfa is None else {"heads": [_rl(h[first:last]) for h in dfa[f][e]],
+                                                     "bias": {"encoder": r(bias_enc[f]), "decoder": r(bias_dec[f])}},
+                    "_group": group[e]}
+            row.append(item)
+        out.append(row)
+    return out
+
+
+def _attribution(data: DashboardData) -> list[dict[str, Any]]:
+    a = data.attribution
+    shares = {m: a.shares[m].tolist() for m in a.methods if not m.endswith("_squared") or m == "weight_squared"}
+    top = {m: a.top_head(m).tolist() for m in shares}
+    tv = driving = None
+    if DFA in a.shares:
+        act, wt = a.shares[DFA], a.shares[WEIGHT]
+        tv = (0.5 * (act - wt).abs().sum(dim=1)).tolist()
+        driving = (act - wt).nan_to_num(float("-inf")).argmax(dim=1).tolist()
+    out = []
+    for f in range(a.n_features):
+        methods = {m: (None if any(math.isnan(v) for v in s[f]) else _rl(s[f])) for m, s in shares.items()}
+        methods.setdefault(DFA, None)
+        out.append({"methods": methods, "top_heads": {m: t[f] for m, t in top.items()},
+                    "disagreement": None if tv is None or not math.isfinite(tv[f]) else
+                    {"total_variation": r(tv[f]), "driving_head": driving[f]}})
+    return out
+
+
+def index_table(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{"sae", "columns", "rows"}`` of the SAE's index (``window.SD_INDEX``): one row per record."""
+    name = records[0]["sae"]
+    columns = ["feature", "density", "max_activation", "mean_firing_activation", "top_tokens"]
+    methods = list(records[0]["attribution"]["top_heads"]) if records[0]["attribution"] else []
+    labels = [p["label"] for p in records[0]["decomposition"]]
+    columns += [f"top_head:{m}" for m in methods]
+    columns += [c for label in labels for c in (f"l0:{label}", f"explained:{label}")]
+    if name != CONCAT_NAME:
+        columns.append("n_used_by")
+    rows = []
+    for rec in records:
+        tokens = list(dict.fromkeys(e["tokens"][e["focus"]] for e in rec["examples"]["top"]))[:3]
+        row = [rec["feature"], rec["density"], rec["max_activation"], rec["mean_firing_activation"], tokens]
+        row += [rec["attribution"]["top_heads"][m] for m in methods]
+        for p in rec["decomposition"]:
+            err = p["relative_error"]
+            row += [p["l0"], None if err is None else r(1 - err * err)]
+        if name != CONCAT_NAME:
+            row.append(len(rec["used_by"]))
+        rows.append(row)
+    return {"sae": name, "columns": columns, "rows": rows}

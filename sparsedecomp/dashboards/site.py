@@ -1,0 +1,152 @@
+"""Write the dashboard site (docs/dashboards.md, "Site layout") with :class:`~sparsedecomp.outputs.RunWriter`'s
+guarantees: every file is written atomically (a temporary file renamed into place); feature pages go out in batches
+of :data:`BATCH_SIZE`, and a batch is recorded as finished in ``dashboard_state.json`` only after all its pages are
+written. A rerun over the same data skips the finished batches, so an interrupted run, rerun, leaves the same bytes
+as an uninterrupted one (nothing in any file depends on time or on which run wrote it).
+
+Pages render through ``render_page(kind, **context)`` (``kind`` is ``"feature"``, ``"index"`` or ``"site_index"``),
+by default the package templates ``dashboard/<kind>.html.j2``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from ..errors import InputError
+from ..outputs import _atomic, check_output_folder, dumps_strict
+from .gather import DashboardData
+from .neuronpedia import neuronpedia_batch
+from .records import decomposition_links, decomposition_quality, index_table, sae_records
+
+BATCH_SIZE = 256
+STATE_NAME = "dashboard_state.json"
+MANIFEST_NAME = "manifest.json"
+
+
+def default_render_page(kind: str, **context: Any) -> str:
+    from ..rendering import render
+
+    return render(f"dashboard/{kind}.html.j2", **context)
+
+
+@dataclass(frozen=True)
+class DashboardSite:
+    """What :func:`write_site` wrote: the folder, pages per SAE, batches written now and skipped as finished."""
+
+    out: Path
+    n_pages: dict[str, int]
+    batches_written: int
+    batches_skipped: int
+
+
+def write_site(data: DashboardData, out_dir: str | Path, *, token_str: Callable[[int], str],
+               render_page: Callable[..., str] = default_render_page, batch_size: int = BATCH_SIZE,
+               model_id: str = "model", after_batch: Callable[[str, int], None] | None = None,
+               analysis_href: str | None = None) -> DashboardSite:
+    """Write the site for ``data`` into ``out_dir`` (see the module docstring). ``after_batch(sae, batch)`` is
+    called after each batch is recorded finished (a progress hook; tests interrupt there)."""
+    out = check_output_folder(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # Claim the folder first, so that an interrupted run's folder is recognised (and resumed) by the next one.
+    if not (out / MANIFEST_NAME).is_file():
+        _atomic(out / MANIFEST_NAME, lambda tmp: tmp.write_text(dumps_strict({"complete": False}) + "\n"))
+    for leftover in out.rglob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
+    fingerprint = _fingerprint(data, batch_size)
+    state = _read_state(out / STATE_NAME)
+    if state.get("fingerprint") != fingerprint:
+        state = {"fingerprint": fingerprint, "finished": {}}
+    files: dict[str, int] = {}
+
+    def write(rel: str, text: str) -> None:
+        path = out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        files[rel] = path.stat().st_size
+
+    _copy_assets(out, files)
+    links, quality = decomposition_links(data), decomposition_quality(data)
+    written = skipped = 0
+    n_pages = {}
+    for name in data.saes:
+        records = sae_records(data, name, token_str, links=links, quality=quality)
+        n_pages[name] = len(records)
+        finished = set(state["finished"].get(name, []))
+        for b, start in enumerate(range(0, len(records), batch_size)):
+            batch = records[start:start + batch_size]
+            if b in finished:
+                skipped += 1
+                for rec in batch:
+                    rel = f"{name}/f/{rec['feature']}.html"
+                    files[rel] = (out / rel).stat().st_size
+                continue
+            for rec in batch:
+                write(f"{name}/f/{rec['feature']}.html",
+                      render_page("feature", record=rec, record_json=_inline_json(rec), assets="../../assets",
+                                  index_href="../index.html", site_href="../../index.html"))
+            state["finished"].setdefault(name, []).append(b)
+            state["finished"][name].sort()
+            write(STATE_NAME, dumps_strict(state, indent=1) + "\n")
+            written += 1
+            if after_batch is not None:
+                after_batch(name, b)
+        table = index_table(records)
+        write(f"{name}/features.js", "window.SD_INDEX = " + _inline_json(table) + ";\n")
+        write(f"{name}/index.html", render_page("index", sae=name, n_features=len(records), assets="../assets",
+                                                data_src="features.js", site_href="../index.html"))
+        write(f"neuronpedia/{name}.json",
+              dumps_strict(neuronpedia_batch(data, name, records, model_id=model_id)) + "\n")
+    saes = [{"name": name, "n_features": n_pages[name], "href": f"{name}/index.html"} for name in data.saes]
+    write("index.html", render_page("site_index", saes=saes, assets="assets", analysis_href=analysis_href))
+    write(STATE_NAME, dumps_strict({**state, "complete": True}, indent=1) + "\n")
+    manifest = {"format": "sparsedecomp-dashboards/1", "files": dict(sorted(files.items()))}
+    _atomic(out / MANIFEST_NAME, lambda tmp: tmp.write_text(dumps_strict(manifest, indent=1) + "\n"))
+    return DashboardSite(out=out, n_pages=n_pages, batches_written=written, batches_skipped=skipped)
+
+
+def _inline_json(value: Any) -> str:
+    """Strict JSON safe inside a ``<script>`` element: ``<``, ``>`` and ``&`` escaped so no token text can close
+    the element."""
+    return dumps_strict(value).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _copy_assets(out: Path, files: dict[str, int]) -> None:
+    import plotly.offline
+
+    assets = out / "assets"
+    assets.mkdir(exist_ok=True)
+    script = plotly.offline.get_plotlyjs()
+    _atomic(assets / "plotly.min.js", lambda tmp: tmp.write_text(script, encoding="utf-8"))
+    files["assets/plotly.min.js"] = (assets / "plotly.min.js").stat().st_size
+    package = resources.files("sparsedecomp.dashboards") / "assets"
+    if package.is_dir():
+        for item in sorted(package.iterdir(), key=lambda p: p.name):
+            if item.is_file():
+                body = item.read_bytes()
+                _atomic(assets / item.name, lambda tmp, body=body: tmp.write_bytes(body))
+                files[f"assets/{item.name}"] = len(body)
+
+
+def _fingerprint(data: DashboardData, batch_size: int) -> str:
+    """What makes two runs the same: the features and tokens counted per SAE, the decompositions, the batch size."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"batch_size": batch_size, "n_contexts": data.n_contexts, "context_size": data.context_size,
+                         "saes": {n: [g.sae.d_sae, g.data.n_tokens, g.data.n_firing.sum().item(),
+                                      g.data.activation_sum.sum().item()] for n, g in data.saes.items()},
+                         "decompositions": sorted(data.decompositions)}).encode())
+    return h.hexdigest()[:16]
+
+
+def _read_state(path: Path) -> Mapping[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise InputError(f"{path} is not valid JSON: remove it to rewrite every page") from None

@@ -1,0 +1,134 @@
+"""The dashboard site end to end on the offline stand-in: records, links, invariants, resume."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.standins import TINY, write_standin
+from sparsedecomp.dashboards.gather import gather_dashboard_data
+from sparsedecomp.dashboards.site import write_site
+from sparsedecomp.evaluation_run import decompose_settings
+from sparsedecomp.loading import load_head_saes, load_model, load_sae
+from sparsedecomp.solver_settings import SolverSetting
+
+
+def stub_render(kind, **context):
+    """A page that holds its record / index data, as the real templates do."""
+    if kind == "feature":
+        return f'<script id="sd-feature" type="application/json">{context["record_json"]}</script>\n'
+    return f"<p>{kind}</p>\n"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    standin = write_standin(tmp_path_factory.mktemp("standin"), config=TINY, head_d_sae=48, concat_d_sae=128, n_rows=6,
+                            record_local_dataset=True)
+    concat = load_sae(str(standin.concat_dir), version=standin.concat_version)
+    heads = load_head_saes([str(p) for p in standin.head_runs])
+    loaded = load_model(str(standin.model_dir), flags=None)
+    torch.manual_seed(0)
+    tokens = torch.randint(1, loaded.model.cfg.d_vocab, (12, 16))
+    tokens[:, 0] = 0
+    decompositions = decompose_settings(concat, heads, [SolverSetting("nn_omp", {"n_nonzero": 4})], log=lambda s: None)
+    data = gather_dashboard_data(loaded, tokens, heads, concat, decompositions, top_k=5, quantile_groups=3,
+                                 examples_per_group=2, left=15, right=1)  # the window holds every source
+    return data
+
+
+def token_str(i):
+    return f"t{i}"
+
+
+@pytest.fixture(scope="module")
+def site(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("site") / "dash"
+    write_site(world, out, token_str=token_str, render_page=stub_render, batch_size=32)
+    return out
+
+
+def records(out):
+    for page in sorted(out.glob("*/f/*.html")):
+        text = page.read_text()
+        body = re.search(r'<script id="sd-feature" type="application/json">(.*)</script>', text, re.S).group(1)
+        yield page, json.loads(body)
+
+
+def test_every_page_is_written_and_every_href_resolves(world, site):
+    n_pages = sum(g.sae.d_sae for g in world.saes.values())
+    assert len(list(site.glob("*/f/*.html"))) == n_pages
+    n_links = 0
+    for page, rec in records(site):
+        hrefs = [c["href"] for c in rec["correlated"]] + [u["href"] for u in rec["used_by"]]
+        hrefs += [a["href"] for p in rec["decomposition"] for a in p["atoms"]]
+        for href in hrefs:
+            assert (page.parent / href).resolve().is_file(), (page, href)
+        n_links += len(hrefs)
+    assert n_links > n_pages
+    for rel in ("index.html", "assets/plotly.min.js", "concat/index.html", "concat/features.js",
+                "neuronpedia/concat.json", "neuronpedia/head_0.json", "manifest.json", "dashboard_state.json"):
+        assert (site / rel).is_file(), rel
+
+
+def test_densities_and_quantile_groups(site):
+    n_groups = 0
+    for _, rec in records(site):
+        assert 0.0 <= rec["density"] <= 1.0
+        groups = rec["examples"]["quantiles"]
+        for a, b in zip(groups, groups[1:]):
+            assert a["hi"] <= b["lo"] + 1e-6 * abs(b["lo"]) or a["hi"] == b["lo"]
+        for g in groups:
+            assert g["lo"] > 0
+            for e in g["examples"]:
+                assert g["lo"] * (1 - 1e-3) <= e["value"] <= g["hi"] * (1 + 1e-3)
+                assert e["value"] > 0
+                assert e["acts"][e["focus"]] == pytest.approx(e["value"], rel=1e-3, abs=1e-5)
+            n_groups += 1
+        for e in rec["examples"]["top"]:
+            assert e["acts"][e["focus"]] == pytest.approx(e["value"], rel=1e-3, abs=1e-5)
+    assert n_groups > 0
+
+
+def test_dfa_by_head_plus_bias_is_the_pre_activation(site):
+    checked = 0
+    for _, rec in records(site):
+        for e in rec["examples"]["top"]:
+            pre = sum(sum(h) for h in e["dfa"]["heads"]) + e["dfa"]["bias"]["encoder"] + e["dfa"]["bias"]["decoder"]
+            assert pre == pytest.approx(e["value"], rel=2e-3, abs=2e-3)
+            checked += 1
+    assert checked > 100
+
+
+def test_back_links_are_the_inverse_of_the_decomposition_links(site):
+    forward, backward = set(), set()
+    for _, rec in records(site):
+        for p in rec["decomposition"]:
+            for a in p["atoms"]:
+                forward.add((p["label"], rec["feature"], a["head"], a["feature"], a["coefficient"]))
+        for u in rec["used_by"]:
+            backward.add((u["label"], u["feature"], int(rec["sae"].split("_")[1]), rec["feature"], u["coefficient"]))
+    assert forward and forward == backward
+
+
+def test_interrupted_run_rerun_gives_the_same_site(world, site, tmp_path):
+    out = tmp_path / "dash"
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(name, batch):
+        if (name, batch) == ("concat", 1):
+            raise Stop
+
+    with pytest.raises(Stop):
+        write_site(world, out, token_str=token_str, render_page=stub_render, batch_size=32, after_batch=stop_after_two)
+    state = json.loads((out / "dashboard_state.json").read_text())
+    assert state["finished"] == {"concat": [0, 1]}
+    rerun = write_site(world, out, token_str=token_str, render_page=stub_render, batch_size=32)
+    assert rerun.batches_skipped == 2
+    files = sorted(p.relative_to(site) for p in site.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    for rel in files:
+        assert (site / rel).read_bytes() == (out / rel).read_bytes(), rel
