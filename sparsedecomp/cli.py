@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--methods", nargs="+", metavar="SETTING", default=None,
                       help="decompositions linked on the pages (default as for evaluate)")
     dash.add_argument("--device", default="cpu", help="cpu, cuda, ... or auto")
+    dash.add_argument("--no-neuronpedia", action="store_true",
+                      help="skip the Neuronpedia batch export (neuronpedia/<sae>.json, as large as the pages)")
     dash.add_argument("--out", type=str, required=True, help="output folder (a new one, or an earlier run's to resume)")
     dash.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -254,6 +256,7 @@ def run_demo(args: argparse.Namespace) -> int:
     features = parse_features(args.features)
     check_output_folder(args.out)
     _positive(args.eval_contexts, "--eval-contexts")
+    _positive(args.dashboard_contexts, "--dashboard-contexts")
     if not args.no_evaluate:
         check_output_folder(Path(args.out) / "evaluation")
     from .demo import load_demo_world
@@ -293,18 +296,22 @@ def run_demo(args: argparse.Namespace) -> int:
         from .demo import demo_tokens
         from .evaluation_run import DEFAULT_SETTINGS, decompose_settings
 
-        _positive(args.dashboard_contexts, "--dashboard-contexts")
         tokens = demo_tokens(args.dashboard_contexts, args.artifacts)
         # The evaluation's decompositions when it ran (the same settings), else decompose now.
         decompositions = (run.decompositions if not args.no_evaluate else
                           decompose_settings(world.concat_sae, world.head_saes, DEFAULT_SETTINGS, W_O=world.W_O))
         write_dashboards(world.model, tokens, world.head_saes, world.concat_sae, decompositions,
-                         Path(args.out) / "dashboards", progress=not args.no_progress)
+                         Path(args.out) / "dashboards", progress=not args.no_progress, tokenizer=world.tokenizer,
+                         analysis_href=None if args.no_evaluate else "../evaluation/report.html",
+                         context={k: str(v) for k, v in context.items()}, neuronpedia=False)
     return 0
 
 
-def write_dashboards(model, tokens, head_saes, concat, decompositions, out, *, progress: bool = False) -> None:
-    """Gather the dashboard data in one pass and write the site (sparsedecomp.dashboards)."""
+def write_dashboards(model, tokens, head_saes, concat, decompositions, out, *, progress: bool = False,
+                     tokenizer=None, analysis_href: str | None = None, context: dict | None = None,
+                     neuronpedia: bool = True) -> None:
+    """Gather the dashboard data in one pass and write the site (sparsedecomp.dashboards). Tokens are shown through
+    ``tokenizer`` (default: the model's; ``<id>`` without one)."""
     from functools import lru_cache
 
     from .activations import hooked_transformer
@@ -312,7 +319,7 @@ def write_dashboards(model, tokens, head_saes, concat, decompositions, out, *, p
     from .dashboards.site import write_site
 
     hooked = hooked_transformer(model)
-    tokenizer = getattr(hooked, "tokenizer", None)
+    tokenizer = tokenizer if tokenizer is not None else getattr(hooked, "tokenizer", None)
 
     @lru_cache(maxsize=None)
     def token_str(i: int) -> str:
@@ -321,7 +328,8 @@ def write_dashboards(model, tokens, head_saes, concat, decompositions, out, *, p
     t0 = time.time()
     data = gather_dashboard_data(model, tokens, head_saes, concat, decompositions, progress=progress)
     t1 = time.time()
-    site = write_site(data, out, token_str=token_str, model_id=str(hooked.cfg.model_name))
+    site = write_site(data, out, token_str=token_str, model_id=str(hooked.cfg.model_name),
+                      analysis_href=analysis_href, context=context, neuronpedia=neuronpedia)
     size = sum(p.stat().st_size for p in site.out.rglob("*") if p.is_file())
     print(f"dashboards: {sum(site.n_pages.values())} feature pages ({site.batches_skipped} batches already done) in "
           f"{site.out}: gather {t1 - t0:.1f}s, write {time.time() - t1:.1f}s, {size / 2**20:.1f} MiB", flush=True)
@@ -339,7 +347,8 @@ def run_dashboard(args: argparse.Namespace) -> int:
 
     layer = concat.require_hook("dashboards")[1]
     decompositions = decompose_settings(concat, head_saes, settings, W_O=loaded.model.W_O[layer].detach())
-    write_dashboards(loaded, tokens, head_saes, concat, decompositions, args.out, progress=not args.no_progress)
+    write_dashboards(loaded, tokens, head_saes, concat, decompositions, args.out, progress=not args.no_progress,
+                     neuronpedia=not args.no_neuronpedia)
     return 0
 
 

@@ -38,19 +38,34 @@ def r(value: float) -> float | None:
     return float(f"{value:.{DIGITS}g}")
 
 
-def _rl(values: Sequence[float]) -> list:
-    return [r(v) for v in values]
+def _rl(values: Sequence[float], digits: int = DIGITS) -> list:
+    return [None if v is None or not math.isfinite(v) else float(f"{v:.{digits}g}") for v in values]
 
 
-def decomposition_links(data: DashboardData) -> dict[str, list[tuple[int, int, int, float]]]:
-    """``label -> [(concat_feature, head, head_feature, coefficient)]`` of every non-zero code entry, per concat
-    feature largest ``|coefficient|`` first."""
+DFA_DIGITS = 3
+"""DFA tables are the bulk of a page (heads x window per example): three significant digits are what a heatmap
+shows."""
+
+
+MAX_LINKED_ATOMS = 32
+"""Per concat feature and setting, the largest coefficients linked (a dense ``pinv`` code has thousands); the
+panel says how many atoms the code has in all, and the back-links are the inverse of exactly these links."""
+
+
+def decomposition_links(data: DashboardData, *, max_atoms: int = MAX_LINKED_ATOMS
+                        ) -> dict[str, list[tuple[int, int, int, float]]]:
+    """``label -> [(concat_feature, head, head_feature, coefficient)]``: per concat feature its ``max_atoms``
+    largest ``|coefficient|`` non-zero code entries, largest first."""
     links = {}
     for label, decomposition in data.decompositions.items():
         row, atom, value = decomposition.feature_codes().nonzero_entries()
         dictionary = decomposition.dictionary
         order = torch.argsort(value.abs(), descending=True, stable=True)
         order = order[torch.argsort(row[order], stable=True)]
+        # rank of each entry within its feature (entries are grouped by feature, largest first)
+        sorted_rows = row[order]
+        starts = torch.searchsorted(sorted_rows, sorted_rows, right=False)
+        order = order[(torch.arange(len(order)) - starts) < max_atoms]
         head, feature = dictionary.head[atom[order]].tolist(), dictionary.feature[atom[order]].tolist()
         links[label] = list(zip(row[order].tolist(), head, feature, value[order].tolist()))
     return links
@@ -100,7 +115,7 @@ def sae_records(data: DashboardData, name: str, token_str: Callable[[int], str],
             for f in range(n):
                 panel[f].append({"label": label, "cosine": r(q["cosine"][f]),
                                  "relative_error": r(q["relative_error"][f]), "l0": int(q["l0"][f]),
-                                 "atoms": atoms.get(f, [])})
+                                 "n_atoms_listed": len(atoms.get(f, [])), "atoms": atoms.get(f, [])})
     else:
         head = int(name.split("_")[1])
         for label, entries in links.items():
@@ -166,7 +181,7 @@ def _examples(g: GatheredSAE, token_str: Callable[[int], str]) -> list[list[dict
             item = {"context": ctx[f][e], "position": pos[f][e], "value": r(val[f][e]),
                     "tokens": [token_str(t) for t in window[first:last]], "acts": _rl(acts[f][e][first:last]),
                     "focus": left - first,
-                    "dfa": None if dfa is None else {"heads": [_rl(h[first:last]) for h in dfa[f][e]],
+                    "dfa": None if dfa is None else {"heads": [_rl(h[first:last], DFA_DIGITS) for h in dfa[f][e]],
                                                      "bias": {"encoder": r(bias_enc[f]), "decoder": r(bias_dec[f])}},
                     "_group": group[e]}
             row.append(item)

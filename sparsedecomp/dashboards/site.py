@@ -48,9 +48,12 @@ class DashboardSite:
 def write_site(data: DashboardData, out_dir: str | Path, *, token_str: Callable[[int], str],
                render_page: Callable[..., str] = default_render_page, batch_size: int = BATCH_SIZE,
                model_id: str = "model", after_batch: Callable[[str, int], None] | None = None,
-               analysis_href: str | None = None) -> DashboardSite:
+               analysis_href: str | None = None, context: Mapping[str, str] | None = None,
+               neuronpedia: bool = True) -> DashboardSite:
     """Write the site for ``data`` into ``out_dir`` (see the module docstring). ``after_batch(sae, batch)`` is
-    called after each batch is recorded finished (a progress hook; tests interrupt there)."""
+    called after each batch is recorded finished (a progress hook; tests interrupt there); ``context`` (what the site
+    was built from, in words) is shown on the front page; ``neuronpedia`` writes the Neuronpedia batch export (as
+    large as the pages again: the demo leaves it out)."""
     out = check_output_folder(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Claim the folder first, so that an interrupted run's folder is recognised (and resumed) by the next one.
@@ -88,8 +91,8 @@ def write_site(data: DashboardData, out_dir: str | Path, *, token_str: Callable[
                 continue
             for rec in batch:
                 write(f"{name}/f/{rec['feature']}.html",
-                      render_page("feature", record=rec, record_json=_inline_json(rec), assets="../../assets",
-                                  index_href="../index.html", site_href="../../index.html"))
+                      render_page("feature", record_json=_inline_json(rec), title=rec["title"],
+                                  assets="../../assets", site_root="../.."))
             state["finished"].setdefault(name, []).append(b)
             state["finished"][name].sort()
             write(STATE_NAME, dumps_strict(state, indent=1) + "\n")
@@ -98,16 +101,23 @@ def write_site(data: DashboardData, out_dir: str | Path, *, token_str: Callable[
                 after_batch(name, b)
         table = index_table(records)
         write(f"{name}/features.js", "window.SD_INDEX = " + _inline_json(table) + ";\n")
-        write(f"{name}/index.html", render_page("index", sae=name, n_features=len(records), assets="../assets",
-                                                data_src="features.js", site_href="../index.html"))
-        write(f"neuronpedia/{name}.json",
-              dumps_strict(neuronpedia_batch(data, name, records, model_id=model_id)) + "\n")
-    saes = [{"name": name, "n_features": n_pages[name], "href": f"{name}/index.html"} for name in data.saes]
-    write("index.html", render_page("site_index", saes=saes, assets="assets", analysis_href=analysis_href))
+        write(f"{name}/index.html", render_page("index", sae=name, title=_sae_title(name), n_features=len(records),
+                                                assets="../assets", site_root="..", data_src="features.js"))
+        if neuronpedia:
+            write(f"neuronpedia/{name}.json",
+                  dumps_strict(neuronpedia_batch(data, name, records, model_id=model_id)) + "\n")
+    saes = [{"name": name, "n_features": n_pages[name], "href": f"{name}/index.html", "description": _sae_title(name)}
+            for name in data.saes]
+    write("index.html", render_page("site_index", title="Feature dashboards", saes=saes, analysis_href=analysis_href,
+                                    context=dict(context or {})))
     write(STATE_NAME, dumps_strict({**state, "complete": True}, indent=1) + "\n")
     manifest = {"format": "sparsedecomp-dashboards/1", "files": dict(sorted(files.items()))}
     _atomic(out / MANIFEST_NAME, lambda tmp: tmp.write_text(dumps_strict(manifest, indent=1) + "\n"))
     return DashboardSite(out=out, n_pages=n_pages, batches_written=written, batches_skipped=skipped)
+
+
+def _sae_title(name: str) -> str:
+    return "concatenated-z SAE" if name == "concat" else f"per-head SAE of head {name.removeprefix('head_')}"
 
 
 def _inline_json(value: Any) -> str:
