@@ -249,6 +249,18 @@ def test_dfa_by_source_and_head_plus_bias_is_the_pre_activation(tiny_model, toke
     assert bool((result.values[~after] != 0).any())
 
 
+def test_dfa_for_chosen_sources_equals_the_full_computation_there(tiny_model, tokens, concat):
+    contexts, positions, features = torch.tensor([0, 5, 9]), torch.tensor([3, 15, 8]), torch.tensor([2, 4, 5])
+    full = dfa_by_source(tiny_model, concat, tokens[contexts], positions, features, layer=LAYER)
+    sources = torch.tensor([[-1, 0, 1, 2, 3], [11, 12, 13, 14, 15], [6, 7, 8, 9, CONTEXT]])  # padding on both ends
+    part = dfa_by_source(tiny_model, concat, tokens[contexts], positions, features, layer=LAYER, sources=sources,
+                         chunk_elements=100)
+    inside = (sources >= 0) & (sources < CONTEXT)
+    expected = full.values.gather(1, sources.clamp(0, CONTEXT - 1)[:, :, None].expand(-1, -1, N_HEADS))
+    torch.testing.assert_close(part.values, expected * inside[:, :, None])
+    assert bool((part.values[~inside] == 0).all())
+
+
 def test_bad_input_is_refused_by_name(tiny_model, tokens, concat, head2):
     with pytest.raises(InputError, match="site"):
         FeatureDataAccumulator(head2, 3)

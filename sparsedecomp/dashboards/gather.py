@@ -239,12 +239,13 @@ def source_dfa_windows(model: Any, sae: SAE, tokens: Tensor, shown: ShownExample
     heads: tuple[int, ...] = tuple(range(model.cfg.n_heads)) if sae.head == CONCATENATED else (int(sae.head),)
     out = torch.zeros(n * e, width, len(heads), dtype=sae.dtype)
     for part in filled.split(per_call):
+        positions = windows.positions.reshape(n * e, width)[part]
+        inside = windows.valid.reshape(n * e, width)[part]
+        # Only the window's sources are computed; padding positions are masked out here.
         result = dfa_by_source(model, sae, tokens[flat_context[part]], shown.position.reshape(-1)[part],
-                               feature[part], layer=layer, batch_size=batch_size)
-        positions = windows.positions.reshape(n * e, width)[part].to(result.values.device)
-        inside = windows.valid.reshape(n * e, width)[part].to(result.values.device)
-        at = positions.clamp(0, result.values.shape[1] - 1)[:, :, None].expand(-1, -1, len(heads))
-        out[part] = torch.where(inside[:, :, None], result.values.gather(1, at), 0.0).cpu()
+                               feature[part], layer=layer, batch_size=batch_size,
+                               sources=torch.where(inside, positions, -1))
+        out[part] = result.values.cpu()
     return out.reshape(n, e, width, len(heads)), heads
 
 

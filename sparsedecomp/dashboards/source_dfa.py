@@ -53,7 +53,8 @@ class SourceDFA:
 
 
 def dfa_by_source(model: Any, sae: SAE, contexts: Tensor, positions: Tensor, features: Tensor, *, layer: int,
-                  batch_size: int | None = None, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> SourceDFA:
+                  batch_size: int | None = None, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+                  sources: Tensor | None = None) -> SourceDFA:
     """:class:`SourceDFA` of the examples ``(contexts[e], positions[e], features[e])``.
 
     Args:
@@ -65,6 +66,9 @@ def dfa_by_source(model: Any, sae: SAE, contexts: Tensor, positions: Tensor, fea
         layer: the attention layer the SAE reads.
         batch_size: distinct contexts per forward pass (by default from the activation stream's memory budget).
         chunk_elements: gathered ``v`` entries (examples x sources x heads x d_head) processed at a time.
+        sources: ``(n_examples, W)`` the source positions wanted (e.g. a page's token window); then ``values`` is
+            ``(n_examples, W, len(heads))`` and a position outside the context gives 0. Only those sources are
+            computed, not the whole context (a window is a few percent of a 1,024-token context).
     """
     if not isinstance(sae, SAE):
         raise InputTypeError(f"sae must be a sparsedecomp SAE, got {type(sae).__name__}")
@@ -83,18 +87,30 @@ def dfa_by_source(model: Any, sae: SAE, contexts: Tensor, positions: Tensor, fea
     which, positions, features = which.to(device), positions.to(device), features.to(device)
     weights = sae.W_enc[:, features].T.reshape(n_examples, len(heads), d_head)  # (e, heads, d_head)
     head_index = torch.tensor(heads, device=device)
-    values = torch.zeros(n_examples, size, len(heads), dtype=sae.dtype, device=device)
-    step = max(1, chunk_elements // (size * len(heads) * d_head))
+    if sources is None:
+        sources = torch.arange(size, device=device).expand(n_examples, -1)
+    elif not isinstance(sources, Tensor) or sources.ndim != 2 or sources.shape[0] != n_examples:
+        raise InputError(f"sources must be an (n_examples={n_examples}, W) tensor of positions, got "
+                         f"{getattr(sources, 'shape', type(sources).__name__)}")
+    sources = sources.to(device=device, dtype=torch.long)
+    inside = (sources >= 0) & (sources < size)
+    sources = sources.clamp(0, size - 1)
+    width = sources.shape[1]
+    values = torch.zeros(n_examples, width, len(heads), dtype=sae.dtype, device=device)
+    step = max(1, chunk_elements // (width * len(heads) * d_head))
     stream = ActivationStream(hooked, distinct, layer=layer, include=("v", "pattern"), batch_size=batch_size,
                               with_logits=False)
     for batch in stream:
         in_batch = ((which >= batch.first_context) & (which < batch.first_context + batch.n_contexts)).nonzero()
+        v_all = batch.v.to(device=device, dtype=sae.dtype)[:, :, head_index]  # (contexts, src, heads, d_head)
+        pattern_all = batch.pattern.to(device=device, dtype=sae.dtype)[:, head_index]  # (contexts, heads, dest, src)
         for part in in_batch.squeeze(1).split(step):
-            row = which[part] - batch.first_context
-            v = batch.v.to(device=device, dtype=sae.dtype)[row][:, :, head_index]  # (e, src, heads, d_head)
-            pattern = batch.pattern.to(device=device, dtype=sae.dtype)[row, :, positions[part]]  # (e, n_heads, src)
+            row, src = which[part] - batch.first_context, sources[part]
+            v = v_all[row[:, None], src]  # (e, W, heads, d_head): only the wanted sources
+            pattern = pattern_all[row, :, positions[part]]  # (e, heads, src): one destination row each
+            pattern = pattern.gather(2, src[:, None, :].expand(-1, len(heads), -1))  # (e, heads, W)
             v_dot_w = torch.einsum("eshd,ehd->esh", v, weights[part])
-            values[part] = pattern[:, head_index].transpose(1, 2) * v_dot_w
+            values[part] = pattern.transpose(1, 2) * v_dot_w * inside[part, :, None]
     bias = dfa_bias(sae)
     return SourceDFA(values=values, heads=heads, bias_decoder=bias.decoder[features],
                      bias_encoder=bias.encoder[features])
