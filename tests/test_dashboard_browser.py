@@ -4,7 +4,6 @@ the figures; hostile tokens show as text; every link in the live DOM resolves to
 table shows one page of 100 rows and its search, sort, filters and paging (driven through the URL fragment, since
 the helper cannot click) pick the rows Python picks from the same data."""
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path

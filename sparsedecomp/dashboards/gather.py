@@ -10,8 +10,8 @@
 4. One more pass over the contexts that hold a shown example, for every SAE at once: the feature's activation at
    each token of each window, ``a_f(x_t) = relu((x_t - a b_dec) . W_enc[:, f] + b_enc[f])`` (one feature column
    per example, not the whole SAE).
-5. DFA by source position and head of the shown examples only (:func:`~sparsedecomp.dashboards.source_dfa.dfa_by_source`),
-   a bounded number of examples per call, kept on the window's positions.
+5. DFA by source position and head of the shown examples only, on their windows' positions, every SAE from one
+   forward pass over the contexts that hold shown examples (:func:`~sparsedecomp.dashboards.source_dfa.dfa_by_source_many`).
 
 No loop over features: loops run over SAEs, stream batches and example chunks.
 """
@@ -26,21 +26,18 @@ from torch import Tensor
 
 from ..activations import ActivationStream, hooked_transformer, run_accumulators
 from ..decomposition import Decomposition
-from ..errors import InputError, InputTypeError
+from ..errors import InputTypeError
 from ..evaluation.attribution import DFAAccumulator, HeadAttribution, dfa_bias, head_attribution
 from ..loading.heads import HeadSAEs, check_compatible
 from ..loading.sae import CONCATENATED, SAE
 from ..validation import check_positive_int
 from .data import FeatureData, FeatureDataAccumulator, QuantileExamples
 from .histograms import RowHistograms
-from .source_dfa import dfa_by_source
+from .source_dfa import DFARequest, dfa_by_source_many
 from .weights import CorrelatedFeatures, FeatureLogits, correlated_features, feature_logits
 from .windows import DEFAULT_LEFT, DEFAULT_RIGHT, ExampleWindows, example_windows
 
 CONCAT_NAME = "concat"
-DFA_EXAMPLES_PER_CALL = 16384
-"""Examples per :func:`dfa_by_source` call: its ``(examples, context_size, heads)`` buffer stays near 64 MB for a
-128-token context and 8 heads, and few calls mean few forward passes."""
 
 
 def head_name(head: int) -> str:
@@ -157,13 +154,14 @@ def gather_dashboard_data(model: Any, tokens: Any, head_saes: HeadSAEs, concat_s
     windows = {name: example_windows(token_ids, shown[name].context, shown[name].position, left=left, right=right)
                for name in saes}
     acts = window_activations(hooked, token_ids, saes, shown, windows, layer=layer, batch_size=batch_size)
+    dfas = (source_dfa_windows(hooked, token_ids, saes, shown, windows, layer=layer, batch_size=batch_size)
+            if with_dfa else {})
     gathered = {}
     for name, (sae, site) in saes.items():
         data = results[name]
         rows = sae.W_dec.detach()
         bias = dfa_bias(sae)
-        dfa, heads = (source_dfa_windows(hooked, sae, token_ids, shown[name], windows[name], layer=layer,
-                                         batch_size=batch_size) if with_dfa else (None, ()))
+        dfa, heads = dfas.get(name, (None, ()))
         gathered[name] = GatheredSAE(
             name=name, sae=sae, data=data, quantiles=quantiles[name],
             activation_histograms=data.activation_histograms(),
@@ -227,25 +225,30 @@ def window_activations(model: Any, tokens: Tensor, saes: Mapping[str, tuple[SAE,
     return out
 
 
-def source_dfa_windows(model: Any, sae: SAE, tokens: Tensor, shown: ShownExamples, windows: ExampleWindows, *,
-                       layer: int, batch_size: int | None = None,
-                       per_call: int = DFA_EXAMPLES_PER_CALL) -> tuple[Tensor, tuple[int, ...]]:
-    """DFA by source and head of every shown example, on its window's positions: ``(n_features, n_shown, W,
-    n_sae_heads)`` and the heads of the last axis."""
-    n, e, width = windows.token_ids.shape
-    flat_context = shown.context.reshape(-1)
-    filled = (flat_context >= 0).nonzero().squeeze(1)
-    feature = torch.arange(n).repeat_interleave(e)
-    heads: tuple[int, ...] = tuple(range(model.cfg.n_heads)) if sae.head == CONCATENATED else (int(sae.head),)
-    out = torch.zeros(n * e, width, len(heads), dtype=sae.dtype)
-    for part in filled.split(per_call):
-        positions = windows.positions.reshape(n * e, width)[part]
-        inside = windows.valid.reshape(n * e, width)[part]
-        # Only the window's sources are computed; padding positions are masked out here.
-        result = dfa_by_source(model, sae, tokens[flat_context[part]], shown.position.reshape(-1)[part],
-                               feature[part], layer=layer, batch_size=batch_size,
-                               sources=torch.where(inside, positions, -1))
-        out[part] = result.values.cpu()
-    return out.reshape(n, e, width, len(heads)), heads
+def source_dfa_windows(model: Any, tokens: Tensor, saes: Mapping[str, tuple[SAE, int | str]],
+                       shown: Mapping[str, ShownExamples], windows: Mapping[str, ExampleWindows], *, layer: int,
+                       batch_size: int | None = None) -> dict[str, tuple[Tensor, tuple[int, ...]]]:
+    """DFA by source and head of every shown example of every SAE, on its window's positions: per SAE
+    ``(n_features, n_shown, W, n_sae_heads)`` and the heads of the last axis. One forward pass over the contexts
+    that hold shown examples serves every SAE (:func:`~sparsedecomp.dashboards.source_dfa.dfa_by_source_many`)."""
+    requests, layouts = [], {}
+    for name, (sae, _) in saes.items():
+        n, e, width = windows[name].token_ids.shape
+        flat_context = shown[name].context.reshape(-1)
+        filled = (flat_context >= 0).nonzero().squeeze(1)
+        feature = torch.arange(n).repeat_interleave(e)
+        positions = windows[name].positions.reshape(n * e, width)[filled]
+        inside = windows[name].valid.reshape(n * e, width)[filled]
+        # Only the window's sources are computed; padding positions come back as 0.
+        requests.append(DFARequest(sae=sae, context=flat_context[filled], position=shown[name].position.reshape(-1)[filled],
+                                   feature=feature[filled], sources=torch.where(inside, positions, -1)))
+        layouts[name] = (n, e, width, filled)
+    results = dfa_by_source_many(model, tokens, requests, layer=layer, batch_size=batch_size)
+    out = {}
+    for (name, (n, e, width, filled)), result in zip(layouts.items(), results):
+        values = torch.zeros(n * e, width, len(result.heads), dtype=result.values.dtype)
+        values[filled] = result.values.cpu()
+        out[name] = (values.reshape(n, e, width, len(result.heads)), result.heads)
+    return out
 
 

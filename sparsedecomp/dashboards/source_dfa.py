@@ -52,6 +52,19 @@ class SourceDFA:
         return self.values.sum(dim=(1, 2)) + self.bias_decoder + self.bias_encoder
 
 
+@dataclass(frozen=True, eq=False)
+class DFARequest:
+    """The examples of one SAE whose DFA by source is wanted: ``context`` indexes the shared token rows, with
+    ``position``, ``feature`` (each ``(n_examples,)``) and optional ``sources`` ``(n_examples, W)`` (see
+    :func:`dfa_by_source`)."""
+
+    sae: SAE
+    context: Tensor
+    position: Tensor
+    feature: Tensor
+    sources: Tensor | None = None
+
+
 def dfa_by_source(model: Any, sae: SAE, contexts: Tensor, positions: Tensor, features: Tensor, *, layer: int,
                   batch_size: int | None = None, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
                   sources: Tensor | None = None) -> SourceDFA:
@@ -70,23 +83,70 @@ def dfa_by_source(model: Any, sae: SAE, contexts: Tensor, positions: Tensor, fea
             ``(n_examples, W, len(heads))`` and a position outside the context gives 0. Only those sources are
             computed, not the whole context (a window is a few percent of a 1,024-token context).
     """
-    if not isinstance(sae, SAE):
-        raise InputTypeError(f"sae must be a sparsedecomp SAE, got {type(sae).__name__}")
+    tokens = check_tokens(contexts, name="contexts")
+    distinct, which = torch.unique(tokens, dim=0, return_inverse=True)
+    request = DFARequest(sae=sae, context=which, position=positions, feature=features, sources=sources)
+    return dfa_by_source_many(model, distinct, [request], layer=layer, batch_size=batch_size,
+                              chunk_elements=chunk_elements)[0]
+
+
+def dfa_by_source_many(model: Any, tokens: Tensor, requests: list[DFARequest], *, layer: int,
+                       batch_size: int | None = None,
+                       chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> list[SourceDFA]:
+    """:func:`dfa_by_source` of several SAEs' examples on shared token rows ``tokens`` ``(n_contexts, size)``, with
+    one forward pass over the contexts any request uses (a dashboard's concat and per-head SAEs share one)."""
     hooked = hooked_transformer(model)
     layer = check_layer(hooked, layer)
     n_heads, d_head = hooked.cfg.n_heads, hooked.cfg.d_head
-    heads = _sae_heads(sae, n_heads, d_head)
-    tokens = check_tokens(contexts, d_vocab=hooked.cfg.d_vocab, name="contexts")
-    n_examples, size = tokens.shape
-    positions = _index_vector(positions, "positions", n_examples, size)
-    features = _index_vector(features, "features", n_examples, sae.d_sae)
+    tokens = check_tokens(tokens, d_vocab=hooked.cfg.d_vocab, name="contexts")
+    n_contexts, size = tokens.shape
     chunk_elements = check_positive_int(chunk_elements, "chunk_elements")
+    plans = [_plan(request, n_heads, d_head, n_contexts, size) for request in requests]
+    if not plans:
+        return []
+    used = torch.unique(torch.cat([plan["context"].cpu() for plan in plans]))
+    lookup = torch.full((n_contexts,), -1, dtype=torch.long)
+    lookup[used] = torch.arange(len(used))
+    stream = ActivationStream(hooked, tokens[used], layer=layer, include=("v", "pattern"), batch_size=batch_size,
+                              with_logits=False)
+    for batch in stream:
+        for plan in plans:
+            sae, head_index = plan["sae"], plan["head_index"]
+            which = lookup.to(plan["context"].device)[plan["context"]]
+            in_batch = ((which >= batch.first_context) & (which < batch.first_context + batch.n_contexts)).nonzero()
+            if in_batch.numel() == 0:
+                continue
+            v_all = batch.v.to(device=sae.device, dtype=sae.dtype)[:, :, head_index]  # (contexts, src, heads, d)
+            pattern_all = batch.pattern.to(device=sae.device, dtype=sae.dtype)[:, head_index]  # (c, heads, dest, src)
+            width = plan["sources"].shape[1]
+            step = max(1, chunk_elements // (width * len(head_index) * d_head))
+            for part in in_batch.squeeze(1).split(step):
+                row, src = which[part] - batch.first_context, plan["sources"][part]
+                v = v_all[row[:, None], src]  # (e, W, heads, d_head): only the wanted sources
+                pattern = pattern_all[row, :, plan["position"][part]]  # (e, heads, src): one destination row each
+                pattern = pattern.gather(2, src[:, None, :].expand(-1, len(head_index), -1))  # (e, heads, W)
+                v_dot_w = torch.einsum("eshd,ehd->esh", v, plan["weights"][part])
+                plan["values"][part] = pattern.transpose(1, 2) * v_dot_w * plan["inside"][part, :, None]
+    results = []
+    for plan in plans:
+        bias = dfa_bias(plan["sae"])
+        results.append(SourceDFA(values=plan["values"], heads=plan["heads"], bias_decoder=bias.decoder[plan["feature"]],
+                                 bias_encoder=bias.encoder[plan["feature"]]))
+    return results
 
-    distinct, which = torch.unique(tokens, dim=0, return_inverse=True)
+
+def _plan(request: DFARequest, n_heads: int, d_head: int, n_contexts: int, size: int) -> dict:
+    """A request checked and laid out on its SAE's device: weights per example, clamped sources and their mask."""
+    sae = request.sae
+    if not isinstance(sae, SAE):
+        raise InputTypeError(f"sae must be a sparsedecomp SAE, got {type(sae).__name__}")
+    heads = _sae_heads(sae, n_heads, d_head)
     device = sae.device
-    which, positions, features = which.to(device), positions.to(device), features.to(device)
-    weights = sae.W_enc[:, features].T.reshape(n_examples, len(heads), d_head)  # (e, heads, d_head)
-    head_index = torch.tensor(heads, device=device)
+    n_examples = len(request.context) if isinstance(request.context, Tensor) else -1
+    context = _index_vector(request.context, "contexts", n_examples, n_contexts).to(device)
+    position = _index_vector(request.position, "positions", n_examples, size).to(device)
+    feature = _index_vector(request.feature, "features", n_examples, sae.d_sae).to(device)
+    sources = request.sources
     if sources is None:
         sources = torch.arange(size, device=device).expand(n_examples, -1)
     elif not isinstance(sources, Tensor) or sources.ndim != 2 or sources.shape[0] != n_examples:
@@ -94,26 +154,10 @@ def dfa_by_source(model: Any, sae: SAE, contexts: Tensor, positions: Tensor, fea
                          f"{getattr(sources, 'shape', type(sources).__name__)}")
     sources = sources.to(device=device, dtype=torch.long)
     inside = (sources >= 0) & (sources < size)
-    sources = sources.clamp(0, size - 1)
-    width = sources.shape[1]
-    values = torch.zeros(n_examples, width, len(heads), dtype=sae.dtype, device=device)
-    step = max(1, chunk_elements // (width * len(heads) * d_head))
-    stream = ActivationStream(hooked, distinct, layer=layer, include=("v", "pattern"), batch_size=batch_size,
-                              with_logits=False)
-    for batch in stream:
-        in_batch = ((which >= batch.first_context) & (which < batch.first_context + batch.n_contexts)).nonzero()
-        v_all = batch.v.to(device=device, dtype=sae.dtype)[:, :, head_index]  # (contexts, src, heads, d_head)
-        pattern_all = batch.pattern.to(device=device, dtype=sae.dtype)[:, head_index]  # (contexts, heads, dest, src)
-        for part in in_batch.squeeze(1).split(step):
-            row, src = which[part] - batch.first_context, sources[part]
-            v = v_all[row[:, None], src]  # (e, W, heads, d_head): only the wanted sources
-            pattern = pattern_all[row, :, positions[part]]  # (e, heads, src): one destination row each
-            pattern = pattern.gather(2, src[:, None, :].expand(-1, len(heads), -1))  # (e, heads, W)
-            v_dot_w = torch.einsum("eshd,ehd->esh", v, weights[part])
-            values[part] = pattern.transpose(1, 2) * v_dot_w * inside[part, :, None]
-    bias = dfa_bias(sae)
-    return SourceDFA(values=values, heads=heads, bias_decoder=bias.decoder[features],
-                     bias_encoder=bias.encoder[features])
+    return {"sae": sae, "heads": heads, "head_index": torch.tensor(heads, device=device), "context": context,
+            "position": position, "feature": feature, "sources": sources.clamp(0, size - 1), "inside": inside,
+            "weights": sae.W_enc[:, feature].T.reshape(n_examples, len(heads), d_head),
+            "values": torch.zeros(n_examples, sources.shape[1], len(heads), dtype=sae.dtype, device=device)}
 
 
 def _sae_heads(sae: SAE, n_heads: int, d_head: int) -> tuple[int, ...]:
