@@ -29,7 +29,7 @@ def chromium() -> str:
 @pytest.fixture(scope="module")
 def demo_out(chromium, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pages") / "demo"
-    assert main(["demo", "--out", str(out), "--eval-contexts", "8", "--no-progress"]) == 0
+    assert main(["demo", "--out", str(out), "--eval-contexts", "8", "--dashboard-contexts", "16", "--no-progress"]) == 0
     return out
 
 
@@ -128,3 +128,27 @@ def test_index_shows_every_feature_row(index, demo_out):
     assert all(1 <= int(row[1]) <= n_nonzero for row in rows[1:])
     # the atoms column lists head:feature coefficients a reader can follow to the per-head SAEs
     assert all(re.match(r"h\d:f\d+ ", row[-1]) for row in rows[1:])
+
+
+PANELS = ("sd-header", "sd-activation-histogram", "sd-logit-histogram", "sd-logits", "sd-attribution",
+          "sd-decomposition", "sd-used-by", "sd-correlated", "sd-examples", "sd-quantiles")
+
+
+@pytest.mark.parametrize("page", ["index.html", "concat/index.html", "concat/f/99.html", "head_3/f/7.html"])
+def test_the_demo_dashboards_render_with_every_panel_and_working_links(chromium, demo_out, page):
+    """The real site the demo writes (not a fixture): no console message, every panel of a feature page present, and
+    every link in the rendered page resolves to a file of the site."""
+    site = demo_out / "dashboards"
+    rendered = render(chromium, site / page)
+    assert rendered.console == ()
+    root = parse_dom(rendered.dom)
+    ids = {e.attrs.get("id") for e in root.iter()}
+    if "/f/" in page:
+        assert set(PANELS) <= ids
+        assert any(e.classes & {"trace", "hm"} for e in root.iter())  # plotly drew the histograms
+    links = [e.attrs["href"] for e in root.find_all("a") if e.attrs.get("href")]
+    assert links
+    for href in links:
+        target = (site / page).parent / href.split("#")[0]
+        assert target.is_file(), href
+
