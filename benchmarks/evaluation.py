@@ -40,7 +40,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -265,9 +264,8 @@ def child(args: argparse.Namespace) -> dict:
              else demo_world(args.contexts, args.device))
     dec = None
     if args.child.startswith(("faithfulness", "splice")):
-        saved = Path(args.cache) / "decomposition.pt"
-        dec = (torch.load(saved, weights_only=False) if saved.is_file()
-               else decomposition(world, args.codes, args.seed))
+        # Solved again in each stage's process (deterministic, untimed) rather than unpickled from a cache file.
+        dec = decomposition(world, args.codes, args.seed)
     if args.child not in WEIGHT_STAGES:
         # One context first, untimed: the first call of each kernel (allocator, thread pool, lazy inits) is slower.
         run_stage(args.child, world, world.tokens[:1], dec, args)[0]()
@@ -291,7 +289,6 @@ def child(args: argparse.Namespace) -> dict:
     if args.child == "sae_quality":
         out["l0"] = {name.removeprefix("quality:"): q.l0 for name, q in result.items()}
     if args.child == "decompose":
-        torch.save(result, Path(args.cache) / "decomposition.pt")
         out["mean_l0"] = float(l0(result.codes).double().mean())
     return out
 
@@ -300,7 +297,7 @@ def child(args: argparse.Namespace) -> dict:
 def measure(stage: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, "-m", "benchmarks.evaluation", "--child", stage, "--size", args.size,
                "--contexts", str(args.contexts), "--threads", str(args.threads), "--device", args.device,
-               "--codes", args.codes, "--l0", str(args.l0), "--seed", str(args.seed), "--cache", args.cache]
+               "--codes", args.codes, "--l0", str(args.l0), "--seed", str(args.seed)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -398,7 +395,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--l0", type=float, default=16.0, help="target L0 of the random gelu-2l SAEs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
-    parser.add_argument("--cache", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.device = resolve_device(args.device)
     if args.contexts is None:
@@ -408,10 +404,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(f"size {args.size}, {args.contexts} contexts, device {args.device}, {args.threads} threads", flush=True)
     results: dict[str, Any] = {"_load": [f"{x:.2f}" for x in os.getloadavg()]}
-    with tempfile.TemporaryDirectory() as cache:
-        args.cache = cache
-        for stage in STAGES:
-            results[stage] = measure(stage, args)
+    for stage in STAGES:
+        results[stage] = measure(stage, args)
     text = header(args, results) + table(results, args) + "\n"
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"evaluation-{args.size}-{time.strftime('%Y%m%d-%H%M%S')}.md"
