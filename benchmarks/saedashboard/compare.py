@@ -39,7 +39,6 @@ import torch
 HERE = Path(__file__).resolve().parent
 VENV_PYTHON = HERE / ".venv" / "bin" / "python"
 RUNNER = HERE / "run_saedashboard.py"
-DFA_FEATURE_BATCH = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +74,9 @@ def our_dashboard_data(model, sae, tokens: torch.Tensor, layer: int, all_decoder
     Correlated features are ranked among ``all_decoder_rows`` (every feature of the full SAE, so that a cut-down
     SAE's neighbours are still real ones; this over-counts our cost on N features, never under-counts it)."""
     from sparsedecomp.activations import run_accumulators
-    from sparsedecomp.dashboards import (FeatureDataAccumulator, correlated_features, dfa_by_source,
+    from sparsedecomp.dashboards import (FeatureDataAccumulator, correlated_features, dfa_by_source_many,
                                          example_windows, feature_logits)
+    from sparsedecomp.dashboards.source_dfa import DFARequest
 
     data = run_accumulators(model, tokens, {"data": FeatureDataAccumulator(sae, "concatenated")},
                             layer=layer)["data"]
@@ -90,14 +90,12 @@ def our_dashboard_data(model, sae, tokens: torch.Tensor, layer: int, all_decoder
     position = torch.cat([data.top.position, quantiles.position.flatten(1)], dim=1)
     windows = example_windows(tokens, context, position)
     gathered = time.perf_counter()
-    dfa = []
-    for start in range(0, sae.d_sae, DFA_FEATURE_BATCH):
-        rows = slice(start, min(start + DFA_FEATURE_BATCH, sae.d_sae))
-        shown = context[rows] >= 0
-        feature = torch.arange(rows.start, rows.stop)[:, None].expand_as(shown)[shown]
-        if feature.numel():
-            dfa.append(dfa_by_source(model, sae, tokens[context[rows][shown]], position[rows][shown], feature,
-                                     layer=layer))
+    # As the pages do: every shown example's DFA by source on its window, one forward over their contexts.
+    shown = context >= 0
+    feature = torch.arange(sae.d_sae)[:, None].expand_as(shown)[shown]
+    sources = torch.where(windows.valid[shown], windows.positions[shown], -1)
+    dfa = dfa_by_source_many(model, tokens, [DFARequest(sae=sae, context=context[shown], position=position[shown],
+                                                        feature=feature, sources=sources)], layer=layer)
     return {"data": data, "quantiles": quantiles, "histograms": histograms, "logits": logits,
             "correlated": correlated, "windows": windows, "dfa": dfa, "gathered_at": gathered}
 
