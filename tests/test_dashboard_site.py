@@ -136,3 +136,41 @@ def test_interrupted_run_rerun_gives_the_same_site(world, site, tmp_path):
     assert files == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
     for rel in files:
         assert (site / rel).read_bytes() == (out / rel).read_bytes(), rel
+
+
+NEURONPEDIA_BATCH = {"model_id", "layer", "sae_set", "sae_id_suffix", "features"}
+NEURONPEDIA_FEATURE = {
+    "feature_index", "neuron_alignment_indices", "neuron_alignment_values", "neuron_alignment_l1",
+    "correlated_neurons_indices", "correlated_neurons_l1", "correlated_neurons_pearson", "correlated_features_indices",
+    "correlated_features_l1", "correlated_features_pearson", "neg_str", "neg_values", "pos_str", "pos_values",
+    "frac_nonzero", "freq_hist_data_bar_values", "freq_hist_data_bar_heights", "logits_hist_data_bar_heights",
+    "logits_hist_data_bar_values", "n_prompts_total", "n_tokens_in_prompt", "dataset", "decoder_weights_dist",
+    "activations", "vector"}
+NEURONPEDIA_ACTIVATION = {"bin_min", "bin_max", "bin_contains", "tokens", "values", "qualifying_token_index",
+                          "dfa_values", "dfa_maxValue", "dfa_targetIndex"}
+"""Neuronpedia's batch feature JSON keys, as listed in ../shared/docs/anchors.md (what SAEDashboard's converter
+writes)."""
+
+
+def test_neuronpedia_export_has_every_key_and_the_pages_numbers(world, site):
+    for name, g in world.saes.items():
+        batch = json.loads((site / "neuronpedia" / f"{name}.json").read_text())
+        assert NEURONPEDIA_BATCH <= set(batch)
+        assert [f["feature_index"] for f in batch["features"]] == list(range(g.sae.d_sae))
+        pages = {rec["feature"]: rec for page, rec in records(site) if rec["sae"] == name}
+        for feature in batch["features"]:
+            # every Neuronpedia key, plus only this package's own extras (prefixed sd_)
+            assert NEURONPEDIA_FEATURE <= set(feature)
+            assert all(k.startswith("sd_") for k in set(feature) - NEURONPEDIA_FEATURE)
+            rec = pages[feature["feature_index"]]
+            assert feature["frac_nonzero"] == pytest.approx(rec["density"], rel=1e-3, abs=1e-9)
+            assert len(feature["vector"]) == g.sae.d_in
+            top = [a for a in feature["activations"] if a["bin_min"] == -1]
+            assert len(top) == len(rec["examples"]["top"])
+            for activation in feature["activations"]:
+                assert NEURONPEDIA_ACTIVATION <= set(activation)
+                assert len(activation["tokens"]) == len(activation["values"])
+                i = activation["qualifying_token_index"]
+                assert 0 <= i < len(activation["values"])
+            for a in top:
+                assert a["bin_contains"] == -1
