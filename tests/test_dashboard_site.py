@@ -174,3 +174,18 @@ def test_neuronpedia_export_has_every_key_and_the_pages_numbers(world, site):
                 assert 0 <= i < len(activation["values"])
             for a in top:
                 assert a["bin_contains"] == -1
+
+
+def test_tensor_rounding_equals_rounding_one_number_at_a_time():
+    from sparsedecomp.dashboards.records import DIGITS, r, round_significant
+
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(4000, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-12, 12, (4000,), generator=g)
+    values = torch.cat([values, torch.tensor([0.0, -0.0, 1.0, 0.5, 99995.0, 1e-300])])
+    for digits in (3, DIGITS):
+        rounded = round_significant(values, digits).tolist()
+        expected = [float(f"{v:.{digits}g}") for v in values.tolist()]
+        mismatched = [(v, a, b) for v, a, b in zip(values.tolist(), rounded, expected) if a != b]
+        # exact halfway cases may round either way (binary doubles are rarely exact halves); nothing else may differ
+        assert len(mismatched) <= 2, mismatched[:5]
+    assert r(float("nan")) is None

@@ -18,6 +18,7 @@ from collections import defaultdict
 from typing import Any, Callable, Sequence
 
 import torch
+from torch import Tensor
 
 from ..evaluation.attribution import DFA, WEIGHT
 from ..evaluation.metrics import cosine, l0, relative_error
@@ -36,6 +37,17 @@ def r(value: float) -> float | None:
     if value is None or not math.isfinite(value):
         return None
     return float(f"{value:.{DIGITS}g}")
+
+
+def round_significant(values: Tensor, digits: int = DIGITS) -> Tensor:
+    """``values`` rounded to ``digits`` significant digits, elementwise in float64 (what :func:`r` does to one value,
+    for whole tensors at once: pages hold hundreds of thousands of numbers). A power of ten at most ``1e22`` is an
+    exact double, so ``round(x * 10^k) / 10^k`` is the double nearest the rounded decimal."""
+    x = values.double()
+    places = digits - 1 - torch.floor(torch.log10(x.abs().clamp_min(1e-300)))
+    up, down = torch.pow(10.0, places.clamp_min(0)), torch.pow(10.0, (-places).clamp_min(0))
+    rounded = torch.where(places >= 0, torch.round(x * up) / up, torch.round(x / down) * down)
+    return torch.where(x == 0, x, rounded)
 
 
 def _rl(values: Sequence[float], digits: int = DIGITS) -> list:
@@ -165,8 +177,9 @@ def _examples(g: GatheredSAE, token_str: Callable[[int], str]) -> list[list[dict
     ctx, pos, val = ex.context.tolist(), ex.position.tolist(), ex.value.tolist()
     group = ex.group.tolist()
     ids = g.windows.token_ids.tolist()
-    acts = g.window_acts.tolist()
-    dfa = None if g.dfa is None else g.dfa.transpose(2, 3).tolist()  # (n, e, heads, W)
+    # Rounded as tensors, not number by number: these two are most of a page's numbers.
+    acts = round_significant(g.window_acts).tolist()
+    dfa = None if g.dfa is None else round_significant(g.dfa.transpose(2, 3), DFA_DIGITS).tolist()  # (n, e, heads, W)
     bias_enc, bias_dec = g.dfa_bias_encoder.tolist(), g.dfa_bias_decoder.tolist()
     left = g.windows.left
     out = []
@@ -179,9 +192,9 @@ def _examples(g: GatheredSAE, token_str: Callable[[int], str]) -> list[list[dict
             first = next(i for i, t in enumerate(window) if t >= 0)
             last = max(i for i, t in enumerate(window) if t >= 0) + 1
             item = {"context": ctx[f][e], "position": pos[f][e], "value": r(val[f][e]),
-                    "tokens": [token_str(t) for t in window[first:last]], "acts": _rl(acts[f][e][first:last]),
+                    "tokens": [token_str(t) for t in window[first:last]], "acts": acts[f][e][first:last],
                     "focus": left - first,
-                    "dfa": None if dfa is None else {"heads": [_rl(h[first:last], DFA_DIGITS) for h in dfa[f][e]],
+                    "dfa": None if dfa is None else {"heads": [h[first:last] for h in dfa[f][e]],
                                                      "bias": {"encoder": r(bias_enc[f]), "decoder": r(bias_dec[f])}},
                     "_group": group[e]}
             row.append(item)

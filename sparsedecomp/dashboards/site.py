@@ -121,8 +121,14 @@ def _sae_title(name: str) -> str:
 
 def _inline_json(value: Any) -> str:
     """Strict JSON safe inside a ``<script>`` element: ``<``, ``>`` and ``&`` escaped so no token text can close
-    the element."""
-    return dumps_strict(value).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    the element. Records hold plain numbers already (non-finite ones as ``None``), so the standard encoder writes
+    them, with the same bytes as :func:`~sparsedecomp.outputs.dumps_strict`; only a record holding a NaN or a
+    tensor goes through that slower converter."""
+    try:
+        text = json.dumps(value, allow_nan=False, separators=(",", ":"))
+    except (ValueError, TypeError):  # a NaN, or a tensor / numpy number: the strict converter handles both
+        text = dumps_strict(value)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def _copy_assets(out: Path, files: dict[str, int]) -> None:
