@@ -93,75 +93,88 @@ def decomposition_quality(data: DashboardData) -> dict[str, dict[str, list]]:
     return out
 
 
+def group_links(links: dict[str, list[tuple[int, int, int, float]]]) -> dict[str, dict]:
+    """``links`` grouped once for page building: ``label -> {"by_feature": {f: [(h, j, c)]}, "by_atom": {(h, j):
+    [(f, c)]}}`` (the back-links of a per-head feature are the entries that name it)."""
+    grouped = {}
+    for label, entries in links.items():
+        by_feature: dict[int, list] = defaultdict(list)
+        by_atom: dict[tuple[int, int], list] = defaultdict(list)
+        for f, h, j, c in entries:
+            by_feature[f].append((h, j, c))
+            by_atom[(h, j)].append((f, c))
+        grouped[label] = {"by_feature": by_feature, "by_atom": by_atom}
+    return grouped
+
+
 def sae_records(data: DashboardData, name: str, token_str: Callable[[int], str], *,
-                links: dict | None = None, quality: dict | None = None) -> list[dict[str, Any]]:
-    """Every feature record of SAE ``name`` (see the module docstring)."""
+                links: dict | None = None, quality: dict | None = None,
+                features: range | None = None) -> list[dict[str, Any]]:
+    """The feature records of SAE ``name`` (see the module docstring), for ``features`` (a range; default all).
+    Pages are written a batch at a time, so only one batch's records are ever held. ``links`` is
+    :func:`group_links` of :func:`decomposition_links` (computed here when not given)."""
     g = data.saes[name]
-    links = decomposition_links(data) if links is None else links
+    links = group_links(decomposition_links(data)) if links is None else links
     quality = decomposition_quality(data) if quality is None else quality
-    n = g.sae.d_sae
+    features = range(g.sae.d_sae) if features is None else features
+    sl = slice(features.start, features.stop)
     d = g.data
-    density, n_firing = d.density.tolist(), d.n_firing.tolist()
-    max_act, mean_act = d.max_activation.tolist(), d.mean_firing_activation().tolist()
-    norms = g.sae.W_dec.norm(dim=1).tolist()
+    density, n_firing = d.density[sl].tolist(), d.n_firing[sl].tolist()
+    max_act, mean_act = d.max_activation[sl].tolist(), d.mean_firing_activation()[sl].tolist()
+    norms = g.sae.W_dec[sl].norm(dim=1).tolist()
     scale = g.sae.provenance.get("input_scale")
     hist = g.activation_histograms
-    hist_lo, hist_hi, hist_bins, hist_counts = hist.lo.tolist(), hist.hi.tolist(), hist.n_bins.tolist(), hist.counts.tolist()
+    hist_lo, hist_hi, hist_bins, hist_counts = (hist.lo[sl].tolist(), hist.hi[sl].tolist(), hist.n_bins[sl].tolist(),
+                                                hist.counts[sl].tolist())
     lg = g.logits
-    top_ids, top_v, bot_ids, bot_v = lg.top_ids.tolist(), lg.top_values.tolist(), lg.bottom_ids.tolist(), lg.bottom_values.tolist()
+    top_ids, top_v = lg.top_ids[sl].tolist(), lg.top_values[sl].tolist()
+    bot_ids, bot_v = lg.bottom_ids[sl].tolist(), lg.bottom_values[sl].tolist()
     lh = lg.histogram
-    lh_lo, lh_hi, lh_bins, lh_counts = lh.lo.tolist(), lh.hi.tolist(), lh.n_bins.tolist(), lh.counts.tolist()
-    corr_i, corr_c = g.correlated.indices.tolist(), g.correlated.cosine.tolist()
-    bounds = g.quantiles.bounds.tolist()
-    examples = _examples(g, token_str)
-    attribution = _attribution(data) if name == CONCAT_NAME else None
-    panel: dict[int, list] = defaultdict(list)
-    used_by: dict[int, list] = defaultdict(list)
-    if name == CONCAT_NAME:
-        for label, entries in links.items():
-            atoms: dict[int, list] = defaultdict(list)
-            for f, h, j, c in entries:
-                atoms[f].append({"head": h, "feature": j, "coefficient": r(c),
-                                 "href": feature_href(head_name(h), j, from_sae=name)})
-            q = quality[label]
-            for f in range(n):
-                panel[f].append({"label": label, "cosine": r(q["cosine"][f]),
-                                 "relative_error": r(q["relative_error"][f]), "l0": int(q["l0"][f]),
-                                 "n_atoms_listed": len(atoms.get(f, [])), "atoms": atoms.get(f, [])})
-    else:
-        head = int(name.split("_")[1])
-        for label, entries in links.items():
-            for f, h, j, c in entries:
-                if h == head:
-                    used_by[j].append({"label": label, "feature": f, "coefficient": r(c),
-                                       "href": feature_href(CONCAT_NAME, f, from_sae=name)})
+    lh_lo, lh_hi, lh_bins, lh_counts = lh.lo[sl].tolist(), lh.hi[sl].tolist(), lh.n_bins[sl].tolist(), lh.counts[sl].tolist()
+    corr_i, corr_c = g.correlated.indices[sl].tolist(), g.correlated.cosine[sl].tolist()
+    bounds = g.quantiles.bounds[sl].tolist()
+    examples = _examples(g, token_str, sl)
+    attribution = _attribution(data, sl) if name == CONCAT_NAME else None
+    head = None if name == CONCAT_NAME else int(name.split("_")[1])
     k = g.examples.group.tolist().count(-1)
     records = []
-    for f in range(n):
-        shown = examples[f]
+    for i, f in enumerate(features):
+        shown = examples[i]
         groups = []
-        if n_firing[f] > 0:
-            b = bounds[f]
-            for i in range(len(b) - 1):
-                groups.append({"lo": r(b[i]), "hi": r(b[i + 1]),
-                               "examples": [e for e in shown[k:] if e["_group"] == i]})
+        if n_firing[i] > 0:
+            b = bounds[i]
+            for q in range(len(b) - 1):
+                groups.append({"lo": r(b[q]), "hi": r(b[q + 1]),
+                               "examples": [e for e in shown[k:] if e["_group"] == q]})
         for e in shown:
             e.pop("_group", None)
+        panel, used_by = [], []
+        for label, grouped in links.items():
+            if head is None:
+                atoms = [{"head": h, "feature": j, "coefficient": r(c), "href": feature_href(head_name(h), j, from_sae=name)}
+                         for h, j, c in grouped["by_feature"].get(f, [])]
+                q = quality[label]
+                panel.append({"label": label, "cosine": r(q["cosine"][f]), "relative_error": r(q["relative_error"][f]),
+                              "l0": int(q["l0"][f]), "n_atoms_listed": len(atoms), "atoms": atoms})
+            else:
+                used_by += [{"label": label, "feature": cf, "coefficient": r(c),
+                             "href": feature_href(CONCAT_NAME, cf, from_sae=name)}
+                            for cf, c in grouped["by_atom"].get((head, f), [])]
         records.append({
             "sae": name, "feature": f, "title": f"{name.replace('_', ' ')} feature {f}",
-            "density": r(density[f]), "n_firing": n_firing[f], "n_tokens": d.n_tokens,
-            "max_activation": r(max_act[f]), "mean_firing_activation": r(mean_act[f]),
-            "decoder_norm": {"sae_units": r(norms[f]), "training_units": None if scale is None else r(norms[f] * scale)},
-            "activation_histogram": _histogram(hist_lo[f], hist_hi[f], hist_bins[f], hist_counts[f]),
-            "logits": {"top": [[token_str(t), r(v)] for t, v in zip(top_ids[f], top_v[f])],
-                       "bottom": [[token_str(t), r(v)] for t, v in zip(bot_ids[f], bot_v[f])],
-                       "histogram": _histogram(lh_lo[f], lh_hi[f], lh_bins[f], lh_counts[f])},
+            "density": r(density[i]), "n_firing": n_firing[i], "n_tokens": d.n_tokens,
+            "max_activation": r(max_act[i]), "mean_firing_activation": r(mean_act[i]),
+            "decoder_norm": {"sae_units": r(norms[i]), "training_units": None if scale is None else r(norms[i] * scale)},
+            "activation_histogram": _histogram(hist_lo[i], hist_hi[i], hist_bins[i], hist_counts[i]),
+            "logits": {"top": [[token_str(t), r(v)] for t, v in zip(top_ids[i], top_v[i])],
+                       "bottom": [[token_str(t), r(v)] for t, v in zip(bot_ids[i], bot_v[i])],
+                       "histogram": _histogram(lh_lo[i], lh_hi[i], lh_bins[i], lh_counts[i])},
             "examples": {"top": shown[:k], "quantiles": groups},
             "correlated": [{"feature": j, "cosine": r(c), "href": feature_href(name, j, from_sae=name)}
-                           for j, c in zip(corr_i[f], corr_c[f])],
-            "attribution": None if attribution is None else attribution[f],
-            "decomposition": panel.get(f, []),
-            "used_by": used_by.get(f, []),
+                           for j, c in zip(corr_i[i], corr_c[i])],
+            "attribution": None if attribution is None else attribution[i],
+            "decomposition": panel,
+            "used_by": used_by,
         })
     return records
 
@@ -171,16 +184,16 @@ def _histogram(lo: float, hi: float, n_bins: int, counts: list[int]) -> dict[str
     return {"edges": [r(lo + i * step) for i in range(n_bins + 1)], "counts": counts[:n_bins]}
 
 
-def _examples(g: GatheredSAE, token_str: Callable[[int], str]) -> list[list[dict[str, Any]]]:
-    """Per feature, its shown examples as EXAMPLE dicts (filled slots only; ``_group`` marks the group)."""
+def _examples(g: GatheredSAE, token_str: Callable[[int], str], sl: slice) -> list[list[dict[str, Any]]]:
+    """Per feature of ``sl``, its shown examples as EXAMPLE dicts (filled slots only; ``_group`` marks the group)."""
     ex = g.examples
-    ctx, pos, val = ex.context.tolist(), ex.position.tolist(), ex.value.tolist()
+    ctx, pos, val = ex.context[sl].tolist(), ex.position[sl].tolist(), ex.value[sl].tolist()
     group = ex.group.tolist()
-    ids = g.windows.token_ids.tolist()
+    ids = g.windows.token_ids[sl].tolist()
     # Rounded as tensors, not number by number: these two are most of a page's numbers.
-    acts = round_significant(g.window_acts).tolist()
-    dfa = None if g.dfa is None else round_significant(g.dfa.transpose(2, 3), DFA_DIGITS).tolist()  # (n, e, heads, W)
-    bias_enc, bias_dec = g.dfa_bias_encoder.tolist(), g.dfa_bias_decoder.tolist()
+    acts = round_significant(g.window_acts[sl]).tolist()
+    dfa = None if g.dfa is None else round_significant(g.dfa[sl].transpose(2, 3), DFA_DIGITS).tolist()  # (n, e, heads, W)
+    bias_enc, bias_dec = g.dfa_bias_encoder[sl].tolist(), g.dfa_bias_decoder[sl].tolist()
     left = g.windows.left
     out = []
     for f in range(len(ctx)):
@@ -202,17 +215,17 @@ def _examples(g: GatheredSAE, token_str: Callable[[int], str]) -> list[list[dict
     return out
 
 
-def _attribution(data: DashboardData) -> list[dict[str, Any]]:
+def _attribution(data: DashboardData, sl: slice) -> list[dict[str, Any]]:
     a = data.attribution
-    shares = {m: a.shares[m].tolist() for m in a.methods if not m.endswith("_squared") or m == "weight_squared"}
-    top = {m: a.top_head(m).tolist() for m in shares}
+    shares = {m: a.shares[m][sl].tolist() for m in a.methods if not m.endswith("_squared") or m == "weight_squared"}
+    top = {m: a.top_head(m)[sl].tolist() for m in shares}
     tv = driving = None
     if DFA in a.shares:
-        act, wt = a.shares[DFA], a.shares[WEIGHT]
+        act, wt = a.shares[DFA][sl], a.shares[WEIGHT][sl]
         tv = (0.5 * (act - wt).abs().sum(dim=1)).tolist()
         driving = (act - wt).nan_to_num(float("-inf")).argmax(dim=1).tolist()
     out = []
-    for f in range(a.n_features):
+    for f in range(len(next(iter(shares.values())))):
         methods = {m: (None if any(math.isnan(v) for v in s[f]) else _rl(s[f])) for m, s in shares.items()}
         methods.setdefault(DFA, None)
         out.append({"methods": methods, "top_heads": {m: t[f] for m, t in top.items()},

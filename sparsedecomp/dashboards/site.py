@@ -21,7 +21,7 @@ from ..errors import InputError
 from ..outputs import _atomic, check_output_folder, dumps_strict
 from .gather import DashboardData
 from .neuronpedia import neuronpedia_batch
-from .records import decomposition_links, decomposition_quality, index_table, sae_records
+from .records import decomposition_links, decomposition_quality, group_links, index_table, sae_records
 
 BATCH_SIZE = 256
 STATE_NAME = "dashboard_state.json"
@@ -73,15 +73,24 @@ def write_site(data: DashboardData, out_dir: str | Path, *, token_str: Callable[
         files[rel] = path.stat().st_size
 
     _copy_assets(out, files)
-    links, quality = decomposition_links(data), decomposition_quality(data)
+    links, quality = group_links(decomposition_links(data)), decomposition_quality(data)
     written = skipped = 0
     n_pages = {}
     for name in data.saes:
-        records = sae_records(data, name, token_str, links=links, quality=quality)
-        n_pages[name] = len(records)
+        n_features = data.saes[name].sae.d_sae
+        n_pages[name] = n_features
         finished = set(state["finished"].get(name, []))
-        for b, start in enumerate(range(0, len(records), batch_size)):
-            batch = records[start:start + batch_size]
+        table: dict[str, Any] | None = None
+        exported: list[str] = []  # the Neuronpedia export's features, as JSON text, a batch at a time
+        # One batch of records at a time: a finished batch's are rebuilt only for the index and the export.
+        for b, start in enumerate(range(0, n_features, batch_size)):
+            batch = sae_records(data, name, token_str, links=links, quality=quality,
+                                features=range(start, min(start + batch_size, n_features)))
+            part = index_table(batch)
+            table = part if table is None else {**table, "rows": table["rows"] + part["rows"]}
+            if neuronpedia:
+                exported += [json.dumps(f, separators=(",", ":"), allow_nan=False)
+                             for f in neuronpedia_batch(data, name, batch, model_id=model_id)["features"]]
             if b in finished:
                 skipped += 1
                 for rec in batch:
@@ -98,13 +107,15 @@ def write_site(data: DashboardData, out_dir: str | Path, *, token_str: Callable[
             written += 1
             if after_batch is not None:
                 after_batch(name, b)
-        table = index_table(records)
         write(f"{name}/features.js", "window.SD_INDEX = " + _inline_json(table) + ";\n")
-        write(f"{name}/index.html", render_page("index", sae=name, title=_sae_title(name), n_features=len(records),
+        write(f"{name}/index.html", render_page("index", sae=name, title=_sae_title(name), n_features=n_features,
                                                 assets="../assets", site_root="..", data_src="features.js"))
         if neuronpedia:
-            write(f"neuronpedia/{name}.json",
-                  dumps_strict(neuronpedia_batch(data, name, records, model_id=model_id)) + "\n")
+            # The batch object with its features written in as the batches made them ("features" is its last key).
+            shell = dumps_strict(neuronpedia_batch(data, name, [], model_id=model_id))
+            if not shell.endswith('"features":[]}'):
+                raise AssertionError(f"the Neuronpedia batch object must end with its features: {shell[-40:]}")
+            write(f"neuronpedia/{name}.json", shell[:-2] + ",".join(exported) + "]}\n")
     saes = [{"name": name, "n_features": n_pages[name], "href": f"{name}/index.html", "description": _sae_title(name)}
             for name in data.saes]
     write("index.html", render_page("site_index", title="Feature dashboards", saes=saes, analysis_href=analysis_href,
