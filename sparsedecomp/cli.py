@@ -134,7 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"held-out contexts (128 tokens each) the evaluation report runs on (default "
                            f"{DEMO_EVAL_CONTEXTS}; up to 954)")
     demo.add_argument("--dashboard-contexts", type=int, default=256,
-                      help="held-out contexts the dashboards (DIR/dashboards/) run on (default 256; up to 954)")
+                      help="contexts the dashboards (DIR/dashboards/) run on (default 256; up to 954 held-out, about "
+                           "19,000 with --dashboard-split train)")
+    demo.add_argument("--dashboard-split", choices=("heldout", "train"), default="heldout",
+                      help="which demo documents the dashboards read (default heldout; train has more tokens)")
     demo.add_argument("--no-dashboards", action="store_true", help="skip the feature dashboards")
     demo.add_argument("--no-evaluate", action="store_true",
                       help="only decompose: skip the evaluation report (DIR/evaluation/)")
@@ -296,7 +299,7 @@ def run_demo(args: argparse.Namespace) -> int:
         from .demo import demo_tokens
         from .evaluation_run import DEFAULT_SETTINGS, decompose_settings
 
-        tokens = demo_tokens(args.dashboard_contexts, args.artifacts)
+        tokens = demo_tokens(args.dashboard_contexts, args.artifacts, split=args.dashboard_split)
         # The evaluation's decompositions when it ran (the same settings), else decompose now.
         decompositions = (run.decompositions if not args.no_evaluate else
                           decompose_settings(world.concat_sae, world.head_saes, DEFAULT_SETTINGS, W_O=world.W_O))

@@ -318,3 +318,17 @@ def test_shipped_build_is_the_default_config(report):
     from sparsedecomp.demo.config import DemoConfig
 
     assert json.loads(json.dumps(DemoConfig().to_dict())) == report["config"]
+
+
+def test_demo_tokens_of_the_training_split_are_packed_like_the_heldout_ones():
+    from sparsedecomp.demo import demo_tokens
+    from sparsedecomp.errors import InputError
+
+    train = demo_tokens(1600, split="train")
+    assert train.tokens.shape == (1600, 128) and bool((train.tokens[:, 0] == 0).all())
+    assert train.details["split"] == "train" and train.bos_token_id == 0
+    heldout = demo_tokens(954)
+    # no training context is a held-out one (the splits are disjoint documents)
+    assert not set(map(tuple, train.tokens[:200].tolist())) & set(map(tuple, heldout.tokens.tolist()))
+    with pytest.raises(InputError, match="split"):
+        demo_tokens(10, split="test")

@@ -152,8 +152,10 @@ def load_demo_world(artifacts_dir: str | Path | None = None, *, scale_contexts: 
     )
 
 
-def demo_tokens(n_contexts: int | None = None, artifacts_dir: str | Path | None = None):
-    """Held-out contexts of the demo world as a :class:`~sparsedecomp.loading.tokens.TokenSet` (BOS first).
+def demo_tokens(n_contexts: int | None = None, artifacts_dir: str | Path | None = None, *, split: str = "heldout"):
+    """Held-out contexts of the demo world as a :class:`~sparsedecomp.loading.tokens.TokenSet` (BOS first);
+    ``split="train"`` gives contexts of the training documents instead (about 19,000 of them: for feature dashboards
+    over more tokens than the held-out split holds; never for evaluation, which must not see training text).
 
     Up to the shipped file's 374 contexts (``n_contexts=None``: all of them) they are that file's, the contexts the
     build report was measured on. More are packed the same way (the shipped tokenizer, ``<|endoftext|>`` between
@@ -172,7 +174,9 @@ def demo_tokens(n_contexts: int | None = None, artifacts_dir: str | Path | None 
     bos = special_ids(tokenizer)[0]
     if n_contexts is not None and (isinstance(n_contexts, bool) or not isinstance(n_contexts, int) or n_contexts < 1):
         raise InputError(f"n_contexts must be a positive int or None, got {n_contexts!r}")
-    if n_contexts is None or n_contexts <= len(shipped):
+    if split not in ("heldout", "train"):
+        raise InputError(f"split must be 'heldout' or 'train', got {split!r}")
+    if split == "heldout" and (n_contexts is None or n_contexts <= len(shipped)):
         tokens = shipped if n_contexts is None else shipped[:n_contexts]
         return TokenSet(tokens, "demo held-out split (shipped file)", bos, False,
                         {"kind": "demo", "file": HELDOUT_FILE})
@@ -180,12 +184,17 @@ def demo_tokens(n_contexts: int | None = None, artifacts_dir: str | Path | None 
     corpus = build_corpus(code_char_budget=config.get("code_char_budget"),
                           prose_char_budget=config.get("prose_char_budget"),
                           heldout_every=config.get("heldout_every", 20), seed=config.get("seed", 0))
-    tokens = pack(tokenizer, corpus.heldout_texts(DEMO_EXTENDED_DOC_CHARS), shipped.shape[1], n_contexts)
-    if len(tokens) < n_contexts:
-        raise InputError(f"the demo's held-out documents give {len(tokens)} contexts of {shipped.shape[1]} tokens, "
+    if split == "train":
+        tokens = pack(tokenizer, [d.text for d in corpus.train], shipped.shape[1], n_contexts)
+        source, details = "demo training split", {"kind": "demo", "split": "train"}
+    else:
+        tokens = pack(tokenizer, corpus.heldout_texts(DEMO_EXTENDED_DOC_CHARS), shipped.shape[1], n_contexts)
+        source, details = ("demo held-out split (packed from more of each document)",
+                           {"kind": "demo", "doc_chars": DEMO_EXTENDED_DOC_CHARS})
+    if n_contexts is not None and len(tokens) < n_contexts:
+        raise InputError(f"the demo's {split} documents give {len(tokens)} contexts of {shipped.shape[1]} tokens, "
                          f"fewer than the {n_contexts} asked for")
-    return TokenSet(tokens, "demo held-out split (packed from more of each document)", bos, False,
-                    {"kind": "demo", "doc_chars": DEMO_EXTENDED_DOC_CHARS, "corpus_fingerprint": corpus.fingerprint()})
+    return TokenSet(tokens, source, bos, False, {**details, "corpus_fingerprint": corpus.fingerprint()})
 
 
 DEMO_EXTENDED_DOC_CHARS = 40_000
