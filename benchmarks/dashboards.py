@@ -40,8 +40,8 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.evaluation import (RESULTS, _proc_status_kib, _reset_peak_rss, _sync, demo_world, gelu_2l_world,
-                                   resolve_device)
+from benchmarks.evaluation import (_proc_status_kib, _reset_peak_rss, _sync, demo_world, gelu_2l_world,
+                                   resolve_device, write_result)
 from benchmarks.quality_speed import _PassOnly
 
 TOP_K, GROUPS, PER_GROUP = 20, 5, 5
@@ -222,13 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     load = f"{os.getloadavg()[0]:.2f}"
     print(f"size {args.size}, {args.contexts} contexts, device {args.device}, {args.threads} threads", flush=True)
     rows, info = measure(args)
-    text = header(args, info, load) + table(rows, info, args.device == "cuda")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"dashboards-{args.size}-{time.strftime('%Y%m%d-%H%M%S')}.md"
-    path.write_text(text)
-    print()
-    print(text)
-    print(f"written to {path}")
+    write_result(f"dashboards-{args.size}", header(args, info, load) + table(rows, info, args.device == "cuda"))
 
 
 if __name__ == "__main__":

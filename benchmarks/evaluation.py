@@ -406,13 +406,18 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, Any] = {"_load": [f"{x:.2f}" for x in os.getloadavg()]}
     for stage in STAGES:
         results[stage] = measure(stage, args)
-    text = header(args, results) + table(results, args) + "\n"
+    write_result(f"evaluation-{args.size}", header(args, results) + table(results, args) + "\n")
+
+
+def write_result(stem: str, text: str) -> Path:
+    """Print a markdown result and write it to ``benchmarks/results/<stem>-<timestamp>.md``."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"evaluation-{args.size}-{time.strftime('%Y%m%d-%H%M%S')}.md"
+    path = RESULTS / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.md"
     path.write_text(text)
     print()
     print(text)
     print(f"written to {path}")
+    return path
 
 
 if __name__ == "__main__":
