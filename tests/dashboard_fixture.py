@@ -55,7 +55,9 @@ def example(rng: random.Random, *, value: float, n_heads: int, window: int, with
         heads = [[0.0 if i > focus else rng.random() for i in range(window)] for _ in range(n_heads)]
         total = sum(map(sum, heads))
         scale = (value - bias["encoder"] - bias["decoder"]) / total
-        dfa = {"heads": [[round(v * scale, 5) for v in row] for row in heads], "bias": bias}
+        # stored as the pages store it: integers q with value q * unit, unit = max |value| / 1000
+        unit = float(f"{max(map(max, heads)) * scale / 1000:.4g}")
+        dfa = {"unit": unit, "heads": [[round(v * scale / unit) for v in row] for row in heads], "bias": bias}
     return {"context": rng.randrange(1000), "position": rng.randrange(5, 128), "value": value, "tokens": tokens,
             "acts": acts, "focus": focus, "dfa": dfa}
 

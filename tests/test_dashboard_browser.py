@@ -139,6 +139,10 @@ def test_feature_page_fills_every_panel(chromium, site, sae, feature):
     assert len(root.find_all("table", "dfa")) == n_examples  # DFA by head for every shown example
     dfa = root.find_all("table", "dfa")[0]
     assert len(table_rows(dfa)) == 1 + len(examples["top"][0]["dfa"]["heads"])
+    # the integers are decoded (q * unit): heads plus biases read back as the pre-activation, the example's value
+    bias_note = root.find_all("p", "bias")[0].text()
+    pre = float(bias_note.rsplit("pre-activation ", 1)[1])
+    assert pre == pytest.approx(examples["top"][0]["value"], rel=2e-2)
     focus = root.find_all("div", "example")[0].find_all("span", "focus")
     assert [s.attrs["title"].rsplit(": ", 1)[1] for s in focus] == [f"{examples['top'][0]['value']:.4g}"]
 

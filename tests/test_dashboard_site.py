@@ -8,7 +8,7 @@ import torch
 
 from benchmarks.standins import TINY, write_standin
 from sparsedecomp.dashboards.gather import gather_dashboard_data
-from sparsedecomp.dashboards.records import DFA_DIGITS
+from sparsedecomp.dashboards.records import DFA_LEVELS, dfa_values, quantize_dfa
 from sparsedecomp.dashboards.site import write_site
 from sparsedecomp.evaluation_run import decompose_settings
 from sparsedecomp.loading import load_head_saes, load_model, load_sae
@@ -95,14 +95,29 @@ def test_dfa_by_head_plus_bias_is_the_pre_activation(site):
     checked = 0
     for _, rec in records(site):
         for e in rec["examples"]["top"]:
-            terms = [v for h in e["dfa"]["heads"] for v in h]
-            pre = sum(terms) + e["dfa"]["bias"]["encoder"] + e["dfa"]["bias"]["decoder"]
-            # Each DFA term is stored to DFA_DIGITS significant digits (relative error <= 5 * 10^-DFA_DIGITS), the
-            # value and the biases to DIGITS: the sum can be off by that much of the terms' magnitudes.
-            bound = 5 * 10.0 ** -DFA_DIGITS * sum(abs(v) for v in terms) + 1e-3 * abs(e["value"]) + 1e-6
+            dfa = e["dfa"]
+            assert all(isinstance(q, int) and abs(q) <= DFA_LEVELS + 1 for row in dfa["heads"] for q in row)
+            assert max(abs(q) for row in dfa["heads"] for q in row) >= DFA_LEVELS - 1  # the unit is max / levels
+            terms = [v for row in dfa_values(dfa) for v in row]
+            pre = sum(terms) + dfa["bias"]["encoder"] + dfa["bias"]["decoder"]
+            # Each term is within unit / 2 of its value (plus its DIGITS rounding), the value and the biases are
+            # rounded to DIGITS: the sum can be off by that much.
+            bound = len(terms) * dfa["unit"] / 2 + 1e-3 * (sum(abs(v) for v in terms) + abs(e["value"])) + 1e-6
             assert abs(pre - e["value"]) <= bound
             checked += 1
     assert checked > 100
+
+
+def test_quantized_dfa_is_within_half_a_unit_of_the_gathered_dfa():
+    torch.manual_seed(0)
+    dfa = torch.randn(3, 4, 8, 17) * torch.logspace(-6, 1, 17)
+    dfa[1, 2] = 0.0
+    units, q = quantize_dfa(dfa)
+    units, q = torch.tensor(units, dtype=torch.float64), torch.tensor(q, dtype=torch.float64)
+    assert units[1, 2] == 0 and (q[1, 2] == 0).all()
+    err = (q * units[..., None, None] - dfa.double()).abs()
+    assert (err <= units[..., None, None] / 2 + 1e-12).all()
+    assert (q.abs().amax(dim=(-2, -1))[0] - DFA_LEVELS).abs().max() <= 1
 
 
 def test_back_links_are_the_inverse_of_the_decomposition_links(site):

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from .gather import CONCAT_NAME, DashboardData
+from .records import DIGITS, dfa_values
 
 
 def neuronpedia_batch(data: DashboardData, name: str, records: list[dict[str, Any]], *,
@@ -52,12 +53,13 @@ def neuronpedia_batch(data: DashboardData, name: str, records: list[dict[str, An
 
 def _activation(example: dict[str, Any], lo: float, hi: float, contains: int) -> dict[str, Any]:
     dfa = example["dfa"]
-    summed = None if dfa is None else [sum(v or 0.0 for v in col) for col in zip(*dfa["heads"])]
+    heads = None if dfa is None else dfa_values(dfa)
+    summed = None if heads is None else [float(f"{sum(col):.{DIGITS}g}") for col in zip(*heads)]
     return {"bin_min": lo, "bin_max": hi, "bin_contains": contains, "tokens": example["tokens"],
             "values": example["acts"], "qualifying_token_index": example["focus"],
             "dfa_values": summed or [], "dfa_maxValue": max(summed) if summed else 0.0,
             "dfa_targetIndex": example["focus"],
-            "sd_dfa_heads": None if dfa is None else dfa["heads"], "sd_dfa_bias": None if dfa is None else dfa["bias"]}
+            "sd_dfa_heads": heads, "sd_dfa_bias": None if dfa is None else dfa["bias"]}
 
 
 def _centres(edges: list) -> list:

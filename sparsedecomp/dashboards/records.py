@@ -54,9 +54,12 @@ def _rl(values: Sequence[float], digits: int = DIGITS) -> list:
     return [None if v is None or not math.isfinite(v) else float(f"{v:.{digits}g}") for v in values]
 
 
-DFA_DIGITS = 3
-"""DFA tables are the bulk of a page (heads x window per example): three significant digits are what a heatmap
-shows."""
+DFA_LEVELS = 1000
+"""DFA tables are the bulk of a page (heads x window source positions per example). Each example's table is stored
+as integers ``q`` with ``value = q * unit`` and ``unit = max |value| / DFA_LEVELS`` (rounded to :data:`DIGITS`
+digits): three digits at the example's largest term, every term within ``unit / 2``, and the many negligible terms
+(later positions, other heads) written as ``0``. This is what the heatmap shows, at about a third of the bytes of
+rounded floats."""
 
 
 MAX_LINKED_ATOMS = 32
@@ -192,7 +195,7 @@ def _examples(g: GatheredSAE, token_str: Callable[[int], str], sl: slice) -> lis
     ids = g.windows.token_ids[sl].tolist()
     # Rounded as tensors, not number by number: these two are most of a page's numbers.
     acts = round_significant(g.window_acts[sl]).tolist()
-    dfa = None if g.dfa is None else round_significant(g.dfa[sl].transpose(2, 3), DFA_DIGITS).tolist()  # (n, e, heads, W)
+    dfa_units, dfa = (None, None) if g.dfa is None else quantize_dfa(g.dfa[sl].transpose(2, 3))  # (n, e, heads, W)
     bias_enc, bias_dec = g.dfa_bias_encoder[sl].tolist(), g.dfa_bias_decoder[sl].tolist()
     left = g.windows.left
     out = []
@@ -207,12 +210,29 @@ def _examples(g: GatheredSAE, token_str: Callable[[int], str], sl: slice) -> lis
             item = {"context": ctx[f][e], "position": pos[f][e], "value": r(val[f][e]),
                     "tokens": [token_str(t) for t in window[first:last]], "acts": acts[f][e][first:last],
                     "focus": left - first,
-                    "dfa": None if dfa is None else {"heads": [h[first:last] for h in dfa[f][e]],
+                    "dfa": None if dfa is None else {"unit": dfa_units[f][e],
+                                                     "heads": [h[first:last] for h in dfa[f][e]],
                                                      "bias": {"encoder": r(bias_enc[f]), "decoder": r(bias_dec[f])}},
                     "_group": group[e]}
             row.append(item)
         out.append(row)
     return out
+
+
+def quantize_dfa(dfa: Tensor, levels: int = DFA_LEVELS) -> tuple[list, list]:
+    """``(units, q)`` as lists: per example (all dims but the last two) ``unit = max |dfa| / levels`` rounded to
+    :data:`DIGITS` significant digits, and ``q = round(dfa / unit)`` as integers (all ``0`` where the example's DFA
+    is all zero, with unit ``0``), so that ``|dfa - q * unit| <= unit / 2`` term by term."""
+    x = dfa.double()
+    unit = round_significant(x.abs().amax(dim=(-2, -1)) / levels)
+    q = torch.where(unit[..., None, None] > 0, torch.round(x / unit.clamp_min(1e-300)[..., None, None]), 0.0)
+    return unit.tolist(), q.to(torch.int64).tolist()
+
+
+def dfa_values(dfa: dict[str, Any]) -> list[list[float]]:
+    """The DFA table of an EXAMPLE record (its ``"dfa"``) as floats, ``q * unit`` (to :data:`DIGITS` digits)."""
+    unit = dfa["unit"]
+    return [[float(f"{q * unit:.{DIGITS}g}") for q in row] for row in dfa["heads"]]
 
 
 def _attribution(data: DashboardData, sl: slice) -> list[dict[str, Any]]:

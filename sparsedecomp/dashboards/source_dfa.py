@@ -78,7 +78,8 @@ def dfa_by_source(model: Any, sae: SAE, contexts: Tensor, positions: Tensor, fea
         features: ``(n_examples,)`` the feature of each example.
         layer: the attention layer the SAE reads.
         batch_size: distinct contexts per forward pass (by default from the activation stream's memory budget).
-        chunk_elements: gathered ``v`` entries (examples x sources x heads x d_head) processed at a time.
+        chunk_elements: the most ``v . W_enc`` products (heads x source span x examples of one context) held at
+            a time.
         sources: ``(n_examples, W)`` the source positions wanted (e.g. a page's token window); then ``values`` is
             ``(n_examples, W, len(heads))`` and a position outside the context gives 0. Only those sources are
             computed, not the whole context (a window is a few percent of a 1,024-token context).
@@ -101,7 +102,8 @@ def dfa_by_source_many(model: Any, tokens: Tensor, requests: list[DFARequest], *
     tokens = check_tokens(tokens, d_vocab=hooked.cfg.d_vocab, name="contexts")
     n_contexts, size = tokens.shape
     chunk_elements = check_positive_int(chunk_elements, "chunk_elements")
-    plans = [_plan(request, n_heads, d_head, n_contexts, size) for request in requests]
+    plans = [_plan(request, n_heads, d_head, n_contexts, size) | {"chunk_elements": chunk_elements}
+             for request in requests]
     if not plans:
         return []
     used = torch.unique(torch.cat([plan["context"].cpu() for plan in plans]))
@@ -111,28 +113,43 @@ def dfa_by_source_many(model: Any, tokens: Tensor, requests: list[DFARequest], *
                               with_logits=False)
     for batch in stream:
         for plan in plans:
-            sae, head_index = plan["sae"], plan["head_index"]
             which = lookup.to(plan["context"].device)[plan["context"]]
             in_batch = ((which >= batch.first_context) & (which < batch.first_context + batch.n_contexts)).nonzero()
-            if in_batch.numel() == 0:
-                continue
-            v_all = batch.v.to(device=sae.device, dtype=sae.dtype)[:, :, head_index]  # (contexts, src, heads, d)
-            pattern_all = batch.pattern.to(device=sae.device, dtype=sae.dtype)[:, head_index]  # (c, heads, dest, src)
-            width = plan["sources"].shape[1]
-            step = max(1, chunk_elements // (width * len(head_index) * d_head))
-            for part in in_batch.squeeze(1).split(step):
-                row, src = which[part] - batch.first_context, plan["sources"][part]
-                v = v_all[row[:, None], src]  # (e, W, heads, d_head): only the wanted sources
-                pattern = pattern_all[row, :, plan["position"][part]]  # (e, heads, src): one destination row each
-                pattern = pattern.gather(2, src[:, None, :].expand(-1, len(head_index), -1))  # (e, heads, W)
-                v_dot_w = torch.einsum("eshd,ehd->esh", v, plan["weights"][part])
-                plan["values"][part] = pattern.transpose(1, 2) * v_dot_w * plan["inside"][part, :, None]
+            if in_batch.numel():
+                _fill_batch(plan, batch, which[in_batch.squeeze(1)] - batch.first_context, in_batch.squeeze(1))
     results = []
     for plan in plans:
         bias = dfa_bias(plan["sae"])
         results.append(SourceDFA(values=plan["values"], heads=plan["heads"], bias_decoder=bias.decoder[plan["feature"]],
                                  bias_encoder=bias.encoder[plan["feature"]]))
     return results
+
+
+def _fill_batch(plan: dict, batch: Any, row: Tensor, examples: Tensor) -> None:
+    """``plan["values"][examples]`` from one activation batch (``row``: each example's context in the batch).
+
+    ``v[src, h] . W_enc[B_h, f]`` is computed per context as one batched matrix product over the context's source
+    span and the features of its examples, ``(heads, span, d_head) @ (heads, d_head, examples)``, then read at each
+    example's window: no ``(examples, W, heads, d_head)`` gather of ``v`` (a copy of ``W`` rows per example, which
+    made this memory-bound). The pattern is read at ``(destination, window)`` directly."""
+    sae, head_index, n_heads = plan["sae"], plan["head_index"], len(plan["heads"])
+    v_all = batch.v.to(device=sae.device, dtype=sae.dtype)[:, :, head_index].permute(0, 2, 1, 3)  # (c, heads, src, d)
+    pattern_all = batch.pattern.to(device=sae.device, dtype=sae.dtype)[:, head_index]  # (c, heads, dest, src)
+    sources = plan["sources"][examples]  # (e, W), clamped into the context
+    heads = torch.arange(n_heads, device=sae.device)
+    pattern = pattern_all[row[:, None, None], heads, plan["position"][examples][:, None, None], sources[:, :, None]]
+    v_dot_w = torch.empty_like(pattern)  # (e, W, heads)
+    order = torch.argsort(row, stable=True)
+    rows, counts = torch.unique_consecutive(row[order], return_counts=True)
+    for r, in_context in zip(rows.tolist(), order.split(counts.tolist())):
+        lo, hi = int(sources[in_context].min()), int(sources[in_context].max()) + 1
+        # bounded output: heads x span x examples at most chunk_elements
+        for group in in_context.split(max(1, plan["chunk_elements"] // (n_heads * (hi - lo)))):
+            weights = sae.W_enc[:, plan["feature"][examples[group]]].view(n_heads, -1, len(group))
+            span = torch.bmm(v_all[r, :, lo:hi], weights)  # (heads, span, group)
+            local = torch.arange(len(group), device=sae.device)
+            v_dot_w[group] = span[heads, (sources[group] - lo)[:, :, None], local[:, None, None]]
+    plan["values"][examples] = pattern * v_dot_w * plan["inside"][examples, :, None]
 
 
 def _plan(request: DFARequest, n_heads: int, d_head: int, n_contexts: int, size: int) -> dict:
@@ -156,7 +173,6 @@ def _plan(request: DFARequest, n_heads: int, d_head: int, n_contexts: int, size:
     inside = (sources >= 0) & (sources < size)
     return {"sae": sae, "heads": heads, "head_index": torch.tensor(heads, device=device), "context": context,
             "position": position, "feature": feature, "sources": sources.clamp(0, size - 1), "inside": inside,
-            "weights": sae.W_enc[:, feature].T.reshape(n_examples, len(heads), d_head),
             "values": torch.zeros(n_examples, sources.shape[1], len(heads), dtype=sae.dtype, device=device)}
 
 

@@ -340,7 +340,9 @@
   }
 
   function dfaTable(rec, ex) {
-    var dfa = ex.dfa, heads = dfa.heads, labels = headLabels(rec, heads.length);
+    // Stored as integers q per term, value = q * unit (docs/dashboards.md, EXAMPLE).
+    var dfa = ex.dfa, unit = dfa.unit || 0, labels = headLabels(rec, dfa.heads.length);
+    var heads = dfa.heads.map(function (row) { return row.map(function (q) { return q * unit; }); });
     var max = 1e-12;
     heads.forEach(function (row) { row.forEach(function (v) { max = Math.max(max, Math.abs(v)); }); });
     var header = el("tr", {}, [el("th", {}, ["head"])].concat(ex.tokens.map(function (t, i) {
