@@ -40,6 +40,8 @@ METHOD_HELP = """methods:
 """
 
 DEMO_EVAL_CONTEXTS = 128
+DEMO_DASHBOARD_CONTEXTS = 1563
+"""The demo's dashboards read 1,563 contexts of 128 tokens: 200,064 tokens, the issue's demo-world size."""
 EVALUATE_HELP = """what evaluate measures (report.json keys: docs/evaluation.md):
   splice        clean, zero_head_<h>, zero_layer, mean_layer, head_sae_<h>, all_head_saes, concat_sae and
                 routed_<label> per --methods setting: cross-entropy, KL to clean, loss recovered, standard errors
@@ -133,11 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--eval-contexts", type=int, default=DEMO_EVAL_CONTEXTS,
                       help=f"held-out contexts (128 tokens each) the evaluation report runs on (default "
                            f"{DEMO_EVAL_CONTEXTS}; up to 954)")
-    demo.add_argument("--dashboard-contexts", type=int, default=256,
-                      help="contexts the dashboards (DIR/dashboards/) run on (default 256; up to 954 held-out, about "
-                           "19,000 with --dashboard-split train)")
-    demo.add_argument("--dashboard-split", choices=("heldout", "train"), default="heldout",
-                      help="which demo documents the dashboards read (default heldout; train has more tokens)")
+    demo.add_argument("--dashboard-contexts", type=int, default=DEMO_DASHBOARD_CONTEXTS,
+                      help=f"contexts (128 tokens each) the dashboards (DIR/dashboards/) run on (default "
+                           f"{DEMO_DASHBOARD_CONTEXTS}: 200,064 tokens; about 19,000 in the training documents, 954 "
+                           f"with --dashboard-split heldout)")
+    demo.add_argument("--dashboard-split", choices=("train", "heldout"), default="train",
+                      help="which demo documents the dashboards read: the SAEs' training documents (default; as "
+                           "SAEDashboard and Neuronpedia show the training distribution) or the held-out ones")
     demo.add_argument("--no-dashboards", action="store_true", help="skip the feature dashboards")
     demo.add_argument("--no-evaluate", action="store_true",
                       help="only decompose: skip the evaluation report (DIR/evaluation/)")
@@ -209,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--device", default="cpu", help="cpu, cuda, ... or auto")
     dash.add_argument("--no-neuronpedia", action="store_true",
                       help="skip the Neuronpedia batch export (neuronpedia/<sae>.json, as large as the pages)")
+    analysis = dash.add_mutually_exclusive_group()
+    analysis.add_argument("--evaluate", action="store_true",
+                          help="also evaluate (as sparsedecomp evaluate) on the first --eval-contexts contexts, into "
+                               "OUT/evaluation/, and link the report as the site's analysis page")
+    analysis.add_argument("--evaluation", type=Path, metavar="EVAL_DIR",
+                          help="an earlier `sparsedecomp evaluate --out EVAL_DIR` run of these SAEs: its report is "
+                               "copied into OUT/evaluation/ and linked as the site's analysis page")
+    dash.add_argument("--eval-contexts", type=int, default=64, help="contexts --evaluate runs on (default 64)")
     dash.add_argument("--out", type=str, required=True, help="output folder (a new one, or an earlier run's to resume)")
     dash.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -303,6 +315,8 @@ def run_demo(args: argparse.Namespace) -> int:
         # The evaluation's decompositions when it ran (the same settings), else decompose now.
         decompositions = (run.decompositions if not args.no_evaluate else
                           decompose_settings(world.concat_sae, world.head_saes, DEFAULT_SETTINGS, W_O=world.W_O))
+        from .dashboard_run import write_dashboards
+
         write_dashboards(world.model, tokens, world.head_saes, world.concat_sae, decompositions,
                          Path(args.out) / "dashboards", progress=not args.no_progress, tokenizer=world.tokenizer,
                          analysis_href=None if args.no_evaluate else "../evaluation/report.html",
@@ -310,48 +324,52 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_dashboards(model, tokens, head_saes, concat, decompositions, out, *, progress: bool = False,
-                     tokenizer=None, analysis_href: str | None = None, context: dict | None = None,
-                     neuronpedia: bool = True) -> None:
-    """Gather the dashboard data in one pass and write the site (sparsedecomp.dashboards). Tokens are shown through
-    ``tokenizer`` (default: the model's; ``<id>`` without one)."""
-    from functools import lru_cache
-
-    from .activations import hooked_transformer
-    from .dashboards.gather import gather_dashboard_data
-    from .dashboards.site import write_site
-
-    hooked = hooked_transformer(model)
-    tokenizer = tokenizer if tokenizer is not None else getattr(hooked, "tokenizer", None)
-
-    @lru_cache(maxsize=None)
-    def token_str(i: int) -> str:
-        return tokenizer.decode([i]) if tokenizer is not None else f"<{i}>"
-
-    t0 = time.time()
-    data = gather_dashboard_data(model, tokens, head_saes, concat, decompositions, progress=progress)
-    t1 = time.time()
-    site = write_site(data, out, token_str=token_str, model_id=str(hooked.cfg.model_name),
-                      analysis_href=analysis_href, context=context, neuronpedia=neuronpedia)
-    size = sum(p.stat().st_size for p in site.out.rglob("*") if p.is_file())
-    print(f"dashboards: {sum(site.n_pages.values())} feature pages ({site.batches_skipped} batches already done) in "
-          f"{site.out}: gather {t1 - t0:.1f}s, write {time.time() - t1:.1f}s, {size / 2**20:.1f} MiB", flush=True)
-
-
 def run_dashboard(args: argparse.Namespace) -> int:
+    from .dashboard_run import (check_evaluation_matches, copy_evaluation_report, evaluation_report_files,
+                                write_dashboards)
+
     settings = _settings(args.methods)
     _positive(args.n_contexts, "--n-contexts")
+    _positive(args.eval_contexts, "--eval-contexts")
     check_output_folder(args.out)
+    evaluation_out = Path(args.out) / "evaluation"
+    if args.evaluate or args.evaluation is not None:
+        check_output_folder(evaluation_out)
+    if args.evaluation is not None:
+        report_files = evaluation_report_files(args.evaluation)  # refused now, not after the gathering pass
     concat, head_saes = _load_saes(args)
     loaded = _load_model_for(args.model, concat, head_saes, device=_device(args.device))
     tokens = _evaluation_tokens(args, loaded, head_saes)
-    head_saes = _fold_scales(loaded, tokens.tokens, head_saes, {})
-    from .evaluation_run import decompose_settings
+    context = {"model": loaded.describe(), "concat_sae": concat.describe(), "head_saes": head_saes.describe(),
+               "tokens": f"{tokens.n_contexts} contexts x {tokens.context_size} ({tokens.source})"}
+    head_saes = _fold_scales(loaded, tokens.tokens, head_saes, context)
+    if args.evaluation is not None:
+        check_evaluation_matches(report_files, hook_name=concat.hook_name, n_heads=loaded.model.cfg.n_heads,
+                                 d_head=loaded.model.cfg.d_head)
+    if args.evaluate or args.evaluation is not None:
+        from .dashboards.site import claim_site_folder
 
-    layer = concat.require_hook("dashboards")[1]
-    decompositions = decompose_settings(concat, head_saes, settings, W_O=loaded.model.W_O[layer].detach())
+        claim_site_folder(args.out)  # the report goes into OUT/evaluation/, before the pages
+    if args.evaluate:
+        from .evaluation_run import run_evaluation
+
+        t0 = time.time()
+        run = run_evaluation(loaded, tokens.first(args.eval_contexts), head_saes, concat, out_dir=evaluation_out,
+                             settings=settings, context=context, progress=not args.no_progress, command="dashboard",
+                             title="Evaluation of per-head and concat SAEs")
+        _print_evaluation(run, time.time() - t0)
+        decompositions = run.decompositions  # the same settings: the pages link what the report routed
+    else:
+        from .evaluation_run import decompose_settings
+
+        layer = concat.require_hook("dashboards")[1]
+        decompositions = decompose_settings(concat, head_saes, settings, W_O=loaded.model.W_O[layer].detach())
+        if args.evaluation is not None:
+            copy_evaluation_report(report_files, evaluation_out)
+    linked = args.evaluate or args.evaluation is not None
     write_dashboards(loaded, tokens, head_saes, concat, decompositions, args.out, progress=not args.no_progress,
-                     neuronpedia=not args.no_neuronpedia)
+                     neuronpedia=not args.no_neuronpedia, analysis_href="evaluation/report.html" if linked else None,
+                     context={k: str(v) for k, v in context.items()})
     return 0
 
 

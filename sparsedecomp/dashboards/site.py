@@ -44,6 +44,17 @@ class DashboardSite:
     batches_skipped: int
 
 
+def claim_site_folder(out_dir: str | Path) -> Path:
+    """``out_dir`` checked (new, empty, or an earlier run's), made, and claimed with an unfinished manifest, so
+    that an interrupted run's folder is recognised (and resumed) by the next one, and so that a caller may write
+    beside the pages (an evaluation report in ``out_dir/evaluation/``) before the pages are written."""
+    out = check_output_folder(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / MANIFEST_NAME).is_file():
+        _atomic(out / MANIFEST_NAME, lambda tmp: tmp.write_text(dumps_strict({"complete": False}) + "\n"))
+    return out
+
+
 def write_site(data: DashboardData, out_dir: str | Path, *, token_str: Callable[[int], str],
                render_page: Callable[..., str] = default_render_page, batch_size: int = BATCH_SIZE,
                model_id: str = "model", after_batch: Callable[[str, int], None] | None = None,
@@ -53,11 +64,7 @@ def write_site(data: DashboardData, out_dir: str | Path, *, token_str: Callable[
     called after each batch is recorded finished (a progress hook; tests interrupt there); ``context`` (what the site
     was built from, in words) is shown on the front page; ``neuronpedia`` writes the Neuronpedia batch export (as
     large as the pages again: the demo leaves it out)."""
-    out = check_output_folder(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # Claim the folder first, so that an interrupted run's folder is recognised (and resumed) by the next one.
-    if not (out / MANIFEST_NAME).is_file():
-        _atomic(out / MANIFEST_NAME, lambda tmp: tmp.write_text(dumps_strict({"complete": False}) + "\n"))
+    out = claim_site_folder(out_dir)
     for leftover in out.rglob(".*.tmp"):
         leftover.unlink(missing_ok=True)
     fingerprint = _fingerprint(data, batch_size)
@@ -121,7 +128,7 @@ def write_site(data: DashboardData, out_dir: str | Path, *, token_str: Callable[
     write("index.html", render_page("site_index", title="Feature dashboards", saes=saes, analysis_href=analysis_href,
                                     context=dict(context or {})))
     write(STATE_NAME, dumps_strict({**state, "complete": True}, indent=1) + "\n")
-    manifest = {"format": "sparsedecomp-dashboards/1", "files": dict(sorted(files.items()))}
+    manifest = {"format": "sparsedecomp-dashboards/1", "complete": True, "files": dict(sorted(files.items()))}
     _atomic(out / MANIFEST_NAME, lambda tmp: tmp.write_text(dumps_strict(manifest, indent=1) + "\n"))
     return DashboardSite(out=out, n_pages=n_pages, batches_written=written, batches_skipped=skipped)
 

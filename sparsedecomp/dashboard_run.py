@@ -1,0 +1,90 @@
+"""The dashboards step of a run: gather the data in one pass and write the site (:mod:`sparsedecomp.dashboards`),
+and put an evaluation report beside it as the site's analysis page. ``sparsedecomp dashboard`` and ``sparsedecomp
+demo`` compose these; the maths lives in the dashboards package."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from .errors import InputError
+from .outputs import MANIFEST_NAME, RunWriter
+
+
+def write_dashboards(model, tokens, head_saes, concat, decompositions, out, *, progress: bool = False,
+                     tokenizer=None, analysis_href: str | None = None, context: dict | None = None,
+                     neuronpedia: bool = True, log: Callable[[str], None] = print) -> None:
+    """Gather the dashboard data in one pass and write the site (sparsedecomp.dashboards). Tokens are shown through
+    ``tokenizer`` (default: the model's; ``<id>`` without one); ``analysis_href`` (relative to ``out``) links the
+    site's analysis page."""
+    from functools import lru_cache
+
+    from .activations import hooked_transformer
+    from .dashboards.gather import gather_dashboard_data
+    from .dashboards.site import write_site
+
+    hooked = hooked_transformer(model)
+    tokenizer = tokenizer if tokenizer is not None else getattr(hooked, "tokenizer", None)
+
+    @lru_cache(maxsize=None)
+    def token_str(i: int) -> str:
+        return tokenizer.decode([i]) if tokenizer is not None else f"<{i}>"
+
+    t0 = time.time()
+    data = gather_dashboard_data(model, tokens, head_saes, concat, decompositions, progress=progress)
+    t1 = time.time()
+    site = write_site(data, out, token_str=token_str, model_id=str(hooked.cfg.model_name),
+                      analysis_href=analysis_href, context=context, neuronpedia=neuronpedia)
+    size = sum(p.stat().st_size for p in site.out.rglob("*") if p.is_file())
+    log(f"dashboards: {sum(site.n_pages.values())} feature pages ({site.batches_skipped} batches already done) in "
+        f"{site.out}: gather {t1 - t0:.1f}s, write {time.time() - t1:.1f}s, {size / 2**20:.1f} MiB")
+
+
+EVALUATION_REPORT_FILES = ("report.json", "report.html", "plotly.min.js")
+
+
+def evaluation_report_files(folder: Path) -> dict[str, Path]:
+    """The report files (:data:`EVALUATION_REPORT_FILES`) of a finished ``sparsedecomp evaluate`` run in ``folder``,
+    refused by name when ``folder`` is not one (no folder, no manifest, an unfinished run, a file missing)."""
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST_NAME
+    if not folder.is_dir():
+        raise InputError(f"--evaluation: no folder at {folder}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"--evaluation: {folder} holds no {MANIFEST_NAME}: give the --out folder of a "
+                         "`sparsedecomp evaluate` run") from None
+    except json.JSONDecodeError:
+        raise InputError(f"--evaluation: {manifest_path} is not valid JSON") from None
+    if not isinstance(manifest, dict) or manifest.get("complete") is not True:
+        raise InputError(f"--evaluation: the run in {folder} did not finish (its {MANIFEST_NAME} is not complete)")
+    listed = manifest.get("files") or {}
+    missing = [name for name in EVALUATION_REPORT_FILES if name not in listed or not (folder / name).is_file()]
+    if missing:
+        raise InputError(f"--evaluation: {folder} is not an evaluation run: it lacks {', '.join(missing)} "
+                         f"(its command was {manifest.get('command')!r})")
+    return {name: folder / name for name in EVALUATION_REPORT_FILES}
+
+
+def check_evaluation_matches(files: dict[str, Path], *, hook_name: str, n_heads: int, d_head: int) -> None:
+    """Refuse a report of another site: its ``hook_name``, ``n_heads`` and ``d_head`` must be these SAEs'."""
+    try:
+        report = json.loads(files["report.json"].read_text())
+    except json.JSONDecodeError:
+        raise InputError(f"--evaluation: {files['report.json']} is not valid JSON") from None
+    wanted = {"hook_name": hook_name, "n_heads": n_heads, "d_head": d_head}
+    got = {key: report.get(key) if isinstance(report, dict) else None for key in wanted}
+    if got != wanted:
+        raise InputError(f"--evaluation: {files['report.json']} evaluates {got}, not these SAEs' {wanted}")
+
+
+def copy_evaluation_report(files: dict[str, Path], out: Path) -> None:
+    """The evaluation report's files copied into ``out`` (atomically, with a manifest naming where they came
+    from), so the site opens from disk on its own."""
+    sources = {name: str(path.resolve()) for name, path in files.items()}
+    with RunWriter(out, command="dashboard", settings={"copied_from": sources}) as writer:
+        for name, path in files.items():
+            writer.write_with(name, lambda tmp, path=path: tmp.write_bytes(path.read_bytes()))
