@@ -211,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--methods", nargs="+", metavar="SETTING", default=None,
                       help="decompositions linked on the pages (default as for evaluate)")
     dash.add_argument("--device", default="cpu", help="cpu, cuda, ... or auto")
+    dash.add_argument("--keep-bos", action="store_true",
+                      help="count position 0 (BOS) in the statistics and examples (default: left out)")
+    dash.add_argument("--ignore-tokens", metavar="IDS",
+                      help="comma-separated token ids left out of the statistics and examples (default: the "
+                           "tokenizer's special tokens; '' for none)")
     dash.add_argument("--no-neuronpedia", action="store_true",
                       help="skip the Neuronpedia batch export (neuronpedia/<sae>.json, as large as the pages)")
     analysis = dash.add_mutually_exclusive_group()
@@ -331,6 +336,7 @@ def run_dashboard(args: argparse.Namespace) -> int:
     settings = _settings(args.methods)
     _positive(args.n_contexts, "--n-contexts")
     _positive(args.eval_contexts, "--eval-contexts")
+    ignore_tokens = None if args.ignore_tokens is None else _token_ids(args.ignore_tokens, "--ignore-tokens")
     check_output_folder(args.out)
     evaluation_out = Path(args.out) / "evaluation"
     if args.evaluate or args.evaluation is not None:
@@ -343,6 +349,9 @@ def run_dashboard(args: argparse.Namespace) -> int:
     context = {"model": loaded.describe(), "concat_sae": concat.describe(), "head_saes": head_saes.describe(),
                "tokens": f"{tokens.n_contexts} contexts x {tokens.context_size} ({tokens.source})"}
     head_saes = _fold_scales(loaded, tokens.tokens, head_saes, context)
+    d_vocab = loaded.model.cfg.d_vocab
+    if ignore_tokens and max(ignore_tokens) >= d_vocab:
+        raise InputError(f"--ignore-tokens: id {max(ignore_tokens)} is not in the model's vocabulary (d_vocab={d_vocab})")
     if args.evaluation is not None:
         check_evaluation_matches(report_files, hook_name=concat.hook_name, n_heads=loaded.model.cfg.n_heads,
                                  d_head=loaded.model.cfg.d_head)
@@ -368,9 +377,19 @@ def run_dashboard(args: argparse.Namespace) -> int:
             copy_evaluation_report(report_files, evaluation_out)
     linked = args.evaluate or args.evaluation is not None
     write_dashboards(loaded, tokens, head_saes, concat, decompositions, args.out, progress=not args.no_progress,
-                     neuronpedia=not args.no_neuronpedia, analysis_href="evaluation/report.html" if linked else None,
+                     neuronpedia=not args.no_neuronpedia, exclude_bos=not args.keep_bos, ignore_tokens=ignore_tokens, analysis_href="evaluation/report.html" if linked else None,
                      context={k: str(v) for k, v in context.items()})
     return 0
+
+
+def _token_ids(spec: str, flag: str) -> tuple[int, ...]:
+    """``"0, 50256"`` -> ``(0, 50256)``; ``""`` -> ``()``."""
+    ids = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        if not part.isdigit():
+            raise InputError(f"{flag}: {part!r} is not a token id (a non-negative integer)")
+        ids.append(int(part))
+    return tuple(ids)
 
 
 def _load_tokens(path: Path):

@@ -7,18 +7,32 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from .errors import InputError
 from .outputs import MANIFEST_NAME, RunWriter
 
 
+def special_token_ids(tokenizer) -> tuple[int, ...]:
+    """The ids of ``tokenizer``'s special tokens (BOS, EOS, padding ...): a ``transformers`` tokenizer's
+    ``all_special_ids``, or the added tokens marked special of a ``tokenizers.Tokenizer``; ``()`` without one."""
+    if tokenizer is None:
+        return ()
+    ids = getattr(tokenizer, "all_special_ids", None)
+    if ids is None and hasattr(tokenizer, "get_added_tokens_decoder"):
+        ids = [i for i, token in tokenizer.get_added_tokens_decoder().items() if getattr(token, "special", False)]
+    return tuple(sorted({int(i) for i in ids or () if i is not None}))
+
+
 def write_dashboards(model, tokens, head_saes, concat, decompositions, out, *, progress: bool = False,
                      tokenizer=None, analysis_href: str | None = None, context: dict | None = None,
-                     neuronpedia: bool = True, log: Callable[[str], None] = print) -> None:
+                     neuronpedia: bool = True, exclude_bos: bool = True, ignore_tokens: Sequence[int] | None = None,
+                     log: Callable[[str], None] = print) -> None:
     """Gather the dashboard data in one pass and write the site (sparsedecomp.dashboards). Tokens are shown through
     ``tokenizer`` (default: the model's; ``<id>`` without one); ``analysis_href`` (relative to ``out``) links the
-    site's analysis page."""
+    site's analysis page. Position 0 (``exclude_bos``) and the ``ignore_tokens`` ids (default: the tokenizer's
+    special tokens, :func:`special_token_ids`) are left out of every statistic and example; the front page says
+    which."""
     from functools import lru_cache
 
     from .activations import hooked_transformer
@@ -30,10 +44,15 @@ def write_dashboards(model, tokens, head_saes, concat, decompositions, out, *, p
 
     @lru_cache(maxsize=None)
     def token_str(i: int) -> str:
-        return tokenizer.decode([i]) if tokenizer is not None else f"<{i}>"
+        # special tokens shown as themselves (tokenizers.Tokenizer.decode skips them by default)
+        return tokenizer.decode([i], skip_special_tokens=False) if tokenizer is not None else f"<{i}>"
 
+    ignore_tokens = special_token_ids(tokenizer) if ignore_tokens is None else tuple(ignore_tokens)
+    left_out = (["position 0 (BOS)"] if exclude_bos else []) + [f"{token_str(i)!r} (id {i})" for i in ignore_tokens]
+    context = {**(context or {}), "left out of every statistic": ", ".join(left_out) or "nothing"}
     t0 = time.time()
-    data = gather_dashboard_data(model, tokens, head_saes, concat, decompositions, progress=progress)
+    data = gather_dashboard_data(model, tokens, head_saes, concat, decompositions, progress=progress,
+                                 exclude_bos=exclude_bos, ignore_tokens=ignore_tokens)
     t1 = time.time()
     site = write_site(data, out, token_str=token_str, model_id=str(hooked.cfg.model_name),
                       analysis_href=analysis_href, context=context, neuronpedia=neuronpedia)

@@ -97,6 +97,8 @@ def feature_record(sae: str, feature: int, *, n_heads: int = len(HEADS), n_top: 
     return {
         "sae": sae, "feature": feature, "title": f"{sae} feature {feature}",
         "density": n_firing / 200_000, "n_firing": n_firing, "n_tokens": 200_000,
+        "density_histogram": {"log10_edges": [-6 + 0.25 * i for i in range(25)],
+                              "counts": [rng.randrange(40) for _ in range(24)], "n_dead": 3},
         "max_activation": max_act, "mean_firing_activation": round(max_act / 3, 4),
         "decoder_norm": {"sae_units": 1.0, "training_units": round(0.5 + rng.random(), 4)},
         "activation_histogram": histogram(0.0, max_act, 40, rng),

@@ -4,6 +4,7 @@ the figures; hostile tokens show as text; every link in the live DOM resolves to
 table shows one page of 100 rows and its search, sort, filters and paging (driven through the URL fragment, since
 the helper cannot click) pick the rows Python picks from the same data."""
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from tests.dashboard_fixture import DEGENERATE_FEATURE, HOSTILE_TOKENS, INDEX_CO
 
 pytestmark = pytest.mark.browser
 
-PANELS = ("sd-header", "sd-activation-histogram", "sd-logit-histogram", "sd-logits", "sd-attribution",
+PANELS = ("sd-header", "sd-density", "sd-activation-histogram", "sd-logit-histogram", "sd-logits", "sd-attribution",
           "sd-decomposition", "sd-used-by", "sd-correlated", "sd-examples", "sd-quantiles")
 
 
@@ -128,7 +129,14 @@ def test_feature_page_fills_every_panel(chromium, site, sae, feature):
         content = [c for c in by_id(root, panel).content if isinstance(c, Element) and c.tag != "h2"]
         assert content, panel  # a figure, a table, a list or a note saying why there is none
     figures = root.find_all("div", "js-plotly-plot")
-    assert len(figures) == (3 if sae == "concat" else 2)
+    assert len(figures) == (4 if sae == "concat" else 3)
+    # the density figure marks this feature's log10 density among the SAE's features
+    density = by_id(root, "sd-density")
+    shown = re.search(r"This feature: log10 density (-?[\d.]+)\. (\d+) features fired, (\d+) never did",
+                      density.text())
+    assert float(shown.group(1)) == pytest.approx(math.log10(record["density"]), abs=5e-3)
+    assert [int(shown.group(2)), int(shown.group(3))] == [sum(record["density_histogram"]["counts"]), 3]
+    assert any(layer.find_all("path") for layer in density.find_all("g", "shapelayer"))  # the line at this feature
     assert all(f.find_all("g", "trace") or f.find_all("g", "barlayer") for f in figures)
     # a degenerate logit range gets a few ticks, not a tick per step
     assert 2 <= len(figures[1].find_all("g", "xtick")) <= 12

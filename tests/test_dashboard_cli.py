@@ -100,3 +100,35 @@ def test_a_folder_that_is_not_a_matching_evaluation_is_refused_by_name(standin, 
     with pytest.raises(SystemExit) as exit_info:
         main(command(standin, tmp_path / "e", "--evaluate", "--evaluation", str(other)))
     assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_ignored_tokens_never_rank_and_the_front_page_says_what_was_left_out(standin, tmp_path, capsys):
+    out = tmp_path / "site"
+    assert main(command(standin, out, "--ignore-tokens", "5, 7", "--no-neuronpedia")) == 0
+    focus_tokens = set()
+    for page in (out / "concat" / "f").glob("*.html"):
+        record = json.loads(re.search(r'<script id="sd-feature" type="application/json">(.*?)</script>',
+                                      page.read_text(), re.S).group(1))
+        examples = record["examples"]["top"] + [e for g in record["examples"]["quantiles"] for e in g["examples"]]
+        focus_tokens |= {e["tokens"][e["focus"]] for e in examples}
+    assert focus_tokens and not focus_tokens & {"<5>", "<7>"}
+    assert "position 0 (BOS), &#39;&lt;5&gt;&#39; (id 5), &#39;&lt;7&gt;&#39; (id 7)" in (out / "index.html").read_text()
+    assert main(command(standin, tmp_path / "a", "--ignore-tokens", "5,x")) == 2
+    assert "--ignore-tokens: 'x' is not a token id" in capsys.readouterr().err
+    assert main(command(standin, tmp_path / "b", "--ignore-tokens", str(TINY["d_vocab"]))) == 2
+    assert f"not in the model's vocabulary (d_vocab={TINY['d_vocab']})" in capsys.readouterr().err
+
+
+def test_special_token_ids_of_both_tokenizer_kinds():
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from sparsedecomp.dashboard_run import special_token_ids
+    from sparsedecomp.demo.layout import ARTIFACTS_DIR, TOKENIZER_FILE
+
+    raw = Tokenizer.from_file(str(ARTIFACTS_DIR / TOKENIZER_FILE))
+    bos, eot = raw.token_to_id("<|bos|>"), raw.token_to_id("<|endoftext|>")
+    assert special_token_ids(raw) == tuple(sorted({bos, eot}))
+    fast = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|bos|>", eos_token="<|endoftext|>")
+    assert special_token_ids(fast) == tuple(sorted({bos, eot}))
+    assert special_token_ids(None) == ()

@@ -1,6 +1,7 @@
 """The dashboard site end to end on the offline stand-in: records, links, invariants, resume."""
 
 import json
+import math
 import re
 
 import pytest
@@ -70,6 +71,26 @@ def test_every_page_is_written_and_every_href_resolves(world, site):
     for rel in ("index.html", "assets/plotly.min.js", "concat/index.html", "concat/features.js",
                 "neuronpedia/concat.json", "neuronpedia/head_0.json", "manifest.json", "dashboard_state.json"):
         assert (site / rel).is_file(), rel
+
+
+def test_density_histogram_counts_every_feature_of_the_sae_once(world, site):
+    by_sae = {}
+    for _, rec in records(site):
+        by_sae.setdefault(rec["sae"], []).append(rec)
+    for name, recs in by_sae.items():
+        hist = recs[0]["density_histogram"]
+        assert all(r["density_histogram"] == hist for r in recs)  # one figure per SAE
+        edges, counts = hist["log10_edges"], hist["counts"]
+        assert sum(counts) + hist["n_dead"] == world.saes[name].sae.d_sae == len(recs)
+        assert hist["n_dead"] == sum(r["n_firing"] == 0 for r in recs)
+        assert edges[-1] == 0 and edges[0] <= math.log10(1 / recs[0]["n_tokens"])
+        # each firing feature's density falls in a bin, and the bins' counts are those features
+        expected = [0] * len(counts)
+        for r in recs:
+            if r["n_firing"]:
+                x = math.log10(r["n_firing"] / r["n_tokens"])
+                expected[min(len(counts) - 1, max(i for i, e in enumerate(edges[:-1]) if e <= x + 1e-9))] += 1
+        assert counts == expected
 
 
 def test_densities_and_quantile_groups(site):

@@ -130,7 +130,7 @@ def test_index_shows_every_feature_row(index, demo_out):
     assert all(re.match(r"h\d:f\d+ ", row[-1]) for row in rows[1:])
 
 
-PANELS = ("sd-header", "sd-activation-histogram", "sd-logit-histogram", "sd-logits", "sd-attribution",
+PANELS = ("sd-header", "sd-density", "sd-activation-histogram", "sd-logit-histogram", "sd-logits", "sd-attribution",
           "sd-decomposition", "sd-used-by", "sd-correlated", "sd-examples", "sd-quantiles")
 
 

@@ -81,3 +81,36 @@ def row_histograms(values: Tensor, lo: Tensor, hi: Tensor, n_bins: int) -> RowHi
     lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
     hi = torch.where(torch.isfinite(hi), hi, lo)
     return RowHistograms(lo=lo, hi=hi, counts=counts, n_bins=used)
+
+
+DENSITY_BINS_PER_DECADE = 4
+
+
+@dataclass(frozen=True, eq=False)
+class DensityHistogram:
+    """The SAE's features by firing density, on a log scale: what a feature page sets its own density against.
+
+    Attributes:
+        log10_edges: ``(n_bins + 1,)`` float64 bin edges of ``log10(density)``, from ``floor(log10(1 / n_tokens))``
+            (the smallest non-zero density the tokens can show) to 0, :data:`DENSITY_BINS_PER_DECADE` per decade.
+        counts: ``(n_bins,)`` long, features per bin (the last bin holds density 1).
+        n_dead: features that never fired (density 0: no logarithm, counted apart).
+    """
+
+    log10_edges: Tensor
+    counts: Tensor
+    n_dead: int
+
+
+def density_histogram(density: Tensor, n_tokens: int) -> DensityHistogram:
+    """:class:`DensityHistogram` of ``density`` (``(n_features,)`` in ``[0, 1]``, firing counts over ``n_tokens``)."""
+    n_tokens = check_positive_int(n_tokens, "n_tokens")
+    if density.ndim != 1 or bool(((density < 0) | (density > 1) | torch.isnan(density)).any()):
+        raise InputError(f"density must be a (n_features,) tensor of values in [0, 1], got shape "
+                         f"{tuple(density.shape)}")
+    lo = float(torch.floor(torch.log10(torch.tensor(1.0 / n_tokens, dtype=torch.float64))))
+    n_bins = max(1, round(-lo * DENSITY_BINS_PER_DECADE))
+    firing = density[density > 0].double()
+    rows = row_histograms(torch.log10(firing)[None], torch.tensor([lo]), torch.tensor([0.0]), n_bins)
+    return DensityHistogram(log10_edges=rows.edges(0), counts=rows.row_counts(0),
+                            n_dead=int((density == 0).sum()))

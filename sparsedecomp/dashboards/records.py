@@ -23,6 +23,7 @@ from torch import Tensor
 from ..evaluation.attribution import DFA, WEIGHT
 from ..evaluation.metrics import cosine, l0, relative_error
 from .gather import CONCAT_NAME, DashboardData, GatheredSAE, head_name
+from .histograms import density_histogram
 
 DIGITS = 4
 
@@ -140,6 +141,9 @@ def sae_records(data: DashboardData, name: str, token_str: Callable[[int], str],
     attribution = _attribution(data, sl) if name == CONCAT_NAME else None
     head = None if name == CONCAT_NAME else int(name.split("_")[1])
     k = g.examples.group.tolist().count(-1)
+    densities = density_histogram(d.density, max(d.n_tokens, 1))  # the same for every page of the SAE
+    density_figure = {"log10_edges": _rl(densities.log10_edges.tolist()), "counts": densities.counts.tolist(),
+                      "n_dead": densities.n_dead}
     records = []
     for i, f in enumerate(features):
         shown = examples[i]
@@ -167,6 +171,7 @@ def sae_records(data: DashboardData, name: str, token_str: Callable[[int], str],
             "sae": name, "feature": f, "title": f"{name.replace('_', ' ')} feature {f}",
             "density": r(density[i]), "n_firing": n_firing[i], "n_tokens": d.n_tokens,
             "max_activation": r(max_act[i]), "mean_firing_activation": r(mean_act[i]),
+            "density_histogram": density_figure,
             "decoder_norm": {"sae_units": r(norms[i]), "training_units": None if scale is None else r(norms[i] * scale)},
             "activation_histogram": _histogram(hist_lo[i], hist_hi[i], hist_bins[i], hist_counts[i]),
             "logits": {"top": [[token_str(t), r(v)] for t, v in zip(top_ids[i], top_v[i])],

@@ -290,6 +290,32 @@
     }, PLOT_CONFIG);
   }
 
+  /** The SAE's features by log10 density (rec.density_histogram), with this feature's density marked. */
+  function densityPanel(rec) {
+    var target = panel("sd-density"), hist = rec.density_histogram;
+    if (!hist || !hist.counts || !hist.counts.length) { note(target, "No density histogram."); return; }
+    var edges = hist.log10_edges, counts = hist.counts, n = counts.reduce(function (a, b) { return a + b; }, 0);
+    var centers = counts.map(function (_, i) { return (edges[i] + edges[i + 1]) / 2; });
+    var here = rec.density > 0 ? Math.log10(rec.density) : null;
+    target.appendChild(el("p", {"class": "muted"}, [
+      (here === null ? "This feature never fired. " : "This feature: log10 density " + fmt(here) + ". ") +
+      n + " features fired, " + hist.n_dead + " never did."]));
+    var box = el("div", {"class": "plot"});
+    target.appendChild(box);
+    if (!window.Plotly) { note(target, "plotly.min.js is missing from the assets folder: no figure."); return; }
+    var shapes = here === null ? [] : [{type: "line", x0: here, x1: here, yref: "paper", y0: 0, y1: 1,
+                                        line: {color: "#d1574a", width: 2}}];
+    window.Plotly.newPlot(box, [{
+      type: "bar", x: centers, y: counts, width: edges[1] - edges[0], marker: {color: "#9aa9c7"},
+      hovertemplate: "log10 density %{x:.2f}: %{y} features<extra></extra>"
+    }], {
+      height: 220, margin: {l: 45, r: 10, t: 10, b: 40}, bargap: 0.02, shapes: shapes,
+      xaxis: {title: {text: "log10 density (this feature in red)"}, range: guardedRange(edges[0], edges[edges.length - 1]),
+              tickmode: "auto", nticks: 8},
+      yaxis: {title: {text: "features"}, tickmode: "auto", nticks: 6, rangemode: "tozero"}
+    }, PLOT_CONFIG);
+  }
+
   function headerPanel(rec) {
     var target = panel("sd-header");
     var norm = rec.decoder_norm || {};
@@ -491,6 +517,7 @@
     var saeLink = panel("sd-sae-link");
     if (saeLink) saeLink.textContent = rec.sae;
     headerPanel(rec);
+    densityPanel(rec);
     histogram(panel("sd-activation-histogram"), rec.activation_histogram, "activation", false);
     histogram(panel("sd-logit-histogram"), rec.logits ? rec.logits.histogram : null, "logit", true);
     logitsPanel(rec);
