@@ -4,6 +4,8 @@ value is the activation where it points, BOS and ignored tokens are left out, hi
 correlated features equal a dense computation, and DFA by source and head plus the bias terms is the
 pre-activation."""
 
+import copy
+
 import pytest
 import torch
 
@@ -289,3 +291,8 @@ def test_bad_input_is_refused_by_name(tiny_model, tokens, concat, head2):
     unknown = make_sae(concat.W_enc, concat.W_dec, concat.b_enc, concat.b_dec, None)
     with pytest.raises(InputError, match="which head"):
         dfa_by_source(tiny_model, unknown, tokens[:1], torch.tensor([1]), torch.tensor([0]), layer=LAYER)
+    poisoned = copy.deepcopy(tiny_model)  # NaN reaches the SAE through the model's z (an SAE refuses NaN weights)
+    with torch.no_grad():
+        poisoned.blocks[LAYER].attn.W_V[0, 0, 0] = float("nan")
+    with pytest.raises(InputError, match="activations contain NaN"):
+        gather(poisoned, tokens, concat, "concatenated")

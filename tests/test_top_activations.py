@@ -77,6 +77,53 @@ def test_streaming_equals_one_batch_and_brute_force():
     assert many.n_tokens == N_CONTEXTS * CONTEXT
 
 
+def _stream_entries(acts, context_splits, feature_splits, shuffle=False):
+    """As _stream, feeding each batch as its positive entries (update_entries) instead of the dense batch; the
+    negative entries of _activations() are zeroed first (the entries API says the rest is 0)."""
+    tracker = TopKTracker(N_FEATURES, K, payload_dim=2)
+    acts = acts.clamp_min(0)
+    for a, b in context_splits:
+        for chunk in feature_splits:
+            block = acts[a * CONTEXT : b * CONTEXT, chunk]
+            token, column = block.nonzero(as_tuple=True)
+            if shuffle:  # any order of the entries gives the same result
+                perm = torch.randperm(len(token), generator=torch.Generator().manual_seed(a))
+                token, column = token[perm], column[perm]
+            tracker.update_entries(token, column, block[token, column], n_tokens=block.shape[0], first_context=a,
+                                   context_size=CONTEXT, features=chunk, payload=_token_payload(a))
+    return tracker.compute()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_sparse_entries_give_exactly_the_dense_result(dtype, shuffle):
+    acts = _activations().clamp_min(0).to(dtype)
+    splits = ([(0, 3), (3, 4), (4, 7)], [slice(0, 2), slice(2, 7), slice(7, 9)])
+    dense = _stream(acts, *splits)
+    sparse = _stream_entries(acts, *splits, shuffle=shuffle)
+    for name in ("values", "context", "position", "payload", "n_firing", "activation_sum"):
+        torch.testing.assert_close(getattr(sparse, name), getattr(dense, name), equal_nan=True, rtol=0, atol=0,
+                                   msg=name)
+    assert sparse.context[3].tolist() == [0, 0, 0, 0] and sparse.position[3].tolist() == [0, 1, 2, 3]  # ties
+    expected = _brute_force(acts, K)
+    assert all(_as_entries(sparse, f) == expected[f] for f in range(N_FEATURES))
+
+
+def test_sparse_entries_are_refused_by_name():
+    tracker = TopKTracker(N_FEATURES, K)
+    token, column = torch.tensor([0, 1]), torch.tensor([0, 2])
+    with pytest.raises(InputError, match="above min_value=0.0"):
+        tracker.update_entries(token, column, torch.tensor([0.5, 0.0]), n_tokens=CONTEXT, first_context=0,
+                               context_size=CONTEXT)
+    with pytest.raises(InputTypeError, match="1-D tensors of one length"):
+        tracker.update_entries(token, column[:1], torch.tensor([0.5]), n_tokens=CONTEXT, first_context=0,
+                               context_size=CONTEXT)
+    with pytest.raises(InputError, match="needs min_value >= 0"):
+        TopKTracker(N_FEATURES, K, min_value=-1.0).update_entries(token, column, torch.tensor([0.5, 1.0]),
+                                                                  n_tokens=CONTEXT, first_context=0,
+                                                                  context_size=CONTEXT)
+
+
 def test_payload_follows_its_entry():
     result = _stream(_activations(), [(0, 2), (2, 7)], [slice(None)])
     filled = result.filled

@@ -251,18 +251,18 @@ class FeatureDataAccumulator:
         for chunk in feature_chunks(self.sae.d_sae, x.shape[0], self.chunk_elements):
             acts = torch.relu(centred @ self.sae.W_enc[:, chunk] + self.sae.b_enc[chunk])
             acts = acts.masked_fill_(~keep[:, None], 0.0)
-            where = dict(first_context=batch.first_context, context_size=batch.context_size, features=chunk)
-            self.top.update(acts, **where)
-            self.sample.update(self._priorities(acts, chunk, first_token), **where,
-                               payload=lambda features, tokens: acts.gather(0, tokens.T).T[:, :, None])
-
-    def _priorities(self, acts: Tensor, chunk: slice, first_token: int) -> Tensor:
-        """``acts``'s shape: the reservoir priority of each non-zero entry, 0 elsewhere (never kept)."""
-        row, column = acts.nonzero(as_tuple=True)
-        priority = torch.zeros_like(acts)
-        priority[row, column] = uniform_priorities(self.seed, column + chunk.start, row + first_token,
-                                                   dtype=acts.dtype, keys=self._keys[chunk][column])
-        return priority
+            # Codes fire on a few entries in a thousand: both trackers take the non-zero entries, not the matrix.
+            row, column = acts.nonzero(as_tuple=True)
+            values = acts[row, column]
+            if torch.isnan(values).any():  # NaN is non-zero, so it is among the entries
+                raise InputError("the SAE's activations contain NaN (NaN in its input or weights)")
+            where = dict(n_tokens=acts.shape[0], first_context=batch.first_context,
+                         context_size=batch.context_size, features=chunk)
+            self.top.update_entries(row, column, values, **where)
+            priorities = uniform_priorities(self.seed, column + chunk.start, row + first_token, dtype=acts.dtype,
+                                            keys=self._keys[chunk][column])
+            self.sample.update_entries(row, column, priorities, **where,
+                                       payload=lambda features, tokens: acts.gather(0, tokens.T).T[:, :, None])
 
     def compute(self) -> FeatureData:
         top = self.top.compute()

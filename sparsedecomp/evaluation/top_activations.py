@@ -153,11 +153,75 @@ class TopKTracker:
         token, value = _top_rows_earliest_first(activations, min(self.k, n_tokens), self.min_value)  # (m, j) each
         # Entries not above min_value only fill slots of a feature firing on fewer than j tokens: mark them empty.
         value = value.masked_fill(value <= self.min_value, float("-inf"))
+        self._merge_candidates(rows, token, value, first_context, context_size, payload)
+
+    @torch.no_grad()
+    def update_entries(self, token: Tensor, column: Tensor, values: Tensor, *, n_tokens: int, first_context: int,
+                       context_size: int, features: slice | None = None, payload: Payload | None = None) -> None:
+        """:meth:`update` for a sparse batch given by its entries above ``min_value``: ``values[i]`` is the
+        activation at row ``token[i]``, column ``column[i]`` of an ``(n_tokens, m)`` batch whose other entries are
+        0 (so ``min_value`` must be at least 0). The result is exactly :meth:`update`'s on the dense batch, at a cost
+        in the number of entries instead of ``n_tokens * m``: SAE codes fire on a few in a thousand entries.
+
+        Per column the ``k`` largest entries (ties to the earlier row) come from one sort of the entries by the
+        int64 key ``column * 2**31 + (2**31 - 1 - bits(value))``: for positive float32 values the IEEE bit pattern
+        ``bits`` is increasing in the value, so the key orders by column, then value descending; the sort is
+        stable, so entries given in row order keep the earlier row first among ties (other dtypes take two stable
+        sorts to the same order). Entries not in row order are put in row order first."""
+        if self.min_value < 0:
+            raise InputError(f"update_entries needs min_value >= 0 (the entries not given are 0), got {self.min_value}")
+        if not (isinstance(token, Tensor) and isinstance(column, Tensor) and isinstance(values, Tensor)) or \
+                token.ndim != 1 or token.shape != column.shape or token.shape != values.shape or \
+                not values.is_floating_point():
+            raise InputTypeError("token, column and values must be 1-D tensors of one length (values floating), got "
+                                 f"{[tuple(getattr(t, 'shape', ())) for t in (token, column, values)]}")
+        start, stop = _feature_range(features, self.n_features)
+        m = stop - start
+        check_positive_int(context_size, "context_size")
+        if n_tokens % context_size != 0:
+            raise InputError(f"{n_tokens} activation rows are not whole contexts of {context_size} tokens")
+        if (payload is None) != (self.payload_dim is None):
+            raise InputError("give a payload function exactly when the tracker was built with payload_dim")
+        if values.numel() and not bool((values > self.min_value).all()):
+            raise InputError(f"every entry given must be above min_value={self.min_value} (NaN is not)")
+        if self._values is None:
+            self._allocate(values.device, values.dtype)
+        rows = slice(start, stop)
+        self._tokens_seen[rows] += n_tokens
+        self._n_firing[rows] += torch.bincount(column, minlength=m)
+        self._sum[rows] += torch.zeros(m, dtype=torch.float64, device=values.device).index_add_(0, column,
+                                                                                               values.double())
+        if n_tokens == 0:
+            return
+        j = min(self.k, n_tokens)
+        if token.numel() > 1 and not bool((token[1:] >= token[:-1]).all()):  # ties go to the earlier row
+            by_row = torch.sort(token, stable=True).indices
+            token, column, values = token[by_row], column[by_row], values[by_row]
+        if values.dtype == torch.float32:
+            key = (column.long() << 31) | (0x7FFFFFFF - values.view(torch.int32).long())
+            order = torch.sort(key, stable=True).indices
+        else:
+            by_value = torch.sort(values, descending=True, stable=True).indices
+            order = by_value[torch.sort(column[by_value], stable=True).indices]
+        sorted_column = column[order]
+        rank = torch.arange(len(order), device=order.device) - torch.searchsorted(sorted_column, sorted_column)
+        kept = order[rank < j]
+        slot = column[kept] * j + rank[rank < j]
+        top_token = torch.zeros(m * j, dtype=torch.long, device=values.device).index_copy_(0, slot, token[kept].long())
+        top_value = torch.full((m * j,), float("-inf"), dtype=values.dtype, device=values.device)
+        top_value.index_copy_(0, slot, values[kept])
+        self._merge_candidates(rows, top_token.view(m, j), top_value.view(m, j), first_context, context_size,
+                               payload)
+
+    def _merge_candidates(self, rows: slice, token: Tensor, value: Tensor, first_context: int, context_size: int,
+                          payload: Payload | None) -> None:
+        """Merge one batch's candidates, ``(m, j)`` rows into the batch and values (largest first, ``-inf`` in
+        empty slots), with their payload."""
         context = first_context + torch.div(token, context_size, rounding_mode="floor")
         position = token % context_size
         extra = None
         if payload is not None:
-            feature_index = torch.arange(start, stop, device=activations.device)
+            feature_index = torch.arange(rows.start, rows.stop, device=token.device)
             extra = payload(feature_index, token)
             if extra.shape != (*token.shape, self.payload_dim):
                 raise InputError(f"payload returned shape {tuple(extra.shape)}, expected {(*token.shape, self.payload_dim)}")
