@@ -31,7 +31,8 @@ from torch import Tensor
 
 from ..activations import ActivationBatch
 from ..errors import InputError, InputTypeError
-from ..evaluation.top_activations import DEFAULT_CHUNK_ELEMENTS, TopActivations, TopKTracker, feature_chunks
+from ..evaluation.top_activations import (DEFAULT_CHUNK_ELEMENTS, TopActivations, TopKTracker, feature_chunks,
+                                          nonzero_entries)
 from ..loading.sae import CONCATENATED, SAE
 from ..validation import check_bool, check_positive_int
 from .histograms import RowHistograms, row_histograms
@@ -252,10 +253,7 @@ class FeatureDataAccumulator:
             acts = torch.relu(centred @ self.sae.W_enc[:, chunk] + self.sae.b_enc[chunk])
             acts = acts.masked_fill_(~keep[:, None], 0.0)
             # Codes fire on a few entries in a thousand: both trackers take the non-zero entries, not the matrix.
-            row, column = acts.nonzero(as_tuple=True)
-            values = acts[row, column]
-            if torch.isnan(values).any():  # NaN is non-zero, so it is among the entries
-                raise InputError("the SAE's activations contain NaN (NaN in its input or weights)")
+            row, column, values = nonzero_entries(acts)
             where = dict(n_tokens=acts.shape[0], first_context=batch.first_context,
                          context_size=batch.context_size, features=chunk)
             self.top.update_entries(row, column, values, **where)

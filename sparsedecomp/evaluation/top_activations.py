@@ -302,6 +302,16 @@ def _top_rows_earliest_first(activations: Tensor, j: int, floor: float) -> tuple
     return token.gather(1, order), values.gather(1, order)
 
 
+def nonzero_entries(activations: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(token, column, value)`` of the non-zero entries of a ``(n_tokens, m)`` code in row order, for
+    :meth:`TopKTracker.update_entries`; NaN (non-zero, so among them) is refused."""
+    token, column = activations.nonzero(as_tuple=True)
+    values = activations[token, column]
+    if torch.isnan(values).any():
+        raise InputError("the SAE's activations contain NaN (NaN in its input or weights)")
+    return token, column, values
+
+
 def feature_chunks(n_features: int, n_tokens: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> list[slice]:
     """Contiguous feature slices so that ``n_tokens x`` chunk width stays within ``chunk_elements``."""
     width = max(1, chunk_elements // max(1, n_tokens))
@@ -346,8 +356,9 @@ class SAETopActivations:
         for chunk in feature_chunks(self.sae.d_sae, x.shape[0], self.chunk_elements):
             acts = torch.relu(centred @ self.sae.W_enc[:, chunk] + self.sae.b_enc[chunk])
             hook = None if self.payload is None else (lambda f, t: self.payload(x, f, t))
-            self.tracker.update(acts, first_context=batch.first_context, context_size=batch.context_size,
-                                features=chunk, payload=hook)
+            self.tracker.update_entries(*nonzero_entries(acts), n_tokens=acts.shape[0],
+                                        first_context=batch.first_context, context_size=batch.context_size,
+                                        features=chunk, payload=hook)
 
     def compute(self) -> TopActivations:
         return self.tracker.compute()
