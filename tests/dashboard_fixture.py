@@ -53,11 +53,13 @@ def example(rng: random.Random, *, value: float, n_heads: int, window: int, with
     if with_dfa:
         bias = {"encoder": -0.1, "decoder": 0.05}
         heads = [[0.0 if i > focus else rng.random() for i in range(window)] for _ in range(n_heads)]
+        before = [round(0.02 * (h + 1), 4) for h in range(n_heads)]  # what the sources before the window carry
         total = sum(map(sum, heads))
-        scale = (value - bias["encoder"] - bias["decoder"]) / total
+        scale = (value - bias["encoder"] - bias["decoder"] - sum(before)) / total
         # stored as the pages store it: integers q with value q * unit, unit = max |value| / 1000
         unit = float(f"{max(map(max, heads)) * scale / 1000:.4g}")
-        dfa = {"unit": unit, "heads": [[round(v * scale / unit) for v in row] for row in heads], "bias": bias}
+        dfa = {"unit": unit, "heads": [[round(v * scale / unit) for v in row] for row in heads],
+               "before_window": before, "bias": bias}
     return {"context": rng.randrange(1000), "position": rng.randrange(5, 128), "value": value, "tokens": tokens,
             "acts": acts, "focus": focus, "dfa": dfa}
 

@@ -245,6 +245,8 @@ def test_dfa_by_source_and_head_plus_bias_is_the_pre_activation(tiny_model, toke
     x = sae_input(z, sae.head)[contexts, positions]
     pre = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc)[torch.arange(5), features]
     torch.testing.assert_close(result.pre_activation(), pre, atol=1e-5, rtol=1e-5)
+    # with every source computed, each head's total is its sum over sources (the totals come from z instead)
+    torch.testing.assert_close(result.head_totals, result.values.sum(dim=1), atol=1e-5, rtol=1e-5)
     assert result.values.shape == (5, CONTEXT, N_HEADS if sae.head == "concatenated" else 1)
     after = torch.arange(CONTEXT)[None, :] > positions[:, None]
     assert bool((result.values[after] == 0).all())  # causal: no source after the destination
@@ -261,6 +263,11 @@ def test_dfa_for_chosen_sources_equals_the_full_computation_there(tiny_model, to
     expected = full.values.gather(1, sources.clamp(0, CONTEXT - 1)[:, :, None].expand(-1, -1, N_HEADS))
     torch.testing.assert_close(part.values, expected * inside[:, :, None])
     assert bool((part.values[~inside] == 0).all())
+    # a window's part plus what its outside carries is the whole, per head
+    torch.testing.assert_close(part.head_totals, full.head_totals)
+    torch.testing.assert_close(part.values.sum(dim=1) + part.outside_sources(), full.values.sum(dim=1))
+    assert bool((part.outside_sources()[0].abs() < 1e-6).all())  # the first window holds every source up to 3
+    assert bool((part.outside_sources()[1].abs() > 1e-6).any())  # the second leaves out sources 0..10
 
 
 def test_bad_input_is_refused_by_name(tiny_model, tokens, concat, head2):

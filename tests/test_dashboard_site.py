@@ -35,7 +35,7 @@ def world(tmp_path_factory):
     tokens[:, 0] = 0
     decompositions = decompose_settings(concat, heads, [SolverSetting("nn_omp", {"n_nonzero": 4})], log=lambda s: None)
     data = gather_dashboard_data(loaded, tokens, heads, concat, decompositions, top_k=5, quantile_groups=3,
-                                 examples_per_group=2, left=15, right=1)  # the window holds every source
+                                 examples_per_group=2, left=5, right=2)  # windows shorter than a context
     return data
 
 
@@ -113,20 +113,24 @@ def test_densities_and_quantile_groups(site):
 
 
 def test_dfa_by_head_plus_bias_is_the_pre_activation(site):
-    checked = 0
+    checked = before_window = sources_before = 0
     for _, rec in records(site):
         for e in rec["examples"]["top"]:
             dfa = e["dfa"]
             assert all(isinstance(q, int) and abs(q) <= DFA_LEVELS + 1 for row in dfa["heads"] for q in row)
             assert max(abs(q) for row in dfa["heads"] for q in row) >= DFA_LEVELS - 1  # the unit is max / levels
-            terms = [v for row in dfa_values(dfa) for v in row]
+            terms = [v for row in dfa_values(dfa) for v in row] + dfa["before_window"]
             pre = sum(terms) + dfa["bias"]["encoder"] + dfa["bias"]["decoder"]
-            # Each term is within unit / 2 of its value (plus its DIGITS rounding), the value and the biases are
-            # rounded to DIGITS: the sum can be off by that much.
+            # Each window term is within unit / 2 of its value (plus its DIGITS rounding), the other terms and the
+            # value are rounded to DIGITS: the sum can be off by that much.
             bound = len(terms) * dfa["unit"] / 2 + 1e-3 * (sum(abs(v) for v in terms) + abs(e["value"])) + 1e-6
             assert abs(pre - e["value"]) <= bound
             checked += 1
+            before_window += e["position"] - e["focus"] > 0
+            sources_before += any(abs(v) > 1e-3 * abs(e["value"]) for v in dfa["before_window"])
     assert checked > 100
+    # windows shorter than the contexts: many examples have sources before their window, and they carry DFA
+    assert before_window > 50 and sources_before > 50
 
 
 def test_quantized_dfa_is_within_half_a_unit_of_the_gathered_dfa():

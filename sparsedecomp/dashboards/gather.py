@@ -74,8 +74,9 @@ class GatheredSAE:
         examples: the shown examples; ``windows`` their token windows ``(n_features, n_shown, W)``.
         window_acts: ``(n_features, n_shown, W)`` the feature's activation at each window token (0 outside).
         dfa: ``(n_features, n_shown, W, len(dfa_heads))`` DFA by source (window positions) and head, 0 outside the
-            window or after the example's position; bias terms ``dfa_bias_encoder`` / ``dfa_bias_decoder``
-            ``(n_features,)``.
+            window or after the example's position; ``dfa_before_window`` ``(n_features, n_shown, len(dfa_heads))``
+            each head's DFA from the sources before the window (so that the window's terms, these and the bias terms
+            ``dfa_bias_encoder`` / ``dfa_bias_decoder`` ``(n_features,)`` sum to the pre-activation).
     """
 
     name: str
@@ -89,6 +90,7 @@ class GatheredSAE:
     windows: ExampleWindows
     window_acts: Tensor
     dfa: Tensor | None
+    dfa_before_window: Tensor | None
     dfa_heads: tuple[int, ...]
     dfa_bias_encoder: Tensor
     dfa_bias_decoder: Tensor
@@ -161,14 +163,14 @@ def gather_dashboard_data(model: Any, tokens: Any, head_saes: HeadSAEs, concat_s
         data = results[name]
         rows = sae.W_dec.detach()
         bias = dfa_bias(sae)
-        dfa, heads = dfas.get(name, (None, ()))
+        dfa, before_window, heads = dfas.get(name, (None, None, ()))
         gathered[name] = GatheredSAE(
             name=name, sae=sae, data=data, quantiles=quantiles[name],
             activation_histograms=data.activation_histograms(),
             logits=feature_logits(rows, W_O if site == CONCATENATED else W_O[site], W_U, k=n_logits),
             correlated=correlated_features(rows, min(n_correlated, sae.d_sae - 1)),
             examples=shown[name], windows=windows[name], window_acts=acts[name].cpu(),
-            dfa=None if dfa is None else dfa.cpu(), dfa_heads=heads, dfa_bias_encoder=bias.encoder.cpu(),
+            dfa=None if dfa is None else dfa.cpu(), dfa_before_window=before_window, dfa_heads=heads, dfa_bias_encoder=bias.encoder.cpu(),
             dfa_bias_decoder=bias.decoder.cpu())
     return DashboardData(saes=gathered, attribution=attribution, decompositions=decompositions, n_heads=n_heads,
                          layer=layer, n_contexts=token_ids.shape[0], context_size=token_ids.shape[1])
@@ -227,10 +229,11 @@ def window_activations(model: Any, tokens: Tensor, saes: Mapping[str, tuple[SAE,
 
 def source_dfa_windows(model: Any, tokens: Tensor, saes: Mapping[str, tuple[SAE, int | str]],
                        shown: Mapping[str, ShownExamples], windows: Mapping[str, ExampleWindows], *, layer: int,
-                       batch_size: int | None = None) -> dict[str, tuple[Tensor, tuple[int, ...]]]:
+                       batch_size: int | None = None) -> dict[str, tuple[Tensor, Tensor, tuple[int, ...]]]:
     """DFA by source and head of every shown example of every SAE, on its window's positions: per SAE
-    ``(n_features, n_shown, W, n_sae_heads)`` and the heads of the last axis. One forward pass over the contexts
-    that hold shown examples serves every SAE (:func:`~sparsedecomp.dashboards.source_dfa.dfa_by_source_many`)."""
+    ``(n_features, n_shown, W, n_sae_heads)``, each head's DFA from the sources before the window ``(n_features,
+    n_shown, n_sae_heads)``, and the heads of the last axis. One forward pass over the contexts that hold shown
+    examples serves every SAE (:func:`~sparsedecomp.dashboards.source_dfa.dfa_by_source_many`)."""
     requests, layouts = [], {}
     for name, (sae, _) in saes.items():
         n, e, width = windows[name].token_ids.shape
@@ -248,7 +251,10 @@ def source_dfa_windows(model: Any, tokens: Tensor, saes: Mapping[str, tuple[SAE,
     for (name, (n, e, width, filled)), result in zip(layouts.items(), results):
         values = torch.zeros(n * e, width, len(result.heads), dtype=result.values.dtype)
         values[filled] = result.values.cpu()
-        out[name] = (values.reshape(n, e, width, len(result.heads)), result.heads)
+        before = torch.zeros(n * e, len(result.heads), dtype=result.values.dtype)
+        before[filled] = result.outside_sources().cpu()
+        out[name] = (values.reshape(n, e, width, len(result.heads)), before.reshape(n, e, len(result.heads)),
+                     result.heads)
     return out
 
 

@@ -1,6 +1,7 @@
 """Neuronpedia's batch feature JSON (the keys of ``shared/docs/anchors.md``, "Feature dashboards") from feature
 records, with this package's extras under ``sd_*`` keys: per-head DFA on each activation (``sd_dfa_heads``, the
-window's DFA by head, and ``sd_dfa_bias``) and the head attribution of a concat feature (``sd_head_attribution``).
+window's DFA by head; ``sd_dfa_before_window``, each head's DFA from the sources before the window; and
+``sd_dfa_bias``) and the head attribution of a concat feature (``sd_head_attribution``).
 
 Neuronpedia's own ``dfa_values`` is the DFA summed over heads at each source token; ``dfa_maxValue`` its maximum
 and ``dfa_targetIndex`` the ranked token. The top-activations group has ``bin_min = bin_max = bin_contains = -1``
@@ -59,7 +60,9 @@ def _activation(example: dict[str, Any], lo: float, hi: float, contains: int) ->
             "values": example["acts"], "qualifying_token_index": example["focus"],
             "dfa_values": summed or [], "dfa_maxValue": max(summed) if summed else 0.0,
             "dfa_targetIndex": example["focus"],
-            "sd_dfa_heads": heads, "sd_dfa_bias": None if dfa is None else dfa["bias"]}
+            "sd_dfa_heads": heads,
+            "sd_dfa_before_window": None if dfa is None else dfa["before_window"],
+            "sd_dfa_bias": None if dfa is None else dfa["bias"]}
 
 
 def _centres(edges: list) -> list:

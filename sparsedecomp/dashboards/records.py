@@ -201,6 +201,7 @@ def _examples(g: GatheredSAE, token_str: Callable[[int], str], sl: slice) -> lis
     # Rounded as tensors, not number by number: these two are most of a page's numbers.
     acts = round_significant(g.window_acts[sl]).tolist()
     dfa_units, dfa = (None, None) if g.dfa is None else quantize_dfa(g.dfa[sl].transpose(2, 3))  # (n, e, heads, W)
+    before = None if g.dfa_before_window is None else round_significant(g.dfa_before_window[sl]).tolist()
     bias_enc, bias_dec = g.dfa_bias_encoder[sl].tolist(), g.dfa_bias_decoder[sl].tolist()
     left = g.windows.left
     out = []
@@ -217,6 +218,7 @@ def _examples(g: GatheredSAE, token_str: Callable[[int], str], sl: slice) -> lis
                     "focus": left - first,
                     "dfa": None if dfa is None else {"unit": dfa_units[f][e],
                                                      "heads": [h[first:last] for h in dfa[f][e]],
+                                                     "before_window": before[f][e],
                                                      "bias": {"encoder": r(bias_enc[f]), "decoder": r(bias_dec[f])}},
                     "_group": group[e]}
             row.append(item)

@@ -36,20 +36,28 @@ class SourceDFA:
     Attributes:
         values: ``(n_examples, context_size, len(heads))``: ``dfa[e, src, i]`` for head ``heads[i]``; 0 for ``src``
             after the example's position (causal attention).
+        head_totals: ``(n_examples, len(heads))``: each head's DFA summed over every source, ``z[dest, h] .
+            W_enc[B_h, f]`` (computed from ``z`` at the destination, so it is whole even when ``values`` holds only
+            a window of sources: ``head_totals - values.sum(1)`` is what the sources outside the window carry).
         heads: the heads of the last axis (all heads for a concatenated-``z`` SAE, its own for a per-head SAE).
         bias_decoder: ``(n_examples,)`` ``-a * b_dec . W_enc[:, f]`` of each example's feature.
         bias_encoder: ``(n_examples,)`` ``b_enc[f]``.
     """
 
     values: Tensor
+    head_totals: Tensor
     heads: tuple[int, ...]
     bias_decoder: Tensor
     bias_encoder: Tensor
 
     def pre_activation(self) -> Tensor:
-        """``(n_examples,)`` the feature's pre-activation at each example: the DFA summed over sources and heads
-        plus both bias terms."""
-        return self.values.sum(dim=(1, 2)) + self.bias_decoder + self.bias_encoder
+        """``(n_examples,)`` the feature's pre-activation at each example: the DFA summed over every source and
+        head plus both bias terms."""
+        return self.head_totals.sum(dim=1) + self.bias_decoder + self.bias_encoder
+
+    def outside_sources(self) -> Tensor:
+        """``(n_examples, len(heads))`` each head's DFA from the sources not in ``values`` (before a window)."""
+        return self.head_totals - self.values.sum(dim=1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -120,8 +128,8 @@ def dfa_by_source_many(model: Any, tokens: Tensor, requests: list[DFARequest], *
     results = []
     for plan in plans:
         bias = dfa_bias(plan["sae"])
-        results.append(SourceDFA(values=plan["values"], heads=plan["heads"], bias_decoder=bias.decoder[plan["feature"]],
-                                 bias_encoder=bias.encoder[plan["feature"]]))
+        results.append(SourceDFA(values=plan["values"], head_totals=plan["head_totals"], heads=plan["heads"],
+                                 bias_decoder=bias.decoder[plan["feature"]], bias_encoder=bias.encoder[plan["feature"]]))
     return results
 
 
@@ -134,6 +142,7 @@ def _fill_batch(plan: dict, batch: Any, row: Tensor, examples: Tensor) -> None:
     made this memory-bound). The pattern is read at ``(destination, window)`` directly."""
     sae, head_index, n_heads = plan["sae"], plan["head_index"], len(plan["heads"])
     v_all = batch.v.to(device=sae.device, dtype=sae.dtype)[:, :, head_index].permute(0, 2, 1, 3)  # (c, heads, src, d)
+    z_all = batch.z.to(device=sae.device, dtype=sae.dtype)[:, :, head_index]  # (c, dest, heads, d)
     pattern_all = batch.pattern.to(device=sae.device, dtype=sae.dtype)[:, head_index]  # (c, heads, dest, src)
     sources = plan["sources"][examples]  # (e, W), clamped into the context
     heads = torch.arange(n_heads, device=sae.device)
@@ -149,6 +158,8 @@ def _fill_batch(plan: dict, batch: Any, row: Tensor, examples: Tensor) -> None:
             span = torch.bmm(v_all[r, :, lo:hi], weights)  # (heads, span, group)
             local = torch.arange(len(group), device=sae.device)
             v_dot_w[group] = span[heads, (sources[group] - lo)[:, :, None], local[:, None, None]]
+            z_dest = z_all[r, plan["position"][examples[group]]]  # (group, heads, d)
+            plan["head_totals"][examples[group]] = torch.einsum("ghd,hdg->gh", z_dest, weights)
     plan["values"][examples] = pattern * v_dot_w * plan["inside"][examples, :, None]
 
 
@@ -173,7 +184,8 @@ def _plan(request: DFARequest, n_heads: int, d_head: int, n_contexts: int, size:
     inside = (sources >= 0) & (sources < size)
     return {"sae": sae, "heads": heads, "head_index": torch.tensor(heads, device=device), "context": context,
             "position": position, "feature": feature, "sources": sources.clamp(0, size - 1), "inside": inside,
-            "values": torch.zeros(n_examples, sources.shape[1], len(heads), dtype=sae.dtype, device=device)}
+            "values": torch.zeros(n_examples, sources.shape[1], len(heads), dtype=sae.dtype, device=device),
+            "head_totals": torch.zeros(n_examples, len(heads), dtype=sae.dtype, device=device)}
 
 
 def _sae_heads(sae: SAE, n_heads: int, d_head: int) -> tuple[int, ...]:

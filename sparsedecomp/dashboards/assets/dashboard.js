@@ -366,23 +366,28 @@
   }
 
   function dfaTable(rec, ex) {
-    // Stored as integers q per term, value = q * unit (docs/dashboards.md, EXAMPLE).
+    // Stored as integers q per term, value = q * unit (docs/dashboards.md, EXAMPLE); before_window is each head's
+    // DFA from the sources before the window, so window + before + biases = the pre-activation.
     var dfa = ex.dfa, unit = dfa.unit || 0, labels = headLabels(rec, dfa.heads.length);
     var heads = dfa.heads.map(function (row) { return row.map(function (q) { return q * unit; }); });
+    var before = dfa.before_window || heads.map(function () { return 0; });
     var max = 1e-12;
     heads.forEach(function (row) { row.forEach(function (v) { max = Math.max(max, Math.abs(v)); }); });
-    var header = el("tr", {}, [el("th", {}, ["head"])].concat(ex.tokens.map(function (t, i) {
+    var header = el("tr", {}, [el("th", {}, ["head"]), el("th", {title: "the sources before the window"},
+                                                           ["earlier"])].concat(ex.tokens.map(function (t, i) {
       return el("th", {"class": i === ex.focus ? "tok focus" : "tok"}, [showToken(t)]);
     })).concat([el("th", {}, ["sum"])]));
+    var total = 0;
     var body = heads.map(function (row, h) {
-      var sum = row.reduce(function (a, b) { return a + b; }, 0);
-      return el("tr", {}, [el("th", {}, [labels[h]])].concat(row.map(function (v, i) {
-        var a = (Math.abs(v) / max).toFixed(3);
-        return el("td", {"class": v < 0 ? "neg" : "pos", style: "--a:" + a,
-                         title: labels[h] + " \u2190 " + showToken(ex.tokens[i]) + ": " + fmt(v, 4)}, [""]);
-      })).concat([el("td", {}, [fmt(sum)])]));
+      var sum = row.reduce(function (a, b) { return a + b; }, 0) + (before[h] || 0);
+      total += sum;
+      return el("tr", {}, [el("th", {}, [labels[h]]), el("td", {"class": "earlier"}, [fmt(before[h])])]
+        .concat(row.map(function (v, i) {
+          var a = (Math.abs(v) / max).toFixed(3);
+          return el("td", {"class": v < 0 ? "neg" : "pos", style: "--a:" + a,
+                           title: labels[h] + " \u2190 " + showToken(ex.tokens[i]) + ": " + fmt(v, 4)}, [""]);
+        })).concat([el("td", {}, [fmt(sum)])]));
     });
-    var total = heads.reduce(function (a, row) { return a + row.reduce(function (x, y) { return x + y; }, 0); }, 0);
     var bias = dfa.bias || {};
     var pre = total + (bias.encoder || 0) + (bias.decoder || 0);
     return el("details", {"class": "dfa"}, [
@@ -390,7 +395,8 @@
       el("table", {"class": "sd-table dfa"}, [el("thead", {}, [header]), el("tbody", {}, body)]),
       el("p", {"class": "muted bias"}, [
         "bias terms, apart: encoder " + fmt(bias.encoder) + ", decoder bias through the encoder " +
-        fmt(bias.decoder) + "; heads " + fmt(total) + " + biases = pre-activation " + fmt(pre)])
+        fmt(bias.decoder) + "; heads (window and earlier sources) " + fmt(total) + " + biases = pre-activation " +
+        fmt(pre)])
     ]);
   }
 
