@@ -60,8 +60,11 @@ def example(rng: random.Random, *, value: float, n_heads: int, window: int, with
         unit = float(f"{max(map(max, heads)) * scale / 1000:.4g}")
         dfa = {"unit": unit, "heads": [[round(v * scale / unit) for v in row] for row in heads],
                "before_window": before, "bias": bias}
+    left_out = [0] if rng.random() < 0.5 else []  # a BOS at the window's start, shown greyed
+    for i in left_out:
+        acts[i] = 0.0
     return {"context": rng.randrange(1000), "position": rng.randrange(5, 128), "value": value, "tokens": tokens,
-            "acts": acts, "focus": focus, "dfa": dfa}
+            "acts": acts, "focus": focus, "left_out": left_out, "dfa": dfa}
 
 
 def histogram(lo: float, hi: float, n_bins: int, rng: random.Random) -> dict:

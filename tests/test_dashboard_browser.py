@@ -144,6 +144,10 @@ def test_feature_page_fills_every_panel(chromium, site, sae, feature):
     examples = record["examples"]
     n_examples = len(examples["top"]) + sum(len(g["examples"]) for g in examples["quantiles"])
     assert len(root.find_all("div", "example")) == n_examples
+    shown = examples["top"] + [e for g in examples["quantiles"] for e in g["examples"]]
+    greyed = root.find_all("span", "left-out")
+    assert len(greyed) == sum(len(e["left_out"]) for e in shown) > 0
+    assert all(s.attrs["title"].endswith(": left out of the statistics") for s in greyed)
     assert len(root.find_all("table", "dfa")) == n_examples  # DFA by head for every shown example
     dfa = root.find_all("table", "dfa")[0]
     assert len(table_rows(dfa)) == 1 + len(examples["top"][0]["dfa"]["heads"])

@@ -173,6 +173,12 @@ def test_bos_excluded_by_default_and_ignored_tokens_configurable(tiny_model, tok
     assert int(without.n_firing[CONSTANT]) == without.n_tokens
     shown = without.sample_context >= 0
     assert not bool((tokens[without.sample_context[shown], without.sample_position[shown]] == ignored).any())
+    # keeping BOS counts position 0 even when the BOS id is also among the ignored (special) tokens
+    bos = int(tokens[0, 0])
+    kept = gather(tiny_model, tokens, concat, "concatenated", exclude_bos=False, ignore_tokens=[bos])
+    n_bos_later = int((tokens[:, 1:] == bos).sum())
+    assert kept.n_tokens == tokens.numel() - n_bos_later
+    assert kept.top.position[CONSTANT].tolist()[0] == 0
 
 
 def test_activation_histograms_guard_degenerate_ranges(tiny_model, tokens, concat):

@@ -93,6 +93,25 @@ def test_density_histogram_counts_every_feature_of_the_sae_once(world, site):
         assert counts == expected
 
 
+def test_histograms_count_tokens_and_left_out_tokens_are_marked(world, site):
+    n_with_bos = 0
+    for _, rec in records(site):
+        hist = rec["activation_histogram"]
+        # counts estimate tokens: exact when the sample holds every non-zero activation, else scaled from it
+        assert hist["sample_size"] == min(rec["n_firing"], world.saes[rec["sae"]].data.sample_values.shape[1])
+        if rec["n_firing"] and hist["sample_size"] == rec["n_firing"]:
+            assert sum(hist["counts"]) == rec["n_firing"]
+        elif rec["n_firing"]:
+            assert abs(sum(hist["counts"]) - rec["n_firing"]) <= len(hist["counts"])
+        for e in rec["examples"]["top"]:
+            bos_index = e["focus"] - e["position"]  # where position 0 is in the window, if it is
+            if bos_index >= 0:
+                n_with_bos += 1
+                assert bos_index in e["left_out"] and e["acts"][bos_index] == 0
+            assert e["focus"] not in e["left_out"]
+    assert n_with_bos > 10
+
+
 def test_densities_and_quantile_groups(site):
     n_groups = 0
     for _, rec in records(site):
@@ -178,6 +197,46 @@ def test_interrupted_run_rerun_gives_the_same_site(world, site, tmp_path):
         assert (site / rel).read_bytes() == (out / rel).read_bytes(), rel
 
 
+def test_a_rewritten_site_is_unfinished_until_done_then_drops_its_stale_files(world, site, tmp_path):
+    import shutil
+
+    out = tmp_path / "dash"
+    shutil.copytree(site, out)
+    assert json.loads((out / "manifest.json").read_text())["complete"] is True
+    assert (out / "neuronpedia" / "concat.json").is_file()
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_once(name, batch):
+        raise Stop
+
+    # other inputs (another batch size), interrupted: the folder must not still say it is a complete site
+    with pytest.raises(Stop):
+        write_site(world, out, token_str=token_str, render_page=stub_render, batch_size=16, neuronpedia=False,
+                   after_batch=stop_at_once)
+    assert json.loads((out / "manifest.json").read_text())["complete"] is False
+    rerun = write_site(world, out, token_str=token_str, render_page=stub_render, batch_size=16, neuronpedia=False)
+    assert rerun.batches_skipped == 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] is True and not (out / "neuronpedia").exists()
+    assert not any(name.startswith("neuronpedia/") for name in manifest["files"])
+    on_disk = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert on_disk == set(manifest["files"])  # nothing left that the site does not list
+
+
+def test_a_folder_of_another_command_is_refused(world, tmp_path):
+    from sparsedecomp.errors import InputError
+    from sparsedecomp.outputs import RunWriter
+
+    run = tmp_path / "run"
+    with RunWriter(run, command="evaluate") as writer:
+        writer.write_text("report.html", "<p>report</p>")
+    with pytest.raises(InputError, match="holds a `sparsedecomp evaluate` run, not a dashboards site"):
+        write_site(world, run, token_str=token_str, render_page=stub_render)
+    assert (run / "report.html").read_text() == "<p>report</p>"
+
+
 NEURONPEDIA_BATCH = {"model_id", "layer", "sae_set", "sae_id_suffix", "features"}
 NEURONPEDIA_FEATURE = {
     "feature_index", "neuron_alignment_indices", "neuron_alignment_values", "neuron_alignment_l1",
@@ -214,6 +273,12 @@ def test_neuronpedia_export_has_every_key_and_the_pages_numbers(world, site):
                 assert 0 <= i < len(activation["values"])
             for a in top:
                 assert a["bin_contains"] == -1
+            groups = rec["examples"]["quantiles"]
+            assert all(a["bin_contains"] == round(rec["n_firing"] / len(groups))
+                       for a in feature["activations"] if a["bin_min"] != -1)
+            # similar features are decoder cosines: exported as this package's own, not as activation correlations
+            assert feature["correlated_features_pearson"] == [] and \
+                feature["sd_similar_decoder_indices"] == [c["feature"] for c in rec["correlated"]]
 
 
 def test_tensor_rounding_equals_rounding_one_number_at_a_time():

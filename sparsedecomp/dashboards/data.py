@@ -185,7 +185,8 @@ class FeatureDataAccumulator:
         quantile_groups, examples_per_group: defaults of :meth:`FeatureData.quantile_examples`.
         sample_size: sample of non-zero activations kept per feature (at least ``quantile_groups *
             examples_per_group``).
-        exclude_bos: leave out position 0 of every context (BOS) from every statistic.
+        exclude_bos: leave out position 0 of every context (BOS) from every statistic; ``False`` counts position 0
+            even when its id is in ``ignore_tokens``.
         ignore_tokens: token ids left out from every statistic (e.g. special tokens).
         seed: the reservoir priorities' seed.
         chunk_elements: activations (tokens x features) encoded at a time.
@@ -230,12 +231,7 @@ class FeatureDataAccumulator:
 
     def counted(self, tokens: Tensor) -> Tensor:
         """``(n_contexts * context_size,)`` bool: the tokens the statistics count (not excluded)."""
-        keep = torch.ones_like(tokens, dtype=torch.bool)
-        if self.exclude_bos:
-            keep[:, 0] = False
-        if self.ignore_tokens:
-            keep &= ~torch.isin(tokens, self._ignore)
-        return keep.reshape(-1)
+        return counted_tokens(tokens, exclude_bos=self.exclude_bos, ignore=self._ignore).reshape(-1)
 
     @torch.no_grad()
     def update(self, batch: ActivationBatch) -> None:
@@ -274,6 +270,23 @@ class FeatureDataAccumulator:
             sample_context=sample.context, sample_position=sample.position, quantile_groups=self.quantile_groups,
             examples_per_group=self.examples_per_group,
         )
+
+
+def counted_tokens(tokens: Tensor, *, exclude_bos: bool, ignore: Tensor) -> Tensor:
+    """``tokens``' shape ``(n_contexts, context_size)``, bool: the tokens the statistics count (see
+    :func:`left_out`)."""
+    positions = torch.arange(tokens.shape[-1], device=tokens.device).expand_as(tokens)
+    return ~left_out(tokens, positions, exclude_bos=exclude_bos, ignore=ignore)
+
+
+def left_out(token_ids: Tensor, positions: Tensor, *, exclude_bos: bool, ignore: Tensor) -> Tensor:
+    """Bool, the shape of ``token_ids``: the tokens left out of every statistic, given their ids and positions in
+    their contexts. A token whose id is in ``ignore`` is left out; position 0 is left out when ``exclude_bos`` and
+    counted otherwise, whatever its id (BOS is usually also a special token, and keeping BOS means keeping
+    position 0)."""
+    ignored = torch.isin(token_ids, ignore.to(token_ids.device)) if ignore.numel() else \
+        torch.zeros_like(token_ids, dtype=torch.bool)
+    return torch.where(positions == 0, torch.tensor(exclude_bos, device=token_ids.device), ignored)
 
 
 def _check_site(site: object, sae: SAE) -> int | str:

@@ -26,15 +26,19 @@ def neuronpedia_batch(data: DashboardData, name: str, records: list[dict[str, An
         f = rec["feature"]
         activations = [_activation(e, -1, -1, -1) for e in rec["examples"]["top"]]
         for group in rec["examples"]["quantiles"]:
-            activations += [_activation(e, group["lo"], group["hi"], len(group["examples"]))
-                            for e in group["examples"]]
+            # bin_contains: the activations in the interval, estimated as an equal share of the non-zero ones
+            # (the intervals are quantiles of equal mass)
+            contains = round(rec["n_firing"] / len(rec["examples"]["quantiles"]))
+            activations += [_activation(e, group["lo"], group["hi"], contains) for e in group["examples"]]
         attribution = rec["attribution"]
         features.append({
             "feature_index": f,
             "neuron_alignment_indices": [], "neuron_alignment_values": [], "neuron_alignment_l1": [],
             "correlated_neurons_indices": [], "correlated_neurons_l1": [], "correlated_neurons_pearson": [],
-            "correlated_features_indices": [c["feature"] for c in rec["correlated"]],
-            "correlated_features_l1": [], "correlated_features_pearson": [c["cosine"] for c in rec["correlated"]],
+            # activation correlations are not computed: the similar features (decoder cosine) go under sd_*
+            "correlated_features_indices": [], "correlated_features_l1": [], "correlated_features_pearson": [],
+            "sd_similar_decoder_indices": [c["feature"] for c in rec["correlated"]],
+            "sd_similar_decoder_cosines": [c["cosine"] for c in rec["correlated"]],
             "neg_str": [t for t, _ in rec["logits"]["bottom"]], "neg_values": [v for _, v in rec["logits"]["bottom"]],
             "pos_str": [t for t, _ in rec["logits"]["top"]], "pos_values": [v for _, v in rec["logits"]["top"]],
             "frac_nonzero": rec["density"],

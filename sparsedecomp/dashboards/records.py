@@ -23,6 +23,7 @@ from torch import Tensor
 from ..evaluation.attribution import DFA, WEIGHT
 from ..evaluation.metrics import cosine, l0, relative_error
 from .gather import CONCAT_NAME, DashboardData, GatheredSAE, head_name
+from .data import left_out
 from .histograms import density_histogram
 
 DIGITS = 4
@@ -128,8 +129,13 @@ def sae_records(data: DashboardData, name: str, token_str: Callable[[int], str],
     norms = g.sae.W_dec[sl].norm(dim=1).tolist()
     scale = g.sae.provenance.get("input_scale")
     hist = g.activation_histograms
-    hist_lo, hist_hi, hist_bins, hist_counts = (hist.lo[sl].tolist(), hist.hi[sl].tolist(), hist.n_bins[sl].tolist(),
-                                                hist.counts[sl].tolist())
+    # The histogram bins a uniform sample of the non-zero activations: scaled by n_firing / n_sampled, its counts
+    # estimate tokens (exact where the sample holds them all).
+    n_sampled = d.n_sampled[sl]
+    scale_up = d.n_firing[sl].double() / n_sampled.clamp_min(1).double()
+    hist_counts = torch.round(hist.counts[sl].double() * scale_up[:, None]).long().tolist()
+    hist_lo, hist_hi, hist_bins = hist.lo[sl].tolist(), hist.hi[sl].tolist(), hist.n_bins[sl].tolist()
+    n_sampled = n_sampled.tolist()
     lg = g.logits
     top_ids, top_v = lg.top_ids[sl].tolist(), lg.top_values[sl].tolist()
     bot_ids, bot_v = lg.bottom_ids[sl].tolist(), lg.bottom_values[sl].tolist()
@@ -172,8 +178,10 @@ def sae_records(data: DashboardData, name: str, token_str: Callable[[int], str],
             "density": r(density[i]), "n_firing": n_firing[i], "n_tokens": d.n_tokens,
             "max_activation": r(max_act[i]), "mean_firing_activation": r(mean_act[i]),
             "density_histogram": density_figure,
-            "decoder_norm": {"sae_units": r(norms[i]), "training_units": None if scale is None else r(norms[i] * scale)},
-            "activation_histogram": _histogram(hist_lo[i], hist_hi[i], hist_bins[i], hist_counts[i]),
+            # training units: the norm before an input scale was folded in (the same when none was)
+            "decoder_norm": {"sae_units": r(norms[i]), "training_units": r(norms[i] * (scale or 1.0))},
+            "activation_histogram": {**_histogram(hist_lo[i], hist_hi[i], hist_bins[i], hist_counts[i]),
+                                     "sample_size": n_sampled[i]},
             "logits": {"top": [[token_str(t), r(v)] for t, v in zip(top_ids[i], top_v[i])],
                        "bottom": [[token_str(t), r(v)] for t, v in zip(bot_ids[i], bot_v[i])],
                        "histogram": _histogram(lh_lo[i], lh_hi[i], lh_bins[i], lh_counts[i])},
@@ -198,8 +206,12 @@ def _examples(g: GatheredSAE, token_str: Callable[[int], str], sl: slice) -> lis
     ctx, pos, val = ex.context[sl].tolist(), ex.position[sl].tolist(), ex.value[sl].tolist()
     group = ex.group.tolist()
     ids = g.windows.token_ids[sl].tolist()
+    # Tokens left out of the statistics (BOS, special tokens) are shown, greyed, with no activation.
+    excluded = left_out(g.windows.token_ids[sl], g.windows.positions[sl], exclude_bos=g.data.exclude_bos,
+                        ignore=torch.tensor(g.data.ignore_tokens, dtype=torch.long)) & g.windows.valid[sl]
+    excluded_at = excluded.tolist()
     # Rounded as tensors, not number by number: these two are most of a page's numbers.
-    acts = round_significant(g.window_acts[sl]).tolist()
+    acts = round_significant(g.window_acts[sl].masked_fill(excluded, 0.0)).tolist()
     dfa_units, dfa = (None, None) if g.dfa is None else quantize_dfa(g.dfa[sl].transpose(2, 3))  # (n, e, heads, W)
     before = None if g.dfa_before_window is None else round_significant(g.dfa_before_window[sl]).tolist()
     bias_enc, bias_dec = g.dfa_bias_encoder[sl].tolist(), g.dfa_bias_decoder[sl].tolist()
@@ -215,6 +227,7 @@ def _examples(g: GatheredSAE, token_str: Callable[[int], str], sl: slice) -> lis
             last = max(i for i, t in enumerate(window) if t >= 0) + 1
             item = {"context": ctx[f][e], "position": pos[f][e], "value": r(val[f][e]),
                     "tokens": [token_str(t) for t in window[first:last]], "acts": acts[f][e][first:last],
+                    "left_out": [i for i, x in enumerate(excluded_at[f][e][first:last]) if x],
                     "focus": left - first,
                     "dfa": None if dfa is None else {"unit": dfa_units[f][e],
                                                      "heads": [h[first:last] for h in dfa[f][e]],

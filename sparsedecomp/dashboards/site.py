@@ -44,14 +44,23 @@ class DashboardSite:
     batches_skipped: int
 
 
+SITE_FORMAT = "sparsedecomp-dashboards/1"
+
+
 def claim_site_folder(out_dir: str | Path) -> Path:
-    """``out_dir`` checked (new, empty, or an earlier run's), made, and claimed with an unfinished manifest, so
-    that an interrupted run's folder is recognised (and resumed) by the next one, and so that a caller may write
-    beside the pages (an evaluation report in ``out_dir/evaluation/``) before the pages are written."""
+    """``out_dir`` checked (new, empty, or an earlier site's: another command's run folder is refused), made, and
+    marked unfinished (``"complete": false``, keeping the earlier site's file list so its stale files can be
+    removed at the end). An interrupted run's folder is so recognised (and resumed) by the next one, a finished site
+    being rewritten never says it is complete while half of it is new, and a caller may write beside the pages (an
+    evaluation report in ``out_dir/evaluation/``) before they are written."""
     out = check_output_folder(out_dir)
+    previous = _read_manifest(out)
+    if previous and previous.get("format") != SITE_FORMAT:
+        raise InputError(f"the output folder {out} holds a `sparsedecomp {previous.get('command', '?')}` run, not a "
+                         "dashboards site: give a new or empty folder (or that of an earlier dashboards run)")
     out.mkdir(parents=True, exist_ok=True)
-    if not (out / MANIFEST_NAME).is_file():
-        _atomic(out / MANIFEST_NAME, lambda tmp: tmp.write_text(dumps_strict({"complete": False}) + "\n"))
+    claim = {"format": SITE_FORMAT, "complete": False, "files": dict(previous.get("files") or {})}
+    _atomic(out / MANIFEST_NAME, lambda tmp: tmp.write_text(dumps_strict(claim, indent=1) + "\n"))
     return out
 
 
@@ -65,9 +74,10 @@ def write_site(data: DashboardData, out_dir: str | Path, *, token_str: Callable[
     was built from, in words) is shown on the front page; ``neuronpedia`` writes the Neuronpedia batch export (as
     large as the pages again: the demo leaves it out)."""
     out = claim_site_folder(out_dir)
+    previous_files = set(_read_manifest(out).get("files") or {})
     for leftover in out.rglob(".*.tmp"):
         leftover.unlink(missing_ok=True)
-    fingerprint = _fingerprint(data, batch_size)
+    fingerprint = _fingerprint(data, batch_size, token_str)
     state = _read_state(out / STATE_NAME)
     if state.get("fingerprint") != fingerprint:
         state = {"fingerprint": fingerprint, "finished": {}}
@@ -128,7 +138,8 @@ def write_site(data: DashboardData, out_dir: str | Path, *, token_str: Callable[
     write("index.html", render_page("site_index", title="Feature dashboards", saes=saes, analysis_href=analysis_href,
                                     context=dict(context or {})))
     write(STATE_NAME, dumps_strict({**state, "complete": True}, indent=1) + "\n")
-    manifest = {"format": "sparsedecomp-dashboards/1", "complete": True, "files": dict(sorted(files.items()))}
+    _remove_stale(out, previous_files - set(files))
+    manifest = {"format": SITE_FORMAT, "complete": True, "files": dict(sorted(files.items()))}
     _atomic(out / MANIFEST_NAME, lambda tmp: tmp.write_text(dumps_strict(manifest, indent=1) + "\n"))
     return DashboardSite(out=out, n_pages=n_pages, batches_written=written, batches_skipped=skipped)
 
@@ -166,14 +177,58 @@ def _copy_assets(out: Path, files: dict[str, int]) -> None:
                 files[f"assets/{item.name}"] = len(body)
 
 
-def _fingerprint(data: DashboardData, batch_size: int) -> str:
-    """What makes two runs the same: the features and tokens counted per SAE, the decompositions, the batch size."""
+def _fingerprint(data: DashboardData, batch_size: int, token_str: Callable[[int], str]) -> str:
+    """What makes two runs the same: the features and tokens counted per SAE (and which were left out), the
+    decompositions, the batch size, how tokens are shown, and the package and its page assets (a rerun after an
+    upgrade rewrites every page instead of mixing formats)."""
+    from .. import __version__
+
     h = hashlib.sha256()
     h.update(json.dumps({"batch_size": batch_size, "n_contexts": data.n_contexts, "context_size": data.context_size,
                          "saes": {n: [g.sae.d_sae, g.data.n_tokens, g.data.n_firing.sum().item(),
-                                      g.data.activation_sum.sum().item()] for n, g in data.saes.items()},
-                         "decompositions": sorted(data.decompositions)}).encode())
+                                      g.data.activation_sum.sum().item(), g.data.exclude_bos,
+                                      list(g.data.ignore_tokens)] for n, g in data.saes.items()},
+                         "decompositions": sorted(data.decompositions), "version": __version__,
+                         "tokens_shown": [token_str(i) for i in _shown_token_ids(data)]}).encode())
+    package = resources.files("sparsedecomp")
+    for folder in (package / "dashboards" / "assets", package / "templates" / "dashboard"):
+        if folder.is_dir():
+            for item in sorted(folder.iterdir(), key=lambda p: p.name):
+                if item.is_file():
+                    h.update(item.read_bytes())
     return h.hexdigest()[:16]
+
+
+def _shown_token_ids(data: DashboardData, n: int = 64) -> list[int]:
+    """A few token ids the pages show (the first windows'), to notice a change of tokenizer between runs."""
+    ids = next(iter(data.saes.values())).windows.token_ids.reshape(-1)
+    return ids[ids >= 0][:n].tolist()
+
+
+def _read_manifest(out: Path) -> dict[str, Any]:
+    """The folder's ``manifest.json`` (``{}`` when there is none)."""
+    path = out / MANIFEST_NAME
+    if not path.is_file():
+        return {}
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise InputError(f"{path} is not valid JSON: give a new folder, or remove it to rewrite the site") from None
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def _remove_stale(out: Path, names: set[str]) -> None:
+    """Remove the files an earlier site listed that this one did not write (pages of features or SAEs no longer
+    there, an export no longer asked for); only files inside ``out``."""
+    root = out.resolve()
+    for name in sorted(names):
+        path = (out / name).resolve()
+        if path.is_relative_to(root) and path.is_file():
+            path.unlink()
+            parent = path.parent
+            while parent != root and not any(parent.iterdir()):  # a folder left empty goes too
+                parent.rmdir()
+                parent = parent.parent
 
 
 def _read_state(path: Path) -> Mapping[str, Any]:

@@ -270,7 +270,7 @@
     return [c - half, c + half];
   }
 
-  function histogram(target, hist, xTitle, signed) {
+  function histogram(target, hist, xTitle, signed, yTitle) {
     var box = el("div", {"class": "plot"});
     target.appendChild(box);
     if (!hist || !hist.counts || !hist.counts.length) { note(target, "No values to show."); return; }
@@ -286,7 +286,7 @@
     }], {
       height: 220, margin: {l: 45, r: 10, t: 10, b: 40}, bargap: 0.02,
       xaxis: {title: {text: xTitle}, range: range, tickmode: "auto", nticks: 8},
-      yaxis: {title: {text: "count"}, tickmode: "auto", nticks: 6, rangemode: "tozero"}
+      yaxis: {title: {text: yTitle || "count"}, tickmode: "auto", nticks: 6, rangemode: "tozero"}
     }, PLOT_CONFIG);
   }
 
@@ -329,7 +329,7 @@
       ["max activation", [fmt(rec.max_activation)]],
       ["mean when firing", [fmt(rec.mean_firing_activation)]],
       ["decoder norm (SAE units)", [fmt(norm.sae_units)]],
-      ["decoder norm (training units, folded)", [fmt(norm.training_units)]]
+      ["decoder norm (training units: before the input scale was folded in)", [fmt(norm.training_units)]]
     ];
     target.appendChild(el("table", {"class": "sd-table kv"}, [el("tbody", {}, rows.map(function (r) {
       return el("tr", {}, [el("th", {"class": "l"}, [r[0]]), el("td", {"class": "l"}, r[1])]);
@@ -402,7 +402,12 @@
 
   function exampleBlock(rec, ex) {
     var max = Math.max(rec.max_activation || 0, 1e-12);
+    var leftOut = ex.left_out || [];
     var tokens = el("div", {"class": "tokens"}, ex.tokens.map(function (t, i) {
+      if (leftOut.indexOf(i) >= 0) {  // BOS / special tokens: not counted, not coloured
+        return el("span", {"class": "tok left-out", title: showToken(t) + ": left out of the statistics"},
+                  [showToken(t)]);
+      }
       var v = ex.acts[i] || 0, a = Math.max(0, Math.min(1, v / max)).toFixed(3);
       return el("span", {"class": i === ex.focus ? "tok focus" : "tok", style: "--a:" + a,
                          title: showToken(t) + ": " + fmt(v, 4)}, [showToken(t)]);
@@ -499,6 +504,9 @@
     var target = linkPanel("sd-used-by", rec, used, "No concat feature's decomposition uses this feature.",
                            "A concat feature: see its decomposition above.");
     if (!target) return;
+    target.appendChild(el("p", {"class": "muted"}, [
+      "Back-links are the exact inverse of the concat pages' links: a concat feature lists the largest atoms of " +
+      "its code per setting (a dense pinv code has thousands), so smaller uses are not listed here."]));
     target.appendChild(dataTable([["setting", "l"], "concat feature", "coefficient"], used.map(function (u) {
       return [cell(u.label, "l"), link(u.href, "concat #" + u.feature), fmt(u.coefficient)];
     })));
@@ -524,7 +532,15 @@
     if (saeLink) saeLink.textContent = rec.sae;
     headerPanel(rec);
     densityPanel(rec);
-    histogram(panel("sd-activation-histogram"), rec.activation_histogram, "activation", false);
+    var ah = rec.activation_histogram || {};
+    var estimated = ah.sample_size && ah.sample_size < rec.n_firing;
+    if (estimated) {
+      panel("sd-activation-histogram").appendChild(el("p", {"class": "muted"}, [
+        "Tokens per bin estimated from a uniform sample of " + fmt(ah.sample_size) + " of the " +
+        fmt(rec.n_firing) + " non-zero activations."]));
+    }
+    histogram(panel("sd-activation-histogram"), ah, "activation", false,
+              estimated ? "tokens (estimated)" : "tokens");
     histogram(panel("sd-logit-histogram"), rec.logits ? rec.logits.histogram : null, "logit", true);
     logitsPanel(rec);
     attributionPanel(rec);
