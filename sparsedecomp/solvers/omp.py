@@ -43,7 +43,7 @@ from torch import Tensor
 from ..codes import Codes
 from ..decomposition import KKT_VIOLATION, Status
 from ..dictionary import Dictionary
-from ..validation import check_bool, check_positive, check_positive_int
+from ..validation import check_bool, check_positive
 from .base import ChunkResult, Solver, working_dtype
 from ..errors import InputError
 
@@ -113,11 +113,11 @@ class OMP(Solver):
             raise InputError("OMP needs a stopping rule: give n_nonzero (atoms per target), tol (fraction of "
                              "variance unexplained), or both")
         if self.n_nonzero is not None:
-            check_positive_int(self.n_nonzero, "n_nonzero")
+            self._check_int("n_nonzero")
         if self.tol is not None:
             check_positive(self.tol, "tol", allow_zero=True)
         check_bool(self.nonnegative, "nonnegative")
-        check_positive_int(self.nnls_max_iter, "nnls_max_iter")
+        self._check_int("nnls_max_iter")
 
     def check_dictionary(self, dictionary: Dictionary) -> None:
         limit = min(dictionary.dim, dictionary.n_atoms)

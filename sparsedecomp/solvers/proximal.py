@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..decomposition import DUALITY_GAP, KKT_VIOLATION
 from ..dictionary import Dictionary, StackedBlocks
-from ..validation import check_bool, check_lasso_alpha, check_positive, check_positive_int
+from ..validation import check_bool, check_lasso_alpha, check_positive
 from .base import ChunkResult, Solver
 from .working_set import GAP, KKT, solve_working_set
 
@@ -76,7 +76,7 @@ class Lasso(Solver):
         check_lasso_alpha(self.alpha, self.alpha_is_fraction_of_max)
         check_bool(self.nonnegative, "nonnegative")
         check_positive(self.tol, "tol")
-        check_positive_int(self.max_iter, "max_iter")
+        self._check_int("max_iter")
 
     def precompute(self, dictionary: Dictionary) -> StackedBlocks:
         return dictionary.stacked()
@@ -111,7 +111,7 @@ class NNLS(Solver):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive(self.tol, "tol")
-        check_positive_int(self.max_iter, "max_iter")
+        self._check_int("max_iter")
 
     def precompute(self, dictionary: Dictionary) -> StackedBlocks:
         return dictionary.stacked()
