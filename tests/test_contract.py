@@ -385,3 +385,21 @@ def test_bools_and_floats_are_refused_as_int_parameters(method):
                 make_solver(method, **{**SOLVER_TABLE[method].params, name: value})
         with pytest.raises(InputError, match=f"{name} must be >= 1, got 0"):
             make_solver(method, **{**SOLVER_TABLE[method].params, name: np.int64(0)})
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", METHODS)
+def test_half_precision_is_the_float32_solve_rounded(method, dtype, kind):
+    """Every solver upcasts half precision the same way: the answer for half-precision inputs is the answer for the
+    same values in float32 (float64 for the cvxpy references), rounded to the input dtype -- codes, objective and
+    certificate alike (pinv once computed its objective in bfloat16 and the lasso rounded alpha to half)."""
+    targets, dictionary = make_problem(kind, dtype)
+    upcast = dictionary.to(dtype=torch.float32) if isinstance(dictionary, Dictionary) else dictionary.float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        half = solve(method, targets, dictionary)
+        single = solve(method, targets.float(), upcast)
+    for name in ("coefficients", "objective", "certificate"):
+        torch.testing.assert_close(getattr(half, name), getattr(single, name).to(dtype), rtol=0, atol=0, msg=name)
+    assert torch.equal(half.status, single.status)

@@ -82,7 +82,9 @@ class Lasso(Solver):
         return dictionary.stacked()
 
     def solve_chunk(self, targets: Tensor, dictionary: Dictionary, prepared: StackedBlocks) -> ChunkResult:
-        alpha = torch.full((targets.shape[0],), float(self.alpha), dtype=targets.dtype, device=targets.device)
+        # float64: the weight asked for, not its half-precision rounding (solve_working_set rounds it to the working
+        # dtype, float32 at least).
+        alpha = torch.full((targets.shape[0],), float(self.alpha), dtype=torch.float64, device=targets.device)
         return solve_working_set(
             targets, prepared, dictionary.n_atoms, alpha,
             nonnegative=self.nonnegative, certificate=GAP, tol=self.tol, max_iter=self.max_iter,
