@@ -24,13 +24,15 @@ class Status(IntEnum):
     """Why a solver stopped on one target. ``CONVERGED`` and ``BUDGET_REACHED`` are normal endings."""
 
     CONVERGED = 0
-    """The certificate met the tolerance, or the solver is exact (pseudoinverse, reference solvers)."""
+    """The certificate met the tolerance, or the answer is exact (pseudoinverse, reference solvers, an OMP fit whose
+    residual is zero to working precision)."""
     BUDGET_REACHED = 1
     """OMP used its ``n_nonzero`` atoms before reaching ``tol`` (normal: the budget is the question asked)."""
     MAX_ITER = 2
     """An iterative solver stopped at ``max_iter`` with its certificate above ``tol``."""
     NO_PROGRESS = 3
-    """A greedy solver found no atom that improves the fit (e.g. no positive correlation left for ``nn_omp``)."""
+    """A greedy solver found no atom that improves a fit that is not exact (e.g. no positive correlation left for
+    ``nn_omp``)."""
     NUMERICAL_ERROR = 4
     """Non-finite values appeared, or the reference solver did not report an optimal status."""
 
@@ -43,7 +45,7 @@ FAILURES = frozenset({Status.MAX_ITER, Status.NUMERICAL_ERROR})
 """The statuses that mean "this code is not the answer to the problem asked"; every other ending is normal."""
 
 STATUS_LEGEND: dict[str, str] = {
-    "CONVERGED": "the certificate met the tolerance, or the solver is exact",
+    "CONVERGED": "the certificate met the tolerance, or the answer is exact (e.g. an OMP residual of zero)",
     "BUDGET_REACHED": "OMP used its n_nonzero atoms before reaching tol (normal: the budget is the question asked)",
     "MAX_ITER": "an iterative solver stopped at max_iter with its certificate above tol (failure)",
     "NO_PROGRESS": "a greedy solver found no atom that improves the fit (e.g. no positive correlation left)",

@@ -6,6 +6,8 @@ was received, so a researcher can fix a call without reading the source.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 from .errors import InputError, InputTypeError
@@ -87,9 +89,16 @@ def check_positive(value: float, name: str, *, allow_zero: bool = False) -> floa
 
 
 def check_positive_int(value: int, name: str) -> int:
-    """Check a scalar is a positive integer (bools are rejected: ``True`` is not a budget)."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """Check a scalar is a positive integer and return it as a Python ``int``.
+
+    Any :class:`numbers.Integral` is accepted, so numpy integer scalars (``np.int64(8)``, what indexing a numpy
+    array or a sweep over ``np.arange`` gives) work like ``8``, as ``np.float64`` already does for float
+    parameters; bools are rejected (``True`` is not a budget, and ``np.bool_`` is not ``Integral``), and so are
+    floats, even integral ones (``8.0`` is most likely a value passed to the wrong parameter).
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise InputTypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)  # a plain int: recorded parameters must serialise to JSON and compare equal to Python ints
     if value < 1:
         raise InputError(f"{name} must be >= 1, got {value}")
     return value

@@ -9,16 +9,19 @@ Every contract runs on the three kinds of dictionary: dense, block-diagonal (``z
 
 from __future__ import annotations
 
+import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from sparsedecomp import SOLVERS, BlockDictionary, ConvergenceWarning, Dictionary, Status, decompose, make_solver
 from sparsedecomp import optimality
 from sparsedecomp.decomposition import DUALITY_GAP, EXACT, KKT_VIOLATION
+from sparsedecomp.errors import InputError, InputTypeError
 
 
 @dataclass(frozen=True)
@@ -346,3 +349,57 @@ def test_half_precision_inputs_are_solved_and_returned_in_their_dtype(method, dt
     share = 0.02 if dtype == torch.float16 else 0.1
     difference = (result.reconstruction.double() - exact.reconstruction).norm(dim=1)
     assert bool((difference <= share * targets.double().norm(dim=1) + 1e-3).all()), difference
+
+
+def _int_parameters(method: str) -> list[str]:
+    """The solver's integer parameters (``chunk_size`` always; budgets and iteration caps where it has them)."""
+    return [f.name for f in fields(make_solver(method, **SOLVER_TABLE[method].params)) if f.type in ("int", "int | None")]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_numpy_integer_parameters_are_accepted_as_ints(method):
+    """``np.int64(8)`` (what indexing a numpy array gives) is an int parameter like ``8``, as ``np.float64`` already
+    is a float one; it is stored as a Python ``int``, so the recorded parameters stay JSON-ready."""
+    names = _int_parameters(method)
+    assert "chunk_size" in names
+    for name in names:
+        small = 2 if name == "n_nonzero" else 3  # n_nonzero must also fit min(d, n_atoms)
+        for value in (np.int64(small), np.int32(small), np.uint16(small)):
+            solver = make_solver(method, **{**SOLVER_TABLE[method].params, name: value})
+            assert type(getattr(solver, name)) is int and getattr(solver, name) == small
+            json.dumps(solver.params())  # raises TypeError for a numpy scalar
+    if "n_nonzero" in names:
+        targets, dictionary = make_problem("block")
+        params = {**SOLVER_TABLE[method].params}
+        by_numpy = decompose(targets, dictionary, method=method, **{**params, "n_nonzero": np.int64(2)})
+        by_int = decompose(targets, dictionary, method=method, **{**params, "n_nonzero": 2})
+        torch.testing.assert_close(by_numpy.coefficients, by_int.coefficients, rtol=0, atol=0)
+        assert by_numpy.params["n_nonzero"] == 2
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bools_and_floats_are_refused_as_int_parameters(method):
+    for name in _int_parameters(method):
+        for value in (True, np.bool_(True), 8.0, np.float64(8.0), "8"):
+            with pytest.raises(InputTypeError, match=f"{name} must be an int, got {type(value).__name__}"):
+                make_solver(method, **{**SOLVER_TABLE[method].params, name: value})
+        with pytest.raises(InputError, match=f"{name} must be >= 1, got 0"):
+            make_solver(method, **{**SOLVER_TABLE[method].params, name: np.int64(0)})
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", METHODS)
+def test_half_precision_is_the_float32_solve_rounded(method, dtype, kind):
+    """Every solver upcasts half precision the same way: the answer for half-precision inputs is the answer for the
+    same values in float32 (float64 for the cvxpy references), rounded to the input dtype -- codes, objective and
+    certificate alike (pinv once computed its objective in bfloat16 and the lasso rounded alpha to half)."""
+    targets, dictionary = make_problem(kind, dtype)
+    upcast = dictionary.to(dtype=torch.float32) if isinstance(dictionary, Dictionary) else dictionary.float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        half = solve(method, targets, dictionary)
+        single = solve(method, targets.float(), upcast)
+    for name in ("coefficients", "objective", "certificate"):
+        torch.testing.assert_close(getattr(half, name), getattr(single, name).to(dtype), rtol=0, atol=0, msg=name)
+    assert torch.equal(half.status, single.status)

@@ -231,6 +231,38 @@ def test_zero_target_gives_zero_code():
         assert int((dec.coefficients[0] != 0).sum()) == 3
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("tol", [None, 0.0])
+@pytest.mark.parametrize("nonnegative", [False, True])
+def test_exact_fit_before_the_budget_is_converged(nonnegative, tol, dtype):
+    """Targets that are exactly 3-atom combinations, budget 8: the residual is zero to working precision after 3
+    steps, which is CONVERGED (Status: "the certificate met the tolerance, or ... exact"), with or without tol --
+    not NO_PROGRESS, which would read as "stuck short of the answer"."""
+    D = random_dictionary(96, 64, seed=31, dtype=dtype)  # incoherent enough that OMP finds the 3 atoms
+    g = torch.Generator().manual_seed(32)
+    true = torch.zeros(6, 96, dtype=dtype)
+    for i in range(6):
+        true[i, torch.randperm(96, generator=g)[:3]] = 0.5 + torch.rand(3, generator=g, dtype=dtype)
+    Y = true @ D.atoms
+    dec = OMP(n_nonzero=8, tol=tol, nonnegative=nonnegative).solve(Y, D)
+    assert dec.statuses() == [Status.CONVERGED] * 6
+    assert dec.iterations.tolist() == [3] * 6
+    fvu = least_squares_objective(Y.double(), dec.coefficients.double(), D.atoms.double()) * 2 / Y.double().pow(2).sum(1)
+    assert float(fvu.max()) <= (100 * torch.finfo(dtype).eps) ** 2
+
+
+def test_residual_left_outside_the_span_is_still_no_progress():
+    """The other side of the exact-fit rule: 6 atoms spanning 3 of 5 dimensions leave a residual no atom
+    correlates with; it is not zero, so the fit is not exact and the status stays NO_PROGRESS."""
+    g = torch.Generator().manual_seed(33)
+    atoms = torch.randn(6, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 5, generator=g, dtype=torch.float64)
+    D = Dictionary.from_atoms(atoms, normalize=True)
+    Y = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    dec = OMP(n_nonzero=5).solve(Y, D)
+    assert dec.statuses() == [Status.NO_PROGRESS] * 2
+    assert dec.iterations.tolist() == [3, 3]
+
+
 def test_near_dependent_atom_stops_with_no_progress():
     e = torch.eye(3, dtype=torch.float64)
     a = e[0] + 1e-9 * e[2]

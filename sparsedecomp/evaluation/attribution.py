@@ -51,7 +51,7 @@ DFA_SHARE_RULE = "max(mean_dfa_h, 0) / sum_h' max(mean_dfa_h', 0) over the featu
 def block_norm_shares(rows: Tensor, n_heads: int, *, squared: bool = False) -> Tensor:
     """``(n, n_heads)``: each head block's share of a row's norm, ``||r[B_h]|| / sum_h' ||r[B_h']||``, or with
     ``squared`` of its squared norm, ``||r[B_h]||^2 / ||r||^2``; NaN for a zero row."""
-    check_positive_int(n_heads, "n_heads")
+    n_heads = check_positive_int(n_heads, "n_heads")
     if rows.ndim != 2 or rows.shape[1] % n_heads != 0:
         raise InputError(f"rows must be (n, n_heads * d_head) with n_heads={n_heads}, got {tuple(rows.shape)}")
     rows = rows.detach().float() if rows.dtype in (torch.float16, torch.bfloat16) else rows.detach()
@@ -326,7 +326,7 @@ class HeadAttribution:
                      ) -> tuple[FeatureDisagreement, ...]:
         """The ``top_n`` features with the largest total-variation distance between ``activation`` and
         ``weight`` shares (features where either is undefined are left out)."""
-        check_positive_int(top_n, "top_n")
+        top_n = check_positive_int(top_n, "top_n")
         act, wt = self._get(activation), self._get(weight)
         both = self.defined(activation) & self.defined(weight)
         tv = torch.where(both, 0.5 * (act - wt).abs().sum(dim=1), torch.full_like(act[:, 0], float("-inf")))
@@ -369,7 +369,7 @@ class HeadAttribution:
 def _check_concat(sae: SAE, n_heads: int) -> None:
     if not isinstance(sae, SAE):
         raise InputTypeError(f"sae must be a sparsedecomp SAE, got {type(sae).__name__}")
-    check_positive_int(n_heads, "n_heads")
+    n_heads = check_positive_int(n_heads, "n_heads")
     if sae.d_in % n_heads != 0:
         raise InputError(f"the SAE reads d_in={sae.d_in}, which is not n_heads * d_head for n_heads={n_heads}")
     if isinstance(sae.head, int):

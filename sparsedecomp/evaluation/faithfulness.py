@@ -113,7 +113,7 @@ class Faithfulness:
 
     def report(self, n_worst: int = 10) -> FaithfulnessReport:
         """The JSON-ready :class:`FaithfulnessReport` with the ``n_worst`` lowest-correlation features."""
-        check_positive_int(n_worst, "n_worst")
+        n_worst = check_positive_int(n_worst, "n_worst")
         finite = torch.isfinite(self.correlation)
         order = self.correlation.masked_fill(~finite, float("inf")).sort(stable=True).indices[: min(n_worst,
                                                                                                     int(finite.sum()))]

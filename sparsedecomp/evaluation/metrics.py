@@ -79,7 +79,7 @@ def cosine(targets: Tensor, reconstruction: Tensor) -> Tensor:
 
 def top_k_mass_share(coefficients: Tensor | Codes, *, k: int) -> Tensor:
     """Share of ``sum_i |c_i|`` held by the ``k`` largest ``|c_i|`` per target (0 for a zero code)."""
-    check_positive_int(k, "k")
+    k = check_positive_int(k, "k")
     mass = _values(coefficients).abs()
     top = mass.topk(min(k, mass.shape[1]), dim=1).values.sum(dim=1)
     return _safe_ratio(top, mass.sum(dim=1), zero_over_zero=0.0)
@@ -126,7 +126,7 @@ def target_head_shares(targets: Tensor, columns: Sequence[tuple[int, int]]) -> T
 
 def head_columns(dim: int, d_head: int) -> tuple[tuple[int, int], ...]:
     """Consecutive head blocks ``(h*d_head, (h+1)*d_head)`` tiling ``dim`` columns."""
-    check_positive_int(d_head, "d_head")
+    d_head = check_positive_int(d_head, "d_head")
     if dim % d_head != 0:
         raise InputError(f"targets have {dim} columns, which is not a multiple of d_head={d_head}")
     return tuple((h * d_head, (h + 1) * d_head) for h in range(dim // d_head))
@@ -288,7 +288,7 @@ def decomposition_metrics(
             atoms. Reconstruction metrics do not depend on this.
     """
     check_positive(threshold, "threshold", allow_zero=True)
-    check_positive_int(top_k, "top_k")
+    top_k = check_positive_int(top_k, "top_k")
     if not isinstance(decomposition, Decomposition):
         raise InputTypeError(f"decomposition must be a sparsedecomp.Decomposition, got {type(decomposition).__name__}")
     dictionary = decomposition.dictionary

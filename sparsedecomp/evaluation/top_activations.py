@@ -134,7 +134,7 @@ class TopKTracker:
         n_tokens, m = activations.shape
         if m != stop - start:
             raise InputError(f"activations have {m} feature columns but features {start}:{stop} name {stop - start}")
-        check_positive_int(context_size, "context_size")
+        context_size = check_positive_int(context_size, "context_size")
         if n_tokens % context_size != 0:
             raise InputError(f"{n_tokens} activation rows are not whole contexts of {context_size} tokens")
         if (payload is None) != (self.payload_dim is None):
@@ -177,7 +177,7 @@ class TopKTracker:
                                  f"{[tuple(getattr(t, 'shape', ())) for t in (token, column, values)]}")
         start, stop = _feature_range(features, self.n_features)
         m = stop - start
-        check_positive_int(context_size, "context_size")
+        context_size = check_positive_int(context_size, "context_size")
         if n_tokens % context_size != 0:
             raise InputError(f"{n_tokens} activation rows are not whole contexts of {context_size} tokens")
         if (payload is None) != (self.payload_dim is None):

@@ -53,7 +53,12 @@ class Solver:
     chunk_size: int = 2048
 
     def __post_init__(self) -> None:
-        check_positive_int(self.chunk_size, "chunk_size")
+        self._check_int("chunk_size")
+
+    def _check_int(self, name: str) -> None:
+        """Check the positive-int parameter ``name`` and store it as a Python ``int`` (``np.int64(8)`` -> ``8``),
+        so that ``params()`` records plain JSON-ready values (the dataclass is frozen, hence ``object.__setattr__``)."""
+        object.__setattr__(self, name, check_positive_int(getattr(self, name), name))
 
     def params(self) -> dict[str, Any]:
         """The solver's parameters, as recorded in each :class:`Decomposition`."""

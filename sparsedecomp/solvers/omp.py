@@ -8,10 +8,11 @@ for ``nn_omp``. Starting from ``c = 0``, ``r = y`` and an empty support ``S``, e
 2. adds it to ``S`` and refits on the support: ``c_S = argmin ||y - c_S D_S||^2`` (least squares), or
    ``argmin_{c_S >= 0}`` (NNLS) for ``nn_omp``; ``r = y - c_S D_S``.
 
-A target stops with ``CONVERGED`` once the fraction of variance unexplained ``||r||^2 / ||y||^2 <= tol``, with
-``BUDGET_REACHED`` when its ``n_nonzero`` atoms are used first, and with ``NO_PROGRESS`` when no unused atom
-correlates with the residual (no positive correlation for ``nn_omp``) or the best atom lies numerically in the
-span of the support (its Cholesky pivot vanishes).
+A target stops with ``CONVERGED`` once the fraction of variance unexplained ``||r||^2 / ||y||^2 <= tol``, or once
+the fit is exact, ``||r|| <= 100 eps ||y||`` (the residual is zero to working precision; with or without ``tol``),
+with ``BUDGET_REACHED`` when its ``n_nonzero`` atoms are used first, and with ``NO_PROGRESS`` when the residual is
+not zero but no unused atom correlates with it (no positive correlation for ``nn_omp``) or the best atom lies
+numerically in the span of the support (its Cholesky pivot vanishes).
 
 Costs. The support least squares uses the Cholesky factor ``L L^T = D_S D_S^T`` extended by one row per step
 (``w = L^{-1} D_S d_j``, pivot ``sqrt(||d_j||^2 - ||w||^2)``), so a step costs ``O(k^2)`` per target besides the
@@ -43,13 +44,13 @@ from torch import Tensor
 from ..codes import Codes
 from ..decomposition import KKT_VIOLATION, Status
 from ..dictionary import Dictionary
-from ..validation import check_bool, check_positive, check_positive_int
+from ..validation import check_bool, check_positive
 from .base import ChunkResult, Solver, working_dtype
 from ..errors import InputError
 
 # Numerical thresholds, as multiples of the working dtype's machine epsilon.
-# Stop (NO_PROGRESS) when the best normalised correlation is below this times ||y||: the residual is then zero
-# to working precision and any further atom would fit rounding noise.
+# Stop (NO_PROGRESS) when the best normalised correlation is below this times ||y||: any further atom would fit
+# rounding noise. A residual below this times ||y|| is an exact fit (CONVERGED).
 _CORR_EPS = 100.0
 # Stop (NO_PROGRESS) when the new atom's squared Cholesky pivot is below this times ||d_j||^2: the atom lies in
 # the span of the support to working precision and the support Gram would be singular.
@@ -85,7 +86,8 @@ class OMP(Solver):
     Attributes:
         n_nonzero: most atoms per target (selection steps), counted across all heads; at most
             ``min(d, n_atoms)``. ``None`` means ``min(d, n_atoms)`` (then ``tol`` must be given).
-        tol: stop a target once ``||y - c D||^2 / ||y||^2 <= tol`` (fraction of variance unexplained).
+        tol: stop a target once ``||y - c D||^2 / ||y||^2 <= tol`` (fraction of variance unexplained). An exact
+            fit (``||y - c D|| <= 100 eps ||y||`` in the working dtype) is ``CONVERGED`` whatever ``tol``.
         nonnegative: select only positively correlated atoms and refit by NNLS (``c >= 0``).
         nnls_max_iter: most Lawson--Hanson least-squares solves per step for ``nn_omp`` (a target that needs
             more stops with ``MAX_ITER``, keeping its last feasible code; in practice 1-3 are used).
@@ -113,11 +115,11 @@ class OMP(Solver):
             raise InputError("OMP needs a stopping rule: give n_nonzero (atoms per target), tol (fraction of "
                              "variance unexplained), or both")
         if self.n_nonzero is not None:
-            check_positive_int(self.n_nonzero, "n_nonzero")
+            self._check_int("n_nonzero")
         if self.tol is not None:
             check_positive(self.tol, "tol", allow_zero=True)
         check_bool(self.nonnegative, "nonnegative")
-        check_positive_int(self.nnls_max_iter, "nnls_max_iter")
+        self._check_int("nnls_max_iter")
 
     def check_dictionary(self, dictionary: Dictionary) -> None:
         limit = min(dictionary.dim, dictionary.n_atoms)
@@ -184,6 +186,11 @@ class OMP(Solver):
     # -- the greedy loop -----------------------------------------------------------------------------------------
     def _run(self, st: "_Active", prep: _Prepared, out: ChunkResult, workspace: Tensor) -> None:
         eps = torch.finfo(prep.dtype).eps
+        # An exact fit, ||r|| <= _CORR_EPS * eps * ||y|| (the residual is zero to working precision), is CONVERGED
+        # with or without tol: it meets every tolerance the dtype can resolve. It bounds every normalised
+        # correlation |r . d_j| / ||d_j|| <= ||r|| by the selection threshold, so another step could only stop
+        # with NO_PROGRESS or add an atom fitted to rounding noise.
+        fvu_tol = (_CORR_EPS * eps) ** 2 if self.tol is None else max(self.tol, (_CORR_EPS * eps) ** 2)
         for k in range(prep.budget):  # k atoms chosen so far, the same for every active target
             if k == st.capacity:
                 st.grow(min(2 * st.capacity, prep.budget))
@@ -217,11 +224,10 @@ class OMP(Solver):
                 failed = ~solved
                 _finish(out, st, failed, s, Status.MAX_ITER, prep, self.nonnegative)
                 done |= failed
-            if self.tol is not None:
-                met = ~done & (r2 <= self.tol * st.y_norm2)
-                if bool(met.any()):
-                    _finish(out, st, met, s, Status.CONVERGED, prep, self.nonnegative)
-                    done |= met
+            met = ~done & (r2 <= fvu_tol * st.y_norm2)
+            if bool(met.any()):
+                _finish(out, st, met, s, Status.CONVERGED, prep, self.nonnegative)
+                done |= met
             if s == prep.budget:
                 _finish(out, st, ~done, s, Status.BUDGET_REACHED, prep, self.nonnegative)
                 return

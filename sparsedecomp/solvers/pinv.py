@@ -43,12 +43,16 @@ class Pseudoinverse(Solver):
 
     def solve_chunk(self, targets: Tensor, dictionary: Dictionary, prepared: tuple[StackedBlocks, Tensor]) -> ChunkResult:
         stacked, pinv = prepared
-        grouped = torch.einsum("ngp,gpm->ngm", stacked.split_targets(targets.to(pinv.dtype)), pinv)
-        coefficients = stacked.scatter_coefficients(grouped, dictionary.n_atoms).to(targets.dtype)
+        work = targets.to(pinv.dtype)
+        grouped = torch.einsum("ngp,gpm->ngm", stacked.split_targets(work), pinv)
+        coefficients = stacked.scatter_coefficients(grouped, dictionary.n_atoms)
         n = targets.shape[0]
+        # As every solver: the objective of the working-precision solution, computed in that precision, then
+        # everything rounded to the targets' dtype (a bfloat16 residual keeps about 2 significant digits).
+        objective = least_squares_objective(work, coefficients, dictionary.atoms.to(pinv.dtype))
         return ChunkResult(
-            codes=Codes.dense(coefficients),
-            objective=least_squares_objective(targets, coefficients, dictionary.atoms),
+            codes=Codes.dense(coefficients.to(targets.dtype)),
+            objective=objective.to(targets.dtype),
             certificate=targets.new_zeros(n),
             iterations=torch.zeros(n, dtype=torch.long, device=targets.device),
             status=full_status(n, Status.CONVERGED, targets.device),

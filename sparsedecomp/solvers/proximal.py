@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..decomposition import DUALITY_GAP, KKT_VIOLATION
 from ..dictionary import Dictionary, StackedBlocks
-from ..validation import check_bool, check_lasso_alpha, check_positive, check_positive_int
+from ..validation import check_bool, check_lasso_alpha, check_positive
 from .base import ChunkResult, Solver
 from .working_set import GAP, KKT, solve_working_set
 
@@ -76,13 +76,15 @@ class Lasso(Solver):
         check_lasso_alpha(self.alpha, self.alpha_is_fraction_of_max)
         check_bool(self.nonnegative, "nonnegative")
         check_positive(self.tol, "tol")
-        check_positive_int(self.max_iter, "max_iter")
+        self._check_int("max_iter")
 
     def precompute(self, dictionary: Dictionary) -> StackedBlocks:
         return dictionary.stacked()
 
     def solve_chunk(self, targets: Tensor, dictionary: Dictionary, prepared: StackedBlocks) -> ChunkResult:
-        alpha = torch.full((targets.shape[0],), float(self.alpha), dtype=targets.dtype, device=targets.device)
+        # float64: the weight asked for, not its half-precision rounding (solve_working_set rounds it to the working
+        # dtype, float32 at least).
+        alpha = torch.full((targets.shape[0],), float(self.alpha), dtype=torch.float64, device=targets.device)
         return solve_working_set(
             targets, prepared, dictionary.n_atoms, alpha,
             nonnegative=self.nonnegative, certificate=GAP, tol=self.tol, max_iter=self.max_iter,
@@ -111,7 +113,7 @@ class NNLS(Solver):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive(self.tol, "tol")
-        check_positive_int(self.max_iter, "max_iter")
+        self._check_int("max_iter")
 
     def precompute(self, dictionary: Dictionary) -> StackedBlocks:
         return dictionary.stacked()

@@ -26,7 +26,8 @@ that target's inner tolerance is tightened tenfold;
 after ``MAX_STALLS`` such rounds in a row the target is given up (its certificate is at the dtype's rounding floor). ``iterations`` counts coordinate-descent epochs over the working
 set; a target stops with ``converged = False`` once it has used ``max_iter`` of them.
 
-Half-precision inputs are solved in float32; float32 and float64 are kept as they are.
+Half-precision inputs are solved in float32; float32 and float64 are kept as they are. Below float64 a target
+is ``CONVERGED`` only if its certificate recomputed in float64 (:class:`_Float64Check`) is at most ``tol``.
 """
 
 from __future__ import annotations
@@ -88,7 +89,13 @@ def solve_working_set(
     Y = stacked.split_targets(targets.to(work)).transpose(0, 1).contiguous()  # (G, n, p)
     corr0 = torch.bmm(Y, atoms_t)  # (G, n, m)
     alpha_top = (corr0 if nonnegative else corr0.abs()).amax(dim=(0, 2)).clamp_min(0)
+    alpha_asked = alpha.to(torch.float64)
     alpha = alpha.to(work) * alpha_top if alpha_is_fraction_of_max else alpha.to(work)
+    # Below float64 a certificate that passes is recomputed in float64 before the target counts as CONVERGED.
+    recheck = None if work == torch.float64 else _Float64Check(
+        stacked.split_targets(targets.to(torch.float64)).transpose(0, 1), stacked.atoms.to(torch.float64), alpha_asked,
+        alpha_is_fraction_of_max=alpha_is_fraction_of_max, nonnegative=nonnegative, certificate=certificate,
+    )
     y2 = Y.pow(2).sum(dim=(0, 2))
     atom_scale = atoms.norm(dim=2).max()
     global_index = stacked.atom_index.to(device)
@@ -108,24 +115,20 @@ def solve_working_set(
 
     while active.numel() > 0:
         # 1. Global check of every active target against all atoms.
-        if W.shape[2] == 0:
-            dense = None
-            r, corr = Y[:, active], corr0[:, active]
-        else:
-            dense = Y.new_zeros(n_groups, active.numel(), m).scatter_add_(2, W, c)
-            r = Y[:, active] - torch.bmm(dense, atoms)
-            corr = torch.bmm(r, atoms_t)
+        empty = W.shape[2] == 0
+        dense, r, corr = _residual_and_correlations(Y[:, active], corr0[:, active] if empty else None, atoms, W, c)
         a = alpha[active]
-        if certificate == GAP:
-            cert, obj = _gap(r, corr, W, c, a, y2[active], nonnegative)
-        else:
-            cert, obj = _kkt(r, corr, dense, a, y2[active], atom_scale)
-        done = (cert <= tol) | (iterations[active] >= max_iter) | (stalls >= MAX_STALLS) | ~torch.isfinite(cert)
+        cert, obj = _certificate(r, corr, dense, W, c, a, y2[active], atom_scale,
+                                 nonnegative=nonnegative, certificate=certificate)
+        passed = cert <= tol
+        if recheck is not None and bool(passed.any()):
+            passed, cert, obj = recheck(active, passed, cert, obj, W, c, tol)
+        done = passed | (iterations[active] >= max_iter) | (stalls >= MAX_STALLS) | ~torch.isfinite(cert)
         if bool(done.any()):
             rows = active[done]
             certificate_out[rows] = cert[done]
             objective[rows] = obj[done]
-            converged[rows] = cert[done] <= tol
+            converged[rows] = passed[done]
             pieces.append(_finished_codes(rows, global_index, W[:, done], c[:, done]))
             keep = ~done
             active, W, c, corr, a = active[keep], W[:, keep], c[:, keep], corr[:, keep], a[keep]
@@ -171,6 +174,62 @@ def solve_working_set(
         iterations=iterations,
         status=status,
     )
+
+
+def _residual_and_correlations(Y: Tensor, corr_y: Tensor | None, atoms: Tensor, W: Tensor, c: Tensor):
+    """The dense code (``None`` while every working set is empty), residual ``r = y - c D`` and correlations
+    ``g = r D^T`` of targets ``Y`` (``(G, t, p)``) for the codes ``c`` on atoms ``W``; ``corr_y = Y D^T`` is
+    needed (and returned as ``g``) only while the working sets are empty."""
+    if W.shape[2] == 0:
+        return None, Y, corr_y
+    dense = Y.new_zeros(W.shape[0], W.shape[1], atoms.shape[1]).scatter_add_(2, W, c)
+    r = Y - torch.bmm(dense, atoms)
+    return dense, r, torch.bmm(r, atoms.transpose(1, 2))
+
+
+def _certificate(r, corr, dense, W, c, alpha, y2, atom_scale, *, nonnegative: bool, certificate: str):
+    """The certificate (:data:`GAP` or :data:`KKT`) and objective of every target from its residual parts."""
+    if certificate == GAP:
+        return _gap(r, corr, W, c, alpha, y2, nonnegative)
+    return _kkt(r, corr, dense, alpha, y2, atom_scale)
+
+
+class _Float64Check:
+    """Conservative certification below float64: a target whose working-precision certificate is at most ``tol``
+    is ``CONVERGED`` only if the certificate of its code, recomputed in float64 from the same float32 values of
+    targets and atoms and the ``alpha`` asked for (``alpha * alpha_max(y)`` in float64 when it is a fraction), is
+    at most ``tol`` too.
+
+    Why: a float32 certificate carries rounding errors of order ``eps_32 * ||y||^2`` (residual, correlations,
+    ``alpha_max``), which a ``tol`` near float32's resolution does not dominate; such rows were reported
+    ``CONVERGED`` with a float64 gap 1-2 % above ``tol``. A target that fails the recheck stays active: it is
+    solved further (its inner tolerance is tightened when no atom violates) and ends ``MAX_ITER`` if it never passes.
+    The cost is one float64 residual and correlation product for the targets that pass, about once per target.
+    """
+
+    def __init__(self, Y: Tensor, atoms: Tensor, alpha: Tensor, *, alpha_is_fraction_of_max: bool,
+                 nonnegative: bool, certificate: str) -> None:
+        self.Y, self.atoms, self.alpha = Y, atoms, alpha  # (G, n, p), (G, m, p), (n,) float64
+        self.fraction, self.nonnegative, self.certificate = alpha_is_fraction_of_max, nonnegative, certificate
+        self.atom_scale = atoms.norm(dim=2).max()
+
+    def __call__(self, active: Tensor, passed: Tensor, cert: Tensor, obj: Tensor, W: Tensor, c: Tensor, tol: float):
+        """``passed``, ``cert`` and ``obj`` of the active targets with the passing ones recomputed in float64."""
+        idx = passed.nonzero().squeeze(1)
+        rows = active[idx]
+        Y = self.Y[:, rows]
+        corr_y = torch.bmm(Y, self.atoms.transpose(1, 2)) if self.fraction or W.shape[2] == 0 else None
+        alpha = self.alpha[rows]
+        if self.fraction:
+            alpha = alpha * (corr_y if self.nonnegative else corr_y.abs()).amax(dim=(0, 2)).clamp_min(0)
+        c64 = c[:, idx].to(torch.float64)
+        dense, r, corr = _residual_and_correlations(Y, corr_y, self.atoms, W[:, idx], c64)
+        cert64, obj64 = _certificate(r, corr, dense, W[:, idx], c64, alpha, Y.pow(2).sum(dim=(0, 2)),
+                                     self.atom_scale, nonnegative=self.nonnegative, certificate=self.certificate)
+        passed, cert, obj = passed.clone(), cert.clone(), obj.clone()
+        passed[idx] = cert64 <= tol  # compared in float64: rounding cert64 first could let it pass
+        cert[idx], obj[idx] = cert64.to(cert.dtype), obj64.to(obj.dtype)
+        return passed, cert, obj
 
 
 def _gap(r: Tensor, corr: Tensor, W: Tensor, c: Tensor, alpha: Tensor, y2: Tensor, nonnegative: bool):
