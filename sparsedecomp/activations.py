@@ -212,6 +212,9 @@ class ActivationStream:
     def __len__(self) -> int:
         return -(-self.n_contexts // self.batch_size)
 
+    def _run_to_z(self, tokens: Tensor, names: Mapping[str, str]) -> dict[str, Tensor]:
+        return _run_to_z_impl(self.model, tokens, names, self.layer)
+
     def hook_name(self, what: str = "z") -> str:
         return f"blocks.{self.layer}.{_HOOKS[what]}"
 
@@ -227,8 +230,7 @@ class ActivationStream:
         try:
             for start in range(0, self.n_contexts, self.batch_size):
                 tokens = self.tokens[start : start + self.batch_size].to(device)
-                _, cache = self.model.run_with_cache(tokens, names_filter=list(names.values()),
-                                                     stop_at_layer=self.layer + 1)
+                cache = self._run_to_z(tokens, names)
                 yield ActivationBatch(tokens=tokens, first_context=start, layer=self.layer,
                                       **{what: cache[name] for what, name in names.items()})
                 del cache
@@ -237,6 +239,30 @@ class ActivationStream:
         finally:
             if bar is not None:
                 bar.close()
+
+
+class _StopAfterZ(Exception):
+    """Raised by the hook on ``hook_z`` once every wanted activation is kept: nothing after it is needed."""
+
+
+def _run_to_z_impl(model: Any, tokens: Tensor, names: Mapping[str, str], layer: int) -> dict[str, Tensor]:
+    """The activations ``names`` (all in ``blocks.{layer}``'s attention, up to ``hook_z``) of ``model`` on
+    ``tokens``. The forward pass stops at ``hook_z``: the layer's output projection and MLP, which
+    ``stop_at_layer=layer + 1`` alone would still run, are a third of a small model's compute and not needed."""
+    kept: dict[str, Tensor] = {}
+    z_name = names["z"]
+
+    def keep(activation: Tensor, hook: Any) -> Tensor:
+        kept[hook.name] = activation
+        if hook.name == z_name:
+            raise _StopAfterZ
+        return activation
+
+    try:
+        model.run_with_hooks(tokens, fwd_hooks=[(name, keep) for name in names.values()], stop_at_layer=layer + 1)
+    except _StopAfterZ:
+        pass
+    return kept
 
 
 def run_accumulators(model: Any, tokens: Any, accumulators: Mapping[str, Accumulator], *, layer: int,

@@ -24,7 +24,7 @@ def stub_render(kind, **context):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def inputs(tmp_path_factory):
     standin = write_standin(tmp_path_factory.mktemp("standin"), config=TINY, head_d_sae=48, concat_d_sae=128, n_rows=6,
                             record_local_dataset=True)
     concat = load_sae(str(standin.concat_dir), version=standin.concat_version)
@@ -34,9 +34,29 @@ def world(tmp_path_factory):
     tokens = torch.randint(1, loaded.model.cfg.d_vocab, (12, 16))
     tokens[:, 0] = 0
     decompositions = decompose_settings(concat, heads, [SolverSetting("nn_omp", {"n_nonzero": 4})], log=lambda s: None)
-    data = gather_dashboard_data(loaded, tokens, heads, concat, decompositions, top_k=5, quantile_groups=3,
-                                 examples_per_group=2, left=5, right=2)  # windows shorter than a context
-    return data
+    return loaded, tokens, heads, concat, decompositions
+
+
+@pytest.fixture(scope="module")
+def world(inputs):
+    return gather_dashboard_data(*inputs, top_k=5, quantile_groups=3, examples_per_group=2, left=5,
+                                 right=2)  # windows shorter than a context
+
+
+def test_replaying_the_first_pass_gives_what_running_the_model_again_gives(inputs, world):
+    from sparsedecomp.dashboards.replay import cache_bytes
+
+    loaded, tokens, heads, concat, decompositions = inputs
+    assert cache_bytes(loaded.model.cfg, *tokens.shape) <= 2**20  # the fixture's data was gathered by replay
+    rerun = gather_dashboard_data(loaded, tokens, heads, concat, decompositions, top_k=5, quantile_groups=3,
+                                  examples_per_group=2, left=5, right=2, cache_budget=0, batch_size=5)
+    for name, g in world.saes.items():
+        other = rerun.saes[name]
+        assert torch.equal(g.examples.context, other.examples.context)
+        torch.testing.assert_close(g.window_acts, other.window_acts, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g.dfa, other.dfa, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g.dfa_before_window, other.dfa_before_window, rtol=1e-5, atol=1e-5)
+        assert g.window_acts.abs().sum() > 0 and g.dfa.abs().sum() > 0
 
 
 def token_str(i):

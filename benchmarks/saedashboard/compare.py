@@ -76,13 +76,19 @@ def our_dashboard_data(model, sae, tokens: torch.Tensor, layer: int, all_decoder
     from sparsedecomp.activations import run_accumulators
     from sparsedecomp.dashboards import (FeatureDataAccumulator, correlated_features, dfa_by_source_many,
                                          example_windows, feature_logits)
+    from sparsedecomp.dashboards.replay import DEFAULT_CACHE_BUDGET, KeepBatches, cache_bytes
     from sparsedecomp.dashboards.source_dfa import DFARequest
 
-    data = run_accumulators(model, tokens, {"data": FeatureDataAccumulator(sae, "concatenated")},
-                            layer=layer)["data"]
+    # As gather_dashboard_data does: when the layer's activations fit the cache budget, the pass keeps its
+    # batches and the DFA replays them instead of running the model again.
+    accumulators = {"data": FeatureDataAccumulator(sae, "concatenated")}
+    hooked = getattr(model, "model", model)
+    if cache_bytes(hooked.cfg, *tokens.shape) <= DEFAULT_CACHE_BUDGET:
+        accumulators["kept"] = KeepBatches()
+    results = run_accumulators(model, tokens, accumulators, layer=layer)
+    data, kept = results["data"], results.get("kept")
     quantiles = data.quantile_examples()
     histograms = data.activation_histograms()
-    hooked = getattr(model, "model", model)
     logits = feature_logits(sae.W_dec, hooked.W_O[layer], hooked.W_U)
     correlated = correlated_features(all_decoder_rows)
     # the shown examples: top-k then the quantile groups, per feature
@@ -95,7 +101,8 @@ def our_dashboard_data(model, sae, tokens: torch.Tensor, layer: int, all_decoder
     feature = torch.arange(sae.d_sae)[:, None].expand_as(shown)[shown]
     sources = torch.where(windows.valid[shown], windows.positions[shown], -1)
     dfa = dfa_by_source_many(model, tokens, [DFARequest(sae=sae, context=context[shown], position=position[shown],
-                                                        feature=feature, sources=sources)], layer=layer)
+                                                        feature=feature, sources=sources)], layer=layer,
+                              kept=kept)
     return {"data": data, "quantiles": quantiles, "histograms": histograms, "logits": logits,
             "correlated": correlated, "windows": windows, "dfa": dfa, "gathered_at": gathered}
 

@@ -246,7 +246,7 @@ class FeatureDataAccumulator:
         self._n_seen += keep.numel()
         first_token = batch.first_context * batch.context_size
         for chunk in feature_chunks(self.sae.d_sae, x.shape[0], self.chunk_elements):
-            acts = torch.relu(centred @ self.sae.W_enc[:, chunk] + self.sae.b_enc[chunk])
+            acts = torch.addmm(self.sae.b_enc[chunk], centred, self.sae.W_enc[:, chunk]).relu_()  # one fused pass
             acts = acts.masked_fill_(~keep[:, None], 0.0)
             # Codes fire on a few entries in a thousand: both trackers take the non-zero entries, not the matrix.
             row, column, values = nonzero_entries(acts)

@@ -13,18 +13,21 @@
 5. DFA by source position and head of the shown examples only, on their windows' positions, every SAE from one
    forward pass over the contexts that hold shown examples (:func:`~sparsedecomp.dashboards.source_dfa.dfa_by_source_many`).
 
+Steps 4 and 5 replay the batches of step 1 instead of running the model again when every context's ``z``, ``v``
+and pattern fit in ``cache_budget`` bytes (:mod:`.replay`): one forward pass in all.
+
 No loop over features: loops run over SAEs, stream batches and example chunks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from ..activations import ActivationStream, hooked_transformer, run_accumulators
+from ..activations import ActivationBatch, hooked_transformer, run_accumulators
 from ..decomposition import Decomposition
 from ..errors import InputTypeError
 from ..evaluation.attribution import DFAAccumulator, HeadAttribution, dfa_bias, head_attribution
@@ -33,6 +36,7 @@ from ..loading.sae import CONCATENATED, SAE
 from ..validation import check_positive_int
 from .data import FeatureData, FeatureDataAccumulator, QuantileExamples
 from .histograms import RowHistograms
+from .replay import DEFAULT_CACHE_BUDGET, KeepBatches, batches_over, cache_bytes
 from .source_dfa import DFARequest, dfa_by_source_many
 from .weights import CorrelatedFeatures, FeatureLogits, correlated_features, feature_logits
 from .windows import DEFAULT_LEFT, DEFAULT_RIGHT, ExampleWindows, example_windows
@@ -122,7 +126,8 @@ def gather_dashboard_data(model: Any, tokens: Any, head_saes: HeadSAEs, concat_s
                           quantile_groups: int = 5, examples_per_group: int = 5, n_correlated: int = 5,
                           n_logits: int = 10, left: int = DEFAULT_LEFT, right: int = DEFAULT_RIGHT,
                           exclude_bos: bool = True, ignore_tokens: tuple[int, ...] = (), with_dfa: bool = True,
-                          batch_size: int | None = None, progress: bool = False) -> DashboardData:
+                          batch_size: int | None = None, cache_budget: int = DEFAULT_CACHE_BUDGET,
+                          progress: bool = False) -> DashboardData:
     """:class:`DashboardData` of every feature of ``concat_sae`` and of each SAE of ``head_saes`` on ``tokens``
     (a ``(n_contexts, context_size)`` tensor or a :class:`~sparsedecomp.loading.tokens.TokenSet`); see the module
     docstring for the passes. ``decompositions`` are of the concat SAE's features (one target per feature)."""
@@ -146,8 +151,12 @@ def gather_dashboard_data(model: Any, tokens: Any, head_saes: HeadSAEs, concat_s
     accumulators: dict[str, Any] = {name: FeatureDataAccumulator(sae, site, **options)
                                     for name, (sae, site) in saes.items()}
     accumulators["dfa"] = DFAAccumulator(concat_sae, n_heads, k=top_k)
+    # Small enough to keep: the windows' activations and DFA replay this pass instead of running the model again.
+    if cache_bytes(hooked.cfg, *token_ids.shape) <= cache_budget:
+        accumulators["kept"] = KeepBatches()
     results = run_accumulators(hooked, tokens, accumulators, layer=layer, batch_size=batch_size, progress=progress,
                                desc="dashboard data")
+    kept = results.pop("kept", None)
     attribution = head_attribution(concat_sae, n_heads, dfa=results["dfa"], decompositions=decompositions)
 
     W_O, W_U = hooked.W_O[layer].detach(), hooked.W_U.detach()
@@ -155,9 +164,10 @@ def gather_dashboard_data(model: Any, tokens: Any, head_saes: HeadSAEs, concat_s
     shown = {name: shown_examples(results[name], quantiles[name]) for name in saes}
     windows = {name: example_windows(token_ids, shown[name].context, shown[name].position, left=left, right=right)
                for name in saes}
-    acts = window_activations(hooked, token_ids, saes, shown, windows, layer=layer, batch_size=batch_size)
-    dfas = (source_dfa_windows(hooked, token_ids, saes, shown, windows, layer=layer, batch_size=batch_size)
-            if with_dfa else {})
+    acts = window_activations(hooked, token_ids, saes, shown, windows, layer=layer, batch_size=batch_size, kept=kept)
+    dfas = (source_dfa_windows(hooked, token_ids, saes, shown, windows, layer=layer, batch_size=batch_size,
+                               kept=kept) if with_dfa else {})
+    del kept
     gathered = {}
     for name, (sae, site) in saes.items():
         data = results[name]
@@ -189,14 +199,14 @@ def shown_examples(data: FeatureData, q: QuantileExamples) -> ShownExamples:
 
 def window_activations(model: Any, tokens: Tensor, saes: Mapping[str, tuple[SAE, int | str]],
                        shown: Mapping[str, ShownExamples], windows: Mapping[str, ExampleWindows], *, layer: int, batch_size: int | None = None,
-                       chunk_elements: int = 2**24) -> dict[str, Tensor]:
+                       chunk_elements: int = 2**24, kept: Sequence[ActivationBatch] | None = None) -> dict[str, Tensor]:
     """``name -> (n_features, n_shown, W)``: each SAE's feature activation at every token of every window of its
     shown examples (0 outside the context or in an empty slot), from one pass over the contexts that hold an
-    example. Only the example's own feature column of ``W_enc`` is applied."""
+    example (or a replay of ``kept``, :mod:`.replay`). Only the example's own feature column of ``W_enc`` is
+    applied."""
     used = torch.unique(torch.cat([s.context.reshape(-1) for s in shown.values()]))
     used = used[used >= 0]
-    lookup = torch.full((tokens.shape[0],), -1, dtype=torch.long)
-    lookup[used] = torch.arange(used.numel())
+    lookup, batches = batches_over(model, tokens, used, layer=layer, batch_size=batch_size, kept=kept)
     out = {name: torch.zeros(w.token_ids.shape, dtype=saes[name][0].dtype) for name, w in windows.items()}
     flat = {}
     for name, w in windows.items():
@@ -207,8 +217,7 @@ def window_activations(model: Any, tokens: Tensor, saes: Mapping[str, tuple[SAE,
         feature = torch.arange(n).repeat_interleave(e)
         flat[name] = (example[keep], lookup[context[keep]], feature[keep], w.positions.reshape(n * e, width)[keep],
                       w.valid.reshape(n * e, width)[keep])
-    stream = ActivationStream(model, tokens[used], layer=layer, batch_size=batch_size, with_logits=False)
-    for batch in stream:
+    for batch in batches:
         lo, hi = batch.first_context, batch.first_context + batch.n_contexts
         for name, (sae, site) in saes.items():
             example, row, feature, positions, valid = flat[name]
@@ -229,7 +238,7 @@ def window_activations(model: Any, tokens: Tensor, saes: Mapping[str, tuple[SAE,
 
 def source_dfa_windows(model: Any, tokens: Tensor, saes: Mapping[str, tuple[SAE, int | str]],
                        shown: Mapping[str, ShownExamples], windows: Mapping[str, ExampleWindows], *, layer: int,
-                       batch_size: int | None = None) -> dict[str, tuple[Tensor, Tensor, tuple[int, ...]]]:
+                       batch_size: int | None = None, kept: Sequence[ActivationBatch] | None = None) -> dict[str, tuple[Tensor, Tensor, tuple[int, ...]]]:
     """DFA by source and head of every shown example of every SAE, on its window's positions: per SAE
     ``(n_features, n_shown, W, n_sae_heads)``, each head's DFA from the sources before the window ``(n_features,
     n_shown, n_sae_heads)``, and the heads of the last axis. One forward pass over the contexts that hold shown
@@ -246,7 +255,7 @@ def source_dfa_windows(model: Any, tokens: Tensor, saes: Mapping[str, tuple[SAE,
         requests.append(DFARequest(sae=sae, context=flat_context[filled], position=shown[name].position.reshape(-1)[filled],
                                    feature=feature[filled], sources=torch.where(inside, positions, -1)))
         layouts[name] = (n, e, width, filled)
-    results = dfa_by_source_many(model, tokens, requests, layer=layer, batch_size=batch_size)
+    results = dfa_by_source_many(model, tokens, requests, layer=layer, batch_size=batch_size, kept=kept)
     out = {}
     for (name, (n, e, width, filled)), result in zip(layouts.items(), results):
         values = torch.zeros(n * e, width, len(result.heads), dtype=result.values.dtype)

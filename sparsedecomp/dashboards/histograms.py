@@ -70,12 +70,13 @@ def row_histograms(values: Tensor, lo: Tensor, hi: Tensor, n_bins: int) -> RowHi
     lo, hi = lo.double(), hi.double()
     single = degenerate_range(lo, hi)
     width = torch.where(single, torch.ones_like(hi), hi - lo)
-    position = (values.double() - lo[:, None]) * (n_bins / width[:, None])
-    index = position.nan_to_num(0.0).floor().long().clamp_(0, n_bins - 1)
-    index = index.masked_fill(single[:, None], 0)
-    present = ~torch.isnan(values)
-    rows = torch.arange(values.shape[0], device=values.device)[:, None].expand_as(index)
-    flat = (rows * n_bins + index)[present]
+    # in place where possible: a logit histogram bins n_features x d_vocab values
+    position = (values.double() - lo[:, None]).mul_((n_bins / width)[:, None])
+    index = position.nan_to_num_(0.0).floor_().clamp_(0, n_bins - 1).long()
+    index.masked_fill_(single[:, None], 0)
+    index += (torch.arange(values.shape[0], device=values.device) * n_bins)[:, None]  # row r's bins follow r - 1's
+    missing = torch.isnan(values)
+    flat = index[~missing] if bool(missing.any()) else index.reshape(-1)
     counts = torch.bincount(flat, minlength=values.shape[0] * n_bins).reshape(values.shape[0], n_bins)
     used = torch.where(single, 1, n_bins).long()
     lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))

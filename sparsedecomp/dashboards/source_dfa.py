@@ -16,17 +16,18 @@ of the pattern per example. Call it per batch of features (pages are written in 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
-from ..activations import ActivationStream, check_layer, check_tokens, hooked_transformer
+from ..activations import ActivationBatch, check_layer, check_tokens, hooked_transformer
 from ..errors import InputError, InputTypeError
 from ..evaluation.attribution import dfa_bias
 from ..evaluation.top_activations import DEFAULT_CHUNK_ELEMENTS
 from ..loading.sae import CONCATENATED, SAE
 from ..validation import check_positive_int
+from .replay import batches_over
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,10 +101,11 @@ def dfa_by_source(model: Any, sae: SAE, contexts: Tensor, positions: Tensor, fea
 
 
 def dfa_by_source_many(model: Any, tokens: Tensor, requests: list[DFARequest], *, layer: int,
-                       batch_size: int | None = None,
-                       chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> list[SourceDFA]:
+                       batch_size: int | None = None, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+                       kept: Sequence[ActivationBatch] | None = None) -> list[SourceDFA]:
     """:func:`dfa_by_source` of several SAEs' examples on shared token rows ``tokens`` ``(n_contexts, size)``, with
-    one forward pass over the contexts any request uses (a dashboard's concat and per-head SAEs share one)."""
+    one forward pass over the contexts any request uses (a dashboard's concat and per-head SAEs share one), or none
+    when ``kept`` holds every context's batches with ``v`` and the pattern (:mod:`.replay`)."""
     hooked = hooked_transformer(model)
     layer = check_layer(hooked, layer)
     n_heads, d_head = hooked.cfg.n_heads, hooked.cfg.d_head
@@ -115,11 +117,9 @@ def dfa_by_source_many(model: Any, tokens: Tensor, requests: list[DFARequest], *
     if not plans:
         return []
     used = torch.unique(torch.cat([plan["context"].cpu() for plan in plans]))
-    lookup = torch.full((n_contexts,), -1, dtype=torch.long)
-    lookup[used] = torch.arange(len(used))
-    stream = ActivationStream(hooked, tokens[used], layer=layer, include=("v", "pattern"), batch_size=batch_size,
-                              with_logits=False)
-    for batch in stream:
+    lookup, batches = batches_over(hooked, tokens, used, layer=layer, include=("v", "pattern"),
+                                   batch_size=batch_size, kept=kept)
+    for batch in batches:
         for plan in plans:
             which = lookup.to(plan["context"].device)[plan["context"]]
             in_batch = ((which >= batch.first_context) & (which < batch.first_context + batch.n_contexts)).nonzero()
@@ -146,7 +146,10 @@ def _fill_batch(plan: dict, batch: Any, row: Tensor, examples: Tensor) -> None:
     pattern_all = batch.pattern.to(device=sae.device, dtype=sae.dtype)[:, head_index]  # (c, heads, dest, src)
     sources = plan["sources"][examples]  # (e, W), clamped into the context
     heads = torch.arange(n_heads, device=sae.device)
-    pattern = pattern_all[row[:, None, None], heads, plan["position"][examples][:, None, None], sources[:, :, None]]
+    # (e, W, heads) read through one flat index (much faster than a four-tensor advanced index)
+    n_h, size = pattern_all.shape[1], pattern_all.shape[2]
+    flat = ((row[:, None, None] * n_h + heads) * size + plan["position"][examples][:, None, None]) * size
+    pattern = pattern_all.reshape(-1)[flat + sources[:, :, None]]
     v_dot_w = torch.empty_like(pattern)  # (e, W, heads)
     order = torch.argsort(row, stable=True)
     rows, counts = torch.unique_consecutive(row[order], return_counts=True)
@@ -157,7 +160,9 @@ def _fill_batch(plan: dict, batch: Any, row: Tensor, examples: Tensor) -> None:
             weights = sae.W_enc[:, plan["feature"][examples[group]]].view(n_heads, -1, len(group))
             span = torch.bmm(v_all[r, :, lo:hi], weights)  # (heads, span, group)
             local = torch.arange(len(group), device=sae.device)
-            v_dot_w[group] = span[heads, (sources[group] - lo)[:, :, None], local[:, None, None]]
+            # span[h, s - lo, g] at each example's window, through one flat index
+            at = (heads * (hi - lo) + (sources[group] - lo)[:, :, None]) * len(group) + local[:, None, None]
+            v_dot_w[group] = span.reshape(-1)[at]
             z_dest = z_all[r, plan["position"][examples[group]]]  # (group, heads, d)
             plan["head_totals"][examples[group]] = torch.einsum("ghd,hdg->gh", z_dest, weights)
     plan["values"][examples] = pattern * v_dot_w * plan["inside"][examples, :, None]
