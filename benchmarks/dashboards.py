@@ -76,6 +76,7 @@ class Stages:
 def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from sparsedecomp.activations import run_accumulators
     from sparsedecomp.dashboards.data import FeatureDataAccumulator
+    from sparsedecomp.dashboards.replay import DEFAULT_CACHE_BUDGET, KeepBatches, cache_bytes
     from sparsedecomp.dashboards.gather import (CONCAT_NAME, DashboardData, GatheredSAE, head_name,
                                                 shown_examples, source_dfa_windows, window_activations)
     from sparsedecomp.dashboards.site import write_site
@@ -117,8 +118,13 @@ def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, A
     stages.run("activation pass alone (model up to the hooked layer)",
                lambda: run_accumulators(model, tokens, {"pass": _PassOnly()}, layer=layer), scale="tokens")
     accs = accumulators()
+    # As gather_dashboard_data: the pass keeps its batches for the windows and DFA to replay when they fit.
+    if cache_bytes(model.cfg, *tokens.shape) <= DEFAULT_CACHE_BUDGET:
+        accs["kept"] = KeepBatches()
     results = stages.run("streamed pass: FeatureData x 9 SAEs + DFA", lambda: run_accumulators(
         model, tokens, accs, layer=layer), scale="tokens")
+    kept = results.pop("kept", None)
+    info.update(replayed=kept is not None)
     attribution = stages.run("head attribution", lambda: head_attribution(
         world.concat_sae, n_heads, dfa=results["dfa"], decompositions=decompositions), scale="features")
     quantiles = stages.run("quantile examples", lambda: {name: results[name].quantile_examples() for name in saes},
@@ -137,20 +143,21 @@ def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, A
         name: correlated_features(sae.W_dec.detach(), min(5, sae.d_sae - 1)) for name, (sae, _) in saes.items()},
         scale="features")
     acts = stages.run("window_activations", lambda: window_activations(
-        model, tokens, saes, shown, windows, layer=layer), scale="examples")
+        model, tokens, saes, shown, windows, layer=layer, kept=kept), scale="examples")
     dfas = stages.run("source_dfa_windows", lambda: source_dfa_windows(
-        model, tokens, saes, shown, windows, layer=layer), scale="examples")
+        model, tokens, saes, shown, windows, layer=layer, kept=kept), scale="examples")
 
     def assemble() -> DashboardData:
         gathered = {}
         for name, (sae, _) in saes.items():
             bias = dfa_bias(sae)
-            dfa, heads = dfas[name]
+            dfa, before_window, heads = dfas[name]
             gathered[name] = GatheredSAE(
                 name=name, sae=sae, data=results[name], quantiles=quantiles[name],
                 activation_histograms=results[name].activation_histograms(), logits=logits[name],
                 correlated=correlated[name], examples=shown[name], windows=windows[name],
-                window_acts=acts[name].cpu(), dfa=dfa.cpu(), dfa_heads=heads, dfa_bias_encoder=bias.encoder.cpu(),
+                window_acts=acts[name].cpu(), dfa=dfa.cpu(), dfa_before_window=before_window, dfa_heads=heads,
+                dfa_bias_encoder=bias.encoder.cpu(),
                 dfa_bias_decoder=bias.decoder.cpu())
         return DashboardData(saes=gathered, attribution=attribution, decompositions=decompositions, n_heads=n_heads,
                              layer=layer, n_contexts=tokens.shape[0], context_size=tokens.shape[1])
@@ -197,6 +204,9 @@ def header(args: argparse.Namespace, info: dict[str, Any], load: str) -> str:
         f"- shown-example slots filled: {info['filled']:,} of {info['slots']:,} ({info['filled'] / info['slots']:.1%}); "
         "'all 45 slots filled' = measured x slots / filled (the per-example work; the model pass over the contexts "
         "holding examples is included in the measurement and does not scale so)",
+        "- windows and DFA " + ("replay the streamed pass's kept batches (z, v, pattern fit the cache budget): no "
+                                "second forward pass" if info["replayed"] else "run the model again over the "
+                                "contexts holding examples (z, v, pattern exceed the cache budget)"),
         f"- device {args.device}; torch {torch.__version__}, {args.threads} threads; {os.cpu_count()} CPUs; "
         f"load average before/after {load} / {os.getloadavg()[0]:.2f}; {platform.platform()}; commit {commit}",
         f"- world resident before the stages: {info['world_rss_mib']:,.0f} MiB"

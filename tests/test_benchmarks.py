@@ -243,3 +243,17 @@ def test_pipeline_overhead_benchmark_runs_the_real_pipeline_at_tiny_size(tmp_pat
     assert row["pipeline_vs_bare_codes"]["max_abs_difference"] < 1e-4
     # The verdict follows the bar (timings at this size are noise; the logic is what is checked).
     assert row["check"] == ("PASS" if row["ratio_best"] <= 1.10 else "FAIL") and code == (row["check"] != "PASS")
+
+
+@pytest.mark.slow
+def test_dashboards_benchmark_runs_every_stage_on_the_demo_world():
+    import argparse
+
+    from benchmarks.dashboards import measure
+
+    args = argparse.Namespace(size="demo", contexts=2, threads=2, device="cpu", l0=16.0, seed=0)
+    rows, info = measure(args)
+    assert info["replayed"] is True and info["pages"] == info["n_features"] == 4096
+    stages = [row["name"] for row in rows]
+    assert stages[-1].startswith("write_site") and "source_dfa_windows" in stages
+    assert all(row["seconds"] >= 0 for row in rows)
