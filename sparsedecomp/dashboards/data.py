@@ -255,8 +255,8 @@ class FeatureDataAccumulator:
             self.top.update_entries(row, column, values, **where)
             priorities = uniform_priorities(self.seed, column + chunk.start, row + first_token, dtype=acts.dtype,
                                             keys=self._keys[chunk][column])
-            self.sample.update_entries(row, column, priorities, **where,
-                                       payload=lambda features, tokens: acts.gather(0, tokens.T).T[:, :, None])
+            self.sample.update_entries(row, column, priorities, **where, payload=lambda features, tokens: acts[
+                tokens, (features - chunk.start)[:, None]][:, :, None])
 
     def compute(self) -> FeatureData:
         top = self.top.compute()

@@ -187,13 +187,19 @@ class TopKTracker:
         if self._values is None:
             self._allocate(values.device, values.dtype)
         rows = slice(start, stop)
+        counts = torch.bincount(column, minlength=m)
         self._tokens_seen[rows] += n_tokens
-        self._n_firing[rows] += torch.bincount(column, minlength=m)
+        self._n_firing[rows] += counts
         self._sum[rows] += torch.zeros(m, dtype=torch.float64, device=values.device).index_add_(0, column,
                                                                                                values.double())
-        if n_tokens == 0:
+        if n_tokens == 0 or column.numel() == 0:
             return
-        j = min(self.k, n_tokens)
+        # Only the features with entries are merged, with as many candidate slots as the busiest one needs: a
+        # sparse batch touches a fraction of the features, a few times each.
+        j = min(self.k, n_tokens, int(counts.max()))
+        present = counts.nonzero().squeeze(1)
+        row_of = torch.full((m,), -1, dtype=torch.long, device=values.device)
+        row_of[present] = torch.arange(len(present), device=values.device)
         if token.numel() > 1 and not bool((token[1:] >= token[:-1]).all()):  # ties go to the earlier row
             by_row = torch.sort(token, stable=True).indices
             token, column, values = token[by_row], column[by_row], values[by_row]
@@ -206,28 +212,30 @@ class TopKTracker:
         sorted_column = column[order]
         rank = torch.arange(len(order), device=order.device) - torch.searchsorted(sorted_column, sorted_column)
         kept = order[rank < j]
-        slot = column[kept] * j + rank[rank < j]
-        top_token = torch.zeros(m * j, dtype=torch.long, device=values.device).index_copy_(0, slot, token[kept].long())
-        top_value = torch.full((m * j,), float("-inf"), dtype=values.dtype, device=values.device)
+        slot = row_of[column[kept]] * j + rank[rank < j]
+        n = len(present)
+        top_token = torch.zeros(n * j, dtype=torch.long, device=values.device).index_copy_(0, slot, token[kept].long())
+        top_value = torch.full((n * j,), float("-inf"), dtype=values.dtype, device=values.device)
         top_value.index_copy_(0, slot, values[kept])
-        self._merge_candidates(rows, top_token.view(m, j), top_value.view(m, j), first_context, context_size,
-                               payload)
+        self._merge_candidates(start + present, top_token.view(n, j), top_value.view(n, j), first_context,
+                               context_size, payload)
 
-    def _merge_candidates(self, rows: slice, token: Tensor, value: Tensor, first_context: int, context_size: int,
-                          payload: Payload | None) -> None:
+    def _merge_candidates(self, rows: slice | Tensor, token: Tensor, value: Tensor, first_context: int,
+                          context_size: int, payload: Payload | None) -> None:
         """Merge one batch's candidates, ``(m, j)`` rows into the batch and values (largest first, ``-inf`` in
-        empty slots), with their payload."""
+        empty slots), with their payload, into the features ``rows`` (a slice, or a tensor of feature indices)."""
         context = first_context + torch.div(token, context_size, rounding_mode="floor")
         position = token % context_size
         extra = None
         if payload is not None:
-            feature_index = torch.arange(rows.start, rows.stop, device=token.device)
+            feature_index = rows if isinstance(rows, Tensor) else torch.arange(rows.start, rows.stop,
+                                                                               device=token.device)
             extra = payload(feature_index, token)
             if extra.shape != (*token.shape, self.payload_dim):
                 raise InputError(f"payload returned shape {tuple(extra.shape)}, expected {(*token.shape, self.payload_dim)}")
         self._merge(rows, value, context, position, extra)
 
-    def _merge(self, rows: slice, value: Tensor, context: Tensor, position: Tensor, extra: Tensor | None) -> None:
+    def _merge(self, rows: slice | Tensor, value: Tensor, context: Tensor, position: Tensor, extra: Tensor | None) -> None:
         """Keep the ``k`` best of the kept entries followed by the new ones. Both lists are ordered by value
         (descending) then token, and every kept token precedes every new one, so a stable descending sort of the
         concatenation breaks ties towards the earlier token."""
