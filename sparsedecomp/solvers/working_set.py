@@ -373,7 +373,7 @@ def _solve_restricted(
         sizes = (size[None, :] > steps[:, None]).sum(dim=1).tolist()
         for _ in range(n_epochs):
             coordinate_descent_epoch(gram, q, cw, inv_diag, threshold, sizes, nonnegative=nonnegative)
-        cw, q = _newton_steps(gram, q, cw, alpha)
+        cw, q = _newton_steps(gram, q, cw, alpha, max_support=2 * A.shape[2])
         # Exact residual and correlations (no drift from the incremental updates of q).
         r = y - torch.bmm(cw[:, None, :], A).squeeze(1)
         q = torch.bmm(A, r[:, :, None]).squeeze(2)
@@ -402,20 +402,26 @@ def _solve_restricted(
     return flat_c.reshape(n_groups, t, k), epochs
 
 
-def _newton_steps(gram: Tensor, q: Tensor, c: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+def _newton_steps(gram: Tensor, q: Tensor, c: Tensor, alpha: Tensor, max_support: int) -> tuple[Tensor, Tensor]:
     """Up to :data:`NEWTON_STEPS` sign-pattern Newton steps per subproblem; after the first, only the rows whose
-    last step stopped at a sign change take another (a full step already reached its pattern's minimiser).
+    last step zeroed coordinates take another (a full step already reached its pattern's minimiser).
 
     Each step removes at least one coordinate from a blocked row's support, so a few steps turn what would be
-    many coordinate-descent epochs of a shrinking support into exact moves."""
-    c, q, blocked = newton_step(gram, q, c, alpha)
-    for _ in range(NEWTON_STEPS - 1):
-        rows = blocked.nonzero().squeeze(1)
+    many coordinate-descent epochs of a shrinking support into exact moves. Rows whose support has more than
+    ``max_support`` atoms (the atoms' dimension: ``G_SS`` is then singular and its ``O(s^3)`` factorisation only
+    gives a ridge step towards a dense code) are left to coordinate descent."""
+    rows = ((c != 0).sum(dim=1) <= max_support).nonzero().squeeze(1)
+    everyone = rows.numel() == c.shape[0]
+    for _ in range(NEWTON_STEPS):
         if rows.numel() == 0:
             break
-        c_rows, q_rows, again = newton_step(gram[rows], q[rows], c[rows], alpha[rows])
+        if everyone:  # the first step on every row: no copy of the Gram matrices
+            c, q, blocked = newton_step(gram, q, c, alpha)
+            rows, everyone = blocked.nonzero().squeeze(1), False
+            continue
+        c_rows, q_rows, blocked = newton_step(gram[rows], q[rows], c[rows], alpha[rows])
         c, q = c.index_copy(0, rows, c_rows), q.index_copy(0, rows, q_rows)
-        blocked = torch.zeros_like(blocked).index_copy_(0, rows, again)
+        rows = rows[blocked]
     return c, q
 
 
