@@ -38,7 +38,7 @@ from .working_set import GAP, KKT, solve_working_set
 
 # Coordinate-descent epochs between two exact checks of the inner problem, and the smallest number of atoms a
 # working set grows by per round; both only trade overhead against work, never the answer.
-CHECK_EVERY = 5
+CHECK_EVERY = 2
 MIN_GROWTH = 8
 
 

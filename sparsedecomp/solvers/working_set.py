@@ -18,12 +18,19 @@ Working set (as in celer / blitz): the optimal code is sparse, so most atoms nev
    (``|g_j| > alpha``, or ``g_j > alpha`` when non-negative), up to ``max(min_growth, support size)``, so its
    working set at most doubles per round while it is too small.
 3. *Inner solve* on the working set only: gather its ``k`` atoms, form the small ``k x k`` Gram matrix, and run
-   coordinate descent plus sign-pattern Newton steps (:mod:`.coordinate_descent`) until the restricted
-   certificate is below half the tolerance. Cost per epoch is ``O(k^2)`` per subproblem instead of ``O(m p)``.
+   coordinate descent plus up to ``NEWTON_STEPS`` sign-pattern Newton steps per check (:mod:`.coordinate_descent`)
+   until the restricted certificate is below ``max(tol, cert) / 2``, ``cert`` the target's global certificate at
+   the start of the round (celer's relative inner tolerance). Cost per epoch is ``O(k^2)`` per subproblem instead
+   of ``O(m p)``; a Newton step costs ``O(s^3)`` for a support of ``s`` atoms.
+
+Tol monotonicity (exact arithmetic; float64 in practice): while a target's certificate is above both of two tols,
+its inner tolerances under either are the same ``cert / 2``, so the run with the tighter tol repeats the looser run
+step for step until the looser one stops, and from there every step can only lower the objective (coordinate
+descent, accepted Newton steps and the carried-over support are all monotone). Within the same ``max_iter`` a
+tighter tol therefore never ends with a higher objective.
 
 If the inner solve met its tolerance but the global certificate still fails with no violating atom left (rounding),
-that target's inner tolerance is tightened tenfold;
-after ``MAX_STALLS`` such rounds in a row the target is given up (its certificate is at the dtype's rounding floor). ``iterations`` counts coordinate-descent epochs over the working
+that target's inner tolerance is tightened tenfold; after ``MAX_STALLS`` such rounds in a row the target is given up (its certificate is at the dtype's rounding floor). ``iterations`` counts coordinate-descent epochs over the working
 set; a target stops with ``converged = False`` once it has used ``max_iter`` of them.
 
 Half-precision inputs are solved in float32; float32 and float64 are kept as they are. Below float64 a target
@@ -49,6 +56,11 @@ KKT = "kkt"
 # Rounds in a row without a violating atom after which an uncertified target is given up: its certificate is then
 # stuck at the rounding floor of the working dtype (e.g. tol far below float32 precision).
 MAX_STALLS = 3
+# Sign-pattern Newton steps per check of the inner solve (:func:`_newton_steps`).
+NEWTON_STEPS = 8
+# A round's inner solve stops once its restricted certificate is below this fraction of the target's global
+# certificate at the start of the round (or below tol / 2). Must be >= 1/2 for the tol monotonicity (module doc).
+INNER_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -110,7 +122,7 @@ def solve_working_set(
     active = (alpha_top > alpha).nonzero().squeeze(1)
     W = torch.zeros(n_groups, active.numel(), 0, dtype=torch.long, device=device)
     c = Y.new_zeros(n_groups, active.numel(), 0)
-    inner_tol = Y.new_full((active.numel(),), 0.5 * tol)
+    tighten = Y.new_ones(active.numel())  # 0.1 per stall: the factor on each target's inner tolerance
     stalls = torch.zeros(active.numel(), dtype=torch.long, device=device)
 
     while active.numel() > 0:
@@ -132,7 +144,7 @@ def solve_working_set(
             pieces.append(_finished_codes(rows, global_index, W[:, done], c[:, done]))
             keep = ~done
             active, W, c, corr, a = active[keep], W[:, keep], c[:, keep], corr[:, keep], a[keep]
-            inner_tol, stalls = inner_tol[keep], stalls[keep]
+            tighten, stalls, cert = tighten[keep], stalls[keep], cert[keep]
             dense = None if dense is None else dense[:, keep]
         if active.numel() == 0:
             break
@@ -150,7 +162,11 @@ def solve_working_set(
         violating = (values > a[None, :, None]) & (rank < growth[:, :, None])
         # No violator left but not certified: the inner solve was not accurate enough for this target.
         stalled = ~violating.any(dim=2).any(dim=0)
-        inner_tol = torch.where(stalled, 0.1 * inner_tol, inner_tol)
+        tighten = torch.where(stalled, 0.1 * tighten, tighten)
+        # Relative inner tolerance (as celer's): a round only needs to halve the certificate while it is far
+        # above tol, so early rounds on small working sets are cheap; and a tighter tol follows the looser run
+        # until that one stops, so it never ends higher within the same budget (module doc).
+        inner_tol = tighten * torch.clamp(INNER_FRACTION * cert, min=0.5 * tol)
         stalls = torch.where(stalled, stalls + 1, torch.zeros_like(stalls))
         W, c, valid = _compact(torch.cat([W, index], dim=2), torch.cat([c, torch.zeros_like(values)], dim=2),
                                torch.cat([support, violating], dim=2))
@@ -357,7 +373,7 @@ def _solve_restricted(
         sizes = (size[None, :] > steps[:, None]).sum(dim=1).tolist()
         for _ in range(n_epochs):
             coordinate_descent_epoch(gram, q, cw, inv_diag, threshold, sizes, nonnegative=nonnegative)
-        cw = newton_step(gram, q, cw, alpha)
+        cw, q = _newton_steps(gram, q, cw, alpha, max_support=2 * A.shape[2])
         # Exact residual and correlations (no drift from the incremental updates of q).
         r = y - torch.bmm(cw[:, None, :], A).squeeze(1)
         q = torch.bmm(A, r[:, :, None]).squeeze(2)
@@ -384,6 +400,29 @@ def _solve_restricted(
             where, gram, b, A, y, alpha, owner = where[keep], gram[keep], b[keep], A[keep], y[keep], alpha[keep], owner[keep]
             cw, q, inv_diag, threshold, size = cw[keep], q[keep], inv_diag[keep], threshold[keep], size[keep]
     return flat_c.reshape(n_groups, t, k), epochs
+
+
+def _newton_steps(gram: Tensor, q: Tensor, c: Tensor, alpha: Tensor, max_support: int) -> tuple[Tensor, Tensor]:
+    """Up to :data:`NEWTON_STEPS` sign-pattern Newton steps per subproblem; after the first, only the rows whose
+    last step zeroed coordinates take another (a full step already reached its pattern's minimiser).
+
+    Each step removes at least one coordinate from a blocked row's support, so a few steps turn what would be
+    many coordinate-descent epochs of a shrinking support into exact moves. Rows whose support has more than
+    ``max_support`` atoms (the atoms' dimension: ``G_SS`` is then singular and its ``O(s^3)`` factorisation only
+    gives a ridge step towards a dense code) are left to coordinate descent."""
+    rows = ((c != 0).sum(dim=1) <= max_support).nonzero().squeeze(1)
+    everyone = rows.numel() == c.shape[0]
+    for _ in range(NEWTON_STEPS):
+        if rows.numel() == 0:
+            break
+        if everyone:  # the first step on every row: no copy of the Gram matrices
+            c, q, blocked = newton_step(gram, q, c, alpha)
+            rows, everyone = blocked.nonzero().squeeze(1), False
+            continue
+        c_rows, q_rows, blocked = newton_step(gram[rows], q[rows], c[rows], alpha[rows])
+        c, q = c.index_copy(0, rows, c_rows), q.index_copy(0, rows, q_rows)
+        rows = rows[blocked]
+    return c, q
 
 
 def _restricted_gap(r, q, c, alpha, owner, t, y2, nonnegative):
