@@ -140,16 +140,18 @@ def _fill_batch(plan: dict, batch: Any, row: Tensor, examples: Tensor) -> None:
     span and the features of its examples, ``(heads, span, d_head) @ (heads, d_head, examples)``, then read at each
     example's window: no ``(examples, W, heads, d_head)`` gather of ``v`` (a copy of ``W`` rows per example, which
     made this memory-bound). The pattern is read at ``(destination, window)`` directly."""
-    sae, head_index, n_heads = plan["sae"], plan["head_index"], len(plan["heads"])
-    v_all = batch.v.to(device=sae.device, dtype=sae.dtype)[:, :, head_index].permute(0, 2, 1, 3)  # (c, heads, src, d)
-    z_all = batch.z.to(device=sae.device, dtype=sae.dtype)[:, :, head_index]  # (c, dest, heads, d)
-    pattern_all = batch.pattern.to(device=sae.device, dtype=sae.dtype)[:, head_index]  # (c, heads, dest, src)
+    sae, n_heads = plan["sae"], len(plan["heads"])
+    # The SAE's heads are all of them or one: a slice, a view rather than a copy of the pattern
+    head_slice = slice(plan["heads"][0], plan["heads"][-1] + 1)
+    v_all = batch.v.to(device=sae.device, dtype=sae.dtype)[:, :, head_slice].permute(0, 2, 1, 3)  # (c, heads, src, d)
+    z_all = batch.z.to(device=sae.device, dtype=sae.dtype)[:, :, head_slice]  # (c, dest, heads, d)
+    pattern_all = batch.pattern.to(device=sae.device, dtype=sae.dtype)[:, head_slice]  # (c, heads, dest, src)
     sources = plan["sources"][examples]  # (e, W), clamped into the context
     heads = torch.arange(n_heads, device=sae.device)
     # (e, W, heads) read through one flat index (much faster than a four-tensor advanced index)
     n_h, size = pattern_all.shape[1], pattern_all.shape[2]
     flat = ((row[:, None, None] * n_h + heads) * size + plan["position"][examples][:, None, None]) * size
-    pattern = pattern_all.reshape(-1)[flat + sources[:, :, None]]
+    pattern = pattern_all.reshape(-1)[flat + sources[:, :, None]]  # (a copy first only for a one-head slice)
     v_dot_w = torch.empty_like(pattern)  # (e, W, heads)
     order = torch.argsort(row, stable=True)
     rows, counts = torch.unique_consecutive(row[order], return_counts=True)
@@ -157,14 +159,15 @@ def _fill_batch(plan: dict, batch: Any, row: Tensor, examples: Tensor) -> None:
         lo, hi = int(sources[in_context].min()), int(sources[in_context].max()) + 1
         # bounded output: heads x span x examples at most chunk_elements
         for group in in_context.split(max(1, plan["chunk_elements"] // (n_heads * (hi - lo)))):
-            weights = sae.W_enc[:, plan["feature"][examples[group]]].view(n_heads, -1, len(group))
+            rows_g = plan["W_enc_rows"][plan["feature"][examples[group]]].view(len(group), n_heads, -1)  # (g, h, d)
+            weights = rows_g.permute(1, 2, 0)  # (heads, d_head, group)
             span = torch.bmm(v_all[r, :, lo:hi], weights)  # (heads, span, group)
             local = torch.arange(len(group), device=sae.device)
             # span[h, s - lo, g] at each example's window, through one flat index
             at = (heads * (hi - lo) + (sources[group] - lo)[:, :, None]) * len(group) + local[:, None, None]
             v_dot_w[group] = span.reshape(-1)[at]
             z_dest = z_all[r, plan["position"][examples[group]]]  # (group, heads, d)
-            plan["head_totals"][examples[group]] = torch.einsum("ghd,hdg->gh", z_dest, weights)
+            plan["head_totals"][examples[group]] = (z_dest * rows_g).sum(dim=2)
     plan["values"][examples] = pattern * v_dot_w * plan["inside"][examples, :, None]
 
 
@@ -187,7 +190,8 @@ def _plan(request: DFARequest, n_heads: int, d_head: int, n_contexts: int, size:
                          f"{getattr(sources, 'shape', type(sources).__name__)}")
     sources = sources.to(device=device, dtype=torch.long)
     inside = (sources >= 0) & (sources < size)
-    return {"sae": sae, "heads": heads, "head_index": torch.tensor(heads, device=device), "context": context,
+    # W_enc's columns as contiguous rows: each context gathers its examples' features' rows
+    return {"sae": sae, "heads": heads, "W_enc_rows": sae.W_enc.T.contiguous(), "context": context,
             "position": position, "feature": feature, "sources": sources.clamp(0, size - 1), "inside": inside,
             "values": torch.zeros(n_examples, sources.shape[1], len(heads), dtype=sae.dtype, device=device),
             "head_totals": torch.zeros(n_examples, len(heads), dtype=sae.dtype, device=device)}
