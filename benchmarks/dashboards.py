@@ -34,14 +34,13 @@ import os
 import platform
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from benchmarks.evaluation import (_proc_status_kib, _reset_peak_rss, _sync, demo_world, gelu_2l_world,
-                                   resolve_device, write_result)
+from benchmarks.evaluation import (_proc_status_kib, demo_world, gelu_2l_world, measure_call, resolve_device,
+                                   write_result)
 from benchmarks.quality_speed import _PassOnly
 
 TOP_K, GROUPS, PER_GROUP = 20, 5, 5
@@ -56,21 +55,14 @@ class Stages:
         self.rows: list[dict[str, Any]] = []
 
     def run(self, name: str, work: Callable[[], Any], **extra: Any) -> Any:
-        rss = _proc_status_kib("VmRSS")
-        _reset_peak_rss()
-        if self.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        _sync(self.device)
-        start = time.perf_counter()
-        result = work()
-        _sync(self.device)
-        seconds = time.perf_counter() - start
-        row = dict(name=name, seconds=seconds, rss_mib=rss / 1024, peak_mib=_proc_status_kib("VmHWM") / 1024, **extra)
-        if self.device == "cuda":
-            row["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        m = measure_call(work, self.device)
+        row = dict(name=name, seconds=m.seconds, rss_mib=m.rss_before_kib / 1024, peak_mib=m.peak_rss_kib / 1024,
+                   **extra)
+        if m.cuda_peak_bytes is not None:
+            row["cuda_peak_mib"] = m.cuda_peak_bytes / 2**20
         self.rows.append(row)
-        print(f"  {name}: {seconds:.2f} s, peak RSS {row['peak_mib']:,.0f} MiB", flush=True)
-        return result
+        print(f"  {name}: {m.seconds:.2f} s, peak RSS {row['peak_mib']:,.0f} MiB", flush=True)
+        return m.result
 
 
 def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:

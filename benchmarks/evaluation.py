@@ -180,6 +180,33 @@ def _reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
+@dataclass(frozen=True)
+class Measured:
+    """One measured call: its result, wall seconds (synchronised on CUDA), RSS before, peak RSS during it (both KiB,
+    from ``/proc/self/status``) and the CUDA peak (bytes; ``None`` off CUDA)."""
+
+    result: Any
+    seconds: float
+    rss_before_kib: int
+    peak_rss_kib: int
+    cuda_peak_bytes: int | None
+
+
+def measure_call(work: Callable[[], Any], device: str) -> Measured:
+    """Run ``work()`` once with the RSS high-water mark and the CUDA peak reset first (:class:`Measured`)."""
+    rss = _proc_status_kib("VmRSS")
+    _reset_peak_rss()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    _sync(device)
+    start = time.perf_counter()
+    result = work()
+    _sync(device)
+    seconds = time.perf_counter() - start
+    return Measured(result=result, seconds=seconds, rss_before_kib=rss, peak_rss_kib=_proc_status_kib("VmHWM"),
+                    cuda_peak_bytes=torch.cuda.max_memory_allocated() if device == "cuda" else None)
+
+
 def timed_splice_accumulator(model: Any, variants: Any, device: str) -> Any:
     """A :class:`~sparsedecomp.evaluation.splice.SpliceAccumulator` that adds up, per variant, the seconds of its
     reruns (``_logits``: the forward from the hooked layer with the replacement hooked in)."""
@@ -270,19 +297,11 @@ def child(args: argparse.Namespace) -> dict:
         # One context first, untimed: the first call of each kernel (allocator, thread pool, lazy inits) is slower.
         run_stage(args.child, world, world.tokens[:1], dec, args)[0]()
     work, splice = run_stage(args.child, world, world.tokens, dec, args)
-    world_rss = _proc_status_kib("VmRSS")
-    _reset_peak_rss()
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    _sync(args.device)
-    start = time.perf_counter()
-    result = work()
-    _sync(args.device)
-    seconds = time.perf_counter() - start
-    out = {"stage": args.child, "seconds": seconds, "n_tokens": world.tokens.numel(),
-           "n_contexts": int(world.tokens.shape[0]), "world_rss_kib": world_rss,
-           "peak_rss_kib": _proc_status_kib("VmHWM"),
-           "cuda_peak_bytes": torch.cuda.max_memory_allocated() if args.device == "cuda" else None}
+    measured = measure_call(work, args.device)
+    result = measured.result
+    out = {"stage": args.child, "seconds": measured.seconds, "n_tokens": world.tokens.numel(),
+           "n_contexts": int(world.tokens.shape[0]), "world_rss_kib": measured.rss_before_kib,
+           "peak_rss_kib": measured.peak_rss_kib, "cuda_peak_bytes": measured.cuda_peak_bytes}
     if splice is not None:
         out["rerun_s"] = dict(splice.rerun_s)
         out["n_variants"] = len(splice.variants)
