@@ -35,8 +35,13 @@ test-browser: setup
 test-all: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The solver benchmarks: the acceptance sizes, then issue 10's regime table (demo world, z and mixed space,
+# alpha 1-20 % of alpha_max, NNLS) against scikit-learn, celer and skglm (the bench extra) and scipy, in one process.
 bench: setup
+	$(PY) -m pip install -q -e ".[test,bench]"
 	$(PY) -m benchmarks.solvers
+	$(PY) -m benchmarks.solver_regimes --n-targets 128 --n-ref 16 --methods lasso nn_lasso
+	$(PY) -m benchmarks.solver_regimes --n-targets 16 --n-ref 16 --methods nnls
 
 clean:
 	rm -rf $(VENV) demo-out benchmarks/results
