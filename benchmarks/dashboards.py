@@ -39,8 +39,8 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.evaluation import (_proc_status_kib, demo_world, gelu_2l_world, measure_call, resolve_device,
-                                   write_result)
+from benchmarks.evaluation import (_proc_status_kib, add_world_arguments, demo_world, gelu_2l_world, measure_call,
+                                   resolve_device, write_result)
 from benchmarks.quality_speed import _PassOnly
 
 TOP_K, GROUPS, PER_GROUP = 20, 5, 5
@@ -210,13 +210,7 @@ def header(args: argparse.Namespace, info: dict[str, Any], load: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", choices=("gelu-2l", "demo"), default="gelu-2l")
-    parser.add_argument("--contexts", type=int, default=None,
-                        help="measured contexts (default: 4 of 1,024 tokens at gelu-2l, 256 of 128 on the demo)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
-    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
-    parser.add_argument("--l0", type=float, default=16.0, help="target L0 of the random gelu-2l SAEs")
-    parser.add_argument("--seed", type=int, default=0)
+    add_world_arguments(parser)
     args = parser.parse_args(argv)
     args.device = resolve_device(args.device)
     if args.contexts is None:

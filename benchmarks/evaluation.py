@@ -403,16 +403,21 @@ def header(args: argparse.Namespace, results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_world_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a benchmark world (:func:`gelu_2l_world` or :func:`demo_world`) and where it runs."""
     parser.add_argument("--size", choices=("gelu-2l", "demo"), default="gelu-2l")
     parser.add_argument("--contexts", type=int, default=None,
                         help="measured contexts (default: 4 of 1,024 tokens at gelu-2l, 256 of 128 on the demo)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
-    parser.add_argument("--codes", choices=("solve", "random"), default="solve")
     parser.add_argument("--l0", type=float, default=16.0, help="target L0 of the random gelu-2l SAEs")
     parser.add_argument("--seed", type=int, default=0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_world_arguments(parser)
+    parser.add_argument("--codes", choices=("solve", "random"), default="solve")
     parser.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.device = resolve_device(args.device)
