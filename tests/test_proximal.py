@@ -388,13 +388,13 @@ def test_lasso_converges_within_the_default_budget_on_a_near_full_support():
 @pytest.mark.parametrize("max_iter", [20, 50])
 def test_a_tighter_tol_never_gives_a_worse_objective_in_the_same_budget(method, max_iter):
     # Before, the tighter tol spent the budget on early inner solves and ended up to 3.6e-2 ||y||^2 / 2 higher
-    # (nnls, here). With inner tolerances relative to the certificate, the tighter run follows the looser one until
-    # that one stops, then only descends.
+    # (nnls, here). The inner solve does not depend on tol, so the tighter run follows the looser one until that
+    # one stops, then only descends.
     dictionary, y = coherent_near_full_support_problem()
     params = {} if method == "nnls" else {"alpha": 0.01, "alpha_is_fraction_of_max": True}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        loose = decompose(y, dictionary, method=method, tol=1e-3, max_iter=max_iter, **params)
+        loose = decompose(y, dictionary, method=method, tol=1e-1, max_iter=max_iter, **params)
         tight = decompose(y, dictionary, method=method, tol=1e-9, max_iter=max_iter, **params)
     worse = (tight.objective - loose.objective) / (0.5 * y.pow(2).sum(dim=1))
     assert float(worse.max()) <= 1e-12
