@@ -36,6 +36,8 @@ from torch import Tensor
 
 # Ridge added to G_SS in the Newton step, in units of machine epsilon times the largest diagonal entry.
 RIDGE = 100.0
+# Breakpoints of the projected path (sign changes) at which a Newton step evaluates f, besides its end.
+BREAKPOINTS = 8
 
 
 def entering_signs(q: Tensor, c: Tensor, usable: Tensor, alpha: Tensor, n_enter: Tensor, margin: Tensor,
@@ -91,44 +93,33 @@ def newton_step(gram: Tensor, rows: Tensor, q: Tensor, c: Tensor, sign: Tensor, 
     rhs = (q - alpha[:, None] * sign).gather(1, order) * on
     factor, info = torch.linalg.cholesky_ex(system)
     solved = torch.cholesky_solve(rhs[:, :, None], factor).squeeze(2) * on
-    direction = torch.zeros_like(c).scatter_(1, order, solved)
-    solution = c + direction
-
-    # Largest step t in [0, 1] before a non-zero coordinate changes sign. Entering coordinates (zero now) that
-    # would move against their sign are held at zero instead (one entering coordinate never does; see module doc).
-    nonzero = c != 0
-    crossing = nonzero & (solution * sign <= 0)
-    step_to_zero = torch.where(crossing, c / (-direction).where(crossing, torch.ones_like(c)),
-                               torch.full_like(c, float("inf")))
-    t = step_to_zero.min(dim=1).values.clamp(max=1.0)
-    new = c + t[:, None] * direction
-    # The coordinate that reaches zero first is set to exactly zero (rounding must not leave a tiny wrong sign).
-    new = torch.where((crossing & (step_to_zero <= t[:, None])) | (new * sign < 0), torch.zeros_like(new), new)
-    # The projected full step: the pattern's minimiser with the coordinates whose sign it flips set to zero. It
-    # can drop many coordinates at once where the step to the first crossing drops one; it is not always a
-    # descent step, so each row takes whichever of the two candidates lowers f more.
-    projected = torch.where(solution * sign > 0, solution, torch.zeros_like(solution))
-    change = _change(sub, order, q, c, new, sign, alpha)
-    change_p = _change(sub, order, q, c, projected, sign, alpha)
-    take_p = torch.isfinite(projected).all(dim=1) & (change_p < change)
-    new = torch.where(take_p[:, None], projected, new)
-    change = torch.where(take_p, change_p, change)
-    moved = (info == 0) & torch.isfinite(new).all(dim=1) & (change < 0)
+    # The projected path x(t) = P(c + t d), d the Newton direction and P the projection onto the orthant of
+    # ``sign`` (coordinates that would change sign are held at zero). Up to t_1, its first breakpoint (the first
+    # sign change), f is the pattern's convex quadratic, so x(t_1) lowers f (dropping one coordinate); x(1) is the
+    # pattern's minimiser with its sign-flipped coordinates zeroed, which can drop many at once but is not always a
+    # descent step. f is evaluated at the first BREAKPOINTS breakpoints and at t = 1, and each row takes the best.
+    c_s, sign_s = c.gather(1, order), sign.gather(1, order)
+    end = c_s + solved
+    crossing = (c_s != 0) & (end * sign_s <= 0)
+    t_cross = torch.where(crossing, c_s / (-solved).where(crossing, torch.ones_like(c_s)), torch.full_like(c_s, 2.0))
+    n_break = min(BREAKPOINTS, width)
+    t = torch.cat([(-(-t_cross).topk(n_break, dim=1).values).clamp(max=1.0), torch.ones_like(c_s[:, :1])], dim=1)
+    path = c_s[:, None, :] + t[:, :, None] * solved[:, None, :]  # (R, B, s)
+    # A coordinate whose crossing is at or before t is exactly zero (rounding must not leave a tiny wrong sign).
+    zero = (path * sign_s[:, None, :] <= 0) | (t_cross[:, None, :] <= t[:, :, None])
+    path = torch.where(zero, torch.zeros_like(path), path) * on[:, None, :]
+    steps = path - c_s[:, None, :]
+    # f(x) - f(c) = -s . (q - alpha theta) + 0.5 s_S G_SS s_S inside the closed orthant (||x||_1 - ||c||_1 = theta.s);
+    # in this form the small gains of the last steps are resolved without cancellation.
+    gradient = (q - alpha[:, None] * sign).gather(1, order)
+    change = -(steps * gradient[:, None, :]).sum(dim=2) + 0.5 * (torch.bmm(steps, sub) * steps).sum(dim=2)
+    change = torch.where(torch.isfinite(change), change, torch.full_like(change, float("inf")))
+    best_change, best = change.min(dim=1)
+    chosen = path.gather(1, best[:, None, None].expand(n_rows, 1, width)).squeeze(1)
+    moved = (info == 0) & (best_change < 0)
+    new = torch.where(moved[:, None], c.scatter(1, order, chosen), c)
     # A step that left an active coordinate at zero is on a smaller support, whose own Newton step comes next; a
     # full step with no sign change reached the minimiser of its pattern.
     blocked = moved & ((new == 0) & active).any(dim=1)
-    return torch.where(moved[:, None], new, c), moved, blocked
+    return new, moved, blocked
 
-
-def _change(sub: Tensor, order: Tensor, q: Tensor, c: Tensor, new: Tensor, sign: Tensor, alpha: Tensor) -> Tensor:
-    """``f(new) - f(c)`` for the step ``s = new - c``, zero outside the active set ``order``.
-
-    Both codes lie in the closed orthant of ``sign`` (each coordinate has the sign ``theta`` or is zero), where
-    ``||new||_1 - ||c||_1 = theta . s``; so ``f(new) - f(c) = -s . (q - alpha theta) + 0.5 s_S G_SS s_S``. In this
-    form the change is computed without cancellation: at a pattern's minimiser ``q - alpha theta`` vanishes on the
-    active set, and the gains of the last steps (of order ``eps * f`` in float32) are still resolved.
-    """
-    step = new - c
-    step_s = step.gather(1, order)
-    quadratic = torch.bmm(torch.bmm(step_s[:, None, :], sub), step_s[:, :, None]).reshape(-1)
-    return -(step * (q - alpha[:, None] * sign)).sum(dim=1) + 0.5 * quadratic
