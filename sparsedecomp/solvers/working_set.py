@@ -64,7 +64,7 @@ MAX_STALLS = 1
 FIRST_ENTER = 4
 # Newton steps on an unchanged active set after the last atom entered or left (see :func:`_solve_restricted`).
 REFINE = 1
-# An atom enters only if its violation exceeds this many times eps * sqrt(max_j G_jj) * ||y|| (q's rounding level).
+# An atom enters only if its violation exceeds this many times q's rounding level (see :func:`_solve_restricted`).
 MARGIN = 1.0
 # The inner solver's per-subproblem arrays are compacted once fewer than this fraction of them are open.
 COMPACT = 0.75
@@ -381,8 +381,8 @@ def _solve_restricted(
         "alpha": P.alpha,
         "owner": P.owner, "c": flat_c[live], "usable": valid.reshape(-1, k)[live] & (diag > 0),
         "ridge": RIDGE * eps * diag.amax(dim=1),
-        # q's rounding level: an atom whose violation is below it never enters (it would only add noise).
-        "margin": MARGIN * eps * diag.amax(dim=1).sqrt() * P.targets.norm(dim=1),
+        "atom_norm": diag.amax(dim=1).sqrt(),
+        "y_norm": P.targets.norm(dim=1),
         "n_enter": torch.full_like(P.owner, FIRST_ENTER),
         "blocked": torch.zeros(live.numel(), dtype=torch.bool, device=c.device),
         # Consecutive Newton steps on an unchanged active set (iterative refinement: in float32 one solve of an
@@ -409,7 +409,11 @@ def _solve_restricted(
         n_steps += 1
         c_r, owner, blocked = s["c"][rows], s["owner"][rows], s["blocked"][rows]
         enter = torch.where(blocked, torch.zeros_like(owner), s["n_enter"][rows])
-        sign = entering_signs(q, c_r, s["usable"][rows], s["alpha"][rows], enter, s["margin"][rows],
+        # q's rounding level, eps (|a| ||y|| + |a|^2 ||c||_1) (|a| the largest atom norm; the second term bounds the
+        # error of the products with c): an atom whose violation is below it never enters (it would add noise).
+        norm = s["atom_norm"][rows]
+        margin = MARGIN * eps * norm * (s["y_norm"][rows] + norm * c_r.abs().sum(dim=1))
+        sign = entering_signs(q, c_r, s["usable"][rows], s["alpha"][rows], enter, margin,
                               nonnegative=nonnegative)
         entering = (sign != c_r.sign()).any(dim=1)
         # Rows not blocked, adding nothing and refined are at their pattern's minimiser with nothing to add: their
