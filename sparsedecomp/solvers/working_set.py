@@ -69,6 +69,10 @@ MARGIN = 1.0
 # The inner solver's per-subproblem arrays are compacted once fewer than this fraction of them are open.
 COMPACT = 0.75
 EXACT_EVERY = 8
+# Floats of Gram matrices and atoms per chunk of the inner solve: 16 MiB in float32 on a CPU (about its L2/L3
+# share: every inner step passes over them); 1 GiB on a GPU, where one large batch keeps the kernels busy.
+INNER_FLOATS = 2**22
+INNER_FLOATS_GPU = 2**28
 
 
 @dataclass(frozen=True)
@@ -171,8 +175,16 @@ def solve_working_set(
                                torch.cat([support, violating], dim=2))
 
         # 3. Inner solve on the working sets.
-        problem = _gather(atoms, Y[:, active], W, valid, a)
-        c, steps = _solve_restricted(problem, c, valid, max_iter - iterations[active], nonnegative=nonnegative)
+        # In chunks of subproblems whose Gram matrices and atoms fit INNER_FLOATS: every inner step passes over
+        # them, and on a CPU a batch far larger than the cache makes each step memory-bound.
+        live = valid.reshape(-1, valid.shape[2]).any(dim=1).nonzero().squeeze(1)
+        budget = INNER_FLOATS_GPU if device.type == "cuda" else INNER_FLOATS
+        per_chunk = max(1, budget // max(1, W.shape[2] * (W.shape[2] + atoms.shape[2])))
+        steps = torch.zeros_like(active)
+        for chunk in live.split(per_chunk):
+            c, chunk_steps = _solve_restricted(_gather(atoms, Y[:, active], W, valid, a, chunk), c, valid,
+                                               max_iter - iterations[active], nonnegative=nonnegative)
+            steps = torch.maximum(steps, chunk_steps)
         # A target always pays at least one step per round, so max_iter bounds the number of rounds too.
         iterations[active] += steps.clamp_min(1)
         # Not certified, yet no step was possible (no atom violates beyond rounding, the pattern is solved): the
@@ -342,11 +354,11 @@ def _compact(W: Tensor, c: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor
     return W, c, valid
 
 
-def _gather(atoms: Tensor, Y: Tensor, W: Tensor, valid: Tensor, alpha: Tensor) -> tuple[_Restricted, Tensor]:
-    """The restricted problems of the live (non-empty) subproblems, and their flat indices into ``(G * t)``."""
+def _gather(atoms: Tensor, Y: Tensor, W: Tensor, valid: Tensor, alpha: Tensor, live: Tensor
+            ) -> tuple[_Restricted, Tensor]:
+    """The restricted problems of the subproblems ``live`` (flat indices into ``(G * t)``), and ``live``."""
     n_groups, t, k = W.shape
     flat_valid = valid.reshape(-1, k)
-    live = flat_valid.any(dim=1).nonzero().squeeze(1)
     group = live // t
     owner = live % t
     A = atoms[group[:, None], W.reshape(-1, k)[live]] * flat_valid[live, :, None]
