@@ -30,11 +30,14 @@ tighter tol repeats the looser run step for step until the looser one stops, and
 lower the objective (accepted steps and the carried-over support are monotone). Within the same ``max_iter`` a
 tighter tol therefore never ends with a higher objective.
 
-If a round takes no step (no atom violates beyond rounding and the pattern is solved) but the global certificate
-still fails, the target is at the working dtype's rounding floor: below float64 it is finished by a float64 solve
-(its code is then rounded back and certified as such), in float64 it is given up. ``iterations`` counts inner
-active-set steps (at least one per round); a target stops with ``converged = False`` once it has used ``max_iter``
-of them.
+If no step of a round lowers a target's objective (no atom violates beyond rounding and the pattern is solved, or
+every step failed) but its global certificate still fails, the next round refines its pattern (a Newton step on it
+whatever violates); if it is still not certified after that, the target is at the working dtype's rounding floor.
+Below float64 it is then finished by a float64 solve, warm-started from its code with the budget it has left; the
+finished code comes back rounded to the working dtype and is certified as such (in float64), and is kept only if it
+is certified or lowers the objective. In float64 the target is given up (``MAX_ITER`` with fewer than ``max_iter``
+steps). ``iterations`` counts inner active-set steps (at least one per round); a target stops with
+``converged = False`` once it has used ``max_iter`` of them.
 
 Half-precision inputs are solved in float32; float32 and float64 are kept as they are. Below float64 a target
 is ``CONVERGED`` only if its certificate recomputed in float64 (:class:`_Float64Check`) is at most ``tol``.
@@ -56,9 +59,10 @@ from .active_set import RIDGE, entering_signs, newton_step
 
 GAP = "gap"
 KKT = "kkt"
-# Rounds in a row without an inner step after which an uncertified target is at the rounding floor of the working
-# dtype (e.g. tol far below float32 precision): one, as the next round would repeat it exactly.
-MAX_STALLS = 1
+# Rounds in a row in which no inner step lowered the objective after which an uncertified target is at the rounding
+# floor of the working dtype (e.g. tol far below float32 precision). After the first, the next round refines the
+# target's pattern (a Newton step on it even when no atom violates); after the second, nothing is left to try.
+MAX_STALLS = 2
 # Atoms a subproblem adds to its active set in its first inner step of a round (the batch doubles after each full
 # step and falls back to one after a failed one; see :func:`_solve_restricted`).
 FIRST_ENTER = 4
@@ -68,6 +72,7 @@ REFINE = 1
 MARGIN = 1.0
 # The inner solver's per-subproblem arrays are compacted once fewer than this fraction of them are open.
 COMPACT = 0.75
+# Inner steps between two exact recomputations of q = A (y - c A); in between, q follows c through the Gram matrix.
 EXACT_EVERY = 8
 # Floats of Gram matrices and atoms per chunk of the inner solve: 16 MiB in float32 on a CPU (about its L2/L3
 # share: every inner step passes over them); 1 GiB on a GPU, where one large batch keeps the kernels busy.
@@ -98,10 +103,13 @@ def solve_working_set(
     max_iter: int,
     alpha_is_fraction_of_max: bool = False,
     min_growth: int = 8,
+    start: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> ChunkResult:
     """Solve every row of ``targets`` (``(n, d)``); ``alpha`` is ``(n,)`` (a fraction of each target's
     ``alpha_max`` when ``alpha_is_fraction_of_max``). ``certificate`` is :data:`GAP` or :data:`KKT`. The codes
-    come back sparse (row-padded), everything in the targets' dtype."""
+    come back sparse (row-padded), everything in the targets' dtype. ``start = (W, c, iterations)`` warm-starts
+    every target from the working-set code ``c`` on atoms ``W`` (``(G, n, k)``) with ``iterations`` (``(n,)``)
+    already spent of its ``max_iter``."""
     work = working_dtype(targets.dtype)
     device = targets.device
     atoms = stacked.atoms.to(work)  # (G, m, p)
@@ -126,14 +134,17 @@ def solve_working_set(
     pieces: list[tuple[Tensor, Tensor, Tensor]] = []  # (rows, atoms, values) of targets as they finish
     objective = 0.5 * y2
     certificate_out = Y.new_zeros(n)
-    iterations = torch.zeros(n, dtype=torch.long, device=device)
+    iterations = torch.zeros(n, dtype=torch.long, device=device) if start is None else start[2].clone()
     converged = torch.ones(n, dtype=torch.bool, device=device)
     at_floor = torch.zeros(n, dtype=torch.bool, device=device)  # stopped by rounding, not by the budget
 
     active = (alpha_top > alpha).nonzero().squeeze(1)
     W = torch.zeros(n_groups, active.numel(), 0, dtype=torch.long, device=device)
     c = Y.new_zeros(n_groups, active.numel(), 0)
-    stalls = torch.zeros(active.numel(), dtype=torch.long, device=device)
+    if start is not None:
+        W, c = start[0][:, active], start[1][:, active].to(work)
+    # A warm start comes from another precision or problem: its first round refines the given pattern too.
+    stalls = torch.full((active.numel(),), int(start is not None), dtype=torch.long, device=device)
 
     while active.numel() > 0:
         # 1. Global check of every active target against all atoms.
@@ -180,37 +191,50 @@ def solve_working_set(
         live = valid.reshape(-1, valid.shape[2]).any(dim=1).nonzero().squeeze(1)
         budget = INNER_FLOATS_GPU if device.type == "cuda" else INNER_FLOATS
         per_chunk = max(1, budget // max(1, W.shape[2] * (W.shape[2] + atoms.shape[2])))
-        steps = torch.zeros_like(active)
+        steps, moves = torch.zeros_like(active), torch.zeros_like(active)
         for chunk in live.split(per_chunk):
-            c, chunk_steps = _solve_restricted(_gather(atoms, Y[:, active], W, valid, a, chunk), c, valid,
-                                               max_iter - iterations[active], nonnegative=nonnegative)
-            steps = torch.maximum(steps, chunk_steps)
+            c, chunk_steps, chunk_moves = _solve_restricted(_gather(atoms, Y[:, active], W, valid, a, chunk), c,
+                                                            valid, max_iter - iterations[active], stalls > 0,
+                                                            nonnegative=nonnegative)
+            steps, moves = torch.maximum(steps, chunk_steps), torch.maximum(moves, chunk_moves)
         # A target always pays at least one step per round, so max_iter bounds the number of rounds too.
         iterations[active] += steps.clamp_min(1)
-        # Not certified, yet no step was possible (no atom violates beyond rounding, the pattern is solved): the
-        # target is at the working dtype's rounding floor.
-        stalls = torch.where(steps == 0, stalls + 1, torch.zeros_like(stalls))
+        # Not certified, yet no step lowered the objective (no atom violates beyond rounding, the pattern is
+        # solved, or every step failed): the target may be at the working dtype's rounding floor. Its next round
+        # refines the pattern; that round counts too whatever it does (its moves can be rounding noise), so a
+        # target that is still not certified after it stops.
+        stalls = torch.where((moves == 0) | (stalls > 0), stalls + 1, torch.zeros_like(stalls))
 
+    codes = _assemble_codes(pieces, n, n_atoms, Y)
     if recheck is not None and bool(at_floor.any()):
-        # Targets stuck at the working dtype's rounding floor are finished in float64; their codes come back in
-        # the working dtype, so their certificate is that of the rounded code (computed in float64).
+        # Targets stuck at the working dtype's rounding floor are finished in float64, warm-started from their
+        # code with the budget each has left; the finished code comes back in the working dtype, so it is
+        # certified as rounded (in float64), and kept only where it is certified or lowers the objective.
         rows = at_floor.nonzero().squeeze(1)
+        W0, c0 = _grouped(codes.indices[rows], codes.values[rows], stacked)
         finished = solve_working_set(
             targets[rows].to(torch.float64), stacked, n_atoms, alpha_asked[rows], nonnegative=nonnegative,
-            certificate=certificate, tol=tol, max_iter=max(1, max_iter - int(iterations[rows].max())),
-            alpha_is_fraction_of_max=alpha_is_fraction_of_max, min_growth=min_growth,
+            certificate=certificate, tol=tol, max_iter=max_iter, alpha_is_fraction_of_max=alpha_is_fraction_of_max,
+            min_growth=min_growth, start=(W0, c0.to(torch.float64), iterations[rows]),
         )
         W_f, c_f = _grouped(finished.codes.indices, finished.codes.values.to(work), stacked)
-        passed, cert, obj = recheck(rows, torch.ones_like(rows, dtype=torch.bool), certificate_out[rows],
-                                    objective[rows], W_f, c_f, tol)
-        pieces.append((rows, finished.codes.indices, finished.codes.values.to(work)))
-        certificate_out[rows], objective[rows], converged[rows] = cert, obj, passed
-        iterations[rows] += finished.iterations
+        every = torch.ones_like(rows, dtype=torch.bool)
+        passed, cert, obj = recheck(rows, every, certificate_out[rows], objective[rows], W_f, c_f, tol)
+        _, cert0, obj0 = recheck(rows, every, certificate_out[rows], objective[rows], W0, c0, tol)
+        better = passed | (obj < obj0)
+        certificate_out[rows] = torch.where(better, cert, cert0)
+        objective[rows] = torch.where(better, obj, obj0)
+        converged[rows] = passed & better
+        iterations[rows] = torch.where(better, finished.iterations, iterations[rows])
+        taken = better.nonzero().squeeze(1)
+        codes = _assemble_codes([(torch.arange(n, device=device), codes.indices, codes.values),
+                                 (rows[taken], finished.codes.indices[taken], finished.codes.values[taken].to(work))],
+                                n, n_atoms, Y)
     status = torch.where(converged, int(Status.CONVERGED), int(Status.MAX_ITER))
     status = torch.where(torch.isfinite(certificate_out), status, int(Status.NUMERICAL_ERROR))
     dtype = targets.dtype
     return ChunkResult(
-        codes=_assemble_codes(pieces, n, n_atoms, Y).to(dtype=dtype),
+        codes=codes.to(dtype=dtype),
         objective=objective.to(dtype),
         certificate=certificate_out.to(dtype),
         iterations=iterations,
@@ -245,7 +269,7 @@ class _Float64Check:
     Why: a float32 certificate carries rounding errors of order ``eps_32 * ||y||^2`` (residual, correlations,
     ``alpha_max``), which a ``tol`` near float32's resolution does not dominate; such rows were reported
     ``CONVERGED`` with a float64 gap 1-2 % above ``tol``. A target that fails the recheck stays active: it is
-    solved further (its inner tolerance is tightened when no atom violates) and ends ``MAX_ITER`` if it never passes.
+    solved further and ends ``MAX_ITER`` if it never passes.
     The cost is one float64 residual and correlation product for the targets that pass, about once per target.
     """
 
@@ -373,20 +397,24 @@ def _gather(atoms: Tensor, Y: Tensor, W: Tensor, valid: Tensor, alpha: Tensor, l
 
 
 def _solve_restricted(
-    gathered: tuple[_Restricted, Tensor], c: Tensor, valid: Tensor, budget: Tensor, *, nonnegative: bool,
-) -> tuple[Tensor, Tensor]:
+    gathered: tuple[_Restricted, Tensor], c: Tensor, valid: Tensor, budget: Tensor, refine: Tensor, *,
+    nonnegative: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Active-set steps (:mod:`.active_set`) on every live subproblem until it is at the minimiser of its sign
     pattern with no violating atom in its working set (the restricted problem is solved), a step makes no progress
-    (rounding), or its target's step ``budget`` is spent. Returns codes ``(G, t, k)`` and the steps each target
-    took ``(t,)``."""
+    (rounding), or its target's step ``budget`` is spent. Subproblems of the targets ``refine`` (``(t,)``) start
+    with a Newton step on their current pattern (iterative refinement) even when nothing enters. Returns codes ``(G, t, k)``, the steps each target
+    took and the steps in which it moved (lowered its objective), both ``(t,)``."""
     P, live = gathered
     n_groups, t, k = c.shape
     flat_c = c.reshape(-1, k).clone()
     steps = torch.zeros(t, dtype=torch.long, device=c.device)
+    moves = torch.zeros_like(steps)
     if live.numel() == 0:
-        return c, steps
+        return c, steps, moves
     diag = P.gram.diagonal(dim1=1, dim2=2)
     eps = torch.finfo(c.dtype).eps
+    dim = P.atoms.shape[2]
     # Per-subproblem arrays, compacted to the open subproblems now and then (``where``: their rows of ``live``).
     s = {
         "where": torch.arange(live.numel(), device=c.device), "gram": P.gram, "atoms": P.atoms, "y": P.targets,
@@ -399,7 +427,7 @@ def _solve_restricted(
         "blocked": torch.zeros(live.numel(), dtype=torch.bool, device=c.device),
         # Consecutive Newton steps on an unchanged active set (iterative refinement: in float32 one solve of an
         # ill-conditioned G_SS leaves the pattern's minimiser inexact, and q is recomputed before the next).
-        "refined": torch.full_like(P.owner, REFINE),
+        "refined": torch.where(refine[P.owner], 0, REFINE),
     }
     rows = torch.arange(live.numel(), device=c.device)  # the open subproblems, as positions in ``s``
     n_steps = 0
@@ -420,7 +448,10 @@ def _solve_restricted(
             q = (s["q_ref"] - torch.bmm((s["c"] - s["c_ref"])[:, None, :], s["gram"]).squeeze(1))[rows]
         n_steps += 1
         c_r, owner, blocked = s["c"][rows], s["owner"][rows], s["blocked"][rows]
-        enter = torch.where(blocked, torch.zeros_like(owner), s["n_enter"][rows])
+        # At most as many active atoms as dimensions (then one at a time, as Lawson--Hanson): a larger active set
+        # is linearly dependent, its Newton step a ridge step that only wastes steps.
+        room = (dim - (c_r != 0).sum(dim=1)).clamp_min(1)
+        enter = torch.where(blocked, torch.zeros_like(owner), torch.minimum(s["n_enter"][rows], room))
         # q's rounding level, eps (|a| ||y|| + |a|^2 ||c||_1) (|a| the largest atom norm; the second term bounds the
         # error of the products with c): an atom whose violation is below it never enters (it would add noise).
         norm = s["atom_norm"][rows]
@@ -439,6 +470,9 @@ def _solve_restricted(
         touched = torch.zeros(t, dtype=torch.bool, device=c.device)
         touched[owner] = True
         steps += touched
+        progressed = torch.zeros_like(touched)
+        progressed[owner[moved]] = True
+        moves += progressed
         # A batch of entering atoms that failed is retried as one (which always makes progress in exact
         # arithmetic); a row that cannot move even so is at its rounding floor and stops. A full step doubles the
         # next batch.
@@ -450,5 +484,5 @@ def _solve_restricted(
         s["blocked"][rows] = now_blocked
         rows = rows[~stuck]
     flat_c[live[s["where"]]] = s["c"]
-    return flat_c.reshape(n_groups, t, k), steps
+    return flat_c.reshape(n_groups, t, k), steps, moves
 
