@@ -40,8 +40,7 @@ test-all: setup
 bench: setup
 	$(PY) -m pip install -q -e ".[test,bench]"
 	$(PY) -m benchmarks.solvers
-	$(PY) -m benchmarks.solver_regimes --n-targets 128 --n-ref 16 --methods lasso nn_lasso
-	$(PY) -m benchmarks.solver_regimes --n-targets 16 --n-ref 16 --methods nnls
+	$(PY) -m benchmarks.solver_regimes --n-targets 128 --n-ref 16
 
 clean:
 	rm -rf $(VENV) demo-out benchmarks/results

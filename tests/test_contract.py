@@ -53,6 +53,8 @@ ZERO_ROW = 2
 
 D_MODEL = 10
 KINDS = ["dense", "block", "mixed"]
+# Methods whose optimal code is not unique on these problems (only their objective and reconstruction are).
+NON_UNIQUE = {"nnls", "cvxpy_nnls"}
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
@@ -113,6 +115,17 @@ def test_shapes_dtype_device(method, dtype, device, kind):
     torch.testing.assert_close(result.reconstruction, result.coefficients @ result.dictionary.atoms)
 
 
+def assert_same_solution(method: str, codes, expected, dictionary) -> None:
+    """The same codes; for :data:`NON_UNIQUE` methods the same fit. Their problems here are exact fits from more
+    atoms than dimensions: many codes are optimal, and which one a batched solve reaches depends on rounding (padded
+    factorisations differ with the batch), but the fit (the projection onto the atoms' cone) is unique."""
+    if method not in NON_UNIQUE:
+        torch.testing.assert_close(codes, expected, rtol=1e-4, atol=1e-4)
+        return
+    atoms = dictionary if isinstance(dictionary, torch.Tensor) else dictionary.atoms
+    torch.testing.assert_close(codes @ atoms, expected @ atoms, rtol=1e-6, atol=1e-8)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("method", METHODS)
 def test_batch_equals_per_row(method, kind):
@@ -120,7 +133,7 @@ def test_batch_equals_per_row(method, kind):
     batch = solve(method, targets, dictionary)
     for i in range(N_TARGETS):
         row = solve(method, targets[i : i + 1], dictionary)
-        torch.testing.assert_close(row.coefficients[0], batch.coefficients[i], rtol=1e-4, atol=1e-4)
+        assert_same_solution(method, row.coefficients[0], batch.coefficients[i], dictionary)
         torch.testing.assert_close(row.objective[0], batch.objective[i], rtol=1e-5, atol=1e-8)
         assert int(row.status[0]) == int(batch.status[i])
 
@@ -233,7 +246,7 @@ def test_prepared_solver_precomputes_once_and_solves_batches(method, kind, monke
     prepared = solver.prepare(dictionary)
     parts = [prepared.solve(targets[:1]), prepared.solve(targets[1:])]
     assert len(calls) == 1
-    torch.testing.assert_close(torch.cat([p.coefficients for p in parts]), whole.coefficients, rtol=1e-4, atol=1e-4)
+    assert_same_solution(method, torch.cat([p.coefficients for p in parts]), whole.coefficients, dictionary)
     assert solver.name == method == parts[0].solver
     assert dict(parts[1].params) == solver.params()
     for key, value in params.items():

@@ -12,9 +12,8 @@ scikit-learn's ``Lasso`` minimises ``(1 / (2 d)) ||y - X w||^2 + a ||w||_1`` wit
 Block structure is used exactly: in ``z`` space every head owns its own columns, so the problem splits into one
 independent subproblem per (target, head) on that head's ``(n_h, d_head)`` decoder (``Dictionary.stacked``); a
 dense or W_O-mixed dictionary is a single group. The algorithm is a working-set method
-(:mod:`.working_set`): a global optimality check against all atoms with two batched products, then coordinate
-descent and sign-pattern Newton steps (:mod:`.coordinate_descent`) on a small Gram matrix of the atoms that can be
-active. It never forms the ``n_atoms x n_atoms`` Gram matrix.
+(:mod:`.working_set`): a global optimality check against all atoms with two batched products, then batched
+active-set (feature-sign) Newton steps (:mod:`.active_set`) on a small Gram matrix of the atoms that can be active. It never forms the ``n_atoms x n_atoms`` Gram matrix.
 
 Certificates (:mod:`sparsedecomp.optimality`): the lasso reports the duality gap relative to ``||y||^2``; NNLS
 (which has no bounded dual scaling) the KKT violation relative to ``||y|| max_j ||d_j||``. A target is
@@ -36,9 +35,8 @@ from ..validation import check_bool, check_lasso_alpha, check_positive
 from .base import ChunkResult, Solver
 from .working_set import GAP, KKT, solve_working_set
 
-# Coordinate-descent epochs between two exact checks of the inner problem, and the smallest number of atoms a
-# working set grows by per round; both only trade overhead against work, never the answer.
-CHECK_EVERY = 2
+# The smallest number of atoms a working set grows by per round: it only trades overhead against work, never the
+# answer.
 MIN_GROWTH = 8
 
 
@@ -54,7 +52,7 @@ class Lasso(Solver):
             :func:`~sparsedecomp.optimality.alpha_max` (the effective weight is ``alpha * alpha_max(y)``, and
             ``objective`` and ``certificate`` use it).
         tol: stop a target when its duality gap relative to ``||y||^2`` is at most ``tol``.
-        max_iter: most coordinate-descent epochs (sweeps over a target's working set) per target.
+        max_iter: most inner active-set steps per target (each adds or drops atoms; at least one per round).
         chunk_size: targets solved at once (memory is about ``chunk_size * n_atoms`` floats for a few arrays).
     """
 
@@ -88,7 +86,7 @@ class Lasso(Solver):
         return solve_working_set(
             targets, prepared, dictionary.n_atoms, alpha,
             nonnegative=self.nonnegative, certificate=GAP, tol=self.tol, max_iter=self.max_iter,
-            alpha_is_fraction_of_max=self.alpha_is_fraction_of_max, check_every=CHECK_EVERY, min_growth=MIN_GROWTH,
+            alpha_is_fraction_of_max=self.alpha_is_fraction_of_max, min_growth=MIN_GROWTH,
         )
 
 
@@ -99,7 +97,7 @@ class NNLS(Solver):
     Attributes:
         tol: stop a target when its KKT violation relative to ``||y|| max_j ||d_j||`` is at most ``tol``
             (the default is reachable in float32; tighten it for float64 work).
-        max_iter: most coordinate-descent epochs (sweeps over a target's working set) per target.
+        max_iter: most inner active-set steps per target (each adds or drops atoms; at least one per round).
         chunk_size: targets solved at once.
     """
 
@@ -123,5 +121,5 @@ class NNLS(Solver):
         return solve_working_set(
             targets, prepared, dictionary.n_atoms, alpha,
             nonnegative=True, certificate=KKT, tol=self.tol, max_iter=self.max_iter,
-            check_every=CHECK_EVERY, min_growth=MIN_GROWTH,
+            min_growth=MIN_GROWTH,
         )

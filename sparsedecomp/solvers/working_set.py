@@ -17,21 +17,27 @@ Working set (as in celer / blitz): the optimal code is sparse, so most atoms nev
 2. *Grow*: each unfinished subproblem keeps its support and adds its most violating atoms
    (``|g_j| > alpha``, or ``g_j > alpha`` when non-negative), up to ``max(min_growth, support size)``, so its
    working set at most doubles per round while it is too small.
-3. *Inner solve* on the working set only: gather its ``k`` atoms, form the small ``k x k`` Gram matrix, and run
-   coordinate descent plus up to ``NEWTON_STEPS`` sign-pattern Newton steps per check (:mod:`.coordinate_descent`)
-   until the restricted certificate is below ``max(tol, cert) / 2``, ``cert`` the target's global certificate at
-   the start of the round (celer's relative inner tolerance). Cost per epoch is ``O(k^2)`` per subproblem instead
-   of ``O(m p)``; a Newton step costs ``O(s^3)`` for a support of ``s`` atoms.
+3. *Inner solve* on the working set only: gather its ``k`` atoms, form the small ``k x k`` Gram matrix, and solve
+   the restricted problem exactly by batched active-set (feature-sign / Lawson--Hanson) steps
+   (:mod:`.active_set`): atoms enter with the sign of their correlation, a Newton step on the active set
+   (``O(s^3)`` for ``s`` active atoms) moves to the pattern's minimiser or to the first sign change, which drops
+   that atom. Every step is a batched tensor operation over all subproblems (no Python loop over coordinates) and
+   lowers the objective; the restricted problem is solved when no atom of the working set violates and the last
+   Newton steps on the final pattern (iterative refinement) no longer move it.
 
-Tol monotonicity (exact arithmetic; float64 in practice): while a target's certificate is above both of two tols,
-its inner tolerances under either are the same ``cert / 2``, so the run with the tighter tol repeats the looser run
-step for step until the looser one stops, and from there every step can only lower the objective (coordinate
-descent, accepted Newton steps and the carried-over support are all monotone). Within the same ``max_iter`` a
+Tol monotonicity (exact arithmetic; float64 in practice): the steps never depend on ``tol``, so the run with the
+tighter tol repeats the looser run step for step until the looser one stops, and from there every step can only
+lower the objective (accepted steps and the carried-over support are monotone). Within the same ``max_iter`` a
 tighter tol therefore never ends with a higher objective.
 
-If the inner solve met its tolerance but the global certificate still fails with no violating atom left (rounding),
-that target's inner tolerance is tightened tenfold; after ``MAX_STALLS`` such rounds in a row the target is given up (its certificate is at the dtype's rounding floor). ``iterations`` counts coordinate-descent epochs over the working
-set; a target stops with ``converged = False`` once it has used ``max_iter`` of them.
+If no step of a round lowers a target's objective (no atom violates beyond rounding and the pattern is solved, or
+every step failed) but its global certificate still fails, the next round refines its pattern (a Newton step on it
+whatever violates); if it is still not certified after that, the target is at the working dtype's rounding floor.
+Below float64 it is then finished by a float64 solve, warm-started from its code with the budget it has left; the
+finished code comes back rounded to the working dtype and is certified as such (in float64), and is kept only if it
+is certified or lowers the objective. In float64 the target is given up (``MAX_ITER`` with fewer than ``max_iter``
+steps). ``iterations`` counts inner active-set steps (at least one per round); a target stops with
+``converged = False`` once it has used ``max_iter`` of them.
 
 Half-precision inputs are solved in float32; float32 and float64 are kept as they are. Below float64 a target
 is ``CONVERGED`` only if its certificate recomputed in float64 (:class:`_Float64Check`) is at most ``tol``.
@@ -49,18 +55,29 @@ from ..decomposition import Status
 from ..dictionary import StackedBlocks
 from ..optimality import lasso_gap_from_parts
 from .base import ChunkResult, working_dtype
-from .coordinate_descent import coordinate_descent_epoch, newton_step
+from .active_set import RIDGE, entering_signs, newton_step
 
 GAP = "gap"
 KKT = "kkt"
-# Rounds in a row without a violating atom after which an uncertified target is given up: its certificate is then
-# stuck at the rounding floor of the working dtype (e.g. tol far below float32 precision).
-MAX_STALLS = 3
-# Sign-pattern Newton steps per check of the inner solve (:func:`_newton_steps`).
-NEWTON_STEPS = 8
-# A round's inner solve stops once its restricted certificate is below this fraction of the target's global
-# certificate at the start of the round (or below tol / 2). Must be >= 1/2 for the tol monotonicity (module doc).
-INNER_FRACTION = 0.5
+# Rounds in a row in which no inner step lowered the objective after which an uncertified target is at the rounding
+# floor of the working dtype (e.g. tol far below float32 precision). After the first, the next round refines the
+# target's pattern (a Newton step on it even when no atom violates); after the second, nothing is left to try.
+MAX_STALLS = 2
+# Atoms a subproblem adds to its active set in its first inner step of a round (the batch doubles after each full
+# step and falls back to one after a failed one; see :func:`_solve_restricted`).
+FIRST_ENTER = 4
+# Newton steps on an unchanged active set after the last atom entered or left (see :func:`_solve_restricted`).
+REFINE = 1
+# An atom enters only if its violation exceeds this many times q's rounding level (see :func:`_solve_restricted`).
+MARGIN = 1.0
+# The inner solver's per-subproblem arrays are compacted once fewer than this fraction of them are open.
+COMPACT = 0.75
+# Inner steps between two exact recomputations of q = A (y - c A); in between, q follows c through the Gram matrix.
+EXACT_EVERY = 8
+# Floats of Gram matrices and atoms per chunk of the inner solve: 16 MiB in float32 on a CPU (about its L2/L3
+# share: every inner step passes over them); 1 GiB on a GPU, where one large batch keeps the kernels busy.
+INNER_FLOATS = 2**22
+INNER_FLOATS_GPU = 2**28
 
 
 @dataclass(frozen=True)
@@ -70,7 +87,6 @@ class _Restricted:
     atoms: Tensor  # (L, k, p) working-set atoms, zero on padded slots
     targets: Tensor  # (L, p) each subproblem's share of its target
     gram: Tensor  # (L, k, k)
-    b: Tensor  # (L, k) = atoms @ targets
     alpha: Tensor  # (L,)
     owner: Tensor  # (L,) position of the subproblem's target among the active targets
 
@@ -86,12 +102,14 @@ def solve_working_set(
     tol: float,
     max_iter: int,
     alpha_is_fraction_of_max: bool = False,
-    check_every: int = 5,
     min_growth: int = 8,
+    start: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> ChunkResult:
     """Solve every row of ``targets`` (``(n, d)``); ``alpha`` is ``(n,)`` (a fraction of each target's
     ``alpha_max`` when ``alpha_is_fraction_of_max``). ``certificate`` is :data:`GAP` or :data:`KKT`. The codes
-    come back sparse (row-padded), everything in the targets' dtype."""
+    come back sparse (row-padded), everything in the targets' dtype. ``start = (W, c, iterations)`` warm-starts
+    every target from the working-set code ``c`` on atoms ``W`` (``(G, n, k)``) with ``iterations`` (``(n,)``)
+    already spent of its ``max_iter``."""
     work = working_dtype(targets.dtype)
     device = targets.device
     atoms = stacked.atoms.to(work)  # (G, m, p)
@@ -116,14 +134,17 @@ def solve_working_set(
     pieces: list[tuple[Tensor, Tensor, Tensor]] = []  # (rows, atoms, values) of targets as they finish
     objective = 0.5 * y2
     certificate_out = Y.new_zeros(n)
-    iterations = torch.zeros(n, dtype=torch.long, device=device)
+    iterations = torch.zeros(n, dtype=torch.long, device=device) if start is None else start[2].clone()
     converged = torch.ones(n, dtype=torch.bool, device=device)
+    at_floor = torch.zeros(n, dtype=torch.bool, device=device)  # stopped by rounding, not by the budget
 
     active = (alpha_top > alpha).nonzero().squeeze(1)
     W = torch.zeros(n_groups, active.numel(), 0, dtype=torch.long, device=device)
     c = Y.new_zeros(n_groups, active.numel(), 0)
-    tighten = Y.new_ones(active.numel())  # 0.1 per stall: the factor on each target's inner tolerance
-    stalls = torch.zeros(active.numel(), dtype=torch.long, device=device)
+    if start is not None:
+        W, c = start[0][:, active], start[1][:, active].to(work)
+    # A warm start comes from another precision or problem: its first round refines the given pattern too.
+    stalls = torch.full((active.numel(),), int(start is not None), dtype=torch.long, device=device)
 
     while active.numel() > 0:
         # 1. Global check of every active target against all atoms.
@@ -141,10 +162,11 @@ def solve_working_set(
             certificate_out[rows] = cert[done]
             objective[rows] = obj[done]
             converged[rows] = passed[done]
+            at_floor[rows] = ~passed[done] & (stalls[done] >= MAX_STALLS) & (iterations[rows] < max_iter)
             pieces.append(_finished_codes(rows, global_index, W[:, done], c[:, done]))
             keep = ~done
             active, W, c, corr, a = active[keep], W[:, keep], c[:, keep], corr[:, keep], a[keep]
-            tighten, stalls, cert = tighten[keep], stalls[keep], cert[keep]
+            stalls = stalls[keep]
             dense = None if dense is None else dense[:, keep]
         if active.numel() == 0:
             break
@@ -160,31 +182,59 @@ def solve_working_set(
         values, index = score.topk(min(m, int(growth.max())), dim=2)
         rank = torch.arange(values.shape[2], device=device)
         violating = (values > a[None, :, None]) & (rank < growth[:, :, None])
-        # No violator left but not certified: the inner solve was not accurate enough for this target.
-        stalled = ~violating.any(dim=2).any(dim=0)
-        tighten = torch.where(stalled, 0.1 * tighten, tighten)
-        # Relative inner tolerance (as celer's): a round only needs to halve the certificate while it is far
-        # above tol, so early rounds on small working sets are cheap; and a tighter tol follows the looser run
-        # until that one stops, so it never ends higher within the same budget (module doc).
-        inner_tol = tighten * torch.clamp(INNER_FRACTION * cert, min=0.5 * tol)
-        stalls = torch.where(stalled, stalls + 1, torch.zeros_like(stalls))
         W, c, valid = _compact(torch.cat([W, index], dim=2), torch.cat([c, torch.zeros_like(values)], dim=2),
                                torch.cat([support, violating], dim=2))
 
         # 3. Inner solve on the working sets.
-        problem = _gather(atoms, Y[:, active], W, valid, a)
-        c, epochs = _solve_restricted(
-            problem, c, valid, inner_tol, max_iter - iterations[active], y2[active], atom_scale,
-            nonnegative=nonnegative, certificate=certificate, check_every=check_every,
-        )
-        # A target always pays at least one epoch per round, so max_iter bounds the number of rounds too.
-        iterations[active] += epochs.clamp_min(1)
+        # In chunks of subproblems whose Gram matrices and atoms fit INNER_FLOATS: every inner step passes over
+        # them, and on a CPU a batch far larger than the cache makes each step memory-bound.
+        live = valid.reshape(-1, valid.shape[2]).any(dim=1).nonzero().squeeze(1)
+        budget = INNER_FLOATS_GPU if device.type == "cuda" else INNER_FLOATS
+        per_chunk = max(1, budget // max(1, W.shape[2] * (W.shape[2] + atoms.shape[2])))
+        steps, moves = torch.zeros_like(active), torch.zeros_like(active)
+        for chunk in live.split(per_chunk):
+            c, chunk_steps, chunk_moves = _solve_restricted(_gather(atoms, Y[:, active], W, valid, a, chunk), c,
+                                                            valid, max_iter - iterations[active], stalls > 0,
+                                                            nonnegative=nonnegative)
+            steps, moves = torch.maximum(steps, chunk_steps), torch.maximum(moves, chunk_moves)
+        # A target always pays at least one step per round, so max_iter bounds the number of rounds too.
+        iterations[active] += steps.clamp_min(1)
+        # Not certified, yet no step lowered the objective (no atom violates beyond rounding, the pattern is
+        # solved, or every step failed): the target may be at the working dtype's rounding floor. Its next round
+        # refines the pattern; that round counts too whatever it does (its moves can be rounding noise), so a
+        # target that is still not certified after it stops.
+        stalls = torch.where((moves == 0) | (stalls > 0), stalls + 1, torch.zeros_like(stalls))
 
+    codes = _assemble_codes(pieces, n, n_atoms, Y)
+    if recheck is not None and bool(at_floor.any()):
+        # Targets stuck at the working dtype's rounding floor are finished in float64, warm-started from their
+        # code with the budget each has left; the finished code comes back in the working dtype, so it is
+        # certified as rounded (in float64), and kept only where it is certified or lowers the objective.
+        rows = at_floor.nonzero().squeeze(1)
+        W0, c0 = _grouped(codes.indices[rows], codes.values[rows], stacked)
+        finished = solve_working_set(
+            targets[rows].to(torch.float64), stacked, n_atoms, alpha_asked[rows], nonnegative=nonnegative,
+            certificate=certificate, tol=tol, max_iter=max_iter, alpha_is_fraction_of_max=alpha_is_fraction_of_max,
+            min_growth=min_growth, start=(W0, c0.to(torch.float64), iterations[rows]),
+        )
+        W_f, c_f = _grouped(finished.codes.indices, finished.codes.values.to(work), stacked)
+        every = torch.ones_like(rows, dtype=torch.bool)
+        passed, cert, obj = recheck(rows, every, certificate_out[rows], objective[rows], W_f, c_f, tol)
+        _, cert0, obj0 = recheck(rows, every, certificate_out[rows], objective[rows], W0, c0, tol)
+        better = passed | (obj < obj0)
+        certificate_out[rows] = torch.where(better, cert, cert0)
+        objective[rows] = torch.where(better, obj, obj0)
+        converged[rows] = passed & better
+        iterations[rows] = torch.where(better, finished.iterations, iterations[rows])
+        taken = better.nonzero().squeeze(1)
+        codes = _assemble_codes([(torch.arange(n, device=device), codes.indices, codes.values),
+                                 (rows[taken], finished.codes.indices[taken], finished.codes.values[taken].to(work))],
+                                n, n_atoms, Y)
     status = torch.where(converged, int(Status.CONVERGED), int(Status.MAX_ITER))
     status = torch.where(torch.isfinite(certificate_out), status, int(Status.NUMERICAL_ERROR))
     dtype = targets.dtype
     return ChunkResult(
-        codes=_assemble_codes(pieces, n, n_atoms, Y).to(dtype=dtype),
+        codes=codes.to(dtype=dtype),
         objective=objective.to(dtype),
         certificate=certificate_out.to(dtype),
         iterations=iterations,
@@ -219,7 +269,7 @@ class _Float64Check:
     Why: a float32 certificate carries rounding errors of order ``eps_32 * ||y||^2`` (residual, correlations,
     ``alpha_max``), which a ``tol`` near float32's resolution does not dominate; such rows were reported
     ``CONVERGED`` with a float64 gap 1-2 % above ``tol``. A target that fails the recheck stays active: it is
-    solved further (its inner tolerance is tightened when no atom violates) and ends ``MAX_ITER`` if it never passes.
+    solved further and ends ``MAX_ITER`` if it never passes.
     The cost is one float64 residual and correlation product for the targets that pass, about once per target.
     """
 
@@ -289,6 +339,21 @@ def _finished_codes(rows: Tensor, global_index: Tensor, W: Tensor, c: Tensor) ->
     return rows, atom.permute(1, 0, 2).reshape(t, -1), c.permute(1, 0, 2).reshape(t, -1)
 
 
+def _grouped(indices: Tensor, values: Tensor, stacked: StackedBlocks) -> tuple[Tensor, Tensor]:
+    """Row-padded codes in the dictionary's atom indices (``(t, w)``) as working-set codes ``(W, c)``
+    (``(G, t, w)``: each group's local atom indices, and the values of the atoms in that group, 0 elsewhere)."""
+    n_groups, m = stacked.atom_index.shape
+    atom_index = stacked.atom_index.to(indices.device)
+    real = atom_index >= 0
+    group_of = torch.zeros(int(atom_index.max()) + 1, dtype=torch.long, device=indices.device)
+    local_of = torch.zeros_like(group_of)
+    group_of[atom_index[real]] = torch.arange(n_groups, device=indices.device)[:, None].expand(n_groups, m)[real]
+    local_of[atom_index[real]] = torch.arange(m, device=indices.device)[None, :].expand(n_groups, m)[real]
+    mine = group_of[indices][None] == torch.arange(n_groups, device=indices.device)[:, None, None]
+    W = torch.where(mine, local_of[indices][None], 0)
+    return W, torch.where(mine, values[None], torch.zeros((), dtype=values.dtype, device=values.device))
+
+
 def _assemble_codes(pieces: list[tuple[Tensor, Tensor, Tensor]], n: int, n_atoms: int, like: Tensor) -> Codes:
     """Row-padded codes of all ``n`` targets from the pieces written as targets finished (rows never written
     keep the zero code), each row's non-zeros moved to the front and the width cut to the largest count."""
@@ -313,13 +378,11 @@ def _compact(W: Tensor, c: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor
     return W, c, valid
 
 
-def _gather(atoms: Tensor, Y: Tensor, W: Tensor, valid: Tensor, alpha: Tensor) -> tuple[_Restricted, Tensor]:
-    """The restricted problems of the live (non-empty) subproblems, and their flat indices into ``(G * t)``."""
+def _gather(atoms: Tensor, Y: Tensor, W: Tensor, valid: Tensor, alpha: Tensor, live: Tensor
+            ) -> tuple[_Restricted, Tensor]:
+    """The restricted problems of the subproblems ``live`` (flat indices into ``(G * t)``), and ``live``."""
     n_groups, t, k = W.shape
     flat_valid = valid.reshape(-1, k)
-    live = flat_valid.any(dim=1).nonzero().squeeze(1)
-    # Largest working sets first, so coordinate descent can skip padding (see coordinate_descent_epoch).
-    live = live[torch.argsort(flat_valid[live].sum(dim=1), descending=True, stable=True)]
     group = live // t
     owner = live % t
     A = atoms[group[:, None], W.reshape(-1, k)[live]] * flat_valid[live, :, None]
@@ -328,129 +391,98 @@ def _gather(atoms: Tensor, Y: Tensor, W: Tensor, valid: Tensor, alpha: Tensor) -
         atoms=A,
         targets=y,
         gram=torch.bmm(A, A.transpose(1, 2)),
-        b=torch.bmm(A, y[:, :, None]).squeeze(2),
         alpha=alpha[owner],
         owner=owner,
     ), live
 
 
 def _solve_restricted(
-    gathered: tuple[_Restricted, Tensor],
-    c: Tensor,
-    valid: Tensor,
-    inner_tol: Tensor,
-    budget: Tensor,
-    y2: Tensor,
-    atom_scale: Tensor,
-    *,
+    gathered: tuple[_Restricted, Tensor], c: Tensor, valid: Tensor, budget: Tensor, refine: Tensor, *,
     nonnegative: bool,
-    certificate: str,
-    check_every: int,
-) -> tuple[Tensor, Tensor]:
-    """Coordinate descent + Newton steps on every live subproblem until its target's restricted certificate is
-    below ``inner_tol``, its restricted objective stops decreasing, or the target's epoch ``budget`` is spent.
-    Returns codes ``(G, t, k)`` and epochs ``(t,)``."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Active-set steps (:mod:`.active_set`) on every live subproblem until it is at the minimiser of its sign
+    pattern with no violating atom in its working set (the restricted problem is solved), a step makes no progress
+    (rounding), or its target's step ``budget`` is spent. Subproblems of the targets ``refine`` (``(t,)``) start
+    with a Newton step on their current pattern (iterative refinement) even when nothing enters. Returns codes ``(G, t, k)``, the steps each target
+    took and the steps in which it moved (lowered its objective), both ``(t,)``."""
     P, live = gathered
     n_groups, t, k = c.shape
     flat_c = c.reshape(-1, k).clone()
-    epochs = torch.zeros(t, dtype=torch.long, device=c.device)
+    steps = torch.zeros(t, dtype=torch.long, device=c.device)
+    moves = torch.zeros_like(steps)
     if live.numel() == 0:
-        return c, epochs
-    # Working copies shrink to the still-open subproblems; ``where`` maps them back to rows of ``live``.
-    where = torch.arange(live.numel(), device=c.device)
-    gram, b, A, y, alpha, owner = P.gram, P.b, P.atoms, P.targets, P.alpha, P.owner
-    cw = flat_c[live]
-    diag = gram.diagonal(dim1=1, dim2=2)
-    usable = valid.reshape(-1, k)[live] & (diag > 0)
-    inv_diag = torch.where(usable, 1.0 / torch.where(usable, diag, torch.ones_like(diag)), torch.zeros_like(diag))
-    threshold = alpha[:, None] * inv_diag
-    size = usable.sum(dim=1)
-    q = b - torch.bmm(cw[:, None, :], gram).squeeze(1)
-    best = torch.full((t,), float("inf"), dtype=c.dtype, device=c.device)
-    steps = torch.arange(k, device=c.device)
-    while True:
-        n_epochs = max(1, min(check_every, int((budget - epochs)[owner].min())))
-        sizes = (size[None, :] > steps[:, None]).sum(dim=1).tolist()
-        for _ in range(n_epochs):
-            coordinate_descent_epoch(gram, q, cw, inv_diag, threshold, sizes, nonnegative=nonnegative)
-        cw, q = _newton_steps(gram, q, cw, alpha, max_support=2 * A.shape[2])
-        # Exact residual and correlations (no drift from the incremental updates of q).
-        r = y - torch.bmm(cw[:, None, :], A).squeeze(1)
-        q = torch.bmm(A, r[:, :, None]).squeeze(2)
-        flat_c[live[where]] = cw
-        touched = torch.zeros(t, dtype=torch.bool, device=c.device)
-        touched[owner] = True
-        epochs += n_epochs * touched
-
-        if certificate == GAP:
-            crit = _restricted_gap(r, q, cw, alpha, owner, t, y2, nonnegative)
+        return c, steps, moves
+    diag = P.gram.diagonal(dim1=1, dim2=2)
+    eps = torch.finfo(c.dtype).eps
+    dim = P.atoms.shape[2]
+    # Per-subproblem arrays, compacted to the open subproblems now and then (``where``: their rows of ``live``).
+    s = {
+        "where": torch.arange(live.numel(), device=c.device), "gram": P.gram, "atoms": P.atoms, "y": P.targets,
+        "alpha": P.alpha,
+        "owner": P.owner, "c": flat_c[live], "usable": valid.reshape(-1, k)[live] & (diag > 0),
+        "ridge": RIDGE * eps * diag.amax(dim=1),
+        "atom_norm": diag.amax(dim=1).sqrt(),
+        "y_norm": P.targets.norm(dim=1),
+        "n_enter": torch.full_like(P.owner, FIRST_ENTER),
+        "blocked": torch.zeros(live.numel(), dtype=torch.bool, device=c.device),
+        # Consecutive Newton steps on an unchanged active set (iterative refinement: in float32 one solve of an
+        # ill-conditioned G_SS leaves the pattern's minimiser inexact, and q is recomputed before the next).
+        "refined": torch.where(refine[P.owner], 0, REFINE),
+    }
+    rows = torch.arange(live.numel(), device=c.device)  # the open subproblems, as positions in ``s``
+    n_steps = 0
+    while rows.numel() > 0:
+        if rows.numel() < COMPACT * s["where"].numel():
+            flat_c[live[s["where"]]] = s["c"]
+            s = {name: value[rows] for name, value in s.items()}
+            rows = torch.arange(rows.numel(), device=c.device)
+        if n_steps % EXACT_EVERY == 0:
+            # Exact q = A (y - c A) on every stored row (no cancellation against b = A y).
+            residual = s["y"] - torch.bmm(s["c"][:, None, :], s["atoms"]).squeeze(1)
+            s["q_ref"] = torch.bmm(s["atoms"], residual[:, :, None]).squeeze(2)
+            s["c_ref"] = s["c"].clone()
+            q = s["q_ref"][rows]
         else:
-            crit = _restricted_kkt(q, cw, alpha, owner, t, y2, atom_scale)
-        # The restricted objective (0.5 ||r||^2 + alpha ||c||_1, monotone in exact arithmetic) no longer
-        # decreases: the inner problem is solved to rounding precision.
-        value = 0.5 * r.pow(2).sum(dim=1) + alpha * cw.abs().sum(dim=1)
-        value = torch.zeros(t, dtype=c.dtype, device=c.device).index_add_(0, owner, value)
-        stagnant = value >= best
-        best = torch.minimum(best, value)
-        finished = (crit <= inner_tol) | (epochs >= budget) | stagnant | ~torch.isfinite(crit)
-        keep = ~finished[owner]
-        if not bool(keep.any()):
-            break
-        if not bool(keep.all()):
-            where, gram, b, A, y, alpha, owner = where[keep], gram[keep], b[keep], A[keep], y[keep], alpha[keep], owner[keep]
-            cw, q, inv_diag, threshold, size = cw[keep], q[keep], inv_diag[keep], threshold[keep], size[keep]
-    return flat_c.reshape(n_groups, t, k), epochs
-
-
-def _newton_steps(gram: Tensor, q: Tensor, c: Tensor, alpha: Tensor, max_support: int) -> tuple[Tensor, Tensor]:
-    """Up to :data:`NEWTON_STEPS` sign-pattern Newton steps per subproblem; after the first, only the rows whose
-    last step zeroed coordinates take another (a full step already reached its pattern's minimiser).
-
-    Each step removes at least one coordinate from a blocked row's support, so a few steps turn what would be
-    many coordinate-descent epochs of a shrinking support into exact moves. Rows whose support has more than
-    ``max_support`` atoms (the atoms' dimension: ``G_SS`` is then singular and its ``O(s^3)`` factorisation only
-    gives a ridge step towards a dense code) are left to coordinate descent."""
-    rows = ((c != 0).sum(dim=1) <= max_support).nonzero().squeeze(1)
-    everyone = rows.numel() == c.shape[0]
-    for _ in range(NEWTON_STEPS):
+            # q moved by the change of c since the exact one: one pass over the Gram matrices, and an error of order
+            # eps times that (small) change rather than eps * ||b||.
+            q = (s["q_ref"] - torch.bmm((s["c"] - s["c_ref"])[:, None, :], s["gram"]).squeeze(1))[rows]
+        n_steps += 1
+        c_r, owner, blocked = s["c"][rows], s["owner"][rows], s["blocked"][rows]
+        # At most as many active atoms as dimensions (then one at a time, as Lawson--Hanson): a larger active set
+        # is linearly dependent, its Newton step a ridge step that only wastes steps.
+        room = (dim - (c_r != 0).sum(dim=1)).clamp_min(1)
+        enter = torch.where(blocked, torch.zeros_like(owner), torch.minimum(s["n_enter"][rows], room))
+        # q's rounding level, eps (|a| ||y|| + |a|^2 ||c||_1) (|a| the largest atom norm; the second term bounds the
+        # error of the products with c): an atom whose violation is below it never enters (it would add noise).
+        norm = s["atom_norm"][rows]
+        margin = MARGIN * eps * norm * (s["y_norm"][rows] + norm * c_r.abs().sum(dim=1))
+        sign = entering_signs(q, c_r, s["usable"][rows], s["alpha"][rows], enter, margin,
+                              nonnegative=nonnegative)
+        entering = (sign != c_r.sign()).any(dim=1)
+        # Rows not blocked, adding nothing and refined are at their pattern's minimiser with nothing to add: their
+        # restricted problem is solved.
+        go = (blocked | entering | (s["refined"][rows] < REFINE)) & (steps[owner] < budget[owner])
+        rows, q, c_r, sign, entering, owner = rows[go], q[go], c_r[go], sign[go], entering[go], owner[go]
         if rows.numel() == 0:
             break
-        if everyone:  # the first step on every row: no copy of the Gram matrices
-            c, q, blocked = newton_step(gram, q, c, alpha)
-            rows, everyone = blocked.nonzero().squeeze(1), False
-            continue
-        c_rows, q_rows, blocked = newton_step(gram[rows], q[rows], c[rows], alpha[rows])
-        c, q = c.index_copy(0, rows, c_rows), q.index_copy(0, rows, q_rows)
-        rows = rows[blocked]
-    return c, q
+        new, moved, now_blocked = newton_step(s["gram"], rows, q, c_r, sign, s["alpha"][rows], s["ridge"][rows])
+        s["c"][rows] = new
+        touched = torch.zeros(t, dtype=torch.bool, device=c.device)
+        touched[owner] = True
+        steps += touched
+        progressed = torch.zeros_like(touched)
+        progressed[owner[moved]] = True
+        moves += progressed
+        # A batch of entering atoms that failed is retried as one (which always makes progress in exact
+        # arithmetic); a row that cannot move even so is at its rounding floor and stops. A full step doubles the
+        # next batch.
+        tried = s["n_enter"][rows]
+        stuck = ~moved & ((tried == 1) | ~entering)
+        s["n_enter"][rows] = torch.where(moved, torch.where(now_blocked, tried, (2 * tried).clamp(max=k)),
+                                         torch.ones_like(tried))
+        s["refined"][rows] = torch.where(entering | now_blocked, 0, s["refined"][rows] + 1)
+        s["blocked"][rows] = now_blocked
+        rows = rows[~stuck]
+    flat_c[live[s["where"]]] = s["c"]
+    return flat_c.reshape(n_groups, t, k), steps, moves
 
-
-def _restricted_gap(r, q, c, alpha, owner, t, y2, nonnegative):
-    """Relative duality gap of each target's problem restricted to its working sets (one dual scaling per target,
-    as in the global gap)."""
-    score = q if nonnegative else q.abs()
-
-    def per_target(values: Tensor, reduce: str) -> Tensor:
-        return torch.zeros(t, dtype=r.dtype, device=r.device).scatter_reduce(0, owner, values, reduce)
-
-    worst = per_target(score.amax(dim=1).clamp_min(0), "amax")
-    r2 = per_target(r.pow(2).sum(dim=1), "sum")
-    l1 = per_target(c.abs().sum(dim=1), "sum")
-    cq = per_target((c * q).sum(dim=1), "sum")
-    a_t = per_target(alpha, "amax")
-    rel = _stable_gap(worst, r2, l1, cq, a_t) / y2.clamp_min(torch.finfo(r.dtype).tiny)
-    # Targets with no live subproblem here are not open; +inf keeps them from counting as finished.
-    present = torch.zeros(t, dtype=torch.bool, device=r.device)
-    present[owner] = True
-    return torch.where(present, rel, torch.full_like(rel, float("inf")))
-
-
-def _restricted_kkt(q, c, alpha, owner, t, y2, atom_scale):
-    """Relative KKT violation of each target's non-negative problem restricted to its working sets."""
-    g = q - alpha[:, None]
-    violation = torch.where(c > 0, g.abs(), g.clamp_min(0)).amax(dim=1)
-    worst = torch.zeros(t, dtype=q.dtype, device=q.device).scatter_reduce(0, owner, violation, "amax")
-    present = torch.zeros(t, dtype=torch.bool, device=q.device)
-    present[owner] = True
-    rel = worst / (y2.sqrt() * atom_scale).clamp_min(torch.finfo(q.dtype).tiny)
-    return torch.where(present, rel, torch.full_like(rel, float("inf")))
