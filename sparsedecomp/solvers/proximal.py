@@ -13,7 +13,8 @@ Block structure is used exactly: in ``z`` space every head owns its own columns,
 independent subproblem per (target, head) on that head's ``(n_h, d_head)`` decoder (``Dictionary.stacked``); a
 dense or W_O-mixed dictionary is a single group. The algorithm is a working-set method
 (:mod:`.working_set`): a global optimality check against all atoms with two batched products, then batched
-active-set (feature-sign) Newton steps (:mod:`.active_set`) on a small Gram matrix of the atoms that can be active. It never forms the ``n_atoms x n_atoms`` Gram matrix.
+active-set (feature-sign) Newton steps (:mod:`.active_set`) on a small Gram matrix of the atoms that can be
+active. It never forms the ``n_atoms x n_atoms`` Gram matrix.
 
 Certificates (:mod:`sparsedecomp.optimality`): the lasso reports the duality gap relative to ``||y||^2``; NNLS
 (which has no bounded dual scaling) the KKT violation relative to ``||y|| max_j ||d_j||``. A target is

@@ -403,8 +403,9 @@ def _solve_restricted(
     """Active-set steps (:mod:`.active_set`) on every live subproblem until it is at the minimiser of its sign
     pattern with no violating atom in its working set (the restricted problem is solved), a step makes no progress
     (rounding), or its target's step ``budget`` is spent. Subproblems of the targets ``refine`` (``(t,)``) start
-    with a Newton step on their current pattern (iterative refinement) even when nothing enters. Returns codes ``(G, t, k)``, the steps each target
-    took and the steps in which it moved (lowered its objective), both ``(t,)``."""
+    with a Newton step on their current pattern (iterative refinement) even when nothing enters. Returns codes
+    ``(G, t, k)``, the steps each target took and the steps in which it moved (lowered its objective), both
+    ``(t,)``."""
     P, live = gathered
     n_groups, t, k = c.shape
     flat_c = c.reshape(-1, k).clone()
@@ -417,12 +418,10 @@ def _solve_restricted(
     dim = P.atoms.shape[2]
     # Per-subproblem arrays, compacted to the open subproblems now and then (``where``: their rows of ``live``).
     s = {
-        "where": torch.arange(live.numel(), device=c.device), "gram": P.gram, "atoms": P.atoms, "y": P.targets,
-        "alpha": P.alpha,
-        "owner": P.owner, "c": flat_c[live], "usable": valid.reshape(-1, k)[live] & (diag > 0),
-        "ridge": RIDGE * eps * diag.amax(dim=1),
-        "atom_norm": diag.amax(dim=1).sqrt(),
-        "y_norm": P.targets.norm(dim=1),
+        "where": torch.arange(live.numel(), device=c.device),
+        "gram": P.gram, "atoms": P.atoms, "y": P.targets, "alpha": P.alpha, "owner": P.owner,
+        "c": flat_c[live], "usable": valid.reshape(-1, k)[live] & (diag > 0),
+        "ridge": RIDGE * eps * diag.amax(dim=1), "atom_norm": diag.amax(dim=1).sqrt(), "y_norm": P.targets.norm(dim=1),
         "n_enter": torch.full_like(P.owner, FIRST_ENTER),
         "blocked": torch.zeros(live.numel(), dtype=torch.bool, device=c.device),
         # Consecutive Newton steps on an unchanged active set (iterative refinement: in float32 one solve of an
