@@ -29,8 +29,8 @@ class Status(IntEnum):
     BUDGET_REACHED = 1
     """OMP used its ``n_nonzero`` atoms before reaching ``tol`` (normal: the budget is the question asked)."""
     MAX_ITER = 2
-    """An iterative solver stopped with its certificate above ``tol``: at ``max_iter``, or earlier when no step can
-    lower the objective any more (a ``tol`` below what the working precision resolves)."""
+    """An iterative solver stopped with its certificate above ``tol``: at ``max_iter``, or earlier when no step of
+    its method lowers the objective any more (usually a ``tol`` below what the working precision resolves)."""
     NO_PROGRESS = 3
     """A greedy solver found no atom that improves a fit that is not exact (e.g. no positive correlation left for
     ``nn_omp``)."""
@@ -48,8 +48,8 @@ FAILURES = frozenset({Status.MAX_ITER, Status.NUMERICAL_ERROR})
 STATUS_LEGEND: dict[str, str] = {
     "CONVERGED": "the certificate met the tolerance, or the answer is exact (e.g. an OMP residual of zero)",
     "BUDGET_REACHED": "OMP used its n_nonzero atoms before reaching tol (normal: the budget is the question asked)",
-    "MAX_ITER": "an iterative solver stopped with its certificate above tol: at max_iter, or at the working "
-                "precision's rounding floor (failure)",
+    "MAX_ITER": "an iterative solver stopped with its certificate above tol: at max_iter, or earlier when no step "
+                "lowers the objective any more (failure)",
     "NO_PROGRESS": "a greedy solver found no atom that improves the fit (e.g. no positive correlation left)",
     "NUMERICAL_ERROR": "non-finite values, or the reference solver did not reach an optimal status (failure)",
 }

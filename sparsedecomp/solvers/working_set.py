@@ -31,8 +31,9 @@ lower the objective (accepted steps and the carried-over support are monotone). 
 tighter tol therefore never ends with a higher objective.
 
 If no step of a round lowers a target's objective (no atom violates beyond rounding and the pattern is solved, or
-every step failed) but its global certificate still fails, the next round refines its pattern (a Newton step on it
-whatever violates); if it is still not certified after that, the target is at the working dtype's rounding floor.
+every step failed) but its global certificate still fails, the next round first refines its pattern (a Newton step
+on it alone, then the usual steps); unless that round halves the certificate, the target is then at the working
+dtype's rounding floor (a warm start's first round refines its given pattern the same way).
 Below float64 it is then finished by a float64 solve, warm-started from its code with the budget it has left; the
 finished code comes back rounded to the working dtype and is certified as such (in float64), and is kept only if it
 is certified or lowers the objective. In float64 the target is given up (``MAX_ITER`` with fewer than ``max_iter``
@@ -143,8 +144,10 @@ def solve_working_set(
     c = Y.new_zeros(n_groups, active.numel(), 0)
     if start is not None:
         W, c = start[0][:, active], start[1][:, active].to(work)
+    stalls = torch.zeros(active.numel(), dtype=torch.long, device=device)
     # A warm start comes from another precision or problem: its first round refines the given pattern too.
-    stalls = torch.full((active.numel(),), int(start is not None), dtype=torch.long, device=device)
+    warm = torch.full((active.numel(),), start is not None, dtype=torch.bool, device=device)
+    last_cert = torch.full((active.numel(),), float("inf"), dtype=Y.dtype, device=device)
 
     while active.numel() > 0:
         # 1. Global check of every active target against all atoms.
@@ -156,6 +159,9 @@ def solve_working_set(
         passed = cert <= tol
         if recheck is not None and bool(passed.any()):
             passed, cert, obj = recheck(active, passed, cert, obj, W, c, tol)
+        # A round after a stall that halved the certificate made real progress: the target is not at the floor.
+        stalls = torch.where(cert < 0.5 * last_cert, torch.zeros_like(stalls), stalls)
+        last_cert = cert
         done = passed | (iterations[active] >= max_iter) | (stalls >= MAX_STALLS) | ~torch.isfinite(cert)
         if bool(done.any()):
             rows = active[done]
@@ -166,7 +172,7 @@ def solve_working_set(
             pieces.append(_finished_codes(rows, global_index, W[:, done], c[:, done]))
             keep = ~done
             active, W, c, corr, a = active[keep], W[:, keep], c[:, keep], corr[:, keep], a[keep]
-            stalls = stalls[keep]
+            stalls, warm, last_cert = stalls[keep], warm[keep], last_cert[keep]
             dense = None if dense is None else dense[:, keep]
         if active.numel() == 0:
             break
@@ -193,17 +199,18 @@ def solve_working_set(
         per_chunk = max(1, budget // max(1, W.shape[2] * (W.shape[2] + atoms.shape[2])))
         steps, moves = torch.zeros_like(active), torch.zeros_like(active)
         for chunk in live.split(per_chunk):
-            c, chunk_steps, chunk_moves = _solve_restricted(_gather(atoms, Y[:, active], W, valid, a, chunk), c,
-                                                            valid, max_iter - iterations[active], stalls > 0,
-                                                            nonnegative=nonnegative)
+            c, chunk_steps, chunk_moves = _solve_restricted(
+                _gather(atoms, Y[:, active], W, valid, a, chunk), c, valid, max_iter - iterations[active],
+                (stalls > 0) | warm, nonnegative=nonnegative)
             steps, moves = torch.maximum(steps, chunk_steps), torch.maximum(moves, chunk_moves)
         # A target always pays at least one step per round, so max_iter bounds the number of rounds too.
         iterations[active] += steps.clamp_min(1)
         # Not certified, yet no step lowered the objective (no atom violates beyond rounding, the pattern is
         # solved, or every step failed): the target may be at the working dtype's rounding floor. Its next round
-        # refines the pattern; that round counts too whatever it does (its moves can be rounding noise), so a
-        # target that is still not certified after it stops.
+        # refines the pattern first; that round counts too whatever it moves (its moves can be rounding noise)
+        # unless it halves the certificate (checked at the next global check).
         stalls = torch.where((moves == 0) | (stalls > 0), stalls + 1, torch.zeros_like(stalls))
+        warm = torch.zeros_like(warm)
 
     codes = _assemble_codes(pieces, n, n_atoms, Y)
     if recheck is not None and bool(at_floor.any()):
@@ -423,7 +430,10 @@ def _solve_restricted(
         "c": flat_c[live], "usable": valid.reshape(-1, k)[live] & (diag > 0),
         "ridge": RIDGE * eps * diag.amax(dim=1), "atom_norm": diag.amax(dim=1).sqrt(), "y_norm": P.targets.norm(dim=1),
         "n_enter": torch.full_like(P.owner, FIRST_ENTER),
-        "blocked": torch.zeros(live.numel(), dtype=torch.bool, device=c.device),
+        # Rows to refine take a pure Newton step on their pattern first (as blocked rows: nothing enters), and its
+        # failure does not stop them ("first").
+        "blocked": refine[P.owner].clone(),
+        "first": refine[P.owner].clone(),
         # Consecutive Newton steps on an unchanged active set (iterative refinement: in float32 one solve of an
         # ill-conditioned G_SS leaves the pattern's minimiser inexact, and q is recomputed before the next).
         "refined": torch.where(refine[P.owner], 0, REFINE),
@@ -476,7 +486,8 @@ def _solve_restricted(
         # arithmetic); a row that cannot move even so is at its rounding floor and stops. A full step doubles the
         # next batch.
         tried = s["n_enter"][rows]
-        stuck = ~moved & ((tried == 1) | ~entering)
+        stuck = ~moved & ((tried == 1) | ~entering) & ~s["first"][rows]
+        s["first"][rows] = False
         s["n_enter"][rows] = torch.where(moved, torch.where(now_blocked, tried, (2 * tried).clamp(max=k)),
                                          torch.ones_like(tried))
         s["refined"][rows] = torch.where(entering | now_blocked, 0, s["refined"][rows] + 1)
