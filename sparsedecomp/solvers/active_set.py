@@ -14,10 +14,11 @@ at once. With ``q = b - c G`` (minus the gradient of the smooth part) and an *ac
 1. *Enter* (:func:`entering_signs`): a subproblem at the minimiser of its current pattern adds its most violating
    zero coordinates (``|q_j| > alpha``; non-negative: ``q_j > alpha``) with ``theta_j = sign(q_j)``: moving
    along ``theta_j`` lowers ``f``.
-2. *Newton* (:func:`newton_step`): solve the pattern's system (batched Cholesky of ``G_SS`` only, ``O(|S|^3)``) and
-   move towards its solution as far as the signs allow (``f = f_theta`` there and ``f_theta`` is convex, so the
-   move cannot increase ``f``), dropping the coordinate that reaches zero; or to the solution with its sign-flipped
-   coordinates set to zero when that lowers ``f`` more. A step that does not decrease ``f`` is rejected.
+2. *Newton* (:func:`newton_step`): solve the pattern's system (batched Cholesky of ``G_SS`` only, ``O(|S|^3)``),
+   then search the projected path towards its solution (coordinates that would change sign held at zero) at its
+   first sign changes and its end. Up to the first sign change ``f = f_theta``, which is convex, so that point
+   cannot increase ``f`` (it drops the coordinate that reaches zero); later points can drop several at once. The
+   best point is taken; a step that does not decrease ``f`` is rejected.
 
 A subproblem whose last step stopped at a sign change (``blocked``) takes a Newton step on its smaller support
 before anything enters. One entering coordinate from a pattern minimiser always moves in its sign's direction
@@ -90,9 +91,9 @@ def newton_step(gram: Tensor, rows: Tensor, q: Tensor, c: Tensor, sign: Tensor, 
     system = sub.clone()
     system.diagonal(dim1=1, dim2=2).add_(1 - on + ridge[:, None] * on)
     # G (c + d) = b - alpha theta on the active set  <=>  G_SS d_S = q_S - alpha theta_S.
-    rhs = (q - alpha[:, None] * sign).gather(1, order) * on
+    gradient = (q - alpha[:, None] * sign).gather(1, order) * on
     factor, info = torch.linalg.cholesky_ex(system)
-    solved = torch.cholesky_solve(rhs[:, :, None], factor).squeeze(2) * on
+    solved = torch.cholesky_solve(gradient[:, :, None], factor).squeeze(2) * on
     # The projected path x(t) = P(c + t d), d the Newton direction and P the projection onto the orthant of
     # ``sign`` (coordinates that would change sign are held at zero). Up to t_1, its first breakpoint (the first
     # sign change), f is the pattern's convex quadratic, so x(t_1) lowers f (dropping one coordinate); x(1) is the
@@ -111,7 +112,6 @@ def newton_step(gram: Tensor, rows: Tensor, q: Tensor, c: Tensor, sign: Tensor, 
     steps = path - c_s[:, None, :]
     # f(x) - f(c) = -s . (q - alpha theta) + 0.5 s_S G_SS s_S inside the closed orthant (||x||_1 - ||c||_1 = theta.s);
     # in this form the small gains of the last steps are resolved without cancellation.
-    gradient = (q - alpha[:, None] * sign).gather(1, order)
     change = -(steps * gradient[:, None, :]).sum(dim=2) + 0.5 * (torch.bmm(steps, sub) * steps).sum(dim=2)
     change = torch.where(torch.isfinite(change), change, torch.full_like(change, float("inf")))
     best_change, best = change.min(dim=1)
