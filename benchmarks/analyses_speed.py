@@ -25,7 +25,7 @@ from sparsedecomp.activations import ActivationBatch, run_accumulators
 from sparsedecomp.evaluation import figures
 from sparsedecomp.evaluation.analyses import (HeadOutputCosineAccumulator, decoder_norms, dictionary_ranks,
                                               mixed_feature_interference, model_saes, output_subspace_carry)
-from sparsedecomp.evaluation.jsonable import to_jsonable
+from sparsedecomp.jsonio import to_jsonable
 from sparsedecomp.loading import SAE, HeadSAEs
 
 

@@ -29,7 +29,7 @@ from sparsedecomp import Codes, Decomposition, make_solver
 from sparsedecomp.activations import ActivationBatch, run_accumulators
 from sparsedecomp.evaluation.attribution import DFAAccumulator, head_attribution
 from sparsedecomp.evaluation.faithfulness import FaithfulnessAccumulator
-from sparsedecomp.evaluation.jsonable import to_jsonable
+from sparsedecomp.jsonio import to_jsonable
 from sparsedecomp.loading import SAE, HeadSAEs
 
 RESULTS = Path(__file__).parent / "results"

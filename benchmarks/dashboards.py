@@ -75,7 +75,7 @@ def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, A
     from sparsedecomp.dashboards.weights import correlated_features, feature_logits
     from sparsedecomp.dashboards.windows import example_windows
     from sparsedecomp.evaluation.attribution import DFAAccumulator, dfa_bias, head_attribution
-    from sparsedecomp.evaluation_run import decompose_settings
+    from sparsedecomp.jobs.solve import decompose_settings
     from sparsedecomp.loading.sae import CONCATENATED
     from sparsedecomp.solver_settings import SolverSetting
 

@@ -145,7 +145,7 @@ def decomposition(world: World, codes: str, seed: int) -> Any:
     """The concat SAE's unit decoder rows in ``head_saes.dictionary(normalize=True)``: solved by ``nn_omp`` or
     random sparse codes of :data:`N_NONZERO` atoms a row (unit-norm, positive)."""
     from sparsedecomp import Codes, Decomposition, make_solver
-    from sparsedecomp.pipeline import concat_targets
+    from sparsedecomp.jobs.solve import concat_targets
 
     dictionary = world.head_saes.dictionary(normalize=True)
     targets = concat_targets(world.concat_sae)[0].to(dictionary.dtype)

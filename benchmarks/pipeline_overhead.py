@@ -36,7 +36,7 @@ import torch
 
 from sparsedecomp import decompose, make_solver
 from sparsedecomp.loading import SAE, HeadSAEs
-from sparsedecomp.pipeline import run_decomposition
+from sparsedecomp.jobs.decompose import run_decomposition
 
 from .planted import PlantedConfig, PlantedProblem, make_planted
 

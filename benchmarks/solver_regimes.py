@@ -75,7 +75,7 @@ def demo_problems(n_targets: int, seed: int, dtype: torch.dtype) -> dict[str, tu
     the per-head decoders (``z``) so that each package copy builds its own dictionary from the same numbers."""
     from sparsedecomp.demo import load_demo_world
     from sparsedecomp.dictionary import mix_targets
-    from sparsedecomp.pipeline import concat_targets
+    from sparsedecomp.jobs.solve import concat_targets
 
     world = load_demo_world(scale_contexts=8)
     dictionary = world.head_saes.dictionary(normalize=True)

@@ -29,7 +29,7 @@ from sparsedecomp.activations import ActivationStream, MeanAccumulator, run_accu
 from sparsedecomp.demo import demo_tokens, load_demo_world
 from sparsedecomp.evaluation.routing import route_decomposition, routing_error
 from sparsedecomp.evaluation.splice import splice_losses, splice_variants
-from sparsedecomp.pipeline import concat_targets
+from sparsedecomp.jobs.solve import concat_targets
 
 SETTINGS = {
     "pinv": ("pinv", {}),

@@ -31,7 +31,7 @@ from torch import Tensor
 from .codes import Codes
 from .decomposition import STATUS_LEGEND, Decomposition, Status
 from .errors import InputError
-from .outputs import dumps_strict
+from .jsonio import dumps_strict
 
 CODES_FORMAT = "sparsedecomp-codes/1"
 
@@ -77,11 +77,25 @@ def codes_file_tensors(decomposition: Decomposition, extra: Mapping[str, Tensor]
 
 
 def write_codes_file(path: str | Path, decomposition: Decomposition, extra: Mapping[str, Tensor] | None = None) -> None:
-    """Write the codes file (not atomic by itself: the pipeline writes it through its :class:`RunWriter`)."""
-    from safetensors.torch import save_file
-
+    """Write the codes file (not atomic by itself: the jobs write it through their :class:`RunWriter`)."""
     tensors, metadata = codes_file_tensors(decomposition, extra)
-    save_file(tensors, str(path), metadata=metadata)
+    Path(path).write_bytes(safetensors_bytes(tensors, metadata))
+
+
+def safetensors_bytes(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> bytes:
+    """The safetensors file of ``tensors`` and ``metadata`` with its JSON header's keys sorted, so that equal content
+    gives equal bytes (safetensors keeps the metadata in a hash map, whose order changes from process to process).
+
+    The layout is safetensors' own: an 8-byte little-endian header length, the JSON header padded with spaces to a
+    multiple of 8 bytes, then the tensor data, whose offsets are relative to the data's start and so unchanged."""
+    from safetensors.torch import save
+
+    raw = save(dict(tensors), metadata=dict(metadata))
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + raw[8 + n:]
 
 
 @dataclass(frozen=True, eq=False)

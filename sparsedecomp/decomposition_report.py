@@ -4,7 +4,7 @@
 :meth:`~DecompositionReport.to_dict`, and :func:`read_report` reads the file back into the same dataclasses. The
 JSON keys are a stable interface for users: every key is listed, with its meaning, in ``docs/outputs.md`` (a test
 checks the list against these dataclasses). Keys that only some runs have (the residual space's) are left out,
-not written as ``null``, when absent (:data:`~sparsedecomp.evaluation.jsonable.OMIT_IF_NONE`).
+not written as ``null``, when absent (:data:`~sparsedecomp.jsonio.OMIT_IF_NONE`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import InputError
-from .evaluation.jsonable import OMIT_IF_NONE, to_jsonable
+from .jsonio import OMIT_IF_NONE, to_jsonable
 from .evaluation.metrics import MetricsSummary
-from .report_schema import from_jsonable
+from .jsonio import from_jsonable
 
 
 @dataclass(frozen=True)

@@ -15,3 +15,8 @@ class InputError(ValueError):
 
 class InputTypeError(InputError, TypeError):
     """An argument has the wrong type (also a ``TypeError``)."""
+
+
+class OutputError(OSError):
+    """An output could not be written (a full disk, a file-size limit, a folder in use by another run); the message
+    names the file or folder, and what is left there."""

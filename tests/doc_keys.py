@@ -1,7 +1,7 @@
 """The key paths a document lists for a JSON file, and the key paths a written file has (shared by the report tests).
 
 A key path is dotted: ``results.*.features[].atoms[].head``, ``*`` for any key of a mapping, ``[]`` for each item of a
-list (the notation of :mod:`sparsedecomp.report_schema`)."""
+list (the notation of :mod:`sparsedecomp.jsonio`)."""
 
 import re
 from pathlib import Path

@@ -6,7 +6,7 @@ import torch
 from sparsedecomp.activations import (ActivationStream, CollectZ, MeanAccumulator, bytes_per_context, check_tokens,
                                       contexts_per_batch, run_accumulators)
 from sparsedecomp.errors import InputError, InputTypeError
-from sparsedecomp.evaluation.jsonable import to_jsonable
+from sparsedecomp.jsonio import to_jsonable
 
 
 def test_streaming_equals_one_batch(tiny_model, tokens):

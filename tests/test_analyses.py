@@ -14,7 +14,7 @@ from sparsedecomp.evaluation import figures
 from sparsedecomp.evaluation.analyses import (HeadOutputCosineAccumulator, decoder_norms, dictionary_ranks,
                                               head_pairs, histogram_quantile, mixed_feature_interference, model_saes,
                                               output_subspace_carry)
-from sparsedecomp.evaluation.jsonable import to_jsonable
+from sparsedecomp.jsonio import to_jsonable
 from sparsedecomp.loading.heads import HeadSAEs
 from sparsedecomp.loading.sae import SAE
 

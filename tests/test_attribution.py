@@ -11,7 +11,7 @@ from sparsedecomp.activations import run_accumulators
 from sparsedecomp.errors import InputError, InputTypeError
 from sparsedecomp.evaluation.attribution import (DFA, DFAAccumulator, block_norm_shares, dfa_bias, dfa_by_head,
                                                  head_attribution, spearman, weight_shares)
-from sparsedecomp.evaluation.jsonable import to_jsonable
+from sparsedecomp.jsonio import to_jsonable
 from sparsedecomp.loading.heads import HeadSAEs
 from sparsedecomp.loading.sae import SAE
 

@@ -174,12 +174,12 @@ def test_pinv_codes_are_stored_dense(checkpoints, tmp_path):
 
 def test_a_bug_keeps_its_traceback(checkpoints, tmp_path, monkeypatch):
     """Only input errors become one-line messages; an internal KeyError or TypeError propagates."""
-    import sparsedecomp.pipeline
+    import sparsedecomp.jobs.decompose
 
     def broken(*args, **kwargs):
         raise KeyError("internal bug")
 
-    monkeypatch.setattr(sparsedecomp.pipeline, "run_decomposition", broken)
+    monkeypatch.setattr(sparsedecomp.jobs.decompose, "run_decomposition", broken)
     with pytest.raises(KeyError, match="internal bug"):
         main(["decompose", "--concat-sae", checkpoints["concat"], "--head-saes", *checkpoints["runs"],
               "--out", str(tmp_path / "o"), "--no-progress"])
@@ -193,10 +193,11 @@ def test_tokens_are_checked_before_the_model_loads(tmp_path, capsys):
 
 
 def test_parser_names_match_the_library():
-    from sparsedecomp import SOLVERS, cli, pipeline
+    from sparsedecomp import SOLVERS, cli
+    from sparsedecomp.jobs import decompose, solve
 
     assert set(cli.METHODS) == set(SOLVERS)
-    assert cli.SPACES == pipeline.SPACES and cli.DEFAULT_METHOD == pipeline.DEFAULT_METHOD
+    assert cli.SPACES == decompose.SPACES and cli.DEFAULT_METHOD == solve.DEFAULT_METHOD
 
 
 def test_help_is_fast_and_module_entry_point_works():
@@ -211,6 +212,7 @@ def test_help_is_fast_and_module_entry_point_works():
     assert run.returncode == 0 and "--concat-sae" in run.stdout and "nnls" in run.stdout
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--no-progress", "--eval-contexts", "8", "--no-dashboards"]) == 0
@@ -239,13 +241,30 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert "explains little" in z.verdict and "explains little" in html
     for line in summary.context.values():
         assert html_escape(str(line).split(";")[0]) in html
-    assert "wrote" in capsys.readouterr().out
+    assert f"Open {out / 'index.html'}" in capsys.readouterr().out
     # ... and the evaluation report of the same world beside it, on the held-out tokens asked for.
     report = json.loads((out / "evaluation" / "report.json").read_text())
     assert report["tokens"]["n_contexts"] == 8 and report["tokens"]["kind"] == "demo"
     assert report["decompositions"]["pinv"]["consistent"] is True
     assert {"concat_sae", "routed_pinv", "all_head_saes", "mean_layer"} <= set(report["splice"])
-    assert json.loads((out / "evaluation" / "manifest.json").read_text())["command"] == "demo"
+    assert json.loads((out / "evaluation" / "manifest.json").read_text())["command"] == "evaluate"
+    top = json.loads((out / "manifest.json").read_text())
+    assert top["complete"] is True and set(top["parts"]) == {"evaluation"}
+    assert '<a href="evaluation/report.html">' in html and "dashboards/index.html" not in html
+
+
+def test_the_demo_front_page_links_what_the_run_wrote(tmp_path, capsys):
+    """A quick demo (a few features, no evaluation, no dashboards): its front page links nothing it did not write,
+    its manifest is complete, and the run ends naming the page to open."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--no-progress", "--no-evaluate", "--no-dashboards",
+                 "--features", "0-31"]) == 0
+    html = (out / "index.html").read_text()
+    assert "In this folder" not in html and "evaluation/report.html" not in html
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] is True and manifest["parts"] == {} and manifest["command"] == "demo"
+    assert set(manifest["files"]) == {"summary.json", "index.html", "codes_z.safetensors"}
+    assert f"Open {out / 'index.html'}" in capsys.readouterr().out
 
 
 def test_decompose_on_local_demo_artifacts_with_a_local_model_then_rerun_in_place(tmp_path):

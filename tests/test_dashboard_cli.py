@@ -114,7 +114,7 @@ def test_ignored_tokens_never_rank_and_the_front_page_says_what_was_left_out(sta
     assert focus_tokens and not focus_tokens & {"<5>", "<7>"}
     assert "position 0 (BOS), &#39;&lt;5&gt;&#39; (id 5), &#39;&lt;7&gt;&#39; (id 7)" in (out / "index.html").read_text()
     assert main(command(standin, tmp_path / "a", "--ignore-tokens", "5,x")) == 2
-    assert "--ignore-tokens: 'x' is not a token id" in capsys.readouterr().err
+    assert "--ignore-tokens: 'x' is not a non-negative integer" in capsys.readouterr().err
     assert main(command(standin, tmp_path / "b", "--ignore-tokens", str(TINY["d_vocab"]))) == 2
     assert f"not in the model's vocabulary (d_vocab={TINY['d_vocab']})" in capsys.readouterr().err
 
@@ -123,7 +123,7 @@ def test_special_token_ids_of_both_tokenizer_kinds():
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from sparsedecomp.dashboard_run import special_token_ids
+    from sparsedecomp.jobs.dashboard import special_token_ids
     from sparsedecomp.demo.layout import ARTIFACTS_DIR, TOKENIZER_FILE
 
     raw = Tokenizer.from_file(str(ARTIFACTS_DIR / TOKENIZER_FILE))

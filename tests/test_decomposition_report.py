@@ -14,8 +14,8 @@ from sparsedecomp.decomposition_page import render_decomposition_page, top_heads
 from sparsedecomp.decomposition_report import DecompositionReport, read_report
 from sparsedecomp.errors import InputError
 from sparsedecomp.loading import SAE, HeadSAEs
-from sparsedecomp.pipeline import run_decomposition
-from sparsedecomp.report_schema import key_paths
+from sparsedecomp.jobs.decompose import run_decomposition
+from sparsedecomp.jsonio import key_paths
 
 N_HEADS, D_HEAD, D_SAE_HEAD, D_SAE_CAT, D_MODEL = 3, 4, 6, 10, 8
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "outputs.md"

@@ -12,7 +12,7 @@ import torch
 from benchmarks.standins import TINY, write_standin
 from sparsedecomp.cli import main
 from sparsedecomp.evaluation.evaluate import EvaluationReport
-from sparsedecomp.report_schema import key_paths
+from sparsedecomp.jsonio import key_paths
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "evaluation.md"
 
@@ -90,13 +90,15 @@ def test_bad_settings_and_token_sources_are_refused_before_loading(standin, tmp_
     base = ["evaluate", "--concat-sae", str(standin.concat_dir), "--head-saes", str(standin.head_runs[0]),
             "--model", str(standin.model_dir), "--out", str(tmp_path / "o")]
     assert main([*base, "--tokens", str(tmp_path / "missing.safetensors")]) == 2
-    assert "--tokens: no file" in capsys.readouterr().err
+    assert "--tokens: no tokens file at" in capsys.readouterr().err
     assert main([*base, "--dataset", "x", "--methods", "nn_omp:n_nonzero=abc"]) == 2
     assert "not a number" in capsys.readouterr().err
     assert main([*base, "--dataset", "x", "--methods", "omp:bogus=1"]) == 2
     assert "--methods omp_bogus1" in capsys.readouterr().err
-    assert main([*base, "--dataset", "x", "--n-contexts", "0"]) == 2
-    assert "--n-contexts must be a positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # refused by the parser, as every command refuses it
+        main([*base, "--dataset", "x", "--n-contexts", "0"])
+    assert stop.value.code == 2
+    assert "argument --n-contexts: must be a positive integer, got 0" in capsys.readouterr().err
 
 
 def _base(standin, out):

@@ -11,7 +11,7 @@ from sparsedecomp.activations import CollectZ, run_accumulators
 from sparsedecomp.codes import Codes
 from sparsedecomp.errors import InputError, InputTypeError
 from sparsedecomp.evaluation.faithfulness import FaithfulnessAccumulator, faithfulness_many
-from sparsedecomp.evaluation.jsonable import to_jsonable
+from sparsedecomp.jsonio import to_jsonable
 from tests.test_attribution import block_world, identity_decomposition, make_sae, tiny_model, tokens
 
 

@@ -10,7 +10,7 @@ import torch
 import sparsedecomp.evaluation.sae_quality as sae_quality
 from sparsedecomp.activations import ActivationBatch, CollectZ, run_accumulators
 from sparsedecomp.errors import InputError, InputTypeError
-from sparsedecomp.evaluation.jsonable import to_jsonable
+from sparsedecomp.jsonio import to_jsonable
 from sparsedecomp.evaluation.sae_quality import (LOG10_DENSITY_BIN_EDGES, SAEQuality, SAEQualityAccumulator,
                                                  sae_quality_accumulators, with_downstream)
 from sparsedecomp.loading import HeadSAEs

@@ -111,6 +111,6 @@ def test_a_bad_head_index_map_is_refused(standin, tmp_path, capsys):
     args = ["reproduce-seed", "heads", "--head-saes", *map(str, standin.head_runs[:2]), "--model",
             str(standin.model_dir), "--dataset", str(standin.dataset_dir), "--out", str(tmp_path / "o")]
     assert main([*args, "--head-index-map", "a,b"]) == 2
-    assert "comma-separated integers" in capsys.readouterr().err
+    assert "--head-index-map: 'a' is not a non-negative integer" in capsys.readouterr().err
     assert main([*args, "--head-index-map", "0"]) == 2
     assert "one distinct head per source" in capsys.readouterr().err

@@ -11,12 +11,12 @@ from sparsedecomp import make_solver
 from sparsedecomp.activations import MeanAccumulator, run_accumulators
 from sparsedecomp.dictionary import mix_targets
 from sparsedecomp.errors import InputError
-from sparsedecomp.evaluation.jsonable import to_jsonable
+from sparsedecomp.jsonio import to_jsonable
 from sparsedecomp.evaluation.routing import RoutedDecoder, route_decomposition, routing_error
 from sparsedecomp.evaluation.splice import (SpliceAccumulator, mean_and_stderr, recovered_fraction,
                                             recovered_with_stderr, select_variants, splice_losses, splice_variants)
 from sparsedecomp.loading import SAE, HeadSAEs
-from sparsedecomp.pipeline import concat_targets
+from sparsedecomp.jobs.solve import concat_targets
 
 N_HEADS, D_HEAD, HOOK = 4, 8, "blocks.1.attn.hook_z"
 

@@ -22,13 +22,14 @@ No loop over features: loops run over SAEs, stream batches and example chunks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from ..activations import ActivationBatch, hooked_transformer, run_accumulators
 from ..decomposition import Decomposition
+from ..naming import CONCAT_NAME, head_name
 from ..errors import InputTypeError
 from ..evaluation.attribution import DFAAccumulator, HeadAttribution, dfa_bias, head_attribution
 from ..loading.heads import HeadSAEs, check_compatible
@@ -40,13 +41,6 @@ from .replay import DEFAULT_CACHE_BUDGET, KeepBatches, batches_over, cache_bytes
 from .source_dfa import DFARequest, dfa_by_source_many
 from .weights import CorrelatedFeatures, FeatureLogits, correlated_features, feature_logits
 from .windows import DEFAULT_LEFT, DEFAULT_RIGHT, ExampleWindows, example_windows
-
-CONCAT_NAME = "concat"
-
-
-def head_name(head: int) -> str:
-    return f"head_{head}"
-
 
 @dataclass(frozen=True, eq=False)
 class ShownExamples:
@@ -127,7 +121,7 @@ def gather_dashboard_data(model: Any, tokens: Any, head_saes: HeadSAEs, concat_s
                           n_logits: int = 10, left: int = DEFAULT_LEFT, right: int = DEFAULT_RIGHT,
                           exclude_bos: bool = True, ignore_tokens: tuple[int, ...] = (), with_dfa: bool = True,
                           batch_size: int | None = None, cache_budget: int = DEFAULT_CACHE_BUDGET,
-                          progress: bool = False) -> DashboardData:
+                          progress: bool = False, log: Callable[[str], None] | None = None) -> DashboardData:
     """:class:`DashboardData` of every feature of ``concat_sae`` and of each SAE of ``head_saes`` on ``tokens``
     (a ``(n_contexts, context_size)`` tensor or a :class:`~sparsedecomp.loading.tokens.TokenSet`); see the module
     docstring for the passes. ``decompositions`` are of the concat SAE's features (one target per feature)."""
@@ -157,6 +151,9 @@ def gather_dashboard_data(model: Any, tokens: Any, head_saes: HeadSAEs, concat_s
     results = run_accumulators(hooked, tokens, accumulators, layer=layer, batch_size=batch_size, progress=progress,
                                desc="dashboard data")
     kept = results.pop("kept", None)
+    if log is not None:
+        log(f"dashboard data: logits, example windows{' and their DFA by source' if with_dfa else ''} of "
+            f"{len(saes)} SAEs ({'replaying the kept pass' if kept is not None else 'one more pass over the contexts'})")
     attribution = head_attribution(concat_sae, n_heads, dfa=results["dfa"], decompositions=decompositions)
 
     W_O, W_U = hooked.W_O[layer].detach(), hooked.W_U.detach()

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .gather import CONCAT_NAME, DashboardData
+from ..naming import CONCAT_NAME
+from .gather import DashboardData
 from .records import DIGITS, dfa_values
 
 

@@ -22,7 +22,8 @@ from torch import Tensor
 
 from ..evaluation.attribution import DFA, WEIGHT
 from ..evaluation.metrics import cosine, l0, relative_error
-from .gather import CONCAT_NAME, DashboardData, GatheredSAE, head_name
+from ..naming import CONCAT_NAME, head_name
+from .gather import DashboardData, GatheredSAE
 from .data import left_out
 from .histograms import density_histogram
 

@@ -15,17 +15,32 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 from ..errors import InputError
-from ..outputs import _atomic, check_output_folder, dumps_strict
+from ..jsonio import dumps_strict
+from ..naming import CONCAT_NAME, head_of
 from .gather import DashboardData
 from .neuronpedia import neuronpedia_batch
 from .records import decomposition_links, decomposition_quality, group_links, index_table, sae_records
 
 BATCH_SIZE = 256
 STATE_NAME = "dashboard_state.json"
-MANIFEST_NAME = "manifest.json"
+
+
+class SiteWriter(Protocol):
+    """What :func:`write_site` needs of a writer (:class:`sparsedecomp.outputs.RunWriter` is one): the folder, files
+    written under relative paths and committed at checkpoints, and files of an earlier run kept as they are."""
+
+    out: Path
+
+    def write_text(self, name: str, text: str) -> Path: ...
+
+    def write_bytes(self, name: str, data: bytes) -> Path: ...
+
+    def keep(self, name: str) -> Path: ...
+
+    def commit(self) -> None: ...
 
 
 def default_render_page(kind: str, **context: Any) -> str:
@@ -44,55 +59,28 @@ class DashboardSite:
     batches_skipped: int
 
 
-SITE_FORMAT = "sparsedecomp-dashboards/1"
-
-
-def claim_site_folder(out_dir: str | Path) -> Path:
-    """``out_dir`` checked (new, empty, or an earlier site's: another command's run folder is refused), made, and
-    marked unfinished (``"complete": false``, keeping the earlier site's file list so its stale files can be
-    removed at the end). An interrupted run's folder is so recognised (and resumed) by the next one, a finished site
-    being rewritten never says it is complete while half of it is new, and a caller may write beside the pages (an
-    evaluation report in ``out_dir/evaluation/``) before they are written."""
-    out = check_output_folder(out_dir)
-    previous = _read_manifest(out)
-    if previous and previous.get("format") != SITE_FORMAT:
-        raise InputError(f"the output folder {out} holds a `sparsedecomp {previous.get('command', '?')}` run, not a "
-                         "dashboards site: give a new or empty folder (or that of an earlier dashboards run)")
-    out.mkdir(parents=True, exist_ok=True)
-    claim = {"format": SITE_FORMAT, "complete": False, "files": dict(previous.get("files") or {})}
-    _atomic(out / MANIFEST_NAME, lambda tmp: tmp.write_text(dumps_strict(claim, indent=1) + "\n"))
-    return out
-
-
-def write_site(data: DashboardData, out_dir: str | Path, *, token_str: Callable[[int], str],
+def write_site(data: DashboardData, writer: SiteWriter, *, token_str: Callable[[int], str],
                render_page: Callable[..., str] = default_render_page, batch_size: int = BATCH_SIZE,
                model_id: str = "model", after_batch: Callable[[str, int], None] | None = None,
                analysis_href: str | None = None, context: Mapping[str, str] | None = None,
-               neuronpedia: bool = True) -> DashboardSite:
-    """Write the site for ``data`` into ``out_dir`` (see the module docstring). ``after_batch(sae, batch)`` is
-    called after each batch is recorded finished (a progress hook; tests interrupt there); ``context`` (what the site
-    was built from, in words) is shown on the front page; ``neuronpedia`` writes the Neuronpedia batch export (as
-    large as the pages again: the demo leaves it out)."""
-    out = claim_site_folder(out_dir)
-    previous_files = set(_read_manifest(out).get("files") or {})
-    for leftover in out.rglob(".*.tmp"):
-        leftover.unlink(missing_ok=True)
+               neuronpedia: bool = True, progress: bool = False) -> DashboardSite:
+    """Write the site for ``data`` through ``writer`` (see the module docstring). ``after_batch(sae, batch)`` is
+    called after each batch is committed and recorded finished (a progress hook; tests interrupt there);
+    ``context`` (what the site was built from, in words) is shown on the front page; ``neuronpedia`` writes the
+    Neuronpedia batch export."""
+    from tqdm.auto import tqdm
+
+    out = writer.out
     fingerprint = _fingerprint(data, batch_size, token_str)
     state = _read_state(out / STATE_NAME)
     if state.get("fingerprint") != fingerprint:
         state = {"fingerprint": fingerprint, "finished": {}}
-    files: dict[str, int] = {}
-
-    def write(rel: str, text: str) -> None:
-        path = out / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-        files[rel] = path.stat().st_size
-
-    _copy_assets(out, files)
+    _copy_assets(writer)
     links, quality = group_links(decomposition_links(data)), decomposition_quality(data)
     written = skipped = 0
     n_pages = {}
+    bar = tqdm(total=sum(g.sae.d_sae for g in data.saes.values()), desc="dashboard pages", unit="page",
+               disable=not progress)
     for name in data.saes:
         n_features = data.saes[name].sae.d_sae
         n_pages[name] = n_features
@@ -111,41 +99,44 @@ def write_site(data: DashboardData, out_dir: str | Path, *, token_str: Callable[
             if b in finished:
                 skipped += 1
                 for rec in batch:
-                    rel = f"{name}/f/{rec['feature']}.html"
-                    files[rel] = (out / rel).stat().st_size
+                    writer.keep(f"{name}/f/{rec['feature']}.html")
+                bar.update(len(batch))
                 continue
             for rec in batch:
-                write(f"{name}/f/{rec['feature']}.html",
-                      render_page("feature", record_json=_inline_json(rec), title=rec["title"],
-                                  assets="../../assets", site_root="../.."))
+                writer.write_text(f"{name}/f/{rec['feature']}.html",
+                                  render_page("feature", record_json=_inline_json(rec), title=rec["title"],
+                                              assets="../../assets", site_root="../.."))
+            writer.commit()  # the batch's pages are in place before the state says they are
             state["finished"].setdefault(name, []).append(b)
             state["finished"][name].sort()
-            write(STATE_NAME, dumps_strict(state, indent=1) + "\n")
+            writer.write_text(STATE_NAME, dumps_strict(state, indent=1) + "\n")
+            writer.commit()
             written += 1
+            bar.update(len(batch))
             if after_batch is not None:
                 after_batch(name, b)
-        write(f"{name}/features.js", "window.SD_INDEX = " + _inline_json(table) + ";\n")
-        write(f"{name}/index.html", render_page("index", sae=name, title=_sae_title(name), n_features=n_features,
-                                                assets="../assets", site_root="..", data_src="features.js"))
+        writer.write_text(f"{name}/features.js", "window.SD_INDEX = " + _inline_json(table) + ";\n")
+        writer.write_text(f"{name}/index.html", render_page("index", sae=name, title=sae_title(name),
+                                                            n_features=n_features, assets="../assets",
+                                                            site_root="..", data_src="features.js"))
         if neuronpedia:
             # The batch object with its features written in as the batches made them ("features" is its last key).
             shell = dumps_strict(neuronpedia_batch(data, name, [], model_id=model_id))
             if not shell.endswith('"features":[]}'):
                 raise AssertionError(f"the Neuronpedia batch object must end with its features: {shell[-40:]}")
-            write(f"neuronpedia/{name}.json", shell[:-2] + ",".join(exported) + "]}\n")
-    saes = [{"name": name, "n_features": n_pages[name], "href": f"{name}/index.html", "description": _sae_title(name)}
+            writer.write_text(f"neuronpedia/{name}.json", shell[:-2] + ",".join(exported) + "]}\n")
+    bar.close()
+    saes = [{"name": name, "n_features": n_pages[name], "href": f"{name}/index.html", "description": sae_title(name)}
             for name in data.saes]
-    write("index.html", render_page("site_index", title="Feature dashboards", saes=saes, analysis_href=analysis_href,
-                                    context=dict(context or {})))
-    write(STATE_NAME, dumps_strict({**state, "complete": True}, indent=1) + "\n")
-    _remove_stale(out, previous_files - set(files))
-    manifest = {"format": SITE_FORMAT, "complete": True, "files": dict(sorted(files.items()))}
-    _atomic(out / MANIFEST_NAME, lambda tmp: tmp.write_text(dumps_strict(manifest, indent=1) + "\n"))
+    writer.write_text("index.html", render_page("site_index", title="Feature dashboards", saes=saes,
+                                                analysis_href=analysis_href, context=dict(context or {})))
+    writer.write_text(STATE_NAME, dumps_strict({**state, "complete": True}, indent=1) + "\n")
     return DashboardSite(out=out, n_pages=n_pages, batches_written=written, batches_skipped=skipped)
 
 
-def _sae_title(name: str) -> str:
-    return "concatenated-z SAE" if name == "concat" else f"per-head SAE of head {name.removeprefix('head_')}"
+def sae_title(name: str) -> str:
+    """How the site names an SAE in words."""
+    return "concatenated-z SAE" if name == CONCAT_NAME else f"per-head SAE of head {head_of(name)}"
 
 
 def _inline_json(value: Any) -> str:
@@ -160,21 +151,15 @@ def _inline_json(value: Any) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def _copy_assets(out: Path, files: dict[str, int]) -> None:
+def _copy_assets(writer: SiteWriter) -> None:
     import plotly.offline
 
-    assets = out / "assets"
-    assets.mkdir(exist_ok=True)
-    script = plotly.offline.get_plotlyjs()
-    _atomic(assets / "plotly.min.js", lambda tmp: tmp.write_text(script, encoding="utf-8"))
-    files["assets/plotly.min.js"] = (assets / "plotly.min.js").stat().st_size
+    writer.write_text("assets/plotly.min.js", plotly.offline.get_plotlyjs())
     package = resources.files("sparsedecomp.dashboards") / "assets"
     if package.is_dir():
         for item in sorted(package.iterdir(), key=lambda p: p.name):
             if item.is_file():
-                body = item.read_bytes()
-                _atomic(assets / item.name, lambda tmp, body=body: tmp.write_bytes(body))
-                files[f"assets/{item.name}"] = len(body)
+                writer.write_bytes(f"assets/{item.name}", item.read_bytes())
 
 
 def _fingerprint(data: DashboardData, batch_size: int, token_str: Callable[[int], str]) -> str:
@@ -203,32 +188,6 @@ def _shown_token_ids(data: DashboardData, n: int = 64) -> list[int]:
     """A few token ids the pages show (the first windows'), to notice a change of tokenizer between runs."""
     ids = next(iter(data.saes.values())).windows.token_ids.reshape(-1)
     return ids[ids >= 0][:n].tolist()
-
-
-def _read_manifest(out: Path) -> dict[str, Any]:
-    """The folder's ``manifest.json`` (``{}`` when there is none)."""
-    path = out / MANIFEST_NAME
-    if not path.is_file():
-        return {}
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise InputError(f"{path} is not valid JSON: give a new folder, or remove it to rewrite the site") from None
-    return manifest if isinstance(manifest, dict) else {}
-
-
-def _remove_stale(out: Path, names: set[str]) -> None:
-    """Remove the files an earlier site listed that this one did not write (pages of features or SAEs no longer
-    there, an export no longer asked for); only files inside ``out``."""
-    root = out.resolve()
-    for name in sorted(names):
-        path = (out / name).resolve()
-        if path.is_relative_to(root) and path.is_file():
-            path.unlink()
-            parent = path.parent
-            while parent != root and not any(parent.iterdir()):  # a folder left empty goes too
-                parent.rmdir()
-                parent = parent.parent
 
 
 def _read_state(path: Path) -> Mapping[str, Any]:

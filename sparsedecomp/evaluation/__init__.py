@@ -51,7 +51,7 @@ _EXPORTS: dict[str, str] = {
     "SpliceResult": ".splice",
     "summarize": ".metrics",
     "target_head_shares": ".metrics",
-    "to_jsonable": ".jsonable",
+    "to_jsonable": "..jsonio",
     "top_k_mass_share": ".metrics",
     "TopActivations": ".top_activations",
     "TopKTracker": ".top_activations",

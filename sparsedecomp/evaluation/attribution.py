@@ -255,7 +255,7 @@ class FeatureDisagreement:
 
 @dataclass(frozen=True)
 class AttributionReport:
-    """JSON-ready summary of a :class:`HeadAttribution` (see :mod:`sparsedecomp.evaluation.jsonable`).
+    """JSON-ready summary of a :class:`HeadAttribution` (see :mod:`sparsedecomp.jsonio`).
 
     ``mean_shares[method]`` averages the per-head shares over the features where they are defined;
     ``n_undefined[method]`` counts the others; ``agreement["A_vs_B"]`` for every pair of methods;

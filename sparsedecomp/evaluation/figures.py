@@ -157,7 +157,8 @@ def mixed_feature_interference_boxes(result: MixedFeatureInterference) -> go.Fig
     return fig
 
 
-def figure_html(fig: go.Figure) -> str:
-    """An HTML fragment (a ``div`` and its script) drawing ``fig`` with the page's own plotly.js."""
+def figure_html(fig: go.Figure, *, div_id: str | None = None) -> str:
+    """An HTML fragment (a ``div`` and its script) drawing ``fig`` with the page's own plotly.js. ``div_id`` names
+    the ``div`` (plotly draws a random one otherwise, so the same report would differ from run to run)."""
     _require(fig, go.Figure, "fig")
-    return fig.to_html(full_html=False, include_plotlyjs=False)
+    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id)

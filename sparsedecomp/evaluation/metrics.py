@@ -39,7 +39,7 @@ from ..codes import Codes
 from ..decomposition import Decomposition, count_statuses
 from ..validation import check_positive, check_positive_int
 from ..errors import InputError, InputTypeError
-from .jsonable import to_jsonable
+from ..jsonio import to_jsonable
 
 SCALAR_METRICS = ("l0", "l1", "relative_error", "cosine", "relative_squared_error", "top_k_mass_share")
 
@@ -246,7 +246,7 @@ class MetricsSettings:
 @dataclass(frozen=True)
 class MetricsSummary:
     """Dataset-level summary of a :class:`DecompositionMetrics` (JSON-ready; see
-    :mod:`sparsedecomp.evaluation.jsonable`).
+    :mod:`sparsedecomp.jsonio`).
 
     Attributes:
         solver, n_targets, settings: what was measured and how.

@@ -36,4 +36,5 @@ def render_evaluation_page(evaluation: Evaluation, *, plotly_src: str = "plotly.
         "mixed_feature_interference": mixed_feature_interference_figure(analyses.mixed_feature_interference),
     }
     return render("evaluation.html.j2", report=report, plotly_src=plotly_src, quality_columns=QUALITY_COLUMNS,
-                  figures={name: figure_html(fig) for name, fig in figures.items()})
+                  figures={name: figure_html(fig, div_id=f"sd-figure-{name.replace('_', '-')}")
+                           for name, fig in figures.items()})

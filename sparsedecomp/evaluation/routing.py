@@ -30,7 +30,7 @@ from torch import Tensor
 from ..decomposition import Decomposition
 from ..dictionary import Dictionary, mix_targets
 from ..errors import InputError, InputTypeError
-from .jsonable import to_jsonable
+from ..jsonio import to_jsonable
 
 SPACES = ("z", "residual")
 # Largest |difference| allowed between a decomposition's targets and the unit rows routing expects (unit vectors).

@@ -1,15 +1,13 @@
-"""The job behind both CLI subcommands: decompose every concat-SAE feature into the per-head SAE dictionaries,
-measure the result and write it out (``summary.json``, a self-contained ``index.html`` and the sparse codes).
+"""The ``decompose`` job: decompose concat-SAE features into the per-head SAE dictionaries (through the one driver,
+:class:`~sparsedecomp.jobs.solve.Decomposer`), measure the result and write it out (``summary.json``, a
+self-contained ``index.html`` and the sparse codes).
 
-Targets are the concat SAE's decoder rows ``W_dec[i] / ||W_dec[i]||`` (Kissane's rows are already unit norm,
-recorded in the summary); the dictionary is the per-head decoders lifted block-diagonally into concatenated ``z``
-with unit atoms (``normalize=True``), so a coefficient is the weight of a unit per-head feature direction and
-``coefficient / ||W_dec_h[j]||`` is the per-head feature's activation in its SAE's own units. In the residual space
-both sides go through the layer's ``W_O``: atoms ``d_j @ W_O[h]`` and targets ``t @ W_O_cat``, renormalised to unit
-norm so that the two spaces ask the same question at the same scale (each feature's ``||t @ W_O_cat||`` is kept in
-the summary). Lasso weights default to a fraction of each target's own ``alpha_max``
-(``alpha_is_fraction_of_max=True``), which means the same sparsity pressure in both spaces whatever the norms of
-the mixed atoms.
+Targets and dictionaries are :mod:`sparsedecomp.jobs.solve`'s: unit concat decoder rows against unit per-head atoms in
+``z``, both mixed through ``W_O`` and the targets renormalised in the residual stream (each feature's
+``||t @ W_O_cat||`` is kept in the summary). A coefficient is the weight of a unit per-head feature direction and
+``coefficient / ||W_dec_h[j]||`` the per-head feature's activation in its SAE's own units. Lasso weights default to a
+fraction of each target's own ``alpha_max`` (``alpha_is_fraction_of_max=True``): the same sparsity pressure in both
+spaces whatever the norms of the mixed atoms.
 
 The run's report is a :class:`~sparsedecomp.decomposition_report.DecompositionReport` (typed, JSON-ready);
 ``summary.json`` is its JSON form (every key documented in ``docs/outputs.md``). Everything is written through one
@@ -19,6 +17,7 @@ The run's report is a :class:`~sparsedecomp.decomposition_report.DecompositionRe
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -26,28 +25,20 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .codes_file import write_codes_file
-from .decomposition import STATUS_LEGEND, Decomposition, Status
-from .decomposition_report import (AtomRecord, DecompositionReport, FeatureRecord, NormRange, Ranks, ShareAgreement,
-                                   SpaceResult, StatusMeaning, TargetsNote)
-from .dictionary import mix_targets
-from .loading import check_compatible
-from .evaluation.metrics import decomposition_metrics, head_columns, target_head_shares
-from .optimality import alpha_max
-from .outputs import RunWriter
-from .solvers import SOLVERS, make_solver
-from .errors import InputError
+from ..codes_file import write_codes_file
+from ..decomposition import STATUS_LEGEND, Decomposition, Status
+from ..decomposition_report import (AtomRecord, DecompositionReport, FeatureRecord, Ranks, ShareAgreement,
+                                    SpaceResult, StatusMeaning)
+from ..errors import InputError
+from ..evaluation.metrics import decomposition_metrics, head_columns, target_head_shares
+from ..loading import check_compatible
+from ..optimality import alpha_max
+from ..outputs import RunWriter
+from ..solver_settings import SolverSetting
+from .inputs import check_feature_selection
+from .solve import DEFAULT_METHOD, Decomposer, solver_params
 
 SPACES = ("z", "residual", "both")
-DEFAULT_METHOD = "nn_omp"
-DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
-    "nn_omp": {"n_nonzero": 16, "tol": 0.01},
-    # A fraction of each target's alpha_max: comparable across targets and across the z and residual spaces.
-    "lasso": {"alpha_is_fraction_of_max": True},
-    "nn_lasso": {"alpha_is_fraction_of_max": True},
-    "cvxpy_lasso": {"alpha_is_fraction_of_max": True},
-    "cvxpy_nn_lasso": {"alpha_is_fraction_of_max": True},
-}
 # Most atoms listed per feature in summary.json (every non-zero of the sparse methods; the codes file has all).
 MAX_LISTED_ATOMS = 64
 # A decomposition whose median relative error exceeds this explains under 1 - 0.3^2 = 91 % of a typical target's
@@ -56,7 +47,7 @@ EXPLAINS_LITTLE_RELATIVE_ERROR = 0.3
 
 
 @dataclass(frozen=True, eq=False)
-class PipelineResult:
+class DecompositionRun:
     """What :func:`run_decomposition` wrote and computed: ``summary`` is the report that ``summary.json`` holds
     (``summary.to_dict()`` is the file's content)."""
 
@@ -65,28 +56,6 @@ class PipelineResult:
     html_path: Path
     code_paths: dict[str, Path]
     decompositions: dict[str, Decomposition] = field(default_factory=dict)
-
-
-def concat_targets(concat_sae) -> tuple[Tensor, TargetsNote]:
-    """Unit-norm concat decoder rows and a note on their original norms."""
-    norms = concat_sae.W_dec.norm(dim=1)
-    zero_rows = int((norms == 0).sum())
-    if zero_rows:
-        raise InputError(f"the concat SAE has {zero_rows} all-zero decoder rows; they cannot be decomposed")
-    unit = bool(torch.allclose(norms, torch.ones_like(norms), atol=1e-3))
-    note = TargetsNote(decoder_already_unit_norm=unit, norm_min=float(norms.min()), norm_mean=float(norms.mean()),
-                       norm_max=float(norms.max()), zero_rows=zero_rows)
-    return concat_sae.W_dec / norms[:, None], note
-
-
-def solver_params(method: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``params`` over the pipeline's defaults for the method (:data:`DEFAULT_PARAMS`), validated by building
-    the solver (which raises :class:`~sparsedecomp.errors.InputError` naming a bad method or parameter)."""
-    if method not in SOLVERS:
-        raise InputError(f"unknown method {method!r}; choose one of {sorted(SOLVERS)}")
-    merged = {**DEFAULT_PARAMS.get(method, {}), **{k: v for k, v in (params or {}).items() if v is not None}}
-    make_solver(method, **merged)
-    return merged
 
 
 def run_decomposition(
@@ -104,71 +73,70 @@ def run_decomposition(
     progress: bool = True,
     log: Callable[[str], None] = print,
     command: str = "decompose",
-    features: Sequence[int] | None = None,
-) -> PipelineResult:
-    """Decompose every feature of ``concat_sae`` into ``head_saes``' dictionaries and write the results.
+    features: Sequence[int] | Sequence[range] | None = None,
+    decomposer: Decomposer | None = None,
+    writer: RunWriter | None = None,
+    links: Sequence[Mapping[str, str]] = (),
+    verdict_note: str | None = None,
+) -> DecompositionRun:
+    """Decompose every feature of ``concat_sae`` (or the ``features`` selected by index or range) into
+    ``head_saes``' dictionaries and write the results.
 
-    ``head_saes`` must already have their input scales folded if their magnitudes matter (directions do not
-    depend on them; :class:`~sparsedecomp.loading.HeadSAEs` warns otherwise). ``space`` is ``"z"``,
-    ``"residual"`` (needs ``W_O``, ``(n_heads, d_head, d_model)``) or ``"both"``. ``context`` is copied into the
-    summary (model, sources, flags ...). The output folder must be new, empty or an earlier run's
-    (:func:`~sparsedecomp.outputs.check_output_folder`); ``command`` names the run in its manifest. ``features``
-    selects concat features by index (all by default): records and codes rows keep the selected features' order,
-    and each record names its feature.
+    ``head_saes`` must already have their input scales folded if their magnitudes matter (directions do not depend
+    on them). ``space`` is ``"z"``, ``"residual"`` (needs ``W_O``, ``(n_heads, d_head, d_model)``) or ``"both"``.
+    ``context`` is copied into the summary (model, sources, flags ...). The output folder must be new, empty or an
+    earlier ``command`` run's (:func:`~sparsedecomp.outputs.check_output_folder`). Records and codes rows keep the
+    selected features' order, and each record names its feature. ``decomposer`` shares solved settings with other
+    jobs of the same run (its feature selection must be this one's). ``writer`` writes into a folder the caller holds
+    (and completes: the demo's front folder); ``links`` go at the top of ``index.html``; ``verdict_note`` is added to
+    each space's verdict (what its number means for these SAEs).
     """
     if space not in SPACES:
         raise InputError(f"space must be one of {SPACES}, got {space!r}")
-    if space != "z" and W_O is None:
+    if space != "z" and W_O is None and (decomposer is None or decomposer.W_O is None):
         raise InputError(f"space={space!r} needs W_O (pass a model so that W_O of layer {concat_sae.layer} is known)")
     n_heads, d_head = check_compatible(concat_sae, head_saes)  # names every difference: width, layer, hook, model
     params = solver_params(method, params)
     spaces = ["z", "residual"] if space == "both" else [space]
-    writer = RunWriter(out_dir, command=command, settings={"method": method, "params": params, "spaces": spaces})
+    own = writer is None
+    if own:
+        writer = RunWriter(out_dir, command=command, settings={"method": method, "params": params, "spaces": spaces})
     t0 = time.time()
-
-    dictionary = head_saes.dictionary(normalize=True)
-    targets, target_note = concat_targets(concat_sae)
-    targets = targets.to(dictionary.dtype)
-    concat_rank = _rank(targets)  # of the whole decoder, whatever is selected
-    feature_ids = check_feature_selection(features, targets.shape[0])
-    targets = targets[feature_ids]
+    feature_ids = check_feature_selection(features, concat_sae.d_sae)
+    if decomposer is None:
+        decomposer = Decomposer(concat_sae, head_saes, W_O=W_O, features=None if features is None else feature_ids)
+    elif not torch.equal(decomposer.feature_ids.cpu(), feature_ids):
+        raise InputError("the decomposer given selects other features than this run")
+    dictionary, targets = decomposer.dictionary, decomposer.targets
+    concat_rank = _rank(decomposer.unit_decoder)  # of the whole decoder, whatever is selected
     weight_shares = target_head_shares(targets, head_columns(n_heads * d_head, d_head))
     log(f"dictionary: {dictionary.n_atoms} atoms ({n_heads} heads x {dictionary.n_atoms // n_heads}) in "
         f"{dictionary.dim} dims; {targets.shape[0]} targets; method {method} {params}")
 
-    solver = make_solver(method, **params)
     results: dict[str, Decomposition] = {}
     timings: dict[str, float] = {"setup": time.time() - t0}
     residual_norms = None
     mixed_rank = None
+    target_note = decomposer.targets_note
     for name in spaces:
-        if name == "z":
-            dict_s, targets_s = dictionary, targets
-        else:
-            dict_s = dictionary.mix(W_O.to(dictionary.dtype))
-            mixed = mix_targets(targets, W_O.to(dictionary.dtype))
-            residual_norms = mixed.norm(dim=1)
-            # Unit targets in both spaces; a feature that W_O maps to (numerically) zero stays zero.
-            targets_s = mixed / residual_norms.clamp_min(torch.finfo(mixed.dtype).tiny)[:, None]
-            mixed_rank = dict_s.rank()
-        start = time.time()
-        results[name] = solver.prepare(dict_s).solve(targets_s, progress=progress, desc=f"decompose ({name})")
-        timings[f"decompose_{name}"] = time.time() - start
+        solved = decomposer.solve(SolverSetting(method, params, name), progress=progress)
+        results[name] = solved.decomposition
+        timings[f"decompose_{name}"] = solved.seconds
+        if name == "residual":
+            residual_norms = solved.problem.target_norms
+            mixed_rank = solved.problem.dictionary.rank()
+            target_note = replace(target_note, residual_norm=solved.problem.norm_range())
 
-    if residual_norms is not None:
-        target_note = replace(target_note, residual_norm=NormRange(min=float(residual_norms.min()),
-                                                                   mean=float(residual_norms.mean()),
-                                                                   max=float(residual_norms.max())))
     code_paths = {}
     space_results: dict[str, SpaceResult] = {}
     start = time.time()
-    with writer:
+    with writer if own else nullcontext():
         for name, dec in results.items():
             metrics = decomposition_metrics(dec)
             space_results[name] = SpaceResult(
                 metrics=metrics.summarize(),
                 certificate_kind=dec.certificate_kind,
-                verdict=_verdict(method, params, dec, metrics),
+                verdict=_verdict(method, params, dec, metrics) + (f" {verdict_note}" if verdict_note else ""),
                 agreement_weight_vs_decomposition=_share_agreement(weight_shares, metrics.head_mass_share),
                 codes_file=f"codes_{name}.safetensors",
                 codes_layout=dec.codes.layout,
@@ -183,7 +151,7 @@ def run_decomposition(
                 extra["target_norm"] = residual_norms
             code_paths[name] = writer.write_with(f"codes_{name}.safetensors",
                                                  lambda tmp, dec=dec, extra=extra: write_codes_file(tmp, dec, extra))
-        from .decomposition_page import render_decomposition_page
+        from ..decomposition_page import render_decomposition_page
 
         timings["metrics_and_codes"] = time.time() - start  # the summary and the page are written after this
         report = DecompositionReport(
@@ -209,9 +177,10 @@ def run_decomposition(
             elapsed_s=round(time.time() - t0, 2),
         )
         summary_path = writer.write_json("summary.json", report.to_dict())
-        html_path = writer.write_text("index.html", render_decomposition_page(report, max_features=html_max_features))
-    return PipelineResult(summary=report, summary_path=summary_path, html_path=html_path, code_paths=code_paths,
-                          decompositions=results)
+        html_path = writer.write_text("index.html", render_decomposition_page(report, max_features=html_max_features,
+                                                                                  links=links))
+    return DecompositionRun(summary=report, summary_path=summary_path, html_path=html_path, code_paths=code_paths,
+                            decompositions=results)
 
 
 NONNEGATIVE_LASSOS = ("nn_lasso", "cvxpy_nn_lasso")
@@ -268,24 +237,6 @@ def _share_agreement(weight: Tensor, decomposition: Tensor | None) -> ShareAgree
     w, d = weight[ok].double(), decomposition[ok].double()
     return ShareAgreement(top_head_agreement=float((w.argmax(1) == d.argmax(1)).double().mean()),
                           mean_total_variation=float(0.5 * (w - d).abs().sum(1).mean()))
-
-
-def check_feature_selection(features: Sequence[int] | None, n_features: int) -> Tensor:
-    """The selected concat-feature indices as a long tensor (all when ``None``), refused by name when out of range,
-    repeated or empty."""
-    if features is None:
-        return torch.arange(n_features)
-    ids = list(features)
-    if not ids:
-        raise InputError("the feature selection is empty")
-    if any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
-        raise InputError(f"features must be integer indices, got {ids[:5]}...")
-    bad = [i for i in ids if not 0 <= i < n_features]
-    if bad:
-        raise InputError(f"features {bad[:5]} are out of range: the concat SAE has {n_features} features (0..{n_features - 1})")
-    if len(set(ids)) != len(ids):
-        raise InputError("the feature selection repeats indices")
-    return torch.tensor(ids, dtype=torch.long)
 
 
 def _feature_records(dec: Decomposition, weight_shares: Tensor, metrics, residual_norms: Tensor | None,

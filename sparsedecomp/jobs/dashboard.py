@@ -1,16 +1,17 @@
-"""The dashboards step of a run: gather the data in one pass and write the site (:mod:`sparsedecomp.dashboards`),
-and put an evaluation report beside it as the site's analysis page. ``sparsedecomp dashboard`` and ``sparsedecomp
-demo`` compose these; the maths lives in the dashboards package."""
+"""The ``dashboard`` job (also the demo's): gather the dashboard data in one pass and write the site
+(:mod:`sparsedecomp.dashboards`) through the one writer, with an evaluation report beside it as the site's analysis
+page. The maths lives in the dashboards package."""
 
 from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import InputError
-from .outputs import MANIFEST_NAME, RunWriter
+from ..errors import InputError
+from ..outputs import MANIFEST_NAME, RunWriter
 
 
 def special_token_ids(tokenizer) -> tuple[int, ...]:
@@ -27,17 +28,20 @@ def special_token_ids(tokenizer) -> tuple[int, ...]:
 def write_dashboards(model, tokens, head_saes, concat, decompositions, out, *, progress: bool = False,
                      tokenizer=None, analysis_href: str | None = None, context: dict | None = None,
                      neuronpedia: bool = True, exclude_bos: bool = True, ignore_tokens: Sequence[int] | None = None,
-                     log: Callable[[str], None] = print) -> None:
-    """Gather the dashboard data in one pass and write the site (sparsedecomp.dashboards). Tokens are shown through
-    ``tokenizer`` (default: the model's; ``<id>`` without one); ``analysis_href`` (relative to ``out``) links the
-    site's analysis page. Position 0 (``exclude_bos``) and the ``ignore_tokens`` ids (default: the tokenizer's
-    special tokens, :func:`special_token_ids`) are left out of every statistic and example; the front page says
-    which."""
+                     log: Callable[[str], None] = print, writer: RunWriter | None = None,
+                     parts: Sequence[str] = ()):
+    """Gather the dashboard data in one pass and write the site into ``out`` (sparsedecomp.dashboards) through a
+    :class:`~sparsedecomp.outputs.RunWriter` (``writer``, when the caller already holds the folder's). Tokens are
+    shown through ``tokenizer`` (default: the model's; ``<id>`` without one); ``analysis_href`` (relative to ``out``)
+    links the site's analysis page, and ``parts`` names sub-folders written by their own runs that the site's manifest
+    covers (an evaluation report). Position 0 (``exclude_bos``) and the ``ignore_tokens`` ids (default: the
+    tokenizer's special tokens, :func:`special_token_ids`) are left out of every statistic and example; the front page
+    says which. Returns the :class:`~sparsedecomp.dashboards.site.DashboardSite`."""
     from functools import lru_cache
 
-    from .activations import hooked_transformer
-    from .dashboards.gather import gather_dashboard_data
-    from .dashboards.site import write_site
+    from ..activations import hooked_transformer
+    from ..dashboards.gather import gather_dashboard_data
+    from ..dashboards.site import write_site
 
     hooked = hooked_transformer(model)
     tokenizer = tokenizer if tokenizer is not None else getattr(hooked, "tokenizer", None)
@@ -50,15 +54,23 @@ def write_dashboards(model, tokens, head_saes, concat, decompositions, out, *, p
     ignore_tokens = special_token_ids(tokenizer) if ignore_tokens is None else tuple(ignore_tokens)
     left_out = (["position 0 (BOS)"] if exclude_bos else []) + [f"{token_str(i)!r} (id {i})" for i in ignore_tokens]
     context = {**(context or {}), "left out of every statistic": ", ".join(left_out) or "nothing"}
+    own = writer is None
+    if own:
+        writer = RunWriter(out, command="dashboard", settings={"decompositions": sorted(decompositions)})
     t0 = time.time()
     data = gather_dashboard_data(model, tokens, head_saes, concat, decompositions, progress=progress,
-                                 exclude_bos=exclude_bos, ignore_tokens=ignore_tokens)
+                                 exclude_bos=exclude_bos, ignore_tokens=ignore_tokens, log=log)
     t1 = time.time()
-    site = write_site(data, out, token_str=token_str, model_id=str(hooked.cfg.model_name),
-                      analysis_href=analysis_href, context=context, neuronpedia=neuronpedia)
+    log(f"dashboards: writing {sum(g.sae.d_sae for g in data.saes.values()):,} feature pages into {writer.out}")
+    with writer if own else nullcontext():
+        site = write_site(data, writer, token_str=token_str, model_id=str(hooked.cfg.model_name),
+                          analysis_href=analysis_href, context=context, neuronpedia=neuronpedia, progress=progress)
+        for part in parts:
+            writer.add_part(part)
     size = sum(p.stat().st_size for p in site.out.rglob("*") if p.is_file())
     log(f"dashboards: {sum(site.n_pages.values())} feature pages ({site.batches_skipped} batches already done) in "
         f"{site.out}: gather {t1 - t0:.1f}s, write {time.time() - t1:.1f}s, {size / 2**20:.1f} MiB")
+    return site
 
 
 EVALUATION_REPORT_FILES = ("report.json", "report.html", "plotly.min.js")
@@ -88,8 +100,11 @@ def evaluation_report_files(folder: Path) -> dict[str, Path]:
     return {name: folder / name for name in EVALUATION_REPORT_FILES}
 
 
-def check_evaluation_matches(files: dict[str, Path], *, hook_name: str, n_heads: int, d_head: int) -> None:
-    """Refuse a report of another site: its ``hook_name``, ``n_heads`` and ``d_head`` must be these SAEs'."""
+def check_evaluation_matches(files: dict[str, Path], *, hook_name: str, n_heads: int, d_head: int,
+                             concat_fingerprint: str | None = None) -> None:
+    """Refuse a report of another site or SAE: its ``hook_name``, ``n_heads`` and ``d_head`` must be these SAEs', and
+    the concat SAE's fingerprint (:func:`~sparsedecomp.jobs.inputs.sae_fingerprint`, in the report's context) this
+    one's."""
     try:
         report = json.loads(files["report.json"].read_text())
     except json.JSONDecodeError:
@@ -98,12 +113,17 @@ def check_evaluation_matches(files: dict[str, Path], *, hook_name: str, n_heads:
     got = {key: report.get(key) if isinstance(report, dict) else None for key in wanted}
     if got != wanted:
         raise InputError(f"--evaluation: {files['report.json']} evaluates {got}, not these SAEs' {wanted}")
+    if concat_fingerprint is not None:
+        recorded = ((report.get("context") or {}) if isinstance(report, dict) else {}).get("concat_sae_fingerprint")
+        if recorded != concat_fingerprint:
+            raise InputError(f"--evaluation: {files['report.json']} evaluates another concat SAE (decoder fingerprint "
+                             f"{recorded or 'not recorded'}, this one's {concat_fingerprint})")
 
 
 def copy_evaluation_report(files: dict[str, Path], out: Path) -> None:
     """The evaluation report's files copied into ``out`` (atomically, with a manifest naming where they came
     from), so the site opens from disk on its own."""
     sources = {name: str(path.resolve()) for name, path in files.items()}
-    with RunWriter(out, command="dashboard", settings={"copied_from": sources}) as writer:
+    with RunWriter(out, command="evaluate", settings={"copied_from": sources}) as writer:
         for name, path in files.items():
-            writer.write_with(name, lambda tmp, path=path: tmp.write_bytes(path.read_bytes()))
+            writer.write_bytes(name, path.read_bytes())
