@@ -13,8 +13,8 @@ import torch
 from sparsedecomp.demo import ARTIFACTS_DIR, load_demo_world
 from sparsedecomp.demo import quality
 from sparsedecomp.demo.corpus import build_corpus
-from sparsedecomp.demo.layout import (BUILD_MARKER, CONCAT_DIR, HELDOUT_FILE, REPORT_FILE, TOKENIZER_FILE,
-                                      load_heldout_tokens)
+from sparsedecomp.demo.layout import (BUILD_MARKER, CONCAT_DIR, HELDOUT_FILE, REPORT_FILE, TOKENIZER_CONFIG_FILE,
+                                      TOKENIZER_FILE, load_heldout_tokens)
 from sparsedecomp.demo.tokenizer import pack, special_ids, train_tokenizer
 from sparsedecomp.errors import InputError
 
@@ -238,6 +238,11 @@ def test_tiny_build_writes_a_loadable_world(tmp_path):
     assert world.concat_sae.d_sae == cfg.concat_d_sae
     assert set(report["timings_s"]) >= {"corpus", "tokenizer", "model", "head SAEs", "concat SAE", "evaluation"}
     assert (out / BUILD_MARKER).is_file()
+    # The tokenizer is written into the model folder, so the model loads with it.
+    assert (out / TOKENIZER_FILE).is_file() and (out / TOKENIZER_CONFIG_FILE).is_file()
+    assert not (out / "tokenizer.json").exists()
+    assert world.model.tokenizer.bos_token_id == 0 and world.model.tokenizer.eos_token == "<|endoftext|>"
+    assert world.model.tokenizer.get_vocab() == world.tokenizer.get_vocab(with_added_tokens=True)
     # The legacy folders carry normalize_activations=true and no scale; loading re-estimated and folded one.
     cfg_json = next(out.rglob("cfg.json"))
     assert json.loads(cfg_json.read_text())["normalize_activations"] is True
@@ -252,6 +257,13 @@ def test_tiny_build_writes_a_loadable_world(tmp_path):
     rebuilt = build(out, cfg, skip_model=True)
     assert not stray.exists() and len(load_demo_world(out).head_saes) == cfg.n_heads
     assert "model" not in rebuilt["timings_s"]
+    # A build from before the tokenizer moved into the model folder (it lay beside it) is still read, and a rebuild
+    # of its SAEs writes the tokenizer where load_model finds it.
+    for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
+        (out / name).replace(out / name.rpartition("/")[2]) if name == TOKENIZER_FILE else (out / name).unlink()
+    assert load_demo_world(out).model.tokenizer.bos_token_id == 0
+    build(out, cfg, skip_model=True)
+    assert (out / TOKENIZER_FILE).is_file() and load_demo_world(out).model.tokenizer.bos_token_id == 0
 
 
 def test_build_needs_an_output_folder(capsys):

@@ -29,8 +29,8 @@ import torch
 
 from ..errors import InputError
 from .config import DemoConfig
-from .layout import (BUILD_MARKER, CONCAT_DIR, HEADS_ROOT, HELDOUT_FILE, MODEL_DIR, REPORT_FILE, TOKENIZER_FILE,
-                     concat_version, head_wandb_id, save_heldout_tokens)
+from .layout import (BUILD_MARKER, CONCAT_DIR, HEADS_ROOT, HELDOUT_FILE, MODEL_DIR, REPORT_FILE, TOKENIZER_CONFIG_FILE,
+                     TOKENIZER_FILE, concat_version, head_wandb_id, save_heldout_tokens, tokenizer_path)
 
 
 class _Timer:
@@ -66,11 +66,11 @@ def build(out: str | Path, cfg: DemoConfig | None = None, *, skip_model: bool = 
     from .corpus import build_corpus
     from .model import build_model, load_model, model_config_dict, save_model, train_model
     from .sae_training import calibrate_head_l1, collect_hook_z, train_concat_sae, train_head_saes
-    from .tokenizer import pack, train_tokenizer
+    from .tokenizer import pack, save_tokenizer, train_tokenizer
 
     cfg = DemoConfig() if cfg is None else cfg
     out = Path(out)
-    if skip_model and not all(p.exists() for p in (out / BUILD_MARKER, out / TOKENIZER_FILE, out / MODEL_DIR)):
+    if skip_model and not all(p.exists() for p in (out / BUILD_MARKER, tokenizer_path(out), out / MODEL_DIR)):
         raise InputError(f"--skip-model reuses the tokenizer and model of a previous build, but {out} is not one "
                          f"(it needs {BUILD_MARKER}, {TOKENIZER_FILE} and {MODEL_DIR}/); run a full build first")
     claim_output_folder(out)
@@ -86,10 +86,12 @@ def build(out: str | Path, cfg: DemoConfig | None = None, *, skip_model: bool = 
                             "sources": "pydoc_data.topics.topics (prose) + standard-library .py files (code)"}
     with timer.stage("tokenizer"):
         if skip_model:
-            tokenizer = Tokenizer.from_file(str(out / TOKENIZER_FILE))
+            tokenizer = Tokenizer.from_file(str(tokenizer_path(out)))
         else:
             tokenizer = train_tokenizer([d.text for d in corpus.train], cfg.vocab_size)
-            tokenizer.save(str(out / TOKENIZER_FILE))
+        if not skip_model or not all((out / f).is_file() for f in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE)):
+            # Into the model folder, where load_model finds it (an older build's, read from beside it, is copied).
+            save_tokenizer(tokenizer, out / MODEL_DIR)
         train_tokens = pack(tokenizer, [d.text for d in corpus.train], cfg.n_ctx)
         heldout = pack(tokenizer, corpus.heldout_texts(cfg.heldout_doc_chars), cfg.n_ctx, cfg.max_heldout_sequences)
         save_heldout_tokens(out / HELDOUT_FILE, heldout)
@@ -216,7 +218,7 @@ def reevaluate(out: str | Path) -> dict:
     cfg = DemoConfig.from_dict(report["config"])
     corpus = build_corpus(code_char_budget=cfg.code_char_budget, prose_char_budget=cfg.prose_char_budget,
                           heldout_every=cfg.heldout_every, seed=cfg.seed)
-    tokenizer = Tokenizer.from_file(str(out / TOKENIZER_FILE))
+    tokenizer = Tokenizer.from_file(str(tokenizer_path(out)))
     train_tokens = pack(tokenizer, [d.text for d in corpus.train], cfg.n_ctx)
     start = time.time()
     _evaluate_into(report, out, cfg, train_tokens)

@@ -9,14 +9,27 @@ from torch import Tensor
 from ..errors import InputError
 
 ARTIFACTS_DIR = Path(__file__).resolve().parent / "artifacts"
-TOKENIZER_FILE = "tokenizer.json"
 HELDOUT_FILE = "heldout_tokens.safetensors"
 MODEL_DIR = "model"
+TOKENIZER_FILE = f"{MODEL_DIR}/tokenizer.json"
+"""The tokenizer travels in the model folder (``sparsedecomp.loading.load_model`` attaches it to the model)."""
+TOKENIZER_CONFIG_FILE = f"{MODEL_DIR}/tokenizer_config.json"
+"""Names its BOS / EOS tokens for ``transformers`` (see :func:`sparsedecomp.demo.tokenizer.save_tokenizer`)."""
+LEGACY_TOKENIZER_FILE = "tokenizer.json"
+"""Where builds before the tokenizer moved into the model folder wrote it (still read)."""
 HEADS_ROOT = "saes/heads/checkpoints"
 CONCAT_DIR = "saes/concat"
 REPORT_FILE = "build_report.json"
 BUILD_MARKER = "demo_build.json"
 """Written first into every build's output folder; the build deletes files only in a folder that carries it."""
+
+
+def tokenizer_path(artifacts_dir: Path) -> Path:
+    """The tokenizer file of the build in ``artifacts_dir`` (``model/tokenizer.json``, or an older build's
+    ``tokenizer.json`` beside the model folder)."""
+    path = Path(artifacts_dir) / TOKENIZER_FILE
+    legacy = Path(artifacts_dir) / LEGACY_TOKENIZER_FILE
+    return legacy if not path.is_file() and legacy.is_file() else path
 
 
 def head_wandb_id(head: int) -> str:

@@ -43,7 +43,8 @@ def model_config_dict(cfg) -> dict:
 
 
 def build_model(config_kwargs: dict):
-    """A freshly initialised ``HookedTransformer`` (no tokenizer attached: contexts are token ids)."""
+    """A freshly initialised ``HookedTransformer`` (no tokenizer attached: training contexts are token ids; the
+    saved folder carries the tokenizer, attached on load)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     return HookedTransformer(HookedTransformerConfig(**config_kwargs, device="cpu"))
@@ -125,11 +126,12 @@ def read_model_config(directory: Path) -> dict:
     return json.loads((Path(directory) / CONFIG_FILE).read_text())
 
 
-def load_model(directory: Path):
+def load_model(directory: Path, tokenizer: Path | None = None):
     """``(model, processing_flags)``: the fp16 checkpoint cast to fp32, processed with the recorded flags (through
-    :func:`sparsedecomp.loading.load_model`, which reads any local model folder in this layout)."""
+    :func:`sparsedecomp.loading.load_model`, which reads any local model folder in this layout and attaches the
+    tokenizer in it, or ``tokenizer``)."""
     from ..loading import load_model as load_model_folder
 
-    loaded = load_model_folder(Path(directory), flags=None)
+    loaded = load_model_folder(Path(directory), flags=None, tokenizer=tokenizer)
     loaded.model.eval()
     return loaded.model, loaded.flags.as_kwargs()

@@ -3,10 +3,16 @@
 Special tokens: ``<|bos|>`` (id 0) starts every context, as gelu-2l's contexts start with BOS;
 ``<|endoftext|>`` (id 1) separates documents. Digits are split one by one (as in gelu-2l's
 ``gpt-neox-tokenizer-digits``).
+
+The tokenizer is saved into the model folder (:func:`save_tokenizer`) as ``tokenizer.json`` and a
+``tokenizer_config.json`` naming BOS and EOS, the files ``transformers`` reads, so that loading the model folder
+(``sparsedecomp.loading.load_model``) attaches it to the model.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
@@ -34,6 +40,24 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
+
+
+TOKENIZER_CONFIG = {
+    "tokenizer_class": "PreTrainedTokenizerFast",
+    "bos_token": BOS,
+    "eos_token": EOT,
+    "clean_up_tokenization_spaces": False,
+}
+"""``tokenizer_config.json``: BOS and EOS by name, and decoding that keeps the text exactly (no space clean-up)."""
+
+
+def save_tokenizer(tokenizer, directory: Path) -> None:
+    """Write ``tokenizer.json`` and ``tokenizer_config.json`` (:data:`TOKENIZER_CONFIG`) into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    special_ids(tokenizer)  # both special tokens are there
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
 
 
 def special_ids(tokenizer) -> tuple[int, int]:

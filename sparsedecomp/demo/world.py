@@ -16,8 +16,8 @@ from typing import Any
 
 from torch import Tensor
 
-from .layout import (ARTIFACTS_DIR, CONCAT_DIR, HEADS_ROOT, HELDOUT_FILE, MODEL_DIR, REPORT_FILE, TOKENIZER_FILE,
-                     load_heldout_tokens)
+from .layout import (ARTIFACTS_DIR, CONCAT_DIR, HEADS_ROOT, HELDOUT_FILE, MODEL_DIR, REPORT_FILE, load_heldout_tokens,
+                     tokenizer_path)
 from ..errors import InputError
 
 
@@ -26,9 +26,10 @@ class DemoWorld:
     """A model, its SAEs and data, ready for decomposition and evaluation.
 
     Attributes:
-        model: the ``HookedTransformer`` (fp32, processed with ``processing_flags``).
+        model: the ``HookedTransformer`` (fp32, processed with ``processing_flags``), with the tokenizer of its
+            folder attached (``model.tokenizer``: a ``transformers`` fast tokenizer, BOS ``<|bos|>`` = 0).
         processing_flags: the :class:`~sparsedecomp.loading.ProcessingFlags` applied on load.
-        tokenizer: a ``tokenizers.Tokenizer`` (``<|bos|>`` = 0 starts every context).
+        tokenizer: the same tokenizer as a ``tokenizers.Tokenizer`` (``<|bos|>`` = 0 starts every context).
         heldout_tokens: ``(n_contexts, n_ctx)`` long, never seen in training.
         head_saes: :class:`~sparsedecomp.loading.HeadSAEs`, input scales folded (see ``head_scales``).
         head_scales: the re-estimated :class:`~sparsedecomp.loading.HeadScales`.
@@ -121,8 +122,11 @@ def load_demo_world(artifacts_dir: str | Path | None = None, *, scale_contexts: 
     if not (root / MODEL_DIR).is_dir():
         raise FileNotFoundError(f"no demo model under {root}; build it with "
                                 "python -m sparsedecomp.demo.build --out DIR")
-    model, flags = load_model(root / MODEL_DIR)
-    tokenizer = Tokenizer.from_file(str(root / TOKENIZER_FILE))
+    tokenizer_file = tokenizer_path(root)
+    # An older build keeps its tokenizer beside the model folder, not in it: attached all the same.
+    model, flags = load_model(root / MODEL_DIR, tokenizer=None if tokenizer_file.parent == root / MODEL_DIR else
+                              tokenizer_file)
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
     heldout = load_heldout_tokens(root / HELDOUT_FILE)
 
     raw_heads = load_head_saes(head_sae_sources(root), n_heads=model.cfg.n_heads)
@@ -170,7 +174,7 @@ def demo_tokens(n_contexts: int | None = None, artifacts_dir: str | Path | None 
 
     root = Path(artifacts_dir) if artifacts_dir is not None else ARTIFACTS_DIR
     shipped = load_heldout_tokens(root / HELDOUT_FILE)
-    tokenizer = Tokenizer.from_file(str(root / TOKENIZER_FILE))
+    tokenizer = Tokenizer.from_file(str(tokenizer_path(root)))
     bos = special_ids(tokenizer)[0]
     if n_contexts is not None and (isinstance(n_contexts, bool) or not isinstance(n_contexts, int) or n_contexts < 1):
         raise InputError(f"n_contexts must be a positive int or None, got {n_contexts!r}")

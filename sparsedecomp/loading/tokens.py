@@ -11,7 +11,12 @@ Three sources give one :class:`TokenSet` (``(n_contexts, context_size)`` token i
 
 BOS: SAEs are trained with a fixed BOS setting (``prepend_bos`` in their config) and their input scale and
 activations depend on it, so every source says whether position 0 of each context is BOS (``bos_token_id``) and
-whether it was added here (``bos_added``).
+whether it was added here (``bos_added``). Given a ``tokenizer`` (a ``transformers`` tokenizer, a
+``tokenizers.Tokenizer``, a ``HookedTransformer`` or a :class:`~sparsedecomp.loading.LoadedModel` with one: the
+tokenizer of a model folder travels with it), the BOS id defaults to the tokenizer's (:func:`tokenizer_bos_token_id`).
+
+``datasets`` (a dependency of ``transformer_lens``, not of this package) is imported only by
+:func:`load_dataset_tokens`; without it that function raises :class:`MissingPackageError`.
 
 Packing follows SAELens: a pre-tokenised row is one context, cut to ``context_size`` (SAELens 6's behaviour for
 pre-tokenised datasets; a row without BOS gets it prepended when ``prepend_bos``, and a row too short is skipped);
@@ -32,6 +37,19 @@ from torch import Tensor
 from ..errors import InputError, InputTypeError
 
 TOKEN_COLUMNS = ("tokens", "input_ids")
+
+
+class MissingPackageError(InputError, ImportError):
+    """An optional package a function needs is not installed; the message names it (also an ``ImportError``)."""
+
+
+def _import_datasets():
+    try:
+        import datasets
+    except ImportError as err:
+        raise MissingPackageError(f"reading a dataset needs the Hugging Face 'datasets' package, which is not "
+                                  f"installed ({err}): pip install datasets, or give a tokens file") from None
+    return datasets
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,10 +108,13 @@ def _infer_bos(tokens: Tensor, bos_token_id: int | None) -> int | None:
     return bos_token_id if bool((tokens[:, 0] == bos_token_id).all()) else None
 
 
-def load_tokens_file(path: str | Path, *, bos_token_id: int | None = None) -> TokenSet:
+def load_tokens_file(path: str | Path, *, bos_token_id: int | None = None, tokenizer: Any = None) -> TokenSet:
     """The ``[batch, pos]`` token ids of a safetensors / ``.pt`` file (tensor ``tokens``, or the file's only
-    tensor), refused by name when unreadable, not integer, not 2-D, empty or negative. ``bos_token_id``, when given,
-    is recorded as the BOS if every context starts with it."""
+    tensor), refused by name when unreadable, not integer, not 2-D, empty or negative. ``bos_token_id`` (default:
+    ``tokenizer``'s BOS, when a tokenizer or a model with one is given) is recorded as the BOS if every context
+    starts with it."""
+    if bos_token_id is None and tokenizer is not None:
+        bos_token_id = tokenizer_bos_token_id(tokenizer)
     path = Path(path)
     if not path.is_file():
         raise InputError(f"no tokens file at {path}")
@@ -154,11 +175,13 @@ def load_dataset_tokens(
     ``dataset`` is a hub name (``NeelNanda/c4-code-tokenized-2b``), a local folder or a loader name with
     ``data_files`` (``"parquet"``, ``"json"``): all go through ``datasets.load_dataset`` (streamed, so only the rows
     used are read). ``column`` defaults to the first of :data:`TOKEN_COLUMNS` present, else ``"text"``; a text
-    column needs ``tokenizer`` (a ``transformers`` tokenizer, a ``tokenizers.Tokenizer`` or a HookedTransformer with
-    one). ``prepend_bos`` puts ``bos_token_id`` (default: the tokenizer's) at position 0 of every context.
+    column needs ``tokenizer`` (a ``transformers`` tokenizer, a ``tokenizers.Tokenizer``, or a HookedTransformer /
+    :class:`~sparsedecomp.loading.LoadedModel` with one), which tokenises it without special tokens.
+    ``prepend_bos`` puts ``bos_token_id`` (default: the tokenizer's, :func:`tokenizer_bos_token_id`) at position 0
+    of every context.
     ``skip_contexts`` drops that many contexts first (e.g. to evaluate on contexts an SAE was not trained on).
     """
-    import datasets
+    datasets = _import_datasets()
 
     for name, value in (("context_size", context_size), ("n_contexts", n_contexts)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -200,7 +223,8 @@ def load_dataset_tokens(
         bos_token_id = _encoder(tokenizer)[1]
     if prepend_bos and bos_token_id is None:
         raise InputError("prepend_bos needs the BOS token id: pass bos_token_id= or a tokenizer that has one (a "
-                         "tokenizers.Tokenizer does not say which token is BOS: pass e.g. "
+                         "tokenizers.Tokenizer without a special added token named as BOS, such as <|bos|> or <s>, "
+                         "does not say which token is BOS: pass e.g. "
                          "bos_token_id=tokenizer.token_to_id('<|endoftext|>'))")
 
     def dataset_rows() -> Iterator[Any]:
@@ -276,12 +300,29 @@ def load_dataset_tokens(
     return TokenSet(tokens, f"dataset {dataset} [{split}] column {column!r}", bos, n_bos_prepended > 0, details)
 
 
+def tokenizer_bos_token_id(tokenizer: Any) -> int | None:
+    """The BOS id of a ``transformers`` tokenizer (``bos_token_id``), of a ``tokenizers.Tokenizer`` (its special
+    added token named as BOS, ``<|bos|>``, ``<s>`` ...: rule 2 of :mod:`sparsedecomp.loading.models`), or of the
+    tokenizer of a HookedTransformer / :class:`~sparsedecomp.loading.LoadedModel`; ``None`` if it has none."""
+    return _encoder(tokenizer)[1]
+
+
+def _unwrap(tokenizer: Any) -> Any:
+    """The tokenizer itself, from a HookedTransformer or LoadedModel (their ``tokenizer`` attribute)."""
+    if not callable(getattr(tokenizer, "encode", None)) and hasattr(tokenizer, "tokenizer"):
+        inner = tokenizer.tokenizer
+        if inner is None:
+            name = getattr(tokenizer, "name", "") or type(tokenizer).__name__
+            raise InputError(f"the model {name} has no tokenizer: load it with one (load_model(..., tokenizer=...)) "
+                             "or pass a tokenizer")
+        return inner
+    return tokenizer
+
+
 def _encoder(tokenizer: Any) -> tuple[Callable[[str], list[int]], int | None]:
     """``(text -> ids, bos_token_id)`` for a transformers tokenizer, a ``tokenizers.Tokenizer`` or a model with one.
     Special tokens are not added: BOS placement is the packer's job."""
-    inner = getattr(tokenizer, "tokenizer", None)
-    if inner is not None and not callable(getattr(tokenizer, "encode", None)):
-        tokenizer = inner  # a HookedTransformer
+    tokenizer = _unwrap(tokenizer)
     bos = getattr(tokenizer, "bos_token_id", None)
     encode = getattr(tokenizer, "encode", None)
     if encode is None:
@@ -290,6 +331,10 @@ def _encoder(tokenizer: Any) -> tuple[Callable[[str], list[int]], int | None]:
         import tokenizers
 
         if isinstance(tokenizer, tokenizers.Tokenizer):
+            from .models import infer_special_tokens
+
+            name = infer_special_tokens(tokenizer).get("bos_token")
+            bos = tokenizer.token_to_id(name) if name is not None else None
             return (lambda text: tokenizer.encode(text, add_special_tokens=False).ids), bos
     except ImportError:  # pragma: no cover - tokenizers is a dependency
         pass

@@ -178,3 +178,63 @@ def test_an_empty_dataset_is_refused_by_name(tmp_path):
                    tmp_path / "data" / "train-00000-of-00001.parquet")
     with pytest.raises(InputError, match="could not be read|gave no context"):
         load_dataset_tokens(tmp_path, context_size=4, n_contexts=2, bos_token_id=0)
+
+
+# -- BOS and text from the model's tokenizer ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo_model():
+    """The demo model, loaded from its folder with the tokenizer that travels in it (BOS <|bos|> = 0)."""
+    from sparsedecomp.demo.layout import ARTIFACTS_DIR, MODEL_DIR
+    from sparsedecomp.loading import load_model
+
+    return load_model(ARTIFACTS_DIR / MODEL_DIR)
+
+
+def test_text_is_tokenised_with_the_models_tokenizer_and_its_bos(parquet_dataset, demo_model):
+    from tokenizers import Tokenizer
+
+    from sparsedecomp.demo.layout import ARTIFACTS_DIR, TOKENIZER_FILE
+
+    raw = Tokenizer.from_file(str(ARTIFACTS_DIR / TOKENIZER_FILE))
+    stream = [i for text in TEXTS for i in raw.encode(text, add_special_tokens=False).ids]
+    assert len(stream) >= 6 and 0 not in stream
+    expected = [[0] + stream[:3], [0] + stream[3:6]]
+    # No bos_token_id given: it is the tokenizer's, whichever way the tokenizer is handed over (a raw
+    # tokenizers.Tokenizer names it by its special <|bos|> token).
+    for tokenizer in (demo_model, demo_model.model, demo_model.tokenizer, raw):
+        got = load_dataset_tokens(parquet_dataset, context_size=4, n_contexts=2, column="text", tokenizer=tokenizer)
+        assert got.tokens.tolist() == expected and got.bos_token_id == 0 and got.bos_added is True
+    # A pre-tokenised column takes only the BOS id from it.
+    ids = load_dataset_tokens(parquet_dataset, context_size=4, n_contexts=1, tokenizer=demo_model)
+    assert ids.tokens.tolist() == [[BOS, 5, 6, 7]] and ids.bos_token_id == 0
+
+
+def test_a_tokens_file_takes_its_bos_from_the_tokenizer(tmp_path, demo_model):
+    path = tmp_path / "tokens.safetensors"
+    save_file({"tokens": torch.tensor([[0, 5, 6], [0, 7, 8]])}, str(path))
+    assert load_tokens_file(path, tokenizer=demo_model).bos_token_id == 0
+    assert load_tokens_file(path, tokenizer=demo_model.tokenizer).bos_token_id == 0
+    assert load_tokens_file(path, tokenizer=demo_model, bos_token_id=5).bos_token_id is None  # the argument wins
+    assert load_tokens_file(path).bos_token_id is None
+
+
+def test_a_model_without_a_tokenizer_is_named(parquet_dataset):
+    from types import SimpleNamespace
+
+    from sparsedecomp.loading import LoadedModel, ProcessingFlags
+
+    bare = LoadedModel(model=SimpleNamespace(tokenizer=None), flags=ProcessingFlags(), name="tiny")
+    assert bare.tokenizer is None and bare.bos_token_id is None and bare.special_token_ids == ()
+    with pytest.raises(InputError, match=r"the model tiny has no tokenizer: load it with one"):
+        load_dataset_tokens(parquet_dataset, context_size=4, n_contexts=1, column="text", tokenizer=bare)
+
+
+def test_without_the_datasets_package_the_error_names_it(parquet_dataset, monkeypatch):
+    import sys
+
+    from sparsedecomp.loading.tokens import MissingPackageError
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError
+    with pytest.raises(MissingPackageError, match=r"needs the Hugging Face 'datasets' package, which is not") as info:
+        load_dataset_tokens(parquet_dataset, context_size=4, n_contexts=1, bos_token_id=BOS)
+    assert isinstance(info.value, ImportError) and isinstance(info.value, InputError)
