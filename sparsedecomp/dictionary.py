@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .codes import Codes
-from .validation import check_norms_representable, check_tensor
+from .validation import check_device, check_norms_representable, check_tensor, first_indices
 from .errors import InputError
 
 
@@ -146,6 +146,9 @@ class Dictionary:
     # -- conversion ----------------------------------------------------------------------------------------------
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Dictionary":
         """A copy on ``device`` with floating tensors in ``dtype`` (labels stay long)."""
+        if device is not None:
+            device = check_device(device)
+
         def move(t: Tensor | None, floating: bool) -> Tensor | None:
             if t is None:
                 return None
@@ -250,6 +253,10 @@ class BlockDictionary(Dictionary):
             raise InputError("blocks must hold at least one (n_features, d_head) decoder")
         for h, b in enumerate(blocks):
             check_tensor(b, f"blocks[{h}]", ndim=2)
+            if b.shape[0] == 0:
+                # Head h would own columns that no atom touches: its share of every target is unexplainable.
+                raise InputError(f"blocks[{h}] (head {h}) has no atoms, shape {tuple(b.shape)}: every head needs "
+                                 "at least one (n_features, d_head) decoder row")
         d_head = blocks[0].shape[1]
         for h, b in enumerate(blocks):
             if b.shape[1] != d_head:
@@ -293,8 +300,10 @@ class BlockDictionary(Dictionary):
         """
         W_O = check_W_O(W_O, self.n_heads, self.d_head)
         W_cat = W_O.reshape(self.n_heads * self.d_head, -1).to(self.atoms)
+        mixed = self.atoms @ W_cat
+        _check_mixed_atoms(mixed, W_O, self.head)
         return Dictionary(
-            atoms=self.atoms @ W_cat,
+            atoms=mixed,
             scales=self.scales,
             head=self.head,
             feature=self.feature,
@@ -326,13 +335,39 @@ def check_W_O(W_O: Tensor, n_heads: int, d_head: int) -> Tensor:
     return W_O
 
 
+def _check_mixed_atoms(mixed: Tensor, W_O: Tensor, head: Tensor) -> None:
+    """Refuse a mixing that leaves atoms zero, as :func:`_maybe_normalize` refuses zero atoms: a zero atom can never
+    be used, so its feature would be silently absent from every code (and OMP, which divides by atom norms, stops
+    on it).
+
+    Heads whose ``W_O[h]`` is all zero are named as such (an all-zero ``W_O`` is the wrong matrix, e.g. an
+    uninitialised or pruned layer); any other atom that ``W_O`` maps to zero is named by row."""
+    dead_heads = [h for h in range(W_O.shape[0]) if not bool((W_O[h] != 0).any())]
+    if len(dead_heads) == W_O.shape[0]:
+        raise InputError(f"W_O {tuple(W_O.shape)} is all zero: every mixed atom would be zero; pass the layer's "
+                         "output projection, e.g. model.W_O[layer]")
+    if dead_heads:
+        raise InputError(
+            f"W_O is all zero for heads {dead_heads} ({len(dead_heads)} of {W_O.shape[0]} heads), so "
+            "every atom of those heads mixes to zero and no residual-space code can use them; decompose in z "
+            "space instead (the block dictionary itself), or check W_O"
+        )
+    zero = ~(mixed != 0).any(dim=1)
+    if bool(zero.any()):
+        rows = first_indices(zero)
+        raise InputError(
+            f"W_O maps {int(zero.sum())} atoms to zero (first rows {rows}, heads {head[rows].tolist()}): their "
+            "decoder rows lie in the null space of their head's W_O; drop those features first"
+        )
+
+
 def _maybe_normalize(atoms: Tensor, normalize: bool, name: str) -> tuple[Tensor, Tensor]:
     check_tensor(atoms, name, ndim=2)
     # First, so that atoms too small to square are not reported as all-zero.
     check_norms_representable(atoms, name)
     norms = atoms.norm(dim=1)
     if bool((norms == 0).any()):
-        zero = (norms == 0).nonzero().squeeze(1)[:5].tolist()
+        zero = first_indices(norms == 0)
         raise InputError(f"{name} has {int((norms == 0).sum())} all-zero atoms (first rows {zero}); drop dead features first")
     if not normalize:
         return atoms, torch.ones_like(norms)

@@ -1,7 +1,9 @@
 """Input checks shared by every public entry point.
 
 Each check raises ``ValueError`` or ``TypeError`` whose message names the argument, what was expected and what
-was received, so a researcher can fix a call without reading the source.
+was received, so a researcher can fix a call without reading the source. Inputs that are legitimate but make
+part of an answer meaningless (a zero target, a lasso weight that zeroes a code) are not refused: they get one
+:class:`DegenerateInputWarning` per call, saying what and how many.
 """
 
 from __future__ import annotations
@@ -13,6 +15,25 @@ from torch import Tensor
 from .errors import InputError, InputTypeError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# How many offending rows / heads / indices a message lists before it only counts them.
+SHOWN = 5
+
+
+class DegenerateInputWarning(UserWarning):
+    """An input is valid but makes part of the answer trivially fixed (e.g. exactly zero) whatever the method."""
+
+
+class ZeroTargetWarning(DegenerateInputWarning):
+    """Some targets are the zero vector: their code is zero by definition, not found by the solver."""
+
+
+class AlphaAboveMaxWarning(DegenerateInputWarning):
+    """An absolute lasso weight is at least some targets' ``alpha_max``, so their code is exactly zero."""
+
+
+def first_indices(mask: Tensor) -> list[int]:
+    """The first :data:`SHOWN` indices where the 1-d ``mask`` is true, for messages."""
+    return mask.nonzero().squeeze(1)[:SHOWN].tolist()
 
 
 def check_tensor(value: object, name: str, *, ndim: int | None = None) -> Tensor:
@@ -23,8 +44,17 @@ def check_tensor(value: object, name: str, *, ndim: int | None = None) -> Tensor
         raise InputTypeError(f"{name} must have a floating-point dtype, got {value.dtype}")
     if ndim is not None and value.ndim != ndim:
         raise InputError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+    check_has_data(value, name)
     check_finite(value, name)
     return value
+
+
+def check_has_data(value: Tensor, name: str) -> None:
+    """Refuse a tensor on the ``meta`` device: it has a shape and dtype but no values, so nothing can be computed
+    from it (torch would fail later, deep inside, on the first value read)."""
+    if value.is_meta:
+        raise InputError(f"{name} is on the meta device, which holds no data (only shapes); create or load it "
+                         "on 'cpu' or 'cuda'")
 
 
 def check_finite(value: Tensor, name: str) -> None:
@@ -68,11 +98,13 @@ def check_norms_representable(rows: Tensor, name: str) -> None:
     finfo = torch.finfo(work.dtype)
     bad = ~torch.isfinite(squared) | ((squared < finfo.tiny) & (rows != 0).any(dim=1))
     if bool(bad.any()):
-        row = int(bad.nonzero()[0])
+        shown = first_indices(bad)
+        row = shown[0]
         largest = float(rows[row].abs().max())
         raise InputError(
             f"{name} row {row} has entries up to {largest:.3g}, whose squared norm is not representable in "
-            f"{rows.dtype} ({int(bad.sum())} such rows); rescale them (e.g. to unit norm) or use float64"
+            f"{rows.dtype} ({int(bad.sum())} of {rows.shape[0]} rows, first {shown}); rescale them (e.g. divide each "
+            "by its largest absolute entry, then by its norm) or use float64"
         )
 
 
@@ -124,12 +156,16 @@ def check_lasso_alpha(alpha: object, is_fraction_of_max: object) -> float:
 
 
 def check_device(device: object) -> torch.device:
-    """A ``torch.device`` that this machine has: a CUDA device asked for where torch sees none is refused by name
-    (torch would fail later with an assertion deep inside a tensor move)."""
+    """A ``torch.device`` that this machine has and that holds data: a CUDA device asked for where torch sees none
+    is refused by name (torch would fail later with an assertion deep inside a tensor move), and so is the
+    ``meta`` device (tensors there have shapes but no values: every result would fail or be meaningless)."""
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise InputError(f"device {device!r} is not a torch device ({err})") from None
+    if resolved.type == "meta":
+        raise InputError(f"device {device!r} holds no data (the meta device keeps only shapes and dtypes); "
+                         "use device='cpu' or 'cuda'")
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             raise InputError(f"device {device!r} asked for, but torch sees no CUDA device here (a CPU-only build, "

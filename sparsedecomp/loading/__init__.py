@@ -12,6 +12,7 @@ from .errors import (
     ModelNotFoundError,
     UnsupportedCheckpointError,
 )
+from .files import DeadEncoderWarning
 from .heads import (HeadSAEs, MissingHeadsWarning, check_compatible, check_model_matches, load_head_saes,
                     warn_if_input_scale_missing)
 from .hub import HubReference, parse_reference
@@ -20,7 +21,8 @@ from .models import LoadedModel, ProcessingFlags, load_model, process_state_dict
 from .registry import LOADERS, detect_format, load_sae
 from .sae import CONCATENATED, NO_HEAD, SAE, InputScaleWarning
 from .saelens6 import from_saelens, load_saelens6, load_saelens_pretrained, save_saelens6
-from .saelens_legacy import choose_checkpoint, find_legacy_sae_dir, load_legacy_saelens, save_legacy_saelens
+from .saelens_legacy import (CheckpointChoiceWarning, choose_checkpoint, find_legacy_sae_dir, load_legacy_saelens,
+                             save_legacy_saelens)
 from .scaling import (
     HeadNormAccumulator,
     HeadScales,
@@ -32,9 +34,11 @@ from .scaling import (
 
 __all__ = [
     "CONCATENATED",
+    "CheckpointChoiceWarning",
     "CheckpointError",
     "CheckpointNotFoundError",
     "DEFAULT_REPO_ID",
+    "DeadEncoderWarning",
     "HeadNormAccumulator",
     "HeadSAEs",
     "HeadScales",

@@ -9,6 +9,8 @@ unpickler refuses any global that is not a tensor building block. Every failure 
 from __future__ import annotations
 
 import json
+import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -16,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .errors import CheckpointError, CheckpointNotFoundError
+from ..errors import InputTypeError
 from ..validation import FLOAT_DTYPES
 
 # A SAELens SAE folder (legacy 1.4-2.1.3 and 6.x alike): the config, the weights and optional log10 firing frequencies.
@@ -27,6 +30,20 @@ SAE_DIR_FILES = (CFG_NAME, WEIGHTS_NAME, SPARSITY_NAME)
 # dtype names as SAELens configs write them: 6.x writes "float32", 1.x/2.x write str(torch.float32).
 DTYPE_NAMES: dict[str, torch.dtype] = {str(d).removeprefix("torch."): d for d in FLOAT_DTYPES}
 DTYPE_NAMES.update({str(d): d for d in FLOAT_DTYPES})
+
+
+class DeadEncoderWarning(UserWarning):
+    """An SAE's encoder ``W_enc`` is all zero: its features do not depend on the input."""
+
+
+def as_path(source: Any, name: str = "source", *, references: bool = False) -> Path:
+    """``source`` as a ``Path`` if it is a ``str`` or ``os.PathLike``; anything else (a number, a list, an SAE) is
+    refused by type here rather than failing inside ``pathlib`` with a message that names neither. ``references``:
+    the caller also takes hub reference strings (the message says so)."""
+    if not isinstance(source, (str, os.PathLike)):
+        accepted = "a path (str or os.PathLike)" + (" or a hub reference string" if references else "")
+        raise InputTypeError(f"{name} must be {accepted}, got {type(source).__name__} {source!r}")
+    return Path(source)
 
 
 def require_file(path: str | Path, what: str) -> Path:
@@ -123,6 +140,27 @@ def check_sae_tensors(
     for key in allowed:
         if key in tensors and not bool(torch.isfinite(tensors[key]).all()):
             raise CheckpointError(f"{path}: {key} contains NaN or Inf entries")
+    warn_if_encoder_zero(tensors["W_enc"], tensors["b_enc"], path)
+
+
+def warn_if_encoder_zero(W_enc: Tensor, b_enc: Tensor, where: Any) -> bool:
+    """Warn (:class:`DeadEncoderWarning`) when ``W_enc`` is all zero: every activation is then
+    ``relu(b_enc)`` whatever the input, so features with ``b_enc <= 0`` never fire and the others are constant
+    (an L0 of 0, or a constant one, is then no property of the data). A valid file, so not refused: an
+    untrained or wiped checkpoint. Returns whether it warned."""
+    from ..decomposition import caller_stacklevel
+
+    if bool((W_enc != 0).any()):
+        return False
+    always_on = int((b_enc > 0).sum())
+    warnings.warn(
+        f"{where}: W_enc is all zero, so no feature depends on the input: every activation is relu(b_enc) "
+        f"({always_on} of {b_enc.shape[0]} features constantly on, the rest never fire); an untrained or "
+        "zeroed checkpoint?",
+        DeadEncoderWarning,
+        stacklevel=caller_stacklevel(),
+    )
+    return True
 
 
 def config_int(cfg: Mapping[str, Any], key: str, path: Path | str) -> int:
@@ -143,6 +181,18 @@ def config_str(cfg: Mapping[str, Any], key: str, path: Path | str) -> str:
     return value
 
 
+def config_kwargs(cfg: Mapping[str, Any], key: str, path: Path | str, what: str | None = None) -> dict[str, Any] | None:
+    """An optional JSON-object config entry (keyword arguments, e.g. ``model_from_pretrained_kwargs``); ``None``
+    when absent or null."""
+    value = cfg.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: {what or key} must be a JSON object (keyword arguments) or absent, "
+                              f"got {value!r}")
+    return dict(value)
+
+
 def layer_from_hook(hook_name: str) -> int | None:
     """The layer index in a TransformerLens hook name (``blocks.3.attn.hook_z`` -> 3), or ``None``."""
     parts = hook_name.split(".")
@@ -154,7 +204,7 @@ def layer_from_hook(hook_name: str) -> int | None:
 def sae_dir_of(path: str | Path) -> Path:
     """The SAE folder ``path`` names: its parent when ``path`` is one of the folder's files (``cfg.json``,
     ``sae_weights.safetensors``, ``sparsity.safetensors``), else ``path`` itself."""
-    path = Path(path)
+    path = as_path(path, "path")
     if path.name in SAE_DIR_FILES and path.is_file():
         return path.parent
     return path

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 import torch
 
 from .errors import HookUnknownError
-from .files import canonical_hook
+from .files import as_path, canonical_hook
 from .sae import SAE, InputScaleWarning, warn_input_scale
 from ..errors import InputError, InputTypeError
 
@@ -87,6 +87,18 @@ class HeadSAEs:
     @property
     def d_sae(self) -> dict[int, int]:
         return {sae.head: sae.d_sae for sae in self.saes}
+
+    @property
+    def model_from_pretrained_kwargs(self) -> dict[str, Any] | None:
+        """The model-loading keyword arguments the heads' checkpoints record (see
+        :attr:`SAE.model_from_pretrained_kwargs`), ``None`` when none records any; heads that record different ones
+        are refused, naming each head's (the model can be loaded only one way)."""
+        recorded = {sae.head: sae.model_from_pretrained_kwargs for sae in self.saes}
+        known = {h: kwargs for h, kwargs in recorded.items() if kwargs is not None}
+        distinct = {repr(sorted(kwargs.items())) for kwargs in known.values()}
+        if len(distinct) > 1:
+            raise InputError(f"the per-head SAEs record different model_from_pretrained_kwargs: {known}")
+        return next(iter(known.values()), None)
 
     @property
     def heads_needing_input_scale(self) -> tuple[int, ...]:
@@ -315,6 +327,7 @@ def load_head_saes(
     on_missing: Literal["raise", "warn"] = "raise",
     format: str | None = None,
     device: str | torch.device = "cpu",
+    step: int | str | None = None,
 ) -> HeadSAEs:
     """Load one SAE per head and check that they belong together.
 
@@ -322,7 +335,9 @@ def load_head_saes(
     may be a run folder, a checkpoint folder, an SAE folder or one of its files, or a hub reference such as
     ``saelens://RELEASE/SAE_ID`` (see :func:`~sparsedecomp.loading.registry.load_sae`); relative paths are taken
     under ``root``, references are not) or is a list of checkpoints whose configs name their heads. With
-    ``n_heads``, heads without an SAE raise (``on_missing="raise"``) or warn (``"warn"``).
+    ``n_heads``, heads without an SAE raise (``on_missing="raise"``) or warn (``"warn"``). ``step`` picks the same
+    checkpoint of every legacy SAELens run folder (its number of training tokens, or ``"final"``; the seed used
+    ``983044096``); each SAE records the one used in ``provenance["step"]``.
     """
     from .hub import is_reference
 
@@ -336,15 +351,17 @@ def load_head_saes(
     if not items:
         raise InputError("sources is empty")
     saes = []
-    for expected_head, source in items:
+    for position, (expected_head, source) in enumerate(items):
+        name = f"sources[{position if expected_head is None else expected_head!r}]"
         if is_reference(source):
             path = source
-            if format is not None:
-                raise InputError(f"format= does not apply to the hub reference {source}")
+            if format is not None or step is not None:
+                raise InputError(f"format= and step= do not apply to the hub reference {source}")
             sae = load_sae(source, device=device)
         else:
-            path = Path(root) / source if root is not None else Path(source)
-            sae = load_sae(path, format=format, device=device)
+            path = as_path(source, name, references=True)
+            path = as_path(root, "root") / path if root is not None else path
+            sae = load_sae(path, format=format, device=device, step=step)
         if sae.head is None:
             head = "<h>" if expected_head is None else expected_head
             raise HookUnknownError(

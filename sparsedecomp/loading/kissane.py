@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import torch
 
 from .errors import CheckpointError, CheckpointNotFoundError
-from .files import check_sae_tensors, config_int, config_str, read_json, read_torch_state_dict, resolve_layer
+from .files import as_path, check_sae_tensors, config_int, config_str, read_json, read_torch_state_dict, resolve_layer
 from .sae import CONCATENATED, SAE
 from ..errors import InputError, InputTypeError
 
@@ -90,7 +90,7 @@ def load_kissane(
         if revision is not None:
             where["revision"] = revision
         return read_kissane(pt, cfg, device=device, where=where)
-    pair = find_kissane_pair(source, version)
+    pair = find_kissane_pair(as_path(source), version)
     if pair is None:
         if not Path(source).exists():
             raise CheckpointNotFoundError(f"Kissane checkpoint not found: {source}")

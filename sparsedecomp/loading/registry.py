@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from .errors import CheckpointError, CheckpointNotFoundError
-from .files import CFG_NAME, SAE_DIR_FILES, WEIGHTS_NAME, is_sae_dir, read_json, sae_dir_of
+from .files import CFG_NAME, SAE_DIR_FILES, WEIGHTS_NAME, as_path, is_sae_dir, read_json, sae_dir_of
 from .hub import SYNTAX, is_reference, load_reference
 from .kissane import CFG_SUFFIX, find_kissane_pair, load_kissane
 from .sae import SAE
@@ -35,7 +35,7 @@ def detect_format(source: str | Path, *, version: str | int | None = None) -> st
     """
     if is_reference(source):
         raise InputError(f"{source} is a hub reference, not a local checkpoint: load it with load_sae")
-    path = Path(source)
+    path = as_path(source)
     if not path.exists():
         raise CheckpointNotFoundError(f"checkpoint not found: {path}")
     if path.is_file():
@@ -78,24 +78,32 @@ def load_sae(
     format: str | None = None,
     device: str | torch.device = "cpu",
     sae_name: str | None = None,
+    step: int | str | None = None,
 ) -> SAE:
     """Load one SAE.
 
     ``source`` is a local checkpoint (file or folder; format detected unless ``format`` names it) or a hub
     reference, ``hf://OWNER/REPO[@REVISION]/VERSION`` (a Kissane pair) or ``saelens://RELEASE/SAE_ID`` (a SAELens
     release; see :mod:`sparsedecomp.loading.hub`). With ``repo_id`` (or no ``source`` but a ``version``) a Kissane
-    checkpoint is fetched from the Hugging Face hub.
+    checkpoint is fetched from the Hugging Face hub. ``step`` picks the checkpoint of a legacy SAELens run folder
+    (its number of training tokens, or ``"final"``; see :func:`~sparsedecomp.loading.saelens_legacy.choose_checkpoint`).
     """
     if format is not None and format not in LOADERS:
         raise InputError(f"format must be one of {sorted(LOADERS)}, got {format!r}")
+    if source is not None and not is_reference(source):
+        as_path(source, references=True)  # a number or list is refused by type before anything is looked up
     device = check_device(device)
     if is_reference(source):
-        if repo_id is not None or format is not None or sae_name is not None:
-            raise InputError(f"{source} is a hub reference ({SYNTAX}); it takes no repo_id=, format= or sae_name=")
+        if repo_id is not None or format is not None or sae_name is not None or step is not None:
+            raise InputError(
+                f"{source} is a hub reference ({SYNTAX}); it takes no repo_id=, format=, sae_name= or step="
+            )
         return load_reference(source, version=version, device=device)
     if source is None or repo_id is not None:
         if format not in (None, "kissane"):
             raise InputError(f"only the 'kissane' format is read from a hub repo here, got format={format!r}")
+        if step is not None:
+            raise InputError("step= only applies to legacy SAELens run folders, not to a Kissane hub checkpoint")
         return load_kissane(source, version=version, repo_id=repo_id, device=device)
     name = format or detect_format(source, version=version)
     path = Path(source)
@@ -106,8 +114,10 @@ def load_sae(
         raise InputError(f"version= only applies to Kissane checkpoints; {source} is {name}")
     if name == "saelens_legacy":
         options["sae_name"] = sae_name
-    elif sae_name is not None:
-        raise InputError(f"sae_name= only applies to legacy SAELens trees; {source} is {name}")
+        options["step"] = step
+    elif sae_name is not None or step is not None:
+        given = "sae_name=" if sae_name is not None else "step="
+        raise InputError(f"{given} only applies to legacy SAELens trees; {source} is {name}")
     if name in ("saelens6", "saelens_legacy"):
         path = sae_dir_of(path)
     return LOADERS[name](path, device=device, **options)

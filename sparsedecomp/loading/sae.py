@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .errors import HookUnknownError
-from ..validation import FLOAT_DTYPES, check_positive, check_tensor
+from ..validation import FLOAT_DTYPES, check_device, check_positive, check_tensor, first_indices
 from ..errors import InputError, InputTypeError
 
 CONCATENATED = "concatenated"
@@ -140,6 +140,15 @@ class SAE:
         (legacy ``normalize_activations=True``) and no scale has been folded in yet: see ``scaling.py``."""
         return bool(self.provenance.get("needs_input_scale", False))
 
+    @property
+    def model_from_pretrained_kwargs(self) -> dict[str, Any] | None:
+        """The keyword arguments the model was loaded with for training, as the checkpoint records them
+        (SAELens's ``model_from_pretrained_kwargs``, e.g. ``{"center_writing_weights": False}``): load the model
+        with them, since processing flags change ``hook_z``. ``None`` when the checkpoint records none (Kissane
+        checkpoints; a SAELens SAE saved without metadata). A copy: changing it changes nothing here."""
+        value = self.provenance.get("model_from_pretrained_kwargs")
+        return None if value is None else dict(value)
+
     def describe(self) -> str:
         """One line naming the SAE: model, hook, head, sizes and source."""
         source = self.provenance.get("source", "?")
@@ -224,7 +233,7 @@ class SAE:
         """
         norms = self.W_dec.norm(dim=1)
         if bool((norms == 0).any()):
-            zero = (norms == 0).nonzero().squeeze(1)[:5].tolist()
+            zero = first_indices(norms == 0)
             raise InputError(
                 f"{int((norms == 0).sum())} decoder rows are zero (first {zero}); their norm cannot be folded"
             )
@@ -270,6 +279,8 @@ class SAE:
         """A copy on ``device`` in floating ``dtype``; a dtype change is recorded, a device move is not."""
         if dtype is not None and dtype not in FLOAT_DTYPES:
             raise InputTypeError(f"dtype must be a floating-point torch dtype, got {dtype}")
+        if device is not None:
+            device = check_device(device)
         moved = {
             name: getattr(self, name).to(device=device, dtype=dtype) for name in ("W_enc", "b_enc", "W_dec", "b_dec")
         }

@@ -30,6 +30,7 @@ from .files import (
     WEIGHTS_NAME,
     check_sae_tensors,
     config_int,
+    config_kwargs,
     optional_str,
     parse_dtype,
     read_json,
@@ -38,6 +39,7 @@ from .files import (
     resolve_head,
     resolve_layer,
     sae_dir_of,
+    warn_if_encoder_zero,
 )
 from .sae import CONCATENATED, SAE
 from ..errors import InputError, InputTypeError
@@ -84,9 +86,17 @@ def load_saelens6(path: str | Path, *, device: str | torch.device = "cpu") -> SA
         reshape=cfg.get("reshape_activations", "none"),
         meta=meta,
         where=cfg_path,
-        provenance={"format": "saelens6", "source": str(path), "files": files, "cfg": cfg},
+        provenance={"format": "saelens6", "source": str(path), "files": files, "cfg": cfg,
+                    "model_from_pretrained_kwargs": _model_kwargs(cfg, meta, cfg_path)},
         log_sparsity=log_sparsity,
     )
+
+
+def _model_kwargs(cfg: Mapping[str, Any], meta: Mapping[str, Any], where: Any) -> dict[str, Any] | None:
+    """``model_from_pretrained_kwargs`` from the ``metadata`` block (SAELens 6) or the top level (SAELens 3-5)."""
+    if meta.get("model_from_pretrained_kwargs") is not None:
+        return config_kwargs(meta, "model_from_pretrained_kwargs", where, "metadata.model_from_pretrained_kwargs")
+    return config_kwargs(cfg, "model_from_pretrained_kwargs", where)
 
 
 def _check_architecture(architecture: Any, where: Any) -> None:
@@ -162,14 +172,19 @@ def from_saelens(sae_lens_sae: Any, *, provenance: Mapping[str, Any] | None = No
     extra = getattr(sae_lens_sae, "finetuning_scaling_factor", None)
     if isinstance(extra, Tensor):
         raise UnsupportedCheckpointError("sae_lens SAE has a finetuning_scaling_factor; fold it before converting")
+    where = f"sae_lens SAE ({meta.get('hook_name')})"
+    cfg_dict = cfg.to_dict()
+    if all(bool(torch.isfinite(w).all()) for w in weights.values()):  # NaN / Inf are refused by name in _build
+        warn_if_encoder_zero(weights["W_enc"], weights["b_enc"], where)
     return _build(
         weights=weights,
         apply_b_dec=bool(cfg.apply_b_dec_to_input),
         normalize=cfg.normalize_activations,
         reshape=cfg.reshape_activations,
         meta=meta,
-        where=f"sae_lens SAE ({meta.get('hook_name')})",
-        provenance={"format": "saelens6", "cfg": cfg.to_dict(), **dict(provenance or {})},
+        where=where,
+        provenance={"format": "saelens6", "cfg": cfg_dict,
+                    "model_from_pretrained_kwargs": _model_kwargs(cfg_dict, meta, where), **dict(provenance or {})},
         log_sparsity=log_sparsity,
     )
 

@@ -17,19 +17,24 @@ Maths: ``encode(x) = relu((x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc)``,
 With ``normalize_activations: true`` the SAE was trained on ``s * x`` with ``s = sqrt(d_in) / E||x||``, and ``s``
 was never saved: the loaded SAE says ``needs_input_scale`` until a re-estimated scale is folded in
 (``sparsedecomp.loading.scaling``).
+
+A run folder usually holds several checkpoints (intermediate ``<n>/`` and ``final_<n>/``, ``n`` the training tokens
+seen): ``step=`` picks one (``n``, or ``"final"``); without it the final one is taken, with a
+:class:`CheckpointChoiceWarning` naming the others. The step used is in ``provenance["step"]``.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
-from .errors import CheckpointError, CheckpointNotFoundError
+from .errors import CheckpointError, CheckpointNotFoundError, UnsupportedCheckpointError
 from .files import (
     CFG_NAME,
     DTYPE_NAMES,
@@ -37,6 +42,7 @@ from .files import (
     WEIGHTS_NAME,
     check_sae_tensors,
     config_int,
+    config_kwargs,
     config_str,
     is_sae_dir,
     parse_dtype,
@@ -49,12 +55,21 @@ from .files import (
 )
 from .sae import SAE, fold_legacy_scaling_factor
 from ..errors import InputError, InputTypeError
+from ..validation import first_indices
 
 # Files a legacy tree holds that must never be read (both are pickles).
 NEVER_OPEN = ("training_run_state.pkl", "ctx.safetensors")
 DEFAULT_SAE_LENS_VERSION = "2.1.3"
 
 _CHECKPOINT = re.compile(r"^(final_)?(\d+)$")
+FINAL = "final"
+# Activation functions as legacy configs name them (``activation_fn``; ``activation_fn_str`` from SAELens 3): only
+# ReLU is the standard SAE that :class:`SAE` represents.
+_ACTIVATION_KEYS = ("activation_fn", "activation_fn_str")
+
+
+class CheckpointChoiceWarning(UserWarning):
+    """A legacy run folder holds several checkpoint steps and none was asked for: the final one was taken."""
 
 
 def is_legacy_cfg(cfg: Mapping[str, Any]) -> bool:
@@ -73,26 +88,90 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[bool, int, Path]]:
     return sorted(found, key=lambda t: (t[1], t[0]))
 
 
-def choose_checkpoint(run_dir: str | Path) -> tuple[Path, str]:
-    """The final checkpoint of a run: the ``final_<n>`` folder with the largest ``n`` if there is one, else the
-    ``<n>`` folder with the largest ``n``. Returns the folder and a sentence saying which and why."""
+def choose_checkpoint(run_dir: str | Path, step: int | str | None = None) -> tuple[Path, str]:
+    """The checkpoint of a run at ``step`` (see :func:`step_matches`), or without one the final checkpoint: the
+    ``final_<n>`` folder with the largest ``n`` if there is one, else the ``<n>`` folder with the largest ``n``.
+    Returns the folder and a sentence saying which and why.
+
+    A step that is not there is refused, listing the steps present. Without a step, a run with several
+    checkpoints gets a :class:`CheckpointChoiceWarning` naming them and the one taken (the seed loaded an
+    intermediate checkpoint of runs that also hold a final one)."""
+    from ..decomposition import caller_stacklevel
+
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
         raise CheckpointNotFoundError(f"{run_dir} holds no checkpoint folders named final_<n_tokens> or <n_tokens>")
+    names = [c[2].name for c in checkpoints]
+    if step is not None:
+        matches = [c for c in checkpoints if step_matches(step, c[0], c[1])]
+        if not matches:
+            raise CheckpointNotFoundError(f"{run_dir} has no checkpoint step {step!r}; steps present: {names} (pass "
+                                          f"step=<n_tokens> of one of them, or {FINAL!r})")
+        if len(matches) > 1 and step != FINAL:
+            raise CheckpointError(f"step {step!r} matches several checkpoints of {run_dir}: "
+                                  f"{[c[2].name for c in matches]}; pass the folder name")
+        chosen = max(matches, key=lambda c: c[1])
+        return chosen[2], f"chose {chosen[2].name} (step={step!r} asked for) among {names}"
     finals = [c for c in checkpoints if c[0]]
     chosen = max(finals or checkpoints, key=lambda c: c[1])
-    names = [c[2].name for c in checkpoints]
     rule = "the final_ checkpoint with most tokens" if finals else "no final_ checkpoint; the one with most tokens"
+    if len(checkpoints) > 1:
+        warnings.warn(
+            f"{run_dir} holds {len(checkpoints)} checkpoint steps {names}; loaded {chosen[2].name} ({rule}): pass "
+            f"step=<n_tokens> (e.g. {checkpoints[0][1]}) or step={FINAL!r} to choose",
+            CheckpointChoiceWarning,
+            stacklevel=caller_stacklevel(),
+        )
     return chosen[2], f"chose {chosen[2].name} ({rule}) among {names}"
 
 
-def find_legacy_sae_dir(path: str | Path, *, sae_name: str | None = None) -> tuple[Path, str | None]:
+def step_matches(step: int | str, is_final: bool, n_tokens: int) -> bool:
+    """Whether the checkpoint folder ``final_<n_tokens>`` (``is_final``) or ``<n_tokens>`` is the one ``step``
+    names: ``"final"`` names every ``final_<n>``, an ``int`` (or its digits) the folders of that many tokens, a
+    folder name itself that folder."""
+    if step == FINAL:
+        return is_final
+    if isinstance(step, str):
+        match = _CHECKPOINT.match(step)
+        if match is None:
+            raise InputError(f"step must be a checkpoint's number of training tokens, {FINAL!r}, or a checkpoint "
+                             f"folder name (<n> / final_<n>), got {step!r}")
+        if match.group(1) is not None:  # a folder name final_<n>: that folder only
+            return is_final and int(match.group(2)) == n_tokens
+        step = int(match.group(2))
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise InputTypeError(f"step must be an int (training tokens), {FINAL!r} or a folder name, got "
+                             f"{type(step).__name__}")
+    return n_tokens == step
+
+
+def _checkpoint_of(sae_dir: Path) -> tuple[bool, int] | None:
+    """``(is_final, n_tokens)`` of the checkpoint folder holding ``sae_dir``, or ``None`` when its name is not one."""
+    match = _CHECKPOINT.match(sae_dir.parent.name)
+    return None if match is None else (match.group(1) is not None, int(match.group(2)))
+
+
+def find_legacy_sae_dir(
+    path: str | Path, *, sae_name: str | None = None, step: int | str | None = None
+) -> tuple[Path, str | None]:
     """Resolve ``path`` (the SAE folder or its ``cfg.json`` / ``sae_weights.safetensors``, a checkpoint folder, or
-    the run folder ``<wandb_id>/``) to the SAE folder.
+    the run folder ``<wandb_id>/``) to the SAE folder; ``step`` picks the checkpoint of a run folder (see
+    :func:`choose_checkpoint`) and must match the checkpoint of a folder below it.
 
     Returns the folder and, when a checkpoint had to be chosen, a sentence saying which. Only directory names
     are inspected here; no file is opened.
     """
+    sae_dir, choice = _find_legacy_sae_dir(path, sae_name=sae_name, step=step)
+    if step is not None and choice is None:
+        # Given a folder below the run folder: the step asked for must be the one it is in.
+        found = _checkpoint_of(sae_dir)
+        if found is None or not step_matches(step, *found):
+            raise CheckpointError(f"step={step!r} was asked for, but {sae_dir} is in the checkpoint folder "
+                                  f"{sae_dir.parent.name!r}; pass the run folder, or drop step=")
+    return sae_dir, choice
+
+
+def _find_legacy_sae_dir(path: str | Path, *, sae_name: str | None, step: int | str | None) -> tuple[Path, str | None]:
     path = sae_dir_of(path)
     if not path.exists():
         raise CheckpointNotFoundError(f"legacy SAELens checkpoint not found: {path}")
@@ -106,7 +185,7 @@ def find_legacy_sae_dir(path: str | Path, *, sae_name: str | None = None) -> tup
     choice = None
     checkpoint = path
     if not _sae_children(path) and list_checkpoints(path):
-        checkpoint, choice = choose_checkpoint(path)
+        checkpoint, choice = choose_checkpoint(path, step)
     children = _sae_children(checkpoint)
     if sae_name is not None:
         if not is_sae_dir(checkpoint / sae_name):
@@ -132,13 +211,18 @@ def load_legacy_saelens(
     path: str | Path,
     *,
     sae_name: str | None = None,
+    step: int | str | None = None,
     device: str | torch.device = "cpu",
 ) -> SAE:
-    """Load a legacy SAELens SAE from its folder or any parent (see :func:`find_legacy_sae_dir`).
+    """Load a legacy SAELens SAE from its folder or any parent (see :func:`find_legacy_sae_dir`; ``step`` picks
+    the checkpoint of a run folder: its number of training tokens, or ``"final"``).
 
-    Reads only ``cfg.json``, ``sae_weights.safetensors`` and, if present, ``sparsity.safetensors``.
+    Reads only ``cfg.json``, ``sae_weights.safetensors`` and, if present, ``sparsity.safetensors``. Only ReLU SAEs
+    are read (another ``activation_fn`` is refused), and every per-feature ``scaling_factor`` must be finite and
+    positive. ``provenance["step"]`` is the checkpoint's number of training tokens (``None`` when the folder is not
+    named ``<n>`` / ``final_<n>``) and ``provenance["final"]`` whether it is a ``final_`` one.
     """
-    sae_dir, choice = find_legacy_sae_dir(path, sae_name=sae_name)
+    sae_dir, choice = find_legacy_sae_dir(path, sae_name=sae_name, step=step)
     cfg_path, weights_path = sae_dir / CFG_NAME, sae_dir / WEIGHTS_NAME
     cfg = read_json(cfg_path, "legacy SAELens config")
     if not is_legacy_cfg(cfg):
@@ -146,6 +230,7 @@ def load_legacy_saelens(
             f"{cfg_path} is not a legacy (SAELens < 3) config: it has no 'hook_point' key or has "
             "'architecture'/'metadata' (load it with the saelens6 loader)"
         )
+    _check_activation(cfg, cfg_path)
     hook_name = config_str(cfg, "hook_point", cfg_path)
     d_in = config_int(cfg, "d_in", cfg_path)
     if "d_sae" in cfg and cfg["d_sae"] is not None:
@@ -167,15 +252,20 @@ def load_legacy_saelens(
     check_sae_tensors(tensors, weights_path, d_in=d_in, d_sae=d_sae, dtype=dtype, optional={"scaling_factor": (d_sae,)})
     W_dec, note = tensors["W_dec"], None
     if "scaling_factor" in tensors:
+        _check_scaling_factor(tensors["scaling_factor"], weights_path)
         W_dec, note = fold_legacy_scaling_factor(W_dec, tensors["scaling_factor"])
 
     log_sparsity = read_sparsity(sae_dir / SPARSITY_NAME, d_sae, "legacy SAELens sparsity", device=device)
+    found = _checkpoint_of(sae_dir)
     provenance: dict[str, Any] = {
         "format": "saelens_legacy",
         "source": str(sae_dir),
         "files": [str(cfg_path), str(weights_path)] + ([str(sae_dir / SPARSITY_NAME)] if log_sparsity is not None else []),
         "checkpoint": sae_dir.parent.name,
         "checkpoint_choice": choice,
+        "step": None if found is None else found[1],
+        "final": None if found is None else found[0],
+        "model_from_pretrained_kwargs": config_kwargs(cfg, "model_from_pretrained_kwargs", cfg_path),
         "run": sae_dir.parent.parent.name,
         "sae_name": sae_dir.name,
         "cfg": cfg,
@@ -201,6 +291,33 @@ def load_legacy_saelens(
         transformations=(note,) if note else (),
         log_sparsity=log_sparsity,
     )
+
+
+def _check_activation(cfg: Mapping[str, Any], cfg_path: Path) -> None:
+    """Refuse a config whose activation function is not ReLU (``activation_fn: topk`` with
+    ``activation_fn_kwargs: {k: ...}``, ``tanh-relu``, ...): read as a ReLU SAE its codes would be silently
+    wrong. An absent entry is ReLU (SAELens 1.x wrote none)."""
+    for key in _ACTIVATION_KEYS:
+        name = cfg.get(key)
+        if name not in (None, "relu"):
+            kwargs = cfg.get("activation_fn_kwargs") or {}
+            detail = f" (activation_fn_kwargs {kwargs})" if kwargs else ""
+            raise UnsupportedCheckpointError(
+                f"{cfg_path}: {key} {name!r}{detail}; only ReLU (standard) SAEs are supported by this loader"
+            )
+
+
+def _check_scaling_factor(scaling_factor: Tensor, path: Path) -> None:
+    """Refuse per-feature factors that are zero or negative (finiteness is checked with every tensor): decode
+    multiplies each feature by its factor, so such a feature is silenced or flipped, which SAELens never writes
+    (it initialises the factor to one)."""
+    bad = scaling_factor <= 0
+    if bool(bad.any()):
+        raise CheckpointError(
+            f"{path}: scaling_factor has {int(bad.sum())} of {scaling_factor.shape[0]} entries <= 0 (first features "
+            f"{first_indices(bad)}, min {float(scaling_factor.min()):.4g}); legacy decode multiplies each feature "
+            "by it, so it must be positive"
+        )
 
 
 def legacy_sae_name(sae: SAE) -> str:

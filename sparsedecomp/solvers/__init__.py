@@ -15,6 +15,7 @@ from torch import Tensor
 from ..decomposition import Decomposition
 from ..dictionary import Dictionary
 from .base import PreparedSolver, Solver
+from ..validation import AlphaAboveMaxWarning, DegenerateInputWarning, ZeroTargetWarning
 from .omp import OMP
 from .pinv import Pseudoinverse
 from .proximal import NNLS, Lasso
@@ -35,12 +36,24 @@ SOLVERS: dict[str, tuple[type[Solver], dict[str, Any]]] = {
 }
 
 
-def make_solver(method: str, **params: Any) -> Solver:
-    """Build the solver registered as ``method`` with ``params`` (e.g. ``alpha``, ``n_nonzero``, ``tol``)."""
+def make_solver(method: str, *positional: Any, **params: Any) -> Solver:
+    """Build the solver registered as ``method`` with ``params`` (e.g. ``alpha``, ``n_nonzero``, ``tol``).
+
+    Parameters are keyword-only: ``make_solver("nn_lasso", alpha=0.2)``. A positional value is refused by name
+    (which parameter it was meant for cannot be guessed: ``0.2`` could be ``alpha`` or ``tol``)."""
+    if not isinstance(method, str):
+        raise InputTypeError(f"method must be a method name (str), one of {sorted(SOLVERS)}; got "
+                             f"{type(method).__name__}")
     if method not in SOLVERS:
         raise InputError(f"unknown method {method!r}; choose one of {sorted(SOLVERS)}")
     cls, fixed = SOLVERS[method]
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in fixed}
+    if positional:
+        raise InputTypeError(
+            f"method {method!r} takes keyword parameters only ({', '.join(sorted(fields))}); got "
+            f"{len(positional)} positional value(s) {list(positional)}: name each one, as in "
+            f"make_solver({method!r}, <parameter>=<value>, ...)"
+        )
     unknown = set(params) - set(fields)
     if unknown:
         raise InputTypeError(f"method {method!r} takes parameters {sorted(fields)}; got unexpected {sorted(unknown)}")
@@ -51,8 +64,8 @@ def make_solver(method: str, **params: Any) -> Solver:
     return cls(**fixed, **params)
 
 
-def decompose(targets: Tensor, dictionary: Dictionary | Tensor, *, method: str, progress: bool = False,
-              **params: Any) -> Decomposition:
+def decompose(targets: Tensor, dictionary: Dictionary | Tensor, *positional: Any, method: str | None = None,
+              progress: bool = False, **params: Any) -> Decomposition:
     """Decompose each row of ``targets`` (``(n_targets, d)``) into the atoms of ``dictionary``.
 
     ``method`` is one of :data:`SOLVERS`; ``params`` are that solver's parameters, each meaning one thing:
@@ -63,8 +76,14 @@ def decompose(targets: Tensor, dictionary: Dictionary | Tensor, *, method: str, 
     To solve several batches against one dictionary, prepare once:
     ``prepared = make_solver(method, **params).prepare(dictionary)``, then ``prepared.solve(batch)`` per batch.
     """
+    if positional or method is None:
+        given = f"; got positional value(s) {list(positional)}" if positional else ""
+        raise InputTypeError(f"decompose takes targets and dictionary positionally, then method= and the method's "
+                             f"parameters by keyword, e.g. decompose(targets, dictionary, method='nn_lasso', "
+                             f"alpha=0.2){given}")
     return make_solver(method, **params).solve(targets, dictionary, progress=progress)
 
 
 __all__ = ["SOLVERS", "Solver", "PreparedSolver", "make_solver", "decompose", "Pseudoinverse", "NNLS", "Lasso", "OMP",
-           "CvxpyLasso", "CvxpyNNLS", "CvxpyBPDN"]
+           "CvxpyLasso", "CvxpyNNLS", "CvxpyBPDN", "DegenerateInputWarning", "ZeroTargetWarning",
+           "AlphaAboveMaxWarning"]

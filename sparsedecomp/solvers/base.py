@@ -5,6 +5,10 @@ the work that depends only on it once, returning a :class:`PreparedSolver`; its 
 batch, solves chunks of at most ``chunk_size`` targets (:meth:`Solver.solve_chunk`) so that memory stays bounded,
 and joins the chunks.
 Tensors keep the dtype and device of the inputs.
+
+Degenerate inputs are reported here, once per ``solve`` call and for every method: zero targets
+(:class:`~sparsedecomp.validation.ZeroTargetWarning`: their code is zero by definition) and whatever a solver
+judges from its chunks (:meth:`Solver.warn_degenerate`, e.g. the lasso's ``alpha >= alpha_max``).
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+import warnings
+
 from ..codes import Codes
-from ..decomposition import Decomposition, concat_decompositions
+from ..decomposition import Decomposition, caller_stacklevel, concat_decompositions
 from ..dictionary import Dictionary
-from ..validation import check_positive_int, check_targets
+from ..validation import ZeroTargetWarning, check_positive_int, check_targets, first_indices
 from ..errors import InputError, InputTypeError
 
 
@@ -32,6 +38,9 @@ class ChunkResult:
     certificate: Tensor
     iterations: Tensor
     status: Tensor
+    # (n,) each target's alpha_max (the smallest L1 weight with the zero code), from solvers that compute it anyway
+    # (the lasso): what :meth:`Solver.warn_degenerate` judges an absolute alpha by.
+    alpha_max: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,10 @@ class Solver:
     def check_dictionary(self, dictionary: Dictionary) -> None:
         """Hook for solvers with extra requirements on the dictionary (raise ``InputError``)."""
 
+    def warn_degenerate(self, targets: Tensor, alpha_max: Tensor | None) -> None:
+        """Hook: warn (once per ``solve`` call) about targets whose answer this solver's parameters fix trivially;
+        ``alpha_max`` is the chunks' :attr:`ChunkResult.alpha_max` joined, or ``None``."""
+
     # -- public entry points -----------------------------------------------------------------------------------
     @torch.no_grad()
     def prepare(self, dictionary: Dictionary | Tensor) -> "PreparedSolver":
@@ -112,14 +125,17 @@ class PreparedSolver:
             )
         n = targets.shape[0]
         chunk_size = self.solver.chunk_size
-        parts = []
+        parts, alpha_max = [], []
         with _progress_bar(progress, n, desc or self.solver.name) as bar:
             for start in range(0, max(n, 1), chunk_size):
                 chunk = targets[start : start + chunk_size]
                 result = self.solver.solve_chunk(chunk, dictionary, self.precomputed)
                 parts.append(self._to_decomposition(chunk, result))
+                alpha_max.append(result.alpha_max)
                 bar.update(chunk.shape[0])
         decomposition = concat_decompositions(parts)
+        warn_zero_targets(targets, self.solver.name)
+        self.solver.warn_degenerate(targets, None if any(a is None for a in alpha_max) else torch.cat(alpha_max))
         decomposition.warn_if_failed()
         return decomposition
 
@@ -138,6 +154,23 @@ class PreparedSolver:
             params=self.solver.params(),
             dictionary=self.dictionary,
         )
+
+
+def warn_zero_targets(targets: Tensor, solver: str) -> None:
+    """One :class:`~sparsedecomp.validation.ZeroTargetWarning` naming how many rows of ``targets`` are all zero
+    and the first of them: every method returns the zero code for them, which says nothing about the dictionary
+    (often a dead feature, or a row whose normalisation overflowed to zero upstream)."""
+    zero = ~(targets != 0).any(dim=1)
+    n_zero = int(zero.sum())
+    if n_zero == 0:
+        return
+    warnings.warn(
+        f"{solver}: {n_zero} of {targets.shape[0]} targets are all zero (first rows {first_indices(zero)}); their "
+        "code is zero by definition, not a decomposition: drop them, or check how they were made (a dead feature, "
+        "a row that overflowed when normalised)",
+        ZeroTargetWarning,
+        stacklevel=caller_stacklevel(),
+    )
 
 
 def _progress_bar(enabled: bool, total: int, desc: str):

@@ -24,15 +24,16 @@ atoms outnumber dimensions; the objective is.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from ..decomposition import DUALITY_GAP, KKT_VIOLATION
+from ..decomposition import DUALITY_GAP, KKT_VIOLATION, caller_stacklevel
 from ..dictionary import Dictionary, StackedBlocks
-from ..validation import check_bool, check_lasso_alpha, check_positive
+from ..validation import AlphaAboveMaxWarning, check_bool, check_lasso_alpha, check_positive, first_indices
 from .base import ChunkResult, Solver
 from .working_set import GAP, KKT, solve_working_set
 
@@ -79,6 +80,27 @@ class Lasso(Solver):
 
     def precompute(self, dictionary: Dictionary) -> StackedBlocks:
         return dictionary.stacked()
+
+    def warn_degenerate(self, targets: Tensor, alpha_max: Tensor | None) -> None:
+        """One :class:`~sparsedecomp.validation.AlphaAboveMaxWarning` when an absolute ``alpha`` is at least the
+        ``alpha_max`` of some non-zero targets: their code is exactly zero (the solver did not have to look), which
+        for every target usually means an absolute weight given where a fraction was meant. A fraction of each
+        target's own ``alpha_max`` is below it by construction (``alpha <= 1``; 1 is asked for knowingly)."""
+        if self.alpha_is_fraction_of_max or alpha_max is None or alpha_max.numel() == 0:
+            return
+        # The solver's own test, in its working dtype: a target is solved by the zero code iff alpha_max <= alpha.
+        zeroed = (alpha_max <= torch.tensor(self.alpha, dtype=alpha_max.dtype)) & (targets != 0).any(dim=1)
+        n_zeroed = int(zeroed.sum())
+        if n_zeroed == 0:
+            return
+        warnings.warn(
+            f"{self.name}: alpha={self.alpha:g} (absolute) is >= alpha_max for {n_zeroed} of {targets.shape[0]} "
+            f"targets (first rows {first_indices(zeroed)}; the batch's largest alpha_max is "
+            f"{float(alpha_max.max()):.4g}), so their code is exactly zero; to give alpha as a fraction of each "
+            "target's alpha_max set alpha_is_fraction_of_max=True",
+            AlphaAboveMaxWarning,
+            stacklevel=caller_stacklevel(),
+        )
 
     def solve_chunk(self, targets: Tensor, dictionary: Dictionary, prepared: StackedBlocks) -> ChunkResult:
         # float64: the weight asked for, not its half-precision rounding (solve_working_set rounds it to the working

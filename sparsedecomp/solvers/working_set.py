@@ -246,6 +246,7 @@ def solve_working_set(
         certificate=certificate_out.to(dtype),
         iterations=iterations,
         status=status,
+        alpha_max=alpha_top,  # in the working dtype: a half-precision alpha_max could overflow
     )
 
 
