@@ -424,7 +424,7 @@ def fmt(value: float | None, spec: str) -> str:
 
 
 def _print_evaluation(run) -> None:
-    from .evaluation.splice import MEASURABLE_STDERRS
+    from .evaluation.splice import MEASURABLE_NATS, MEASURABLE_STDERRS
 
     report = run.evaluation.report
     for name in ("clean", "zero_layer", "concat_sae", "all_head_saes",
@@ -433,7 +433,8 @@ def _print_evaluation(run) -> None:
         if r is not None:
             score = "" if r.score is None else f", loss recovered {fmt(r.score, '.3f')} ± {fmt(r.score_stderr, '.3f')}"
             if r.score_measurable is False:
-                score += f" (not measurable: the ablation's cost is within {MEASURABLE_STDERRS:g} s.e. of 0)"
+                score += (f" (not measurable: the ablation costs under {MEASURABLE_NATS:g} nats or "
+                          f"{MEASURABLE_STDERRS:g} s.e.)")
             print(f"  {name:<40} CE {r.ce_loss:.4f} ± {fmt(r.ce_loss_stderr, '.4f')}, KL {r.kl:.4f}{score}")
     for label, check in report.decompositions.items():
         if check.exact_expected:
@@ -464,7 +465,7 @@ def run_reproduce_seed(args: argparse.Namespace) -> int:
         request = SAERequest(concat=None, heads=tuple(args.head_saes), step=args.step,
                              head_index_map=parse_index_list(args.head_index_map, "--head-index-map"))
         head_saes = load_head_saes(request.head_sources(), **({"step": args.step} if args.step else {}))
-        used = sorted({str(sae.provenance.get("checkpoint_step", "?")) for sae in head_saes})
+        used = sorted({str(sae.provenance.get("step", "?")) for sae in head_saes})
         print(f"head SAEs: {head_saes.describe()}\n  checkpoint step(s) used: {', '.join(used)}", flush=True)
         loaded = load_model_for(ModelRequest(args.model, tokenizer=args.tokenizer), head_saes)
         dataset = args.dataset or recorded_training_data(head_saes).get("dataset_path") or seed.SEED_DATASET

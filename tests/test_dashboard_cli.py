@@ -123,7 +123,7 @@ def test_special_token_ids_of_both_tokenizer_kinds():
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from sparsedecomp.jobs.dashboard import special_token_ids
+    from sparsedecomp.loading.models import special_token_ids
     from sparsedecomp.demo.layout import ARTIFACTS_DIR, TOKENIZER_FILE
 
     raw = Tokenizer.from_file(str(ARTIFACTS_DIR / TOKENIZER_FILE))

@@ -34,7 +34,7 @@ def report():
 def half_world():
     """The shipped world with each head's input scale estimated on the first half of the held-out contexts only,
     so that the second half can check what the code computes from it."""
-    return load_demo_world(scale_contexts=SPLIT)
+    return load_demo_world(scales="estimated", scale_contexts=SPLIT)
 
 
 def test_artifacts_fit_the_size_budget():
@@ -117,8 +117,9 @@ def test_quality_on_a_heldout_slice_matches_the_bars_and_the_build(half_world, r
 
 @pytest.mark.slow
 def test_quality_bars_hold_when_recomputed_on_all_heldout_tokens(report):
-    # The build's own evaluation, repeated by the code on the world as users load it (scales from all contexts).
-    world = load_demo_world()
+    # The build's own evaluation, repeated by the code on the world as the build loaded it (scales re-estimated on
+    # all held-out contexts).
+    world = load_demo_world(scales="estimated")
     cfg = report["config"]
     result = quality.evaluate_world(world, n_splice_sequences=cfg["eval_sequences"], batch_size=cfg["eval_batch_size"],
                                     include_mean=False)

@@ -24,7 +24,8 @@ from torch import Tensor
 
 from ..activations import MeanAccumulator, run_accumulators
 from ..evaluation.sae_quality import sae_quality_accumulators
-from ..evaluation.splice import SpliceReport, splice_losses, splice_variants
+from ..evaluation.splice import (MEASURABLE_NATS, MEASURABLE_STDERRS, SpliceReport, is_measurable, splice_losses,
+                                 splice_variants)
 
 L0_RANGE = (5.0, 60.0)
 MAX_DEAD_FRACTION = 0.2
@@ -34,8 +35,9 @@ MIN_CE_GAP_NATS = 1.0
 # measurably but practically unused. For scale: zeroing the demo model's whole layer-1 attention costs ~0.5 nats
 # (an even split would give each head ~0.07); in the seed notebook, zeroing one gelu-2l layer-1 head cost 0.17 nats
 # (3.700 -> 3.873 on its batch).
-MIN_ABLATION_EFFECT_NATS = 0.01
-MIN_ABLATION_EFFECT_STDERRS = 5.0
+# The package's one "measurable" rule (sparsedecomp.evaluation.splice.is_measurable) is the bar.
+MIN_ABLATION_EFFECT_NATS = MEASURABLE_NATS
+MIN_ABLATION_EFFECT_STDERRS = MEASURABLE_STDERRS
 
 
 def unigram_cross_entropy(train_tokens: Tensor | None, eval_tokens: Tensor, vocab_size: int) -> float:
@@ -138,8 +140,7 @@ def _splice_summary(report: SpliceReport, name: str) -> dict[str, Any]:
 
 def _measurable(splice: dict) -> bool:
     """Zeroing the site costs at least the absolute and the statistical minimum (see the module docstring)."""
-    effect, stderr = splice["ablation_effect"], splice["ablation_effect_stderr"]
-    return effect >= MIN_ABLATION_EFFECT_NATS and (stderr is None or effect >= MIN_ABLATION_EFFECT_STDERRS * stderr)
+    return is_measurable(splice["ablation_effect"], splice["ablation_effect_stderr"])
 
 
 def _round(value: float | None, digits: int) -> float | None:

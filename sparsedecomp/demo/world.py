@@ -107,15 +107,20 @@ def concat_sae_path(artifacts_dir: Path = ARTIFACTS_DIR) -> tuple[Path, str]:
     return folder, cfgs[0].name[: -len("_cfg.json")]
 
 
-def load_demo_world(artifacts_dir: str | Path | None = None, *, scale_contexts: int | None = None,
-                    batch_size: int = 32) -> DemoWorld:
+def load_demo_world(artifacts_dir: str | Path | None = None, *, scales: str = "recorded",
+                    scale_contexts: int | None = None, batch_size: int = 32) -> DemoWorld:
     """Load the demo world from ``artifacts_dir`` (default: the package's artifacts).
 
-    ``scale_contexts`` limits how many held-out contexts re-estimate the per-head input scales (default: all).
+    The per-head SAEs were trained on inputs scaled by ``s_h`` that their checkpoints do not hold (as the seed's
+    SAELens 2.x checkpoints). ``scales="recorded"`` folds the training scales the build recorded in its report (the
+    job layer's rule: a recorded training scale wins; re-estimated when there is none, e.g. before a build's report is
+    written); ``"estimated"`` re-estimates them on the held-out contexts (the first ``scale_contexts``, default all),
+    as a user without the record would.
     """
     from tokenizers import Tokenizer
 
     from ..loading import ProcessingFlags, estimate_head_scales_from_model, fold_head_scales, load_head_saes, load_sae
+    from ..loading.scaling import HeadScales
     from .model import load_model
 
     root = Path(artifacts_dir) if artifacts_dir is not None else ARTIFACTS_DIR
@@ -131,23 +136,34 @@ def load_demo_world(artifacts_dir: str | Path | None = None, *, scale_contexts: 
 
     raw_heads = load_head_saes(head_sae_sources(root), n_heads=model.cfg.n_heads)
     layer = raw_heads.layer
-    scale_tokens = heldout if scale_contexts is None else heldout[:scale_contexts]
-    scales = estimate_head_scales_from_model(model, list(scale_tokens.split(batch_size)), layer=layer)
-    head_saes = fold_head_scales(raw_heads, scales)
+    report_path = root / REPORT_FILE
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    if scales not in ("recorded", "estimated"):
+        raise InputError(f"scales must be 'recorded' or 'estimated', got {scales!r}")
+    recorded = (report.get("head_sae_training") or {}).get("training_scales")
+    if scales == "recorded" and recorded is not None:
+        if len(recorded) != model.cfg.n_heads:
+            raise InputError(f"{report_path} records {len(recorded)} training scales for {model.cfg.n_heads} heads")
+        head_scales = HeadScales(scales={h: float(s) for h, s in enumerate(recorded)}, mean_norms={},
+                                 d_head=raw_heads.d_head, n_vectors=0,
+                                 description=f"the training scales the build recorded ({REPORT_FILE}: "
+                                             "head_sae_training.training_scales)")
+    else:
+        scale_tokens = heldout if scale_contexts is None else heldout[:scale_contexts]
+        head_scales = estimate_head_scales_from_model(model, list(scale_tokens.split(batch_size)), layer=layer)
+    head_saes = fold_head_scales(raw_heads, head_scales)
 
     folder, version = concat_sae_path(root)
     concat = load_sae(folder, version=version)
     if concat.layer != layer or concat.hook_name != raw_heads.hook_name:
         raise InputError(f"concat SAE reads {concat.hook_name} but head SAEs read {raw_heads.hook_name}")
-    report_path = root / REPORT_FILE
-    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     return DemoWorld(
         model=model,
         processing_flags=ProcessingFlags(**flags),
         tokenizer=tokenizer,
         heldout_tokens=heldout,
         head_saes=head_saes,
-        head_scales=scales,
+        head_scales=head_scales,
         concat_sae=concat,
         layer=layer,
         W_O=model.W_O[layer].detach(),

@@ -109,7 +109,8 @@ class SpliceResult:
     ablation_effect: float | None
     ablation_effect_stderr: float | None
     score_measurable: bool | None
-    """Whether the score's denominator (``ablation_effect``) is at least :data:`MEASURABLE_STDERRS` standard errors
+    """Whether the score's denominator (``ablation_effect``) is a measurement (:func:`is_measurable`: at least
+    :data:`MEASURABLE_NATS` and :data:`MEASURABLE_STDERRS` standard errors
     above 0; a score over a denominator that is noise says nothing about the variant. ``None`` for an unscored
     variant (``clean``, the zero ablations)."""
     setting: Mapping[str, Any] | None
@@ -430,22 +431,27 @@ class SpliceAccumulator:
                 name=name, description=v.description, head=v.head, ce_loss=ce_loss, ce_loss_stderr=ce_stderr,
                 kl=kl_mean, kl_stderr=kl_stderr, score=score, score_stderr=score_stderr,
                 score_baseline=v.score_baseline, ablation_effect=effect, ablation_effect_stderr=effect_stderr,
-                score_measurable=_measurable(effect, effect_stderr) if v.is_scored else None,
+                score_measurable=is_measurable(effect, effect_stderr) if v.is_scored else None,
                 setting=None if v.setting is None else MappingProxyType(dict(v.setting)),
                 n_contexts=n_contexts, n_tokens=n_tokens)
         return SpliceReport(hook_name=self._hook_name, n_contexts=n_contexts, n_tokens=n_tokens,
                             results=MappingProxyType(results))
 
 
-MEASURABLE_STDERRS = 3.0
+MEASURABLE_STDERRS = 5.0
+MEASURABLE_NATS = 0.01
+"""The package's one rule for a splice score whose denominator is a measurement (:func:`is_measurable`): the
+ablation it is scored against costs at least :data:`MEASURABLE_NATS` (a site measurably but practically unused says
+nothing about an SAE) and at least :data:`MEASURABLE_STDERRS` standard errors over contexts."""
 
 
-def _measurable(effect: float | None, stderr: float | None) -> bool:
-    """At least ``MEASURABLE_STDERRS`` standard errors above 0; without a standard error (one context) unknown, so
-    not measurable."""
+def is_measurable(effect: float | None, stderr: float | None) -> bool:
+    """Whether an ablation's cost ``effect`` (nats, mean over contexts, with its standard error ``stderr``) is a
+    measurement a score can divide by: at least :data:`MEASURABLE_NATS` and :data:`MEASURABLE_STDERRS` standard
+    errors. Without a standard error (one context) it is unknown, so not measurable."""
     if effect is None or stderr is None or not effect > 0:
         return False
-    return effect >= MEASURABLE_STDERRS * stderr
+    return effect >= MEASURABLE_NATS and effect >= MEASURABLE_STDERRS * stderr
 
 
 def _hook(variant: SpliceVariant):

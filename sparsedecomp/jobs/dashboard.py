@@ -14,17 +14,6 @@ from ..errors import InputError
 from ..outputs import MANIFEST_NAME, RunWriter
 
 
-def special_token_ids(tokenizer) -> tuple[int, ...]:
-    """The ids of ``tokenizer``'s special tokens (BOS, EOS, padding ...): a ``transformers`` tokenizer's
-    ``all_special_ids``, or the added tokens marked special of a ``tokenizers.Tokenizer``; ``()`` without one."""
-    if tokenizer is None:
-        return ()
-    ids = getattr(tokenizer, "all_special_ids", None)
-    if ids is None and hasattr(tokenizer, "get_added_tokens_decoder"):
-        ids = [i for i, token in tokenizer.get_added_tokens_decoder().items() if getattr(token, "special", False)]
-    return tuple(sorted({int(i) for i in ids or () if i is not None}))
-
-
 def write_dashboards(model, tokens, head_saes, concat, decompositions, out, *, progress: bool = False,
                      tokenizer=None, analysis_href: str | None = None, context: dict | None = None,
                      neuronpedia: bool = True, exclude_bos: bool = True, ignore_tokens: Sequence[int] | None = None,
@@ -35,12 +24,13 @@ def write_dashboards(model, tokens, head_saes, concat, decompositions, out, *, p
     shown through ``tokenizer`` (default: the model's; ``<id>`` without one); ``analysis_href`` (relative to ``out``)
     links the site's analysis page, and ``parts`` names sub-folders written by their own runs that the site's manifest
     covers (an evaluation report). Position 0 (``exclude_bos``) and the ``ignore_tokens`` ids (default: the
-    tokenizer's special tokens, :func:`special_token_ids`) are left out of every statistic and example; the front page
+    tokenizer's special tokens, :func:`~sparsedecomp.loading.models.special_token_ids`) are left out of every statistic and example; the front page
     says which. Returns the :class:`~sparsedecomp.dashboards.site.DashboardSite`."""
     from functools import lru_cache
 
     from ..activations import hooked_transformer
     from ..dashboards.gather import gather_dashboard_data
+    from ..loading.models import special_token_ids
     from ..dashboards.site import write_site
 
     hooked = hooked_transformer(model)

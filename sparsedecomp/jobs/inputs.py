@@ -187,38 +187,33 @@ def load_saes(request: SAERequest, log: Callable[[str], None] = print) -> tuple[
 
 
 def load_model_for(request: ModelRequest, head_saes: Any, *saes: Any) -> Any:
-    """The model on ``request.device``, checked to be the SAEs' model (name and shape). A hub model is loaded with
-    the ``model_from_pretrained_kwargs`` the SAEs record (SAELens passes them to ``from_pretrained`` in training)."""
-    from ..loading import check_model_matches, load_model
+    """The model on ``request.device``, checked to be the SAEs' model (name and shape), loaded as the SAEs were trained:
+    the processing flags among their recorded ``model_from_pretrained_kwargs`` become its
+    :class:`~sparsedecomp.loading.ProcessingFlags` (a local folder records its own; a difference is warned about), and
+    the other recorded keyword arguments go to ``from_pretrained`` for a hub model."""
+    from ..loading import ProcessingFlags, check_model_matches, load_model
     from ..loading.heads import check_model_shape
 
-    kwargs: dict[str, Any] = {}
-    if request.tokenizer is not None:
-        kwargs["tokenizer"] = request.tokenizer
-    if not Path(request.name).is_dir():
-        kwargs.update(recorded_model_kwargs(head_saes))
-    loaded = load_model(request.name, flags=None, device=resolve_device(request.device), **kwargs)
+    flags, extra = recorded_model_loading(head_saes)
+    if Path(request.name).is_dir():
+        extra = {}  # a local folder holds its own configuration
+    loaded = load_model(request.name, flags=flags, device=resolve_device(request.device), tokenizer=request.tokenizer,
+                        **extra)
     check_model_matches(loaded.name, *saes, head_saes)
     check_model_shape(loaded.model, head_saes)
     return loaded
 
 
-def recorded_model_kwargs(head_saes: Any) -> dict[str, Any]:
-    """The ``model_from_pretrained_kwargs`` the head SAEs' configs record (they must agree), less the processing
-    flags (those travel as :class:`~sparsedecomp.loading.ProcessingFlags`)."""
+def recorded_model_loading(head_saes: Any) -> tuple[Any, dict[str, Any]]:
+    """``(flags, kwargs)`` from the ``model_from_pretrained_kwargs`` the head SAEs record (they must agree): the
+    processing flags among them over ``from_pretrained``'s defaults (``None`` when none is recorded) and the rest."""
     from ..loading import ProcessingFlags
 
-    found: dict[str, Any] | None = None
-    for sae in head_saes:
-        config = sae.provenance.get("cfg") or {}
-        recorded = config.get("model_from_pretrained_kwargs") or (config.get("metadata") or {}).get(
-            "model_from_pretrained_kwargs")
-        if recorded:
-            if found is not None and recorded != found:
-                raise InputError(f"the head SAEs record different model_from_pretrained_kwargs: {found} and {recorded}")
-            found = dict(recorded)
-    flags = set(ProcessingFlags().as_kwargs())
-    return {k: v for k, v in (found or {}).items() if k not in flags}
+    recorded = dict(head_saes.model_from_pretrained_kwargs or {})
+    names = set(ProcessingFlags().as_kwargs())
+    given = {k: bool(v) for k, v in recorded.items() if k in names}
+    flags = ProcessingFlags(**{**ProcessingFlags().as_kwargs(), **given}) if given else None
+    return flags, {k: v for k, v in recorded.items() if k not in names}
 
 
 def recorded_training_data(head_saes: Any) -> dict:
@@ -240,12 +235,12 @@ def resolve_tokens(request: TokenRequest, loaded: Any, head_saes: Any) -> Any:
 
     cfg = loaded.model.cfg
     tokenizer = model_tokenizer(loaded)
-    bos = request.bos_token_id if request.bos_token_id is not None else getattr(tokenizer, "bos_token_id", None)
+    bos = request.bos_token_id if request.bos_token_id is not None else getattr(loaded, "bos_token_id", None)
     if bos is not None and not 0 <= bos < cfg.d_vocab:
         raise InputError(f"--bos-token-id {bos} is not in the model's vocabulary (d_vocab={cfg.d_vocab})")
     if request.tokens_file is not None:
         try:
-            tokens = load_tokens_file(request.tokens_file, bos_token_id=bos)
+            tokens = load_tokens_file(request.tokens_file, bos_token_id=bos, tokenizer=tokenizer)
         except InputError as err:
             raise InputError(f"--tokens: {err}") from None
         source, flag = request.tokens_file, "--tokens"

@@ -107,7 +107,7 @@ def test_splices_warn_before_running(tiny_model, make_sae):
 def demo_world():
     from sparsedecomp.demo import load_demo_world
 
-    return load_demo_world(scale_contexts=16)
+    return load_demo_world(scales="estimated", scale_contexts=16)
 
 
 def test_demo_world_is_folded_and_silent_while_its_raw_head_saes_warn(demo_world):
