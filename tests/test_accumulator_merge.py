@@ -154,6 +154,16 @@ def check_contract(make, batches, feed=None, exact=(), splits=tuple(SPLITS)):
         for part, state in zip(parts, before):
             assert_same(roundtrip(part.state_dict()), state, "*", f"{split}, part state")
 
+    # merged into a fresh accumulator, which goes on with the rest of the stream (in place): the one-pass result,
+    # and the part merged in is left alone
+    first, rest = SPLITS["uneven"]
+    part = run(first)
+    before = roundtrip(part.state_dict())
+    going_on = make()
+    going_on.merge(part)
+    assert_same(run(rest, going_on).compute(), expected, exact, "merged, then fed")
+    assert_same(roundtrip(part.state_dict()), before, "*", "part merged into an accumulator fed later")
+
     # reset: the fresh state; then the same stream gives the one-pass result (also after a merge)
     fresh = roundtrip(make().state_dict())
     whole.reset()
@@ -326,8 +336,15 @@ def test_splice_accumulator(tiny_model, batches, world):
     make = lambda: SpliceAccumulator(tiny_model, variants)  # noqa: E731
     # the costliest accumulator (two reruns of the model a batch): fewer splits, still an empty part, interleaved
     # batches, three parts
-    report = check_contract(make, batches, splits=("first empty", "interleaved", "three"))
+    # The per-context values are merged in context order, so the means and standard errors are those of one pass
+    # exactly, not only to rounding.
+    report = check_contract(make, batches, splits=("first empty", "interleaved", "three"), exact="*")
     assert report.n_contexts == 11 and report["head_sae_1"].score is not None
+    odd, even = make(), make()
+    for i in EVERYTHING:
+        (odd if i % 2 else even).update(batches[i])
+    odd.merge(even)
+    assert odd.state_dict()["context"].tolist() == list(range(11))
     refuses(make, SpliceAccumulator(tiny_model, select_variants(every, ["concat_sae"])), "variants=")
     other_layer, mine = make(), make()
     mine.update(batches[0])
