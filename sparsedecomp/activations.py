@@ -14,6 +14,11 @@ Batches are sized from a memory budget (:func:`contexts_per_batch`), so no more 
 ever held. Statistics are :class:`Accumulator` objects with an ``update(batch)`` / ``compute()`` split (the
 torchmetrics pattern): :func:`run_accumulators` feeds one pass to many of them, and an accumulator computes the same
 result whether it sees the tokens in one batch or many (each keeps exact sums, in float64 where it matters).
+
+Accumulators are also mergeable (``reset`` / ``merge`` / ``state_dict`` / ``load_state_dict``, see
+:class:`Accumulator`), so that one pass can be split over processes or GPUs and the parts' states folded together;
+the helpers at the end of this module (:func:`merged_sum`, :func:`check_merge`, :func:`check_state`) hold the
+bookkeeping they share.
 """
 
 from __future__ import annotations
@@ -90,13 +95,41 @@ class Accumulator(Protocol):
     """A streaming statistic: ``update`` with each :class:`ActivationBatch`, then ``compute`` the result.
 
     ``needs`` names the extra activations (of :data:`EXTRAS`) the statistic reads; :func:`run_accumulators` asks
-    the stream for their union."""
+    the stream for their union.
+
+    Mergeable state (the torchmetrics pattern), so that one pass can be split: several accumulators built with the
+    same settings each see a different part of the stream (contexts sharded over processes or GPUs, every batch
+    keeping its global ``first_context``), and their states are folded into one:
+
+    * ``reset()`` returns to the freshly constructed state (same settings);
+    * ``merge(other)`` folds in ``other``, an accumulator of the same class and settings that saw a different part
+      of the stream (anything else is refused with an :class:`~sparsedecomp.errors.InputError` naming the
+      difference). Afterwards ``compute()`` equals what one accumulator fed both parts in stream order computes:
+      exactly for counts, maxima, top-k entries (ties go to the earlier token, located by global context and
+      position) and per-context lists (put in context order), and up to float rounding for sums. Merging is
+      therefore associative and independent of the order of the parts, up to that rounding of sums; merging an
+      accumulator that saw nothing changes nothing. The parts must be disjoint: a context seen by both is counted
+      twice, as one accumulator fed it twice would;
+    * ``state_dict()`` gives the state (settings included, for checking) as a flat dict of tensors and plain
+      Python values (numbers, bools, strings, lists), so that the tensors can be saved with ``safetensors`` or
+      ``torch.save(weights_only=True)`` and the rest as JSON; ``load_state_dict(state)`` restores it into an
+      accumulator built with the same settings, refusing wrong keys, settings or shapes by name.
+
+    :func:`run_accumulators` needs only ``needs``, ``update`` and ``compute``."""
 
     needs: tuple[str, ...]
 
     def update(self, batch: ActivationBatch) -> None: ...
 
     def compute(self) -> Any: ...
+
+    def reset(self) -> None: ...
+
+    def merge(self, other: Any) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
 def hooked_transformer(model: Any) -> Any:
@@ -275,7 +308,8 @@ def run_accumulators(model: Any, tokens: Any, accumulators: Mapping[str, Accumul
     if not accumulators:
         raise InputError("no accumulators given")
     for name, acc in accumulators.items():
-        if not isinstance(acc, Accumulator):
+        # One pass needs no merging: a statistic with only needs/update/compute is still accepted.
+        if not all(hasattr(acc, attribute) for attribute in ("needs", "update", "compute")):
             raise InputTypeError(f"accumulator {name!r} has no update/compute/needs: got {type(acc).__name__}")
     include = tuple(dict.fromkeys(n for acc in accumulators.values() for n in acc.needs))
     stream = ActivationStream(model, tokens, layer=layer, include=include, batch_size=batch_size,
@@ -288,12 +322,17 @@ def run_accumulators(model: Any, tokens: Any, accumulators: Mapping[str, Accumul
 
 
 class MeanAccumulator:
-    """``E z`` over every position, ``(n_heads, d_head)`` in float64 (the mean-ablation value)."""
+    """``E z`` over every position, ``(n_heads, d_head)`` in float64 (the mean-ablation value).
+
+    Mergeable: the sum and the count of the parts add."""
 
     needs: tuple[str, ...] = ()
 
     def __init__(self, *, exclude_bos: bool = False) -> None:
         self.exclude_bos = exclude_bos
+        self.reset()
+
+    def reset(self) -> None:
         self._sum: Tensor | None = None
         self._count = 0
 
@@ -308,20 +347,195 @@ class MeanAccumulator:
             raise InputError("no positions were seen: the mean is undefined")
         return self._sum / self._count
 
+    def _settings(self) -> dict[str, Any]:
+        return {"exclude_bos": bool(self.exclude_bos)}
+
+    def merge(self, other: MeanAccumulator) -> None:
+        check_merge(self, other)
+        if self._sum is not None and other._sum is not None and self._sum.shape != other._sum.shape:
+            raise InputError(f"cannot merge means of z with (n_heads, d_head) = {tuple(other._sum.shape)} into "
+                             f"{tuple(self._sum.shape)}")
+        self._sum = merged_sum(self._sum, other._sum)
+        self._count += other._count
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {**self._settings(), "count": self._count}
+        if self._sum is not None:
+            state["sum"] = snapshot(self._sum)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        check_state(self, state, {"sum": (None, None, torch.float64)}, {"count": int}, optional=("sum",))
+        self._sum = state["sum"].clone() if "sum" in state else None
+        self._count = state["count"]
+
 
 class CollectZ:
     """Every position's ``z`` as ``(n_positions, n_heads, d_head)`` on the CPU: for small token sets only (tests,
-    SAE training data); statistics should be accumulators instead."""
+    SAE training data); statistics should be accumulators instead.
+
+    Mergeable: each batch's rows are kept with the batch's ``first_context``, and a merge puts the parts in context
+    order (stably), so that merged parts give the rows of one pass in stream order."""
 
     needs: tuple[str, ...] = ()
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
         self._parts: list[Tensor] = []
+        self._first: list[int] = []  # first_context of each part
 
     def update(self, batch: ActivationBatch) -> None:
         self._parts.append(batch.z.reshape(-1, batch.n_heads, batch.d_head).cpu())
+        self._first.append(batch.first_context)
 
     def compute(self) -> Tensor:
         if not self._parts:
             raise InputError("no positions were seen")
         return torch.cat(self._parts)
+
+    def _settings(self) -> dict[str, Any]:
+        return {}
+
+    def merge(self, other: CollectZ) -> None:
+        check_merge(self, other)
+        if self._parts and other._parts and self._parts[0].shape[1:] != other._parts[0].shape[1:]:
+            raise InputError(f"cannot merge z of (n_heads, d_head) = {tuple(other._parts[0].shape[1:])} into "
+                             f"{tuple(self._parts[0].shape[1:])}")
+        parts, first = self._parts + other._parts, self._first + other._first
+        order = sorted(range(len(parts)), key=first.__getitem__)  # stable: a part of self first among equals
+        self._parts, self._first = [parts[i] for i in order], [first[i] for i in order]
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"first_context": list(self._first)}
+        for i, part in enumerate(self._parts):
+            state[f"part.{i}"] = snapshot(part)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        first = state.get("first_context") if isinstance(state, Mapping) else None
+        n = len(first) if isinstance(first, list) else 0
+        check_state(self, state, {f"part.{i}": (None, "n_heads", "d_head") for i in range(n)},
+                    {"first_context": list})
+        if not all(isinstance(f, int) and not isinstance(f, bool) for f in first):
+            raise InputError(f"the CollectZ state's 'first_context' must list ints, got {first[:5]!r}")
+        self._parts = [state[f"part.{i}"].clone() for i in range(n)]
+        self._first = [int(f) for f in first]
+
+
+# -- mergeable state: helpers shared by the accumulators ------------------------------------------------------------
+def merged_sum(mine: Tensor | None, theirs: Tensor | None) -> Tensor | None:
+    """``mine + theirs`` where either may be ``None`` (state allocated at the first batch, by an accumulator that saw
+    nothing): on ``mine``'s device, and never ``theirs`` itself, so that later in-place updates of the merged
+    accumulator cannot reach the other one."""
+    if theirs is None:
+        return mine
+    if mine is None:
+        return theirs.clone()
+    return mine + theirs.to(mine.device)
+
+
+def snapshot(value: Tensor) -> Tensor:
+    """A detached, contiguous copy for a ``state_dict``: it owns its memory (``safetensors`` refuses tensors that
+    share storage, e.g. token batches sliced from one tensor) and does not change with the accumulator."""
+    return value.detach().clone(memory_format=torch.contiguous_format)
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists (JSON reads them back as lists), recursively, for comparing settings."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _settings_of(acc: Any) -> dict[str, Any]:
+    return {name: _plain(value) for name, value in acc._settings().items()}
+
+
+def check_merge(acc: Any, other: Any) -> None:
+    """Refuse to merge ``other`` into ``acc`` unless it is an accumulator of the same class with the same settings
+    (each accumulator's ``_settings()``: plain values), naming what differs."""
+    if type(other) is not type(acc):
+        raise InputTypeError(f"cannot merge a {type(other).__name__} into a {type(acc).__name__}: merge accumulators "
+                             "of one class")
+    mine, theirs = _settings_of(acc), _settings_of(other)
+    differ = [f"{name}={mine[name]!r} here, {theirs.get(name)!r} in the other" for name in mine
+              if theirs.get(name) != mine[name]]
+    if differ:
+        raise InputError(f"cannot merge {type(acc).__name__}s with different settings: {'; '.join(differ)}")
+
+
+def check_state(acc: Any, state: Any, tensors: Mapping[str, tuple], values: Mapping[str, type] | None = None, *,
+                optional: Iterable[str] = (), prefix: str = "") -> None:
+    """Check ``state`` for ``acc.load_state_dict``, raising :class:`~sparsedecomp.errors.InputError` that names the
+    wrong, missing or unknown keys, settings and shapes (each key under ``prefix`` when ``state`` is a part of an
+    owner's state).
+
+    ``state`` must hold exactly: ``acc._settings()``, equal; the plain ``values`` (name -> type); and ``tensors``
+    (name -> shape, optionally ending with the dtype), those in ``optional`` only when present (state allocated at
+    the first batch). A dimension is an int, ``None`` (any size) or a name: every dimension of one name has the same
+    size across the tensors."""
+    kind = type(acc).__name__
+    if not isinstance(state, Mapping):
+        raise InputTypeError(f"a {kind} state must be a mapping (from state_dict()), got {type(state).__name__}")
+    settings, values = _settings_of(acc), dict(values or {})
+    # Other settings first: they explain the other differences (e.g. keys named after variants).
+    differ = [f"{prefix}{name}={value!r} here, {_plain(state[name])!r} in the state" for name, value in settings.items()
+              if name in state and _plain(state[name]) != value]
+    if differ:
+        raise InputError(f"the {kind} state was saved with other settings: {'; '.join(differ)}")
+    optional = set(optional)
+    expected = {*settings, *values, *tensors}
+    missing = sorted(prefix + k for k in expected if k not in state and k not in optional)
+    unknown = sorted(prefix + str(k) for k in state if k not in expected)
+    if missing or unknown:
+        raise InputError(f"the {kind} state has missing keys {missing} and unknown keys {unknown}")
+    for name, kind_of in values.items():
+        value = state[name]
+        if not isinstance(value, kind_of) or (kind_of is int and isinstance(value, bool)):
+            raise InputError(f"the {kind} state's {prefix + name!r} must be a {kind_of.__name__}, got "
+                             f"{type(value).__name__}")
+    sizes: dict[str, int] = {}
+    for name, spec in tensors.items():
+        if name not in state:
+            continue
+        dtype = spec[-1] if spec and isinstance(spec[-1], torch.dtype) else None
+        dims = spec[:-1] if dtype is not None else spec
+        value = state[name]
+        if not isinstance(value, Tensor):
+            raise InputError(f"the {kind} state's {prefix + name!r} must be a tensor, got {type(value).__name__}")
+        shape = tuple(value.shape)
+        ok = len(shape) == len(dims) and (dtype is None or value.dtype == dtype)
+        for size, dim in zip(shape, dims) if ok else ():
+            if isinstance(dim, str):
+                ok = ok and sizes.setdefault(dim, size) == size
+            elif dim is not None:
+                ok = ok and size == dim
+        if not ok:
+            want = tuple(sizes.get(d, d) if isinstance(d, str) else ("*" if d is None else d) for d in dims)
+            raise InputError(f"the {kind} state's {prefix + name!r} has shape {shape} ({value.dtype}); expected {want}"
+                             + (f" ({dtype})" if dtype is not None else ""))
+
+
+def prefixed(prefix: str, state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` with every key under ``prefix.`` (a part's state inside its owner's)."""
+    return {f"{prefix}.{key}": value for key, value in state.items()}
+
+
+def split_state(state: Any, prefixes: Iterable[str], device: torch.device | None = None
+                ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """``(own, parts)``: the entries of ``state`` under none of ``prefixes``, and per prefix the entries under
+    ``prefix.`` without it (their tensors moved to ``device`` when given): an owner's state and its parts'."""
+    if not isinstance(state, Mapping):
+        raise InputTypeError(f"an accumulator state must be a mapping (from state_dict()), got {type(state).__name__}")
+    prefixes = tuple(prefixes)
+    own: dict[str, Any] = {}
+    parts: dict[str, dict[str, Any]] = {prefix: {} for prefix in prefixes}
+    for key, value in state.items():
+        head, _, rest = key.partition(".") if isinstance(key, str) else ("", "", "")
+        if head in parts and rest:
+            parts[head][rest] = value.to(device) if device is not None and isinstance(value, Tensor) else value
+        else:
+            own[key] = value
+    return own, parts

@@ -29,7 +29,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from ..activations import ActivationBatch
+from ..activations import ActivationBatch, check_merge, check_state, prefixed, split_state
 from ..errors import InputError, InputTypeError
 from ..evaluation.top_activations import (DEFAULT_CHUNK_ELEMENTS, TopActivations, TopKTracker, feature_chunks,
                                           nonzero_entries)
@@ -190,6 +190,9 @@ class FeatureDataAccumulator:
         ignore_tokens: token ids left out from every statistic (e.g. special tokens).
         seed: the reservoir priorities' seed.
         chunk_elements: activations (tokens x features) encoded at a time.
+
+    Mergeable: the token counts add and both trackers merge (:meth:`TopKTracker.merge`). The priorities depend only
+    on ``(seed, f, t)`` with ``t`` the global token index, so the merged sample is the one a single pass draws.
     """
 
     needs: tuple[str, ...] = ()
@@ -217,6 +220,11 @@ class FeatureDataAccumulator:
         self.sample = TopKTracker(sae.d_sae, self.sample_size, payload_dim=1)
         self._keys = feature_keys(self.seed, torch.arange(sae.d_sae, device=sae.device))
         self._ignore = torch.tensor(self.ignore_tokens, dtype=torch.long, device=sae.device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.top.reset()
+        self.sample.reset()
         self._n_counted = 0
         self._n_seen = 0
         self._context_size: int | None = None
@@ -270,6 +278,45 @@ class FeatureDataAccumulator:
             sample_context=sample.context, sample_position=sample.position, quantile_groups=self.quantile_groups,
             examples_per_group=self.examples_per_group,
         )
+
+
+    # -- merging and saving --------------------------------------------------------------------------------------
+    _PARTS = ("top", "sample")
+
+    def _settings(self) -> dict[str, object]:
+        # chunk_elements only bounds memory: parts encoded in other chunks merge
+        return {"sae": self.sae.describe(), "site": self.site, "top_k": self.top_k,
+                "quantile_groups": self.quantile_groups, "examples_per_group": self.examples_per_group,
+                "sample_size": self.sample_size, "exclude_bos": self.exclude_bos,
+                "ignore_tokens": list(self.ignore_tokens), "seed": self.seed}
+
+    def merge(self, other: FeatureDataAccumulator) -> None:
+        check_merge(self, other)
+        if None not in (self._context_size, other._context_size) and self._context_size != other._context_size:
+            raise InputError(f"cannot merge contexts of {other._context_size} tokens into contexts of "
+                             f"{self._context_size}: feed one token set")
+        self.top.merge(other.top)
+        self.sample.merge(other.sample)
+        self._n_counted += other._n_counted
+        self._n_seen += other._n_seen
+        self._context_size = self._context_size or other._context_size
+
+    def state_dict(self) -> dict[str, object]:
+        """Settings, ``n_counted``, ``n_seen``, ``context_size`` (0 before the first batch) and the trackers'
+        states under ``top.`` and ``sample.``."""
+        return {**self._settings(), "n_counted": self._n_counted, "n_seen": self._n_seen,
+                "context_size": self._context_size or 0, **prefixed("top", self.top.state_dict()),
+                **prefixed("sample", self.sample.state_dict())}
+
+    def load_state_dict(self, state) -> None:
+        own, parts = split_state(state, self._PARTS, self.sae.device)
+        check_state(self, own, {}, {"n_counted": int, "n_seen": int, "context_size": int})
+        for name in self._PARTS:
+            getattr(self, name)._check_state(parts[name], f"{name}.")
+        for name in self._PARTS:
+            getattr(self, name).load_state_dict(parts[name])
+        self._n_counted, self._n_seen = own["n_counted"], own["n_seen"]
+        self._context_size = own["context_size"] or None
 
 
 def counted_tokens(tokens: Tensor, *, exclude_bos: bool, ignore: Tensor) -> Tensor:

@@ -28,7 +28,7 @@ from typing import Literal, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ..activations import ActivationBatch
+from ..activations import ActivationBatch, check_merge, check_state, snapshot
 from ..dictionary import check_W_O
 from ..errors import InputError, InputTypeError
 from ..loading.heads import HeadSAEs
@@ -441,6 +441,10 @@ class HeadOutputCosineAccumulator:
     counts in ``n_bins`` equal bins on ``[-1, 1]`` (quartiles are estimated from them), and the cosine at the first
     ``sample_tokens`` tokens. Memory: ``O(n_pairs * (n_bins + sample_tokens))`` plus one chunk of outputs
     (``chunk_tokens * n_heads * d_model`` doubles). Streaming gives the same result as one batch.
+
+    Mergeable: counts, sums and bins add, minima and maxima combine; each sampled token keeps its global index in
+    the stream (``first_context`` times the positions kept per context, plus its row), and a merge keeps the first
+    ``sample_tokens`` of both samples by that index, which are the first tokens of the union of the parts.
     """
 
     needs: tuple[str, ...] = ()
@@ -460,6 +464,9 @@ class HeadOutputCosineAccumulator:
         self.exclude_bos = exclude_bos
         self.chunk_tokens = check_positive_int(chunk_tokens, "chunk_tokens")
         self.pairs = head_pairs(W_O.shape[0])
+        self.reset()
+
+    def reset(self) -> None:
         n_pairs = len(self.pairs)
         self._count = torch.zeros(n_pairs, dtype=torch.long)
         self._sum = torch.zeros(n_pairs, dtype=torch.float64)
@@ -468,6 +475,7 @@ class HeadOutputCosineAccumulator:
         self._max = torch.full((n_pairs,), -math.inf, dtype=torch.float64)
         self._bins = torch.zeros(n_pairs * self.n_bins, dtype=torch.long)
         self._sample: list[Tensor] = []
+        self._sample_index: list[Tensor] = []  # the sampled tokens' indices in the stream
         self._n_sampled = 0
         self._n_tokens = 0
 
@@ -478,16 +486,19 @@ class HeadOutputCosineAccumulator:
             raise InputError(f"the batch's z has (n_heads, d_head) = {tuple(z.shape[2:])} but W_O "
                              f"{tuple(self.W_O.shape)} expects ({n_heads}, {d_head}): W_O must be this layer's")
         W_O = self.W_O.to(z.device)
+        first_token = batch.first_context * z.shape[1]
         for chunk in z.reshape(-1, n_heads, d_head).split(self.chunk_tokens):
-            self._update_chunk(*pairwise_head_output_cosine(chunk, W_O))
+            self._update_chunk(*pairwise_head_output_cosine(chunk, W_O), first_token)
+            first_token += chunk.shape[0]
 
-    def _update_chunk(self, cosine: Tensor, valid: Tensor) -> None:
+    def _update_chunk(self, cosine: Tensor, valid: Tensor, first_token: int = 0) -> None:
         n_pairs = len(self.pairs)
         self._n_tokens += cosine.shape[0]
         if self._n_sampled < self.sample_tokens:
             take = min(self.sample_tokens - self._n_sampled, cosine.shape[0])
             part = torch.where(valid[:take], cosine[:take], torch.full_like(cosine[:take], math.nan))
             self._sample.append(part.cpu())
+            self._sample_index.append(torch.arange(first_token, first_token + take))
             self._n_sampled += take
         self._count += valid.sum(0).cpu()
         kept = torch.where(valid, cosine, torch.zeros_like(cosine))
@@ -521,6 +532,58 @@ class HeadOutputCosineAccumulator:
                                     histogram=_histogram(bins[p], -1.0, 1.0), sample=values))
         return HeadOutputCosines(n_heads=self.W_O.shape[0], n_tokens=self._n_tokens, exclude_bos=self.exclude_bos,
                                  pairs=tuple(pairs))
+
+    # -- merging and saving --------------------------------------------------------------------------------------
+    def _settings(self) -> dict[str, object]:
+        # chunk_tokens only bounds memory: parts chunked differently merge
+        return {"W_O_shape": list(self.W_O.shape), "n_bins": self.n_bins, "sample_tokens": self.sample_tokens,
+                "exclude_bos": self.exclude_bos}
+
+    def _sample_tensors(self) -> tuple[Tensor, Tensor]:
+        n_pairs = len(self.pairs)
+        if not self._sample:
+            return torch.empty(0, n_pairs, dtype=torch.float64), torch.empty(0, dtype=torch.long)
+        return torch.cat(self._sample), torch.cat(self._sample_index)
+
+    def merge(self, other: HeadOutputCosineAccumulator) -> None:
+        check_merge(self, other)
+        self._count += other._count
+        self._sum += other._sum
+        self._sum_sq += other._sum_sq
+        self._min = torch.minimum(self._min, other._min)
+        self._max = torch.maximum(self._max, other._max)
+        self._bins += other._bins
+        self._n_tokens += other._n_tokens
+        if other._n_sampled:
+            (mine, mine_index), (theirs, their_index) = self._sample_tensors(), other._sample_tensors()
+            index = torch.cat([mine_index, their_index])
+            order = index.sort(stable=True).indices[: self.sample_tokens]
+            self._sample, self._sample_index = [torch.cat([mine, theirs])[order]], [index[order]]
+            self._n_sampled = len(order)
+
+    def state_dict(self) -> dict[str, object]:
+        sample, sample_index = self._sample_tensors()
+        return {**self._settings(), "n_tokens": self._n_tokens, "count": snapshot(self._count),
+                "sum": snapshot(self._sum), "sum_sq": snapshot(self._sum_sq), "min": snapshot(self._min),
+                "max": snapshot(self._max), "bins": snapshot(self._bins), "sample": snapshot(sample),
+                "sample_index": snapshot(sample_index)}
+
+    def load_state_dict(self, state) -> None:
+        n_pairs = len(self.pairs)
+        pair = (n_pairs, torch.float64)
+        check_state(self, state, {"count": (n_pairs, torch.long), "sum": pair, "sum_sq": pair, "min": pair,
+                                  "max": pair, "bins": (n_pairs * self.n_bins, torch.long),
+                                  "sample": ("n_sampled", n_pairs, torch.float64),
+                                  "sample_index": ("n_sampled", torch.long)}, {"n_tokens": int})
+        if state["sample"].shape[0] > self.sample_tokens:
+            raise InputError(f"the HeadOutputCosineAccumulator state's 'sample' has {state['sample'].shape[0]} "
+                             f"tokens, more than sample_tokens={self.sample_tokens}")
+        for name in ("count", "sum", "sum_sq", "min", "max", "bins"):
+            setattr(self, f"_{name}", state[name].cpu().clone())
+        self._n_tokens = state["n_tokens"]
+        self._n_sampled = state["sample"].shape[0]
+        self._sample = [state["sample"].cpu().clone()] if self._n_sampled else []
+        self._sample_index = [state["sample_index"].cpu().clone()] if self._n_sampled else []
 
 
 # -- 4. how W_O carries a head's feature into other heads' output subspaces -------------------------------------

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .metrics import head_columns, head_mass_shares, target_head_shares
 from .top_activations import DEFAULT_CHUNK_ELEMENTS, SAETopActivations, TopActivations
-from ..activations import ActivationBatch
+from ..activations import ActivationBatch, check_merge, check_state, prefixed, split_state
 from ..decomposition import Decomposition
 from ..errors import InputError, InputTypeError
 from ..loading.sae import SAE
@@ -168,6 +168,26 @@ class DFAAccumulator:
 
     def compute(self) -> DFAResult:
         return DFAResult(top=self.top.compute(), bias=dfa_bias(self.sae))
+
+    # -- merging and saving: the top activations' (the DFA is their payload) --------------------------------------
+    def reset(self) -> None:
+        self.top.reset()
+
+    def _settings(self) -> dict[str, int]:
+        return {"n_heads": self.n_heads}
+
+    def merge(self, other: DFAAccumulator) -> None:
+        check_merge(self, other)
+        self.top.merge(other.top)
+
+    def state_dict(self) -> dict:
+        return {**self._settings(), **prefixed("top", self.top.state_dict())}
+
+    def load_state_dict(self, state) -> None:
+        own, parts = split_state(state, ("top",))
+        check_state(self, own, {})
+        self.top._check_state(parts["top"], "top.")
+        self.top.load_state_dict(parts["top"])
 
 
 # -- all methods together --------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .metrics import head_mass_shares, heads_for_mass, summarize
 from .top_activations import DEFAULT_CHUNK_ELEMENTS, TopActivations, TopKTracker, feature_chunks
-from ..activations import ActivationBatch
+from ..activations import ActivationBatch, check_merge, check_state, merged_sum, prefixed, snapshot, split_state
 from ..decomposition import Decomposition
 from ..errors import InputError, InputTypeError
 from ..loading.heads import HeadSAEs, check_compatible
@@ -146,6 +146,8 @@ class FaithfulnessAccumulator:
         mass_fraction: for ``heads_for_mass``.
         chunk_elements: tokens x features held per feature chunk.
         token_elements: tokens x atoms of per-head contributions held per sub-batch (whole contexts).
+
+    Mergeable: the seven sums add and the two top-``k`` trackers merge (:meth:`TopKTracker.merge`).
     """
 
     needs: tuple[str, ...] = ()
@@ -169,6 +171,11 @@ class FaithfulnessAccumulator:
         n = concat_sae.d_sae
         self.top_target = TopKTracker(n, k)
         self.top_predictor = TopKTracker(n, k)
+        self.reset()
+
+    def reset(self) -> None:
+        self.top_target.reset()
+        self.top_predictor.reset()
         self._sums: Tensor | None = None  # (7, n) float64: count, y, p, y^2, p^2, y p, (y - p)^2
 
     def _unit_codes(self) -> tuple[Tensor, Tensor]:
@@ -276,6 +283,39 @@ class FaithfulnessAccumulator:
             n_firing=top_y.n_firing, failed=self.failed, top_target=top_y, top_predictor=top_p,
             n_tokens=top_y.n_tokens, k=self.k, mass_fraction=self.mass_fraction,
         )
+
+
+    # -- merging and saving --------------------------------------------------------------------------------------
+    _PARTS = ("top_target", "top_predictor")
+
+    def _settings(self) -> dict[str, object]:
+        # The decomposition is named by its label and size (its codes are not compared); chunk and token element
+        # counts only bound memory.
+        return {"label": self.label, "sae": self.sae.describe(), "n_atoms": self.codes.shape[1],
+                "n_code_entries": int(self.codes.values().numel()), "k": self.k, "mass_fraction": self.mass_fraction}
+
+    def merge(self, other: FaithfulnessAccumulator) -> None:
+        check_merge(self, other)
+        self._sums = merged_sum(self._sums, other._sums)
+        self.top_target.merge(other.top_target)
+        self.top_predictor.merge(other.top_predictor)
+
+    def state_dict(self) -> dict[str, object]:
+        state = dict(self._settings())
+        if self._sums is not None:
+            state["sums"] = snapshot(self._sums)
+        for name in self._PARTS:
+            state.update(prefixed(name, getattr(self, name).state_dict()))
+        return state
+
+    def load_state_dict(self, state) -> None:
+        own, parts = split_state(state, self._PARTS, self.sae.device)
+        check_state(self, own, {"sums": (7, self.sae.d_sae, torch.float64)}, optional=("sums",))
+        for name in self._PARTS:
+            getattr(self, name)._check_state(parts[name], f"{name}.")
+        self._sums = own["sums"].to(self.sae.device).clone() if "sums" in own else None
+        for name in self._PARTS:
+            getattr(self, name).load_state_dict(parts[name])
 
 
 def _top_overlap(target: TopActivations, predictor: TopActivations) -> Tensor:

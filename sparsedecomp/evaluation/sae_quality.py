@@ -53,7 +53,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from ..activations import ActivationBatch
+from ..activations import ActivationBatch, check_merge, check_state, snapshot
 from ..errors import InputError, InputTypeError
 from ..loading.heads import HeadSAEs
 from ..loading.sae import CONCATENATED, SAE
@@ -133,6 +133,9 @@ class SAEQualityAccumulator:
 
     Memory is ``O(d_sae + d_in)`` between batches; within a batch, feature activations are computed a few contexts at a
     time (at most ``2**24`` entries at once).
+
+    Mergeable: every statistic is a sum over tokens or contexts (``explained_variance_legacy``'s per-token terms
+    already hold their own batch's mean), so the parts' sums and counts add.
     """
 
     needs: tuple[str, ...] = ()
@@ -155,7 +158,10 @@ class SAEQualityAccumulator:
             raise InputError(f"dense_threshold must be a fraction in (0, 1), got {dense_threshold!r}")
         self.sae, self.site = sae, site
         self.exclude_bos, self.ignore_tokens, self.dense_threshold = exclude_bos, ignore, float(dense_threshold)
-        device = sae.device
+        self.reset()
+
+    def reset(self) -> None:
+        sae, device = self.sae, self.sae.device
         self._sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=device)
         self._sum_x = torch.zeros(sae.d_in, dtype=torch.float64, device=device)
         # counts in float64: exact up to 2**53
@@ -242,6 +248,32 @@ class SAEQualityAccumulator:
         # where, not a product: a left-out row's NaN (e.g. cossim of a zero input) must not leak into the sums.
         self._sums += torch.where(rows[:, None], stacked, torch.zeros((), dtype=torch.float64, device=x.device)).sum(0)
         self._sum_x += (x.to(torch.float64) * rows[:, None]).sum(0)
+
+    # -- merging and saving ------------------------------------------------------------------------------------
+    _TENSORS = ("sums", "sum_x", "fires", "contexts_fired")
+
+    def _settings(self) -> dict[str, object]:
+        return {"sae": self.sae.describe(), "site": self.site, "exclude_bos": self.exclude_bos,
+                "ignore_tokens": list(self.ignore_tokens), "dense_threshold": self.dense_threshold}
+
+    def merge(self, other: SAEQualityAccumulator) -> None:
+        check_merge(self, other)
+        for name in self._TENSORS:
+            getattr(self, f"_{name}").add_(getattr(other, f"_{name}").to(self.sae.device))
+        self._n_tokens += other._n_tokens
+        self._n_contexts += other._n_contexts
+
+    def state_dict(self) -> dict[str, object]:
+        return {**self._settings(), "n_tokens": self._n_tokens, "n_contexts": self._n_contexts,
+                **{name: snapshot(getattr(self, f"_{name}")) for name in self._TENSORS}}
+
+    def load_state_dict(self, state) -> None:
+        f64, sae = torch.float64, self.sae
+        check_state(self, state, {"sums": (len(_SUMS), f64), "sum_x": (sae.d_in, f64), "fires": (sae.d_sae, f64),
+                                  "contexts_fired": (sae.d_sae, f64)}, {"n_tokens": int, "n_contexts": int})
+        for name in self._TENSORS:
+            setattr(self, f"_{name}", state[name].to(sae.device).clone())
+        self._n_tokens, self._n_contexts = state["n_tokens"], state["n_contexts"]
 
     # -- results -----------------------------------------------------------------------------------------------
     def _require_tokens(self) -> None:

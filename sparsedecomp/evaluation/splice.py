@@ -45,7 +45,8 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import Tensor
 
-from ..activations import DEFAULT_MEMORY_BUDGET, ActivationBatch, hooked_transformer, run_accumulators
+from ..activations import (DEFAULT_MEMORY_BUDGET, ActivationBatch, check_merge, check_state, hooked_transformer,
+                           run_accumulators, snapshot)
 from ..errors import InputError, InputTypeError
 from ..loading.heads import HeadSAEs, warn_if_input_scale_missing
 from ..loading.sae import warn_input_scale
@@ -344,7 +345,12 @@ class SpliceAccumulator:
     one rerun per variant from the hooked layer on; ``compute()`` gives a :class:`SpliceReport`.
 
     Per-context sums are kept (float64, two numbers per context and variant) so that standard errors and scores
-    are exact whatever the batching."""
+    are exact whatever the batching.
+
+    Mergeable: every kept value carries its context's global index (``first_context + i``), and a merge puts the
+    contexts of both parts in that order (stably), so that merged parts hold the per-context values of one pass in
+    stream order and compute the same means and standard errors, whichever part is merged into which. The parts
+    must not share contexts (a shared context would count twice)."""
 
     needs: tuple[str, ...] = ("resid_pre",)
 
@@ -367,8 +373,12 @@ class SpliceAccumulator:
         if clean.replacement is not None:
             raise InputError("the variant named 'clean' must not replace anything (replacement=None)")
         self.variants = {"clean": clean, **{k: v for k, v in variants.items() if k != "clean"}}
+        self.reset()
+
+    def reset(self) -> None:
         self._ce: dict[str, list[Tensor]] = {name: [] for name in self.variants}
         self._kl: dict[str, list[Tensor]] = {name: [] for name in self.variants}
+        self._context: list[Tensor] = []  # the contexts' indices in the stream, in the order of the values
         self._hook_name: str | None = None
         self._predicted_per_context = 0
 
@@ -401,6 +411,7 @@ class SpliceAccumulator:
                 kl = (lse - clean_lse - torch.linalg.vecdot(clean_probs, logits.sub_(clean_logits)))[:, :-1]
             self._ce[name].append(ce.double().mean(dim=1).cpu())
             self._kl[name].append(kl.double().mean(dim=1).cpu())
+        self._context.append(torch.arange(batch.first_context, batch.first_context + batch.n_contexts))
 
     def _logits(self, batch: ActivationBatch, variant: SpliceVariant | None) -> Tensor:
         """Float32 logits ``(batch, pos, d_vocab)`` with ``variant`` spliced in (the model's own tensor, which
@@ -436,6 +447,63 @@ class SpliceAccumulator:
                 n_contexts=n_contexts, n_tokens=n_tokens)
         return SpliceReport(hook_name=self._hook_name, n_contexts=n_contexts, n_tokens=n_tokens,
                             results=MappingProxyType(results))
+
+    # -- merging and saving --------------------------------------------------------------------------------------
+    def _settings(self) -> dict[str, list]:
+        # The replacements are functions and cannot be compared; the variants' names, heads and baselines can.
+        return {"variants": list(self.variants),
+                "variant_heads": [-1 if v.head is None else v.head for v in self.variants.values()],
+                "score_baselines": [v.score_baseline or "" for v in self.variants.values()]}
+
+    def _values(self) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """``(context, ce, kl)``: every kept value, one tensor per variant, and their contexts."""
+        def cat(parts: list[Tensor], dtype: torch.dtype) -> Tensor:
+            return torch.cat(parts) if parts else torch.empty(0, dtype=dtype)
+
+        return (cat(self._context, torch.long), {name: cat(parts, torch.float64) for name, parts in self._ce.items()},
+                {name: cat(parts, torch.float64) for name, parts in self._kl.items()})
+
+    def merge(self, other: SpliceAccumulator) -> None:
+        check_merge(self, other)
+        if other._hook_name is None:
+            return
+        if self._hook_name is not None and (self._hook_name, self._predicted_per_context) != \
+                (other._hook_name, other._predicted_per_context):
+            raise InputError(f"cannot merge splice losses at {other._hook_name} with {other._predicted_per_context} "
+                             f"predicted tokens a context into ones at {self._hook_name} with "
+                             f"{self._predicted_per_context}: feed every part the same layer and context size")
+        (mine, ce, kl), (theirs, their_ce, their_kl) = self._values(), other._values()
+        context = torch.cat([mine, theirs])
+        order = context.sort(stable=True).indices
+        self._context = [context[order]]
+        self._ce = {name: [torch.cat([ce[name], their_ce[name]])[order]] for name in self.variants}
+        self._kl = {name: [torch.cat([kl[name], their_kl[name]])[order]] for name in self.variants}
+        self._hook_name, self._predicted_per_context = other._hook_name, other._predicted_per_context
+
+    def state_dict(self) -> dict[str, object]:
+        """Settings, ``hook_name`` (``""`` before the first batch), ``predicted_per_context``, ``context`` (each
+        kept context's index) and per variant ``ce.<name>`` / ``kl.<name>``, float64 per context."""
+        context, ce, kl = self._values()
+        state: dict[str, object] = {**self._settings(), "hook_name": self._hook_name or "",
+                                    "predicted_per_context": self._predicted_per_context, "context": snapshot(context)}
+        for name in self.variants:
+            state[f"ce.{name}"], state[f"kl.{name}"] = snapshot(ce[name]), snapshot(kl[name])
+        return state
+
+    def load_state_dict(self, state) -> None:
+        per_context = ("n_contexts", torch.float64)
+        tensors = {"context": ("n_contexts", torch.long),
+                   **{f"{what}.{name}": per_context for name in self.variants for what in ("ce", "kl")}}
+        check_state(self, state, tensors, {"hook_name": str, "predicted_per_context": int})
+        seen = bool(state["hook_name"])
+        if seen != (state["context"].numel() > 0):
+            raise InputError(f"the SpliceAccumulator state has hook_name {state['hook_name']!r} but "
+                             f"{state['context'].numel()} contexts: both are set once a batch was seen")
+        self._context = [state["context"].clone()] if seen else []
+        self._ce = {name: [state[f"ce.{name}"].clone()] if seen else [] for name in self.variants}
+        self._kl = {name: [state[f"kl.{name}"].clone()] if seen else [] for name in self.variants}
+        self._hook_name = state["hook_name"] or None
+        self._predicted_per_context = state["predicted_per_context"]
 
 
 MEASURABLE_STDERRS = 5.0

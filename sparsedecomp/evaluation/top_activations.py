@@ -12,6 +12,10 @@ context, then smaller position), so the result does not depend on how the tokens
 they arrive in stream order. Memory is ``O(n_features * k)`` plus one batch's activations, which callers feed a
 column chunk (a slice of features) at a time.
 
+Trackers that saw different parts of a stream merge (:meth:`TopKTracker.merge`): the counts and sums add, and each
+feature keeps the ``k`` best of both lists ordered by value (descending), then context, then position. Contexts are
+global (``first_context``), so that order is the one a single pass gives, whichever part is merged into which.
+
 :class:`SAETopActivations` is the ready-made :class:`~sparsedecomp.activations.Accumulator` for an SAE's own
 features (encoded a chunk of features at a time), the one feature dashboards and the DFA by head build on.
 """
@@ -24,7 +28,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..activations import ActivationBatch
+from ..activations import ActivationBatch, check_merge, check_state, prefixed, snapshot, split_state
 from ..errors import InputError, InputTypeError
 from ..validation import check_positive_int
 
@@ -100,6 +104,10 @@ class TopKTracker:
         self.k = check_positive_int(k, "k")
         self.payload_dim = None if payload_dim is None else check_positive_int(payload_dim, "payload_dim")
         self.min_value = float(min_value)
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the state before the first batch (nothing allocated; device and dtype come with the next one)."""
         self._values: Tensor | None = None  # (n_features, k), -inf for empty slots
         self._context: Tensor | None = None
         self._position: Tensor | None = None
@@ -253,6 +261,84 @@ class TopKTracker:
             gathered = merged.gather(1, order[:, :, None].expand(-1, -1, self.payload_dim))
             self._payload[rows] = gathered.masked_fill(empty[:, :, None], float("nan"))
 
+    # -- merging and saving ---------------------------------------------------------------------------------------
+    _STATE = ("values", "context", "position", "payload", "n_firing", "sum", "tokens_seen")
+
+    def _settings(self) -> dict[str, int | float]:
+        return {"n_features": self.n_features, "k": self.k, "payload_dim": self.payload_dim or 0,
+                "min_value": self.min_value}
+
+    @torch.no_grad()
+    def merge(self, other: TopKTracker) -> None:
+        """Fold in a tracker of the same settings that saw other tokens: counts, sums and tokens seen add; each
+        feature keeps the ``k`` best entries of both, ordered by value (descending), then context, then position,
+        which is the order of one pass over both parts (its ties go to the earlier token), whichever part is
+        ``self``. Entries of ``other`` move to ``self``'s device and dtype, as a batch fed to ``self`` would."""
+        check_merge(self, other)
+        if other._values is None:
+            return
+        if self._values is None:
+            for name in self._STATE:
+                value = getattr(other, f"_{name}")
+                setattr(self, f"_{name}", None if value is None else value.clone())
+            return
+        device = self._values.device
+        self._tokens_seen += other._tokens_seen.to(device)
+        self._n_firing += other._n_firing.to(device)
+        self._sum += other._sum.to(device)
+        values = torch.cat([self._values, other._values.to(device=device, dtype=self._values.dtype)], dim=1)
+        context = torch.cat([self._context, other._context.to(device)], dim=1)
+        position = torch.cat([self._position, other._position.to(device)], dim=1)
+        # Sort by the last key first, each sort stable: value (descending), then context, then position.
+        order = position.sort(dim=1, stable=True).indices
+        order = order.gather(1, context.gather(1, order).sort(dim=1, stable=True).indices)
+        order = order.gather(1, values.gather(1, order).sort(dim=1, descending=True, stable=True).indices)
+        order = order[:, : self.k]
+        self._values = values.gather(1, order)
+        empty = self._values == float("-inf")
+        minus_one = torch.full_like(order, -1)
+        self._context = torch.where(empty, minus_one, context.gather(1, order))
+        self._position = torch.where(empty, minus_one, position.gather(1, order))
+        if self._payload is not None:
+            payload = torch.cat([self._payload, other._payload.to(device=device, dtype=self._payload.dtype)], dim=1)
+            gathered = payload.gather(1, order[:, :, None].expand(-1, -1, self.payload_dim))
+            self._payload = gathered.masked_fill(empty[:, :, None], float("nan"))
+
+    def state_dict(self) -> dict[str, Tensor | int | float]:
+        """The settings and, once a batch was seen, the tensors (``values`` holds ``-inf`` in empty slots; the
+        ``payload`` only with ``payload_dim``; ``payload_dim`` 0 stands for none)."""
+        state: dict[str, Tensor | int | float] = dict(self._settings())
+        if self._values is not None:
+            for name in self._STATE:
+                value = getattr(self, f"_{name}")
+                if value is not None:
+                    state[name] = snapshot(value)
+        return state
+
+    def load_state_dict(self, state) -> None:
+        """Restore :meth:`state_dict` (on the device its tensors are on)."""
+        self._check_state(state)
+        for name in self._STATE:
+            setattr(self, f"_{name}", state[name].clone() if name in state else None)
+
+    def _check_state(self, state, prefix: str = "") -> None:
+        """Refuse a state that :meth:`load_state_dict` cannot restore (keys named under ``prefix``)."""
+        n, k = self.n_features, self.k
+        tensors = {"values": (n, k), "context": (n, k, torch.long), "position": (n, k, torch.long),
+                   "n_firing": (n, torch.long), "sum": (n, torch.float64), "tokens_seen": (n, torch.long)}
+        if self.payload_dim is not None:
+            tensors["payload"] = (n, k, self.payload_dim)
+        check_state(self, state, tensors, optional=tensors, prefix=prefix)
+        present = [prefix + name for name in tensors if name in state]
+        if present and len(present) != len(tensors):
+            raise InputError(f"the TopKTracker state has {present} but not "
+                             f"{sorted(prefix + name for name in tensors if name not in state)}: give every tensor "
+                             "(a tracker that saw tokens) or none (one that saw nothing)")
+        if present and not (state["values"].is_floating_point()
+                            and (self.payload_dim is None or state["payload"].dtype == state["values"].dtype)):
+            raise InputError(f"the TopKTracker state's {prefix}values (and {prefix}payload) must be floating, of one "
+                             "dtype")
+
     def compute(self) -> TopActivations:
         """The result, on the CPU."""
         if self._values is None:
@@ -348,6 +434,9 @@ class SAETopActivations:
         self.payload = payload
         self.tracker = TopKTracker(sae.d_sae, k, payload_dim=payload_dim)
 
+    def reset(self) -> None:
+        self.tracker.reset()
+
     def sae_input(self, batch: ActivationBatch) -> Tensor:
         """The SAE's input rows for ``batch``, in the SAE's dtype and device."""
         head = self.sae.head
@@ -370,3 +459,23 @@ class SAETopActivations:
 
     def compute(self) -> TopActivations:
         return self.tracker.compute()
+
+    # -- merging and saving: the tracker's (see TopKTracker.merge), for the same SAE -------------------------------
+    def _settings(self) -> dict[str, str]:
+        return {"sae": self.sae.describe()}
+
+    def merge(self, other: SAETopActivations) -> None:
+        check_merge(self, other)
+        self.tracker.merge(other.tracker)
+
+    def state_dict(self) -> dict:
+        return {**self._settings(), **prefixed("tracker", self.tracker.state_dict())}
+
+    def load_state_dict(self, state) -> None:
+        self._check_state(state)
+        self.tracker.load_state_dict(split_state(state, ("tracker",), self.sae.device)[1]["tracker"])
+
+    def _check_state(self, state, prefix: str = "") -> None:
+        own, parts = split_state(state, ("tracker",))
+        check_state(self, own, {}, prefix=prefix)
+        self.tracker._check_state(parts["tracker"], prefix + "tracker.")

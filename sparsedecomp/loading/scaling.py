@@ -18,9 +18,11 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping, Sequence
 
+import torch
 from torch import Tensor
 
-from ..activations import ActivationBatch, hooked_transformer, run_accumulators
+from ..activations import (ActivationBatch, check_merge, check_state, hooked_transformer, merged_sum,
+                           run_accumulators, snapshot)
 from ..validation import check_tensor
 from .heads import HeadSAEs
 from ..errors import InputError, InputTypeError
@@ -31,12 +33,15 @@ class HeadNormAccumulator:
 
     An :class:`~sparsedecomp.activations.Accumulator`: ``update`` takes an
     :class:`~sparsedecomp.activations.ActivationBatch` (its ``z``) or a raw ``z`` tensor; ``compute`` gives
-    :meth:`mean_norms`."""
+    :meth:`mean_norms`. Mergeable: the parts' sums and counts add."""
 
     needs: tuple[str, ...] = ()
 
     def __init__(self, *, exclude_bos: bool = False) -> None:
         self.exclude_bos = bool(exclude_bos)
+        self.reset()
+
+    def reset(self) -> None:
         self._sum: Tensor | None = None
         self._count = 0
         self._shape: tuple[int, int] | None = None
@@ -74,6 +79,42 @@ class HeadNormAccumulator:
         if self._sum is None or self._count == 0:
             raise InputError("no activations were seen (empty iterable, or only BOS positions with exclude_bos=True)")
         return self._sum / self._count
+
+    def _settings(self) -> dict[str, bool]:
+        return {"exclude_bos": self.exclude_bos}
+
+    def merge(self, other: HeadNormAccumulator) -> None:
+        check_merge(self, other)
+        if self._shape is not None and other._shape is not None and self._shape != other._shape:
+            raise InputError(f"cannot merge norms of z with (n_heads, d_head) = {other._shape} into {self._shape}")
+        self._sum = merged_sum(self._sum, other._sum)
+        self._count += other._count
+        self._shape = self._shape or other._shape
+
+    def state_dict(self) -> dict[str, Any]:
+        """Settings, ``count``, ``head_shape`` (``[n_heads, d_head]``, ``[]`` before the first batch) and ``sum``
+        (once a batch was seen)."""
+        state: dict[str, Any] = {**self._settings(), "count": self._count, "head_shape": list(self._shape or ())}
+        if self._sum is not None:
+            state["sum"] = snapshot(self._sum)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        check_state(self, state, {"sum": ("n_heads", torch.float64)}, {"count": int, "head_shape": list},
+                    optional=("sum",))
+        shape = tuple(state["head_shape"])
+        seen = "sum" in state
+        if seen:  # (n_heads, d_head) of the batches seen, n_heads being the sum's length
+            bad = len(shape) != 2 or not all(isinstance(n, int) and n > 0 for n in shape) or \
+                state["sum"].shape[0] != shape[0]
+        else:
+            bad = len(shape) != 0
+        if bad:
+            raise InputError(f"the HeadNormAccumulator state's 'head_shape' {list(shape)} does not go with its 'sum' "
+                             f"of shape {tuple(state['sum'].shape) if seen else None}")
+        self._sum = state["sum"].clone() if seen else None
+        self._count = state["count"]
+        self._shape = shape if seen else None
 
 
 @dataclass(frozen=True)
