@@ -44,7 +44,8 @@ EVALUATE_HELP = """what evaluate measures (report.json keys: docs/evaluation.md)
   attribution   head attribution of every concat feature: weight, encoder, DFA on top tokens, decomposition
   faithfulness  how well each sparse z-space decomposition predicts the concat feature's activation
   analyses      decoder norms, ranks, head-output interference, W_O carry, mixed-feature interference
-Per-head SAEs trained on inputs scaled by an unsaved factor get it re-estimated on the evaluation tokens and folded.
+Per-head SAEs trained on inputs scaled by an unsaved factor get it re-estimated on the first 64 contexts of the
+tokens and folded (the rule every command uses; a training scale the checkpoint records is used as it is).
 """
 
 # Only the package's own input errors and the operating system's file errors are the user's to fix; any other

@@ -1,7 +1,7 @@
 """One naming scheme for a layer's SAEs, and one parser for it.
 
 Every output keys SAEs the same way: ``concat`` for the concatenated-``z`` SAE and ``head_<h>`` for head ``h``'s
-(``head_0`` ... ``head_7``); pages and tables show them in words (``head 0``, ``concat SAE``). Splice variants that
+(``head_0`` ... ``head_7``); figures and tables show them in words (``head 0``, ``concat``). Splice variants that
 concern one head are named ``<kind>_<h>`` after that head (``zero_head_3``, ``head_sae_3``). Names are parsed back only
 here, and a name that is not of the scheme is refused rather than half-read.
 """
@@ -36,8 +36,8 @@ def is_head_name(name: str) -> bool:
 
 
 def display_name(name: str) -> str:
-    """``head 3`` / ``concat SAE``: an SAE key in words."""
-    return "concat SAE" if name == CONCAT_NAME else f"head {head_of(name)}"
+    """``head 3`` / ``concat``: an SAE key in words."""
+    return CONCAT_NAME if name == CONCAT_NAME else f"head {head_of(name)}"
 
 
 def head_variant(kind: str, head: int) -> str:

@@ -74,7 +74,7 @@ def test_norms_in_training_units_survive_folding_and_z_units_are_the_folded_weig
 
 def test_model_saes_names_heads_and_concat(head_saes):
     concat = make_sae(torch.randn(10, 32), head="concatenated")
-    assert list(model_saes(head_saes, concat)) == ["head 0", "head 1", "head 2", "head 3", "concat"]
+    assert list(model_saes(head_saes, concat)) == ["head_0", "head_1", "head_2", "head_3", "concat"]
 
 
 # -- 2. ranks -----------------------------------------------------------------------------------------------------

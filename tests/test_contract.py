@@ -23,6 +23,10 @@ from sparsedecomp import optimality
 from sparsedecomp.decomposition import DUALITY_GAP, EXACT, KKT_VIOLATION
 from sparsedecomp.errors import InputError, InputTypeError
 
+# The standard problem holds a zero target on purpose (every solver must give it the zero code); the warning that says
+# so is tested in tests/test_bad_input_library.py.
+pytestmark = pytest.mark.filterwarnings("ignore::sparsedecomp.solvers.ZeroTargetWarning")
+
 
 @dataclass(frozen=True)
 class Case:

@@ -97,7 +97,7 @@ def test_quality_on_a_heldout_slice_matches_the_bars_and_the_build(half_world, r
     model = result["model"]
     assert result["splice_contexts"] == 16
     assert model["heldout_cross_entropy"] <= model["unigram_entropy_heldout_fit"] - quality.MIN_CE_GAP_NATS
-    assert set(result["saes"]) == {f"head{h}" for h in range(8)} | {"concat"}
+    assert set(result["saes"]) == {f"head_{h}" for h in range(8)} | {"concat"}
     for name, sae in result["saes"].items():
         built = report["quality"]["saes"][name]
         assert sae["l0"] == pytest.approx(built["l0"], rel=0.15), name
@@ -125,7 +125,7 @@ def test_quality_bars_hold_when_recomputed_on_all_heldout_tokens(report):
                                     include_mean=False)
     model = result["model"]
     assert model["heldout_cross_entropy"] <= model["unigram_entropy_heldout_fit"] - quality.MIN_CE_GAP_NATS
-    assert set(result["saes"]) == {f"head{h}" for h in range(8)} | {"concat"}
+    assert set(result["saes"]) == {f"head_{h}" for h in range(8)} | {"concat"}
     for name, sae in result["saes"].items():
         lo, hi = quality.L0_RANGE
         assert lo <= sae["l0"] <= hi, name
@@ -166,13 +166,13 @@ def test_describe_summary_reads_the_shipped_report_and_older_ones(report):
     summary = report["quality"]["summary"]
     lines = quality.describe_summary(summary)
     assert set(lines) == ({"model (held-out)", "all head SAEs at once (held-out)"}
-                          | {f"{name} SAE (held-out)" for name in [f"head{h}" for h in range(8)] + ["concat"]})
-    for name in [f"head{h}" for h in range(8)] + ["concat"]:
-        assert f"explained variance {summary[name]['explained_variance']:.3f}" in lines[f"{name} SAE (held-out)"]
+                          | {f"{name} SAE (held-out)" for name in [f"head {h}" for h in range(8)] + ["concat"]})
+    for key, label in [(f"head_{h}", f"head {h}") for h in range(8)] + [("concat", "concat")]:
+        assert f"explained variance {summary[key]['explained_variance']:.3f}" in lines[f"{label} SAE (held-out)"]
     # A report written before the rename stores the fraction unexplained as "fvu": read as 1 - fvu.
     old = {"model_ce": 3.3, "unigram_ce": 6.1,
            "head0": {"l0": 39.3, "dead": 0.0, "splice": 0.93, "splice_stderr": 0.03, "fvu": 0.1211}}
-    assert "explained variance 0.879," in quality.describe_summary(old)["head0 SAE (held-out)"]
+    assert "explained variance 0.879," in quality.describe_summary(old)["head 0 SAE (held-out)"]
 
 
 def test_corpus_split_is_deterministic_and_disjoint():

@@ -62,7 +62,7 @@ def test_heads_part_matches_independent_computations(standin, tmp_path):
     assert result["one_context"]["input_scale_folded"]["clean"] == pytest.approx(clean, abs=1e-5)
     assert result["many_contexts"]["as_loaded"]["n_contexts"] == 3
     assert result["input_scale"] > 0
-    assert result["mean_decoder_norm_training_units"]["head 0"] == pytest.approx(float(w["W_dec"].norm(dim=1).mean()),
+    assert result["mean_decoder_norm_training_units"]["head_0"] == pytest.approx(float(w["W_dec"].norm(dim=1).mean()),
                                                                                  rel=1e-6)
     assert set(result["head_ranks"].values()) == {TINY["d_head"]}
     assert result["block_rank"] == TINY["n_heads"] * TINY["d_head"]
@@ -103,7 +103,7 @@ def test_heads_part_reproduces_the_seed_with_its_checkpoints(tmp_path):
     result = json.loads((out / "seed.json").read_text())
     one = result["one_context"]["as_loaded"]
     assert (one["clean"], one["spliced"], one["zeroed"]) == pytest.approx((3.699, 3.778, 3.873), abs=0.002)
-    assert result["mean_decoder_norm_training_units"]["head 0"] == pytest.approx(2.0519, abs=1e-3)
+    assert result["mean_decoder_norm_training_units"]["head_0"] == pytest.approx(2.0519, abs=1e-3)
     assert set(result["head_ranks"].values()) == {64} and result["block_rank"] == 512
 
 

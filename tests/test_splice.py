@@ -255,8 +255,24 @@ def test_a_score_over_a_head_that_does_not_matter_is_marked_not_measurable(model
                                                            heads=[0, 2]), layer=1)
     assert report["zero_head_2"].ablation_effect == 0.0
     assert report["head_sae_2"].score_measurable is False and report["head_sae_2"].score is None
-    assert report["head_sae_0"].score_measurable is True and report["head_sae_0"].score == pytest.approx(0, abs=1e-6)
+    # head 0 matters; whether its score is a measurement follows the one rule, written out here: at least 0.01 nats
+    # and 5 standard errors.
+    zero0 = report["zero_head_0"]
+    effect = zero0.ce_loss - report["clean"].ce_loss
+    assert report["head_sae_0"].ablation_effect == pytest.approx(effect, abs=1e-9)
+    stderr = report["head_sae_0"].ablation_effect_stderr
+    assert report["head_sae_0"].score_measurable is (effect >= 0.01 and effect >= 5 * stderr)
+    assert report["head_sae_0"].score == pytest.approx(0, abs=1e-6)
     assert report["clean"].score_measurable is None
+
+
+@pytest.mark.parametrize("effect, stderr, measurable", [
+    (0.05, 0.01, True), (0.05, 0.0101, False), (0.009, 0.0001, False), (0.01, 0.002, True), (0.5, None, False),
+    (None, 0.1, False), (-0.2, 0.01, False)])
+def test_the_one_measurable_rule(effect, stderr, measurable):
+    from sparsedecomp.evaluation.splice import is_measurable
+
+    assert is_measurable(effect, stderr) is measurable
 
 
 def test_non_finite_logits_are_named(model, tokens):

@@ -248,13 +248,13 @@ class FeatureDataAccumulator:
                              "feed one token set")
         self._context_size = batch.context_size
         x = self.sae_input(batch)
-        centred = x - self.sae.b_dec if self.sae.apply_b_dec_to_input else x
+        centred = self.sae.centred(x)
         keep = self.counted(batch.tokens.to(self.sae.device))
         self._n_counted += int(keep.sum())
         self._n_seen += keep.numel()
         first_token = batch.first_context * batch.context_size
         for chunk in feature_chunks(self.sae.d_sae, x.shape[0], self.chunk_elements):
-            acts = torch.addmm(self.sae.b_enc[chunk], centred, self.sae.W_enc[:, chunk]).relu_()  # one fused pass
+            acts = self.sae.encode_columns(centred, chunk)
             acts = acts.masked_fill_(~keep[:, None], 0.0)
             # Codes fire on a few entries in a thousand: both trackers take the non-zero entries, not the matrix.
             row, column, values = nonzero_entries(acts)

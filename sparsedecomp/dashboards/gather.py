@@ -225,11 +225,11 @@ def window_activations(model: Any, tokens: Tensor, saes: Mapping[str, tuple[SAE,
             for part in here.split(step):
                 x = z[(row[part] - lo)[:, None], positions[part].clamp(0, batch.context_size - 1)]
                 x = x.to(device=sae.device, dtype=sae.dtype)
-                if sae.apply_b_dec_to_input:
-                    x = x - sae.b_dec
-                w_f = sae.W_enc[:, feature[part].to(sae.device)].T  # (e, d_in)
-                pre = torch.einsum("ewd,ed->ew", x, w_f) + sae.b_enc[feature[part].to(sae.device)][:, None]
-                target[example[part]] = torch.where(valid[part], torch.relu(pre).cpu(), torch.zeros(()))
+                features = feature[part].to(sae.device)
+                w_f = sae.W_enc[:, features].T  # (e, d_in): each example's own feature column
+                pre = torch.einsum("ewd,ed->ew", sae.centred(x), w_f) + sae.b_enc[features][:, None]
+                acts = sae.activate(pre, features[:, None])
+                target[example[part]] = torch.where(valid[part], acts.cpu(), torch.zeros(()))
     return out
 
 

@@ -17,6 +17,7 @@ names and formulas (``sae_lens.evals``): ``mse = E||x - x_hat||^2`` (sum over di
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from ..activations import MeanAccumulator, run_accumulators
 from ..evaluation.sae_quality import sae_quality_accumulators
+from ..naming import CONCAT_NAME, display_name, head_name, head_variant
 from ..evaluation.splice import (MEASURABLE_NATS, MEASURABLE_STDERRS, SpliceReport, is_measurable, splice_losses,
                                  splice_variants)
 
@@ -55,10 +57,11 @@ def unigram_cross_entropy(train_tokens: Tensor | None, eval_tokens: Tensor, voca
 
 def sae_statistics(world, tokens: Tensor, batch_size: int = 32) -> dict[str, dict[str, float]]:
     """Mean L0, dead fraction, ``mse`` and ``explained_variance`` of every SAE on all positions of ``tokens``, from
-    the streamed SAELens metrics (:mod:`sparsedecomp.evaluation.sae_quality`), keyed ``head<h>`` and ``concat``."""
+    the streamed SAELens metrics (:mod:`sparsedecomp.evaluation.sae_quality`), keyed by SAE name (``head_<h>``,
+    ``concat``: :mod:`sparsedecomp.naming`)."""
     accumulators = sae_quality_accumulators(world.head_saes, world.concat_sae)
     results = run_accumulators(world.model, tokens, accumulators, layer=world.layer, batch_size=batch_size)
-    return {name.replace("head_", "head"): {"l0": q.l0, "dead_fraction": q.dead_fraction, "mse": q.mse,
+    return {name: {"l0": q.l0, "dead_fraction": q.dead_fraction, "mse": q.mse,
                                               "explained_variance": q.explained_variance, "n_tokens": q.n_tokens}
             for name, q in results.items()}
 
@@ -83,7 +86,7 @@ def evaluate_world(world, *, n_splice_sequences: int | None = None, batch_size: 
     variants = splice_variants(cfg.n_heads, cfg.d_head, head_saes=world.head_saes, concat_sae=world.concat_sae,
                                mean_z=mean_z)
     report = splice_losses(world.model, splice_tokens, variants, layer=world.layer, batch_size=batch_size)
-    names = {**{f"head{h}": f"head_sae_{h}" for h in world.head_saes.heads}, "concat": "concat_sae",
+    names = {**{head_name(h): head_variant("head_sae", h) for h in world.head_saes.heads}, CONCAT_NAME: "concat_sae",
              "all_heads": "all_head_saes"}
     losses = {key: _splice_summary(report, name) for key, name in names.items()}
 
@@ -152,6 +155,12 @@ def _summary_explained_variance(s: dict) -> float:
     return s["explained_variance"] if "explained_variance" in s else 1.0 - s["fvu"]
 
 
+def _label(name: str) -> str:
+    """An SAE key in words (``head 3``, ``concat``); reports built before the naming scheme keyed heads ``head3``."""
+    legacy = re.fullmatch(r"head(\d+)", name)
+    return f"head {legacy.group(1)}" if legacy else display_name(name)
+
+
 def describe_summary(summary: dict) -> dict[str, str]:
     """One readable line for the model and each SAE of a quality ``summary`` (as :func:`evaluate_world` returns it
     and the build report stores it, also a report from before ``fvu`` became ``explained_variance``), for summary
@@ -162,7 +171,7 @@ def describe_summary(summary: dict) -> dict[str, str]:
             continue
         stderr = "" if s.get("splice_stderr") is None else f" ± {s['splice_stderr']:.3f}"
         cost = "" if s.get("ablation_effect") is None else f"; zeroing it costs {s['ablation_effect']:.3f} nats"
-        lines[f"{name} SAE (held-out)"] = (f"L0 {s['l0']:.1f}, dead {100 * s['dead']:.1f}%, explained variance "
+        lines[f"{_label(name)} SAE (held-out)"] = (f"L0 {s['l0']:.1f}, dead {100 * s['dead']:.1f}%, explained variance "
                                             f"{_summary_explained_variance(s):.3f}, splice-in score "
                                             f"{s['splice']:.3f}{stderr}{cost}")
     if "all_heads" in summary:

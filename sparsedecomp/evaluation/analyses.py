@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ..activations import ActivationBatch, check_merge, check_state, snapshot
 from ..dictionary import check_W_O
+from ..naming import CONCAT_NAME, head_name
 from ..errors import InputError, InputTypeError
 from ..loading.heads import HeadSAEs
 from ..loading.sae import SAE
@@ -200,16 +201,17 @@ class DecoderNormsReport:
 
 
 def model_saes(head_saes: HeadSAEs | None = None, concat_sae: SAE | None = None) -> dict[str, SAE]:
-    """``{"head 0": ..., "head 1": ..., "concat": ...}``: the SAEs to analyse, named for results and figures."""
+    """``{"head_0": ..., "head_1": ..., "concat": ...}``: the SAEs to analyse, keyed by the package's SAE names
+    (:mod:`sparsedecomp.naming`; figures show them in words)."""
     named: dict[str, SAE] = {}
     if head_saes is not None:
         if not isinstance(head_saes, HeadSAEs):
             raise InputTypeError(f"head_saes must be HeadSAEs, got {type(head_saes).__name__}")
-        named.update({f"head {h}": sae for h, sae in head_saes.items()})
+        named.update({head_name(h): sae for h, sae in head_saes.items()})
     if concat_sae is not None:
         if not isinstance(concat_sae, SAE):
             raise InputTypeError(f"concat_sae must be a sparsedecomp SAE, got {type(concat_sae).__name__}")
-        named["concat"] = concat_sae
+        named[CONCAT_NAME] = concat_sae
     if not named:
         raise InputError("give head_saes and/or concat_sae")
     return named

@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping
 from ..activations import DEFAULT_MEMORY_BUDGET, MeanAccumulator, check_layer, hooked_transformer, run_accumulators
 from ..decomposition import Decomposition
 from ..errors import InputError, InputTypeError
+from ..naming import CONCAT_NAME, head_of, head_variant
 from ..loading.heads import HeadSAEs, check_compatible
 from ..loading.sae import SAE
 from .analyses import (DecoderNormsReport, HeadOutputCosineAccumulator, HeadOutputCosines, MixedFeatureInterference,
@@ -211,11 +212,11 @@ def evaluate(model: Any, tokens: Any, head_saes: HeadSAEs, concat_sae: SAE, *,
 def _with_splice(quality: SAEQuality, name: str, splice) -> SAEQuality:
     """SAELens's downstream keys from the splice-in losses: a per-head SAE against zeroing its head, the concat SAE
     against zeroing the layer, both against the clean model."""
-    if name == "concat":
+    if name == CONCAT_NAME:
         spliced, ablated = splice["concat_sae"], splice["zero_layer"]
     else:
-        head = int(name.removeprefix("head_"))
-        spliced, ablated = splice[f"head_sae_{head}"], splice[f"zero_head_{head}"]
+        head = head_of(name)
+        spliced, ablated = splice[head_variant("head_sae", head)], splice[head_variant("zero_head", head)]
     clean = splice["clean"]
     return with_downstream(quality, ce_loss_with_sae=spliced.ce_loss, ce_loss_without_sae=clean.ce_loss,
                            ce_loss_with_ablation=ablated.ce_loss, kl_div_with_sae=spliced.kl,

@@ -12,6 +12,7 @@ from typing import Literal
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ..naming import display_name
 from ..errors import InputError, InputTypeError
 from .analyses import (DecoderNormsReport, HeadOutputCosines, Histogram, MixedFeatureInterference,
                        OutputSubspaceCarry, RankReport, Summary)
@@ -58,9 +59,9 @@ def decoder_norms_figure(report: DecoderNormsReport, *, units: Literal["training
     for item in report.saes:
         hist = item.histogram_training_units if units == "training" else item.histogram_z_units
         if hist is None:
-            skipped.append(item.name)
+            skipped.append(display_name(item.name))
             continue
-        fig.add_trace(_histogram_bars(hist, item.name))
+        fig.add_trace(_histogram_bars(hist, display_name(item.name)))
     title = f"Decoder norms ({units} units)"
     if skipped:
         title += f"; input scale unknown, not shown: {', '.join(skipped)}"

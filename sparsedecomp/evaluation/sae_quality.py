@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 
 from ..activations import ActivationBatch, check_merge, check_state, snapshot
+from ..naming import CONCAT_NAME, head_name
 from ..errors import InputError, InputTypeError
 from ..loading.heads import HeadSAEs
 from ..loading.sae import CONCATENATED, SAE
@@ -372,7 +373,7 @@ def sae_quality_accumulators(head_saes: HeadSAEs | None, concat_sae: SAE | None,
     options = {"exclude_bos": exclude_bos, "ignore_tokens": ignore_tokens, "dense_threshold": dense_threshold}
     accumulators = {}
     for sae in () if head_saes is None else head_saes.saes:
-        accumulators[f"head_{sae.head}"] = SAEQualityAccumulator(sae, sae.head, **options)
+        accumulators[head_name(sae.head)] = SAEQualityAccumulator(sae, sae.head, **options)
     if concat_sae is not None:
-        accumulators["concat"] = SAEQualityAccumulator(concat_sae, CONCATENATED, **options)
+        accumulators[CONCAT_NAME] = SAEQualityAccumulator(concat_sae, CONCATENATED, **options)
     return accumulators

@@ -47,6 +47,7 @@ from torch import Tensor
 
 from ..activations import (DEFAULT_MEMORY_BUDGET, ActivationBatch, check_merge, check_state, hooked_transformer,
                            run_accumulators, snapshot)
+from ..naming import head_variant
 from ..errors import InputError, InputTypeError
 from ..loading.heads import HeadSAEs, warn_if_input_scale_missing
 from ..loading.sae import warn_input_scale
@@ -206,8 +207,8 @@ def splice_variants(n_heads: int, d_head: int, *, head_saes: HeadSAEs | Mapping[
 
     variants = [SpliceVariant("clean", "the model as is", None, None, None)]
     for h in heads:
-        variants.append(SpliceVariant(f"zero_head_{h}", f"head {h}'s z set to 0", h, torch.zeros_like,
-                                      f"zero_head_{h}"))
+        variants.append(SpliceVariant(head_variant("zero_head", h), f"head {h}'s z set to 0", h, torch.zeros_like,
+                                      head_variant("zero_head", h)))
     variants.append(SpliceVariant("zero_layer", "every head's z set to 0", None, torch.zeros_like, "zero_layer"))
     if mean_z is not None:
         variants.append(_mean_variant(mean_z, n_heads, d_head))
@@ -222,9 +223,9 @@ def splice_variants(n_heads: int, d_head: int, *, head_saes: HeadSAEs | Mapping[
                     raise InputError(f"head {h} was asked for but head_saes has no SAE for it "
                                      f"(heads with an SAE: {sorted(head_sae_map)})")
                 continue
-            variants.append(SpliceVariant(f"head_sae_{h}", f"head {h}'s z replaced by its per-head SAE's "
+            variants.append(SpliceVariant(head_variant("head_sae", h), f"head {h}'s z replaced by its per-head SAE's "
                                           "reconstruction, the other heads clean", h,
-                                          _sae_reconstruction(head_sae_map[h]), f"zero_head_{h}"))
+                                          _sae_reconstruction(head_sae_map[h]), head_variant("zero_head", h)))
         if sorted(head_sae_map) == list(range(n_heads)):
             saes = [head_sae_map[h] for h in range(n_heads)]
             variants.append(SpliceVariant("all_head_saes", "every head's z replaced by its own per-head SAE's "

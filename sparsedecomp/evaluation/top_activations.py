@@ -449,9 +449,9 @@ class SAETopActivations:
     @torch.no_grad()
     def update(self, batch: ActivationBatch) -> None:
         x = self.sae_input(batch)
-        centred = x - self.sae.b_dec if self.sae.apply_b_dec_to_input else x
+        centred = self.sae.centred(x)
         for chunk in feature_chunks(self.sae.d_sae, x.shape[0], self.chunk_elements):
-            acts = torch.addmm(self.sae.b_enc[chunk], centred, self.sae.W_enc[:, chunk]).relu_()  # one fused pass
+            acts = self.sae.encode_columns(centred, chunk)
             hook = None if self.payload is None else (lambda f, t: self.payload(x, f, t))
             self.tracker.update_entries(*nonzero_entries(acts), n_tokens=acts.shape[0],
                                         first_context=batch.first_context, context_size=batch.context_size,

@@ -183,9 +183,25 @@ class SAE:
         Warns (:class:`InputScaleWarning`, once per SAE) while :attr:`needs_input_scale`."""
         warn_input_scale((self,))
         x = self._check_input(x, "x", self.d_in)
-        if self.apply_b_dec_to_input:
-            x = x - self.b_dec
-        return torch.relu(x @ self.W_enc + self.b_enc)
+        return self.activate(self.centred(x) @ self.W_enc + self.b_enc)
+
+    # The encoder in pieces, for the streaming statistics and dashboards (their hot paths check each batch once, so
+    # these check nothing): every place that encodes goes through them, so the activation rule lives here only.
+    def centred(self, x: Tensor) -> Tensor:
+        """``x - a * b_dec`` (``a`` = :attr:`apply_b_dec_to_input`): what the encoder multiplies."""
+        return x - self.b_dec if self.apply_b_dec_to_input else x
+
+    def activate(self, pre: Tensor, features: Tensor | slice | None = None) -> Tensor:
+        """The activation rule applied to pre-activations ``pre`` (``(..., n)``, of the ``features`` columns, all by
+        default): ``relu(pre)`` for the standard SAEs this package loads."""
+        return torch.relu(pre)
+
+    def encode_columns(self, centred: Tensor, features: slice | Tensor | None = None) -> Tensor:
+        """Activations ``(n, m)`` of the ``features`` columns (all by default) for centred inputs ``(n, d_in)``
+        (:meth:`centred`, on the SAE's device and dtype): one fused ``addmm``, then :meth:`activate`."""
+        if features is None:
+            return self.activate(torch.addmm(self.b_enc, centred, self.W_enc))
+        return self.activate(torch.addmm(self.b_enc[features], centred, self.W_enc[:, features]), features)
 
     def decode(self, f: Tensor) -> Tensor:
         """Reconstruction ``f @ W_dec + b_dec`` for activations ``f`` of shape ``(..., d_sae)``.
