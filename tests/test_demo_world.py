@@ -117,9 +117,9 @@ def test_quality_on_a_heldout_slice_matches_the_bars_and_the_build(half_world, r
 
 @pytest.mark.slow
 def test_quality_bars_hold_when_recomputed_on_all_heldout_tokens(report):
-    # The build's own evaluation, repeated by the code on the world as the build loaded it (scales re-estimated on
-    # all held-out contexts).
-    world = load_demo_world(scales="estimated")
+    # The build's own evaluation, repeated by the code on the world as the build and the demo load it (the training
+    # scales the build recorded).
+    world = load_demo_world()
     cfg = report["config"]
     result = quality.evaluate_world(world, n_splice_sequences=cfg["eval_sequences"], batch_size=cfg["eval_batch_size"],
                                     include_mean=False)

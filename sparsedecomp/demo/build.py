@@ -196,8 +196,8 @@ def _evaluate_into(report: dict, out: Path, cfg: DemoConfig, train_tokens: torch
     from .quality import evaluate_world
     from .world import load_demo_world
 
-    # Scales re-estimated as a user without the record would (the report's quality numbers are of that world).
-    world = load_demo_world(out, scales="estimated")
+    # The training scales the build recorded, as the demo folds them (the report's quality numbers are of that world).
+    world = load_demo_world(out, scales=report["head_sae_training"]["training_scales"])
     report["world"] = world.describe()
     report["quality"] = evaluate_world(world, n_splice_sequences=cfg.eval_sequences, batch_size=cfg.eval_batch_size,
                                        train_tokens=train_tokens)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from torch import Tensor
 
@@ -107,7 +107,7 @@ def concat_sae_path(artifacts_dir: Path = ARTIFACTS_DIR) -> tuple[Path, str]:
     return folder, cfgs[0].name[: -len("_cfg.json")]
 
 
-def load_demo_world(artifacts_dir: str | Path | None = None, *, scales: str = "recorded",
+def load_demo_world(artifacts_dir: str | Path | None = None, *, scales: str | Sequence[float] = "recorded",
                     scale_contexts: int | None = None, batch_size: int = 32) -> DemoWorld:
     """Load the demo world from ``artifacts_dir`` (default: the package's artifacts).
 
@@ -115,7 +115,8 @@ def load_demo_world(artifacts_dir: str | Path | None = None, *, scales: str = "r
     SAELens 2.x checkpoints). ``scales="recorded"`` folds the training scales the build recorded in its report (the
     job layer's rule: a recorded training scale wins; re-estimated when there is none, e.g. before a build's report is
     written); ``"estimated"`` re-estimates them on the held-out contexts (the first ``scale_contexts``, default all),
-    as a user without the record would.
+    as a user without the record would; a sequence of floats gives the training scales themselves (the build, before
+    its report is written).
     """
     from tokenizers import Tokenizer
 
@@ -138,10 +139,11 @@ def load_demo_world(artifacts_dir: str | Path | None = None, *, scales: str = "r
     layer = raw_heads.layer
     report_path = root / REPORT_FILE
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    if scales not in ("recorded", "estimated"):
-        raise InputError(f"scales must be 'recorded' or 'estimated', got {scales!r}")
-    recorded = (report.get("head_sae_training") or {}).get("training_scales")
-    if scales == "recorded" and recorded is not None:
+    if isinstance(scales, str) and scales not in ("recorded", "estimated"):
+        raise InputError(f"scales must be 'recorded', 'estimated' or the training scales, got {scales!r}")
+    recorded = list(scales) if not isinstance(scales, str) else (report.get("head_sae_training") or {}).get(
+        "training_scales")
+    if scales != "estimated" and recorded is not None:
         if len(recorded) != model.cfg.n_heads:
             raise InputError(f"{report_path} records {len(recorded)} training scales for {model.cfg.n_heads} heads")
         head_scales = HeadScales(scales={h: float(s) for h, s in enumerate(recorded)}, mean_norms={},
