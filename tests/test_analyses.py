@@ -219,38 +219,235 @@ def test_mixed_interference_known_answers(head_saes):
 
 
 # -- 6. figures ---------------------------------------------------------------------------------------------------
-def test_figures_hold_the_expected_traces(tiny_model, tokens, head_saes):
+HEAD_RANKS = (3, 5, 8, 2)
+CONCAT_RANK = 6
+FOLD_SCALE = 2.5
+
+
+def bar_heights_by_bin(values, centers, width):
+    """How many of ``values`` fall in each bar of a histogram drawn with these centers and width (``[e_k,
+    e_k+1)``, the last bar closed), counted one value at a time."""
+    lo = centers[0] - width / 2
+    counts = [0] * len(centers)
+    for v in values:
+        k = math.floor((v - lo) / width + 1e-9)
+        if k == len(centers):  # the top edge belongs to the last bar
+            k -= 1
+        assert 0 <= k < len(centers), (v, lo, width)
+        counts[k] += 1
+    return counts
+
+
+def unit(rows):
+    return rows / rows.norm(dim=1, keepdim=True)
+
+
+def test_figures_plot_the_numbers_of_the_weights_and_activations(tiny_model, tokens):
+    """Each figure's data against a computation from the raw tensors: decoder norms binned one at a time, ranks from
+    torch.linalg.matrix_rank, head-output cosines from run_with_cache, row-space shares from a QR basis, nearest
+    mixed features by brute force, quartiles from the statistics module."""
+    import statistics
+
     W_O = tiny_model.W_O[1].detach()
-    raw = make_sae(torch.randn(10, 32), head="concatenated", provenance={"needs_input_scale": True})
+    decoders = [low_rank(24, 8, r, seed=10 + h) for h, r in enumerate(HEAD_RANKS)]
+    # head 0 was trained on s * z and has its scale folded (W_dec / s now); the others read z as they are
+    head_saes = HeadSAEs((make_sae(decoders[0], head=0, provenance={"needs_input_scale": True})
+                          .with_input_scale(FOLD_SCALE),
+                          *(make_sae(W, head=h) for h, W in enumerate(decoders) if h)))
+    concat_W = low_rank(10, 32, CONCAT_RANK, seed=20)
+    raw = make_sae(concat_W, head="concatenated", provenance={"needs_input_scale": True})
+
+    # decoder norms: bar heights are the norms binned; training units undo the fold, z units are the weights now
     norms = decoder_norms(model_saes(head_saes, raw))
-    training = figures.decoder_norms_figure(norms)
-    assert [t.name for t in training.data] == ["head 0", "head 1", "head 2", "head 3", "concat"]
-    assert "training units" in training.layout.xaxis.title.text
-    z_units = figures.decoder_norms_figure(norms, units="z")
-    assert len(z_units.data) == 4 and "concat" in z_units.layout.title.text
-    assert "unscaled z" in z_units.layout.xaxis.title.text
+    training_norms = {f"head {h}": W.double().norm(dim=1).tolist() for h, W in enumerate(decoders)}
+    training_norms["concat"] = concat_W.double().norm(dim=1).tolist()
+    z_norms = {name: [v / FOLD_SCALE for v in values] if name == "head 0" else values
+               for name, values in training_norms.items() if name != "concat"}
+    for units, expected in (("training", training_norms), ("z", z_norms)):
+        fig = figures.decoder_norms_figure(norms, units=units)
+        assert [t.name for t in fig.data] == list(expected)
+        top = max(max(v) for v in expected.values())
+        for trace in fig.data:
+            centers, width = list(trace.x), trace.width
+            assert centers[0] - width / 2 == pytest.approx(0.0, abs=1e-12)  # bins from 0 to the largest norm
+            assert centers[-1] + width / 2 == pytest.approx(top, rel=1e-6)
+            assert list(trace.y) == bar_heights_by_bin(expected[trace.name], centers, width), (units, trace.name)
+    assert "training units" in figures.decoder_norms_figure(norms).layout.xaxis.title.text
+    z_fig = figures.decoder_norms_figure(norms, units="z")
+    assert "unscaled z" in z_fig.layout.xaxis.title.text and "concat" in z_fig.layout.title.text
 
+    # ranks: bars are torch.linalg.matrix_rank of each dictionary (float32 weights: rounding is below 1e-4)
+    def rank(M):
+        return int(torch.linalg.matrix_rank(M.double(), rtol=1e-4))
+
+    mixed = [W.double() @ W_O[h].double() for h, W in enumerate(decoders)]
+    expected_ranks = {**{f"head {h}": rank(W) for h, W in enumerate(decoders)},
+                      "block (all heads)": rank(torch.block_diag(*decoders)), "concat": rank(concat_W),
+                      **{f"head {h} @ W_O": rank(M) for h, M in enumerate(mixed)}, "all heads @ W_O": rank(torch.cat(mixed))}
+    largest = {**{f"head {h}": 8 for h in range(4)}, "block (all heads)": 32, "concat": 10,
+               **{f"head {h} @ W_O": 8 for h in range(4)}, "all heads @ W_O": 32}
+    assert [expected_ranks[f"head {h}"] for h in range(4)] == list(HEAD_RANKS)  # the construction, not rounding
+    assert expected_ranks["block (all heads)"] == sum(HEAD_RANKS) and expected_ranks["concat"] == CONCAT_RANK
     ranks = figures.ranks_figure(dictionary_ranks(head_saes, raw, W_O))
-    assert [t.type for t in ranks.data] == ["bar", "bar"] and len(ranks.data[0].x) == 4 + 1 + 1 + 4 + 1
+    assert list(ranks.data[0].x) == list(expected_ranks) == list(ranks.data[1].x)
+    assert list(ranks.data[0].y) == list(expected_ranks.values())
+    assert list(ranks.data[1].y) == list(largest.values())
 
+    # head-output cosines: z from TransformerLens's cache, each head's output z_h W_O[h], contexts then positions
     cosines = run_accumulators(tiny_model, tokens, {"c": HeadOutputCosineAccumulator(W_O, sample_tokens=16)},
                                layer=1)["c"]
+    with torch.no_grad():
+        _, cache = tiny_model.run_with_cache(tokens, names_filter="blocks.1.attn.hook_z")
+    z = cache["blocks.1.attn.hook_z"].double().reshape(-1, 4, 8)
+    outputs = [z[:, h] @ W_O[h].double() for h in range(4)]
+    cos = {(h, g): F.cosine_similarity(outputs[h], outputs[g], dim=1) for h in range(4) for g in range(h + 1, 4)}
+    heatmap = figures.head_output_cosine_heatmap(cosines).data[0]
+    for h in range(4):
+        for g in range(4):
+            if h == g:
+                assert heatmap.z[h][g] is None
+            else:
+                assert heatmap.z[h][g] == pytest.approx(float(cos[min(h, g), max(h, g)].mean()), abs=1e-6)
     lines_and_boxes = figures.head_output_cosine_figure(cosines)
     assert [t.type for t in lines_and_boxes.data] == ["scatter", "box"] * 6
-    assert lines_and_boxes.data[0].name == "heads 0-1" and len(lines_and_boxes.data[0].y) == 16
-    assert lines_and_boxes.data[1].median[0] == cosines.pair(0, 1).summary.median
-    heatmap = figures.head_output_cosine_heatmap(cosines)
-    assert heatmap.data[0].type == "heatmap" and heatmap.data[0].z[0][0] is None
+    for (h, g), line, box in zip(cos, lines_and_boxes.data[0::2], lines_and_boxes.data[1::2]):
+        values = cos[h, g]
+        assert line.name == f"heads {h}-{g}" == box.x[0]
+        assert list(line.y) == pytest.approx(values[:16].tolist(), abs=1e-6)  # the first tokens, rounded to 1e-6
+        assert (box.lowerfence[0], box.upperfence[0], box.mean[0], box.sd[0]) == pytest.approx(
+            (float(values.min()), float(values.max()), float(values.mean()), float(values.std(correction=0))),
+            abs=1e-6)
+        # quartiles come from 200 bins on [-1, 1]: within one bin (0.01) of the exact ones
+        exact = statistics.quantiles(values.tolist(), n=4, method="inclusive")
+        assert [box.q1[0], box.median[0], box.q3[0]] == pytest.approx(exact, abs=0.01)
 
+    # output-subspace carry: the share of ||d_j W_O[h]||^2 in the row space of W_O[g] (orthonormal basis by QR)
+    bases = [torch.linalg.qr(W_O[g].double().T).Q for g in range(4)]
+    share = [[(mixed[h] @ bases[g]).pow(2).sum(1) / mixed[h].pow(2).sum(1) for g in range(4)] for h in range(4)]
     carry = figures.output_subspace_carry_figure(output_subspace_carry(head_saes, W_O))
     assert [t.type for t in carry.data] == ["heatmap", "heatmap"]
+    for trace, reduce in zip(carry.data, (torch.mean, torch.amax)):
+        expected = [[float(reduce(share[h][g])) for g in range(4)] for h in range(4)]
+        assert [list(row) for row in trace.z] == [pytest.approx(row, abs=1e-6) for row in expected]  # float32 weights
+        assert all(trace.z[h][h] == pytest.approx(1.0, abs=1e-9) for h in range(4))
+
+    # interference: m_j = max over the other head's features (another feature of the same head on the diagonal)
     interference = mixed_feature_interference(head_saes, W_O)
-    assert len(figures.mixed_feature_interference_figure(interference).data) == 2
+    nearest = {}
+    for h in range(4):
+        for g in range(4):
+            c = (unit(mixed[h]) @ unit(mixed[g]).T).abs()
+            if h == g:
+                c.fill_diagonal_(-1.0)
+            nearest[h, g] = c.amax(dim=1).tolist()
+    median, above = figures.mixed_feature_interference_figure(interference).data
+    for h in range(4):
+        for g in range(4):
+            assert median.z[h][g] == pytest.approx(statistics.median(nearest[h, g]), abs=1e-5)
+            assert above.z[h][g] == pytest.approx(sum(m > 0.5 for m in nearest[h, g]) / 24, abs=1e-9)
     boxes = figures.mixed_feature_interference_boxes(interference)
-    assert len(boxes.data) == 16 and boxes.data[0].name == "0->0 (within)"
+    assert len(boxes.data) == 16 and [b.name for b in boxes.data[:4]] == [f"{h}->{h} (within)" for h in range(4)]
+    for box in boxes.data:
+        h, g = (int(v) for v in box.name.split(" ")[0].split("->"))
+        m = nearest[h, g]
+        q1, med, q3 = statistics.quantiles(m, n=4, method="inclusive")
+        assert (box.lowerfence[0], box.q1[0], box.median[0], box.q3[0], box.upperfence[0], box.mean[0]) == \
+            pytest.approx((min(m), q1, med, q3, max(m), statistics.fmean(m)), abs=1e-5), box.name
 
     html = figures.figure_html(lines_and_boxes)
     assert html.startswith("<div") and "Plotly.newPlot" in html and "plotly.js v" not in html
+
+
+def test_report_figures_plot_splice_losses_densities_and_attribution(tokens):
+    """The evaluation report's own figures (report_figures.py) against TransformerLens runs with hand-written hooks
+    and the SAEs' raw tensors."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from sparsedecomp.evaluation import report_figures
+    from sparsedecomp.evaluation.attribution import head_attribution
+    from sparsedecomp.evaluation.sae_quality import SAEQualityAccumulator
+    from sparsedecomp.evaluation.splice import splice_losses, splice_variants
+
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_ctx=16, d_head=8, n_heads=4, d_vocab=50, act_fn="gelu",
+                                  d_mlp=64, normalization_type="LN", seed=0)
+    model = HookedTransformer(cfg).eval()
+    with torch.no_grad():  # larger output weights: ablating a head visibly changes the loss of a random model
+        for block in model.blocks:
+            block.attn.W_O.mul_(20)
+    g = torch.Generator().manual_seed(5)
+    saes = {h: SAE(W_enc=torch.randn(8, 16, generator=g) * 0.4, b_enc=torch.randn(16, generator=g) * 0.5 - 0.5,
+                   W_dec=torch.randn(16, 8, generator=g) * 0.4, b_dec=torch.randn(8, generator=g) * 0.1,
+                   apply_b_dec_to_input=False, hook_name="blocks.1.attn.hook_z", layer=1, head=h, model_name="tiny")
+            for h in (0, 1)}
+
+    # splice-in: per-context CE and KL(clean || variant) over the predicted positions, from run_with_hooks
+    def replace(h, how):
+        def hook(z, hook):
+            x = z[:, :, h, :]
+            if how == "zero":
+                z[:, :, h, :] = 0.0
+            else:
+                sae = saes[h]
+                z[:, :, h, :] = torch.relu(x @ sae.W_enc + sae.b_enc) @ sae.W_dec + sae.b_dec
+            return z
+        return hook
+
+    hooks = {"clean": [], "zero_head_0": [("blocks.1.attn.hook_z", replace(0, "zero"))],
+             "zero_head_1": [("blocks.1.attn.hook_z", replace(1, "zero"))],
+             "zero_layer": [("blocks.1.attn.hook_z", lambda z, hook: torch.zeros_like(z))],
+             "head_sae_0": [("blocks.1.attn.hook_z", replace(0, "sae"))],
+             "head_sae_1": [("blocks.1.attn.hook_z", replace(1, "sae"))]}
+    with torch.no_grad():
+        logp = {name: model.run_with_hooks(tokens, fwd_hooks=fwd).double().log_softmax(-1)[:, :-1]
+                for name, fwd in hooks.items()}
+    target = tokens[:, 1:, None]
+    ce = {name: -lp.gather(-1, target)[..., 0].mean(1) for name, lp in logp.items()}  # per context
+    kl = {name: (logp["clean"].exp() * (logp["clean"] - lp)).sum(-1).mean(1) for name, lp in logp.items()}
+    report = splice_losses(model, tokens, splice_variants(4, 8, head_saes=saes, heads=[0, 1]), layer=1)
+    losses = report_figures.splice_losses_figure(report.results)
+    assert list(losses.data[0].x) == list(hooks)
+    assert list(losses.data[0].y) == pytest.approx([float(ce[n].mean()) for n in hooks], rel=1e-5)
+    assert list(losses.data[0].error_y.array) == pytest.approx(
+        [float(ce[n].std(correction=1)) / math.sqrt(len(tokens)) for n in hooks], rel=1e-3, abs=1e-7)
+    assert list(losses.data[1].y) == pytest.approx([float(kl[n].mean()) for n in hooks], rel=1e-4, abs=1e-6)
+    scores = report_figures.splice_scores_figure(report.results)
+    assert list(scores.data[0].x) == ["head_sae_0", "head_sae_1"]
+    expected = [float((ce[f"zero_head_{h}"].mean() - ce[f"head_sae_{h}"].mean())
+                      / (ce[f"zero_head_{h}"].mean() - ce["clean"].mean())) for h in (0, 1)]
+    assert list(scores.data[0].y) == pytest.approx(expected, rel=1e-4)
+    # grey where the ablation's cost is not a measurement: under 0.01 nats or under 5 standard errors (over contexts)
+    effects = [ce[f"zero_head_{h}"] - ce["clean"] for h in (0, 1)]
+    measurable = [float(b.mean()) >= max(0.01, 5 * float(b.std(correction=1)) / math.sqrt(len(b))) for b in effects]
+    assert list(scores.data[0].marker.color) == ["#4a7bd1" if m else "#bbbbbb" for m in measurable]
+
+    # feature density: log10 of the fraction of tokens each feature fires on, binned on the figure's edges
+    quality = run_accumulators(model, tokens, {"q": SAEQualityAccumulator(saes[0], 0)}, layer=1)["q"]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter="blocks.1.attn.hook_z")
+    z0 = cache["blocks.1.attn.hook_z"][:, :, 0].reshape(-1, 8)
+    density = (torch.relu(z0 @ saes[0].W_enc + saes[0].b_enc) > 0).double().mean(0)
+    edges = list(quality.log10_density_bin_edges)
+    counts = [0] * (len(edges) - 1)
+    for d in density.tolist():
+        if d > 0:
+            x = math.log10(d)
+            counts[max([0] + [k for k in range(len(counts)) if edges[k] <= x])] += 1
+    (trace,) = report_figures.feature_density_figure({"head 0": quality}).data
+    assert list(trace.y) == counts and sum(counts) > 0
+    assert list(trace.x) == pytest.approx([(a + b) / 2 for a, b in zip(edges, edges[1:])])
+    assert trace.name == f"head 0 (dead {100 * float((density == 0).double().mean()):.1f}%)"
+
+    # attribution agreement: the share of features whose top head (largest block norm) two methods agree on
+    concat = make_sae(torch.randn(40, 32, generator=g), head="concatenated")
+    methods = {"weight": concat.W_dec, "weight_squared": concat.W_dec, "encoder": concat.W_enc.T,
+               "encoder_squared": concat.W_enc.T}
+    top = {m: rows.reshape(40, 4, 8).norm(dim=2).argmax(1) for m, rows in methods.items()}
+    (heat,) = report_figures.attribution_agreement_figure(head_attribution(concat, 4).report()).data
+    assert list(heat.x) == list(methods)
+    for i, a in enumerate(methods):
+        for j, b in enumerate(methods):
+            assert heat.z[i][j] == pytest.approx(float((top[a] == top[b]).double().mean()))
+    assert min(min(row) for row in heat.z) < 1  # the encoder and decoder disagree somewhere
 
 
 # -- 7. bad input -------------------------------------------------------------------------------------------------

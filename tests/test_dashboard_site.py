@@ -1,5 +1,6 @@
 """The dashboard site end to end on the offline stand-in: records, links, invariants, resume."""
 
+import hashlib
 import json
 import math
 import re
@@ -24,9 +25,13 @@ def stub_render(kind, **context):
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    standin = write_standin(tmp_path_factory.mktemp("standin"), config=TINY, head_d_sae=48, concat_d_sae=128, n_rows=6,
-                            record_local_dataset=True)
+def standin(tmp_path_factory):
+    return write_standin(tmp_path_factory.mktemp("standin"), config=TINY, head_d_sae=48, concat_d_sae=128, n_rows=6,
+                         record_local_dataset=True)
+
+
+@pytest.fixture(scope="module")
+def inputs(standin):
     concat = load_sae(str(standin.concat_dir), version=standin.concat_version)
     heads = load_head_saes([str(p) for p in standin.head_runs])
     loaded = load_model(str(standin.model_dir), flags=None)
@@ -37,10 +42,12 @@ def inputs(tmp_path_factory):
     return loaded, tokens, heads, concat, decompositions
 
 
+LEFT, RIGHT = 5, 2  # the world's windows: shorter than a context
+
+
 @pytest.fixture(scope="module")
 def world(inputs):
-    return gather_dashboard_data(*inputs, top_k=5, quantile_groups=3, examples_per_group=2, left=5,
-                                 right=2)  # windows shorter than a context
+    return gather_dashboard_data(*inputs, top_k=5, quantile_groups=3, examples_per_group=2, left=LEFT, right=RIGHT)
 
 
 def test_replaying_the_first_pass_gives_what_running_the_model_again_gives(inputs, world):
@@ -57,6 +64,76 @@ def test_replaying_the_first_pass_gives_what_running_the_model_again_gives(input
         torch.testing.assert_close(g.dfa, other.dfa, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(g.dfa_before_window, other.dfa_before_window, rtol=1e-5, atol=1e-5)
         assert g.window_acts.abs().sum() > 0 and g.dfa.abs().sum() > 0
+
+
+def raw_encoders(standin):
+    """``name -> (W_enc, b_enc, b_dec, subtract b_dec, heads it reads)`` straight from the checkpoint files (no
+    package loader): the Kissane .pt (which always subtracts b_dec) and each legacy SAELens safetensors + cfg.json."""
+    from safetensors.torch import load_file
+
+    (pt,) = standin.concat_dir.rglob("*.pt")
+    w = torch.load(pt, weights_only=True)
+    out = {"concat": (w["W_enc"], w["b_enc"], w["b_dec"], True, tuple(range(TINY["n_heads"])))}
+    for h, run in enumerate(standin.head_runs):
+        (path,) = run.glob("final_*/*/sae_weights.safetensors")
+        w, cfg = load_file(str(path)), json.loads((path.parent / "cfg.json").read_text())
+        assert torch.equal(w["scaling_factor"], torch.ones_like(w["scaling_factor"]))  # it scales the decoder only
+        out[f"head_{h}"] = (w["W_enc"], w["b_enc"], w["b_dec"], cfg["apply_b_dec_to_input"], (h,))
+    return out
+
+
+def test_window_activations_and_dfa_match_transformer_lens_and_the_raw_weights(standin, inputs, world):
+    """The gathered windows against an independent computation: each example's context run alone through
+    TransformerLens's run_with_cache, the feature's activation relu((z - b_dec) @ W_enc + b_enc) at every window
+    position, and its DFA by source and head, pattern[h, position, src] * (v[src, h] . W_enc[B_h, f]), summing with
+    the bias terms to the pre-activation."""
+    loaded, tokens, *_ = inputs
+    d_head, size = TINY["d_head"], tokens.shape[1]
+    caches = {}
+    checked = with_sources_before = n_firing = 0
+    for name, (W_enc, b_enc, b_dec, subtract, heads) in raw_encoders(standin).items():
+        g = world.saes[name]
+        assert g.dfa_heads == heads
+        # a few examples of each SAE, spread over its features: three top examples and three quantile-group ones
+        picks = set()
+        for slots in (g.examples.group < 0, g.examples.group >= 0):
+            filled = ((g.examples.context >= 0) & slots).nonzero().tolist()
+            picks |= {tuple(filled[i]) for i in torch.linspace(0, len(filled) - 1, 3).round().long().tolist()}
+        for f, e in sorted(picks):
+            c, p = int(g.examples.context[f, e]), int(g.examples.position[f, e])
+            if c not in caches:
+                with torch.no_grad():
+                    caches[c] = loaded.model.run_with_cache(tokens[c : c + 1])[1]
+            cache = caches[c]
+            z = cache["blocks.1.attn.hook_z"][0]  # (position, head, d_head)
+            pattern, v = cache["blocks.1.attn.hook_pattern"][0], cache["blocks.1.attn.hook_v"][0]
+            x = z[:, list(heads)].reshape(size, -1)
+            pre = (x - b_dec * subtract) @ W_enc[:, f] + b_enc[f]
+            # the ranked token and its window, position p - LEFT .. p + RIGHT
+            assert float(g.examples.value[f, e]) == pytest.approx(float(torch.relu(pre[p])), rel=1e-4, abs=1e-6)
+            for i, pos in enumerate(range(p - LEFT, p + RIGHT + 1)):
+                inside = 0 <= pos < size
+                assert int(g.windows.token_ids[f, e, i]) == (int(tokens[c, pos]) if inside else -1)
+                want = float(torch.relu(pre[pos])) if inside else 0.0
+                assert float(g.window_acts[f, e, i]) == pytest.approx(want, rel=1e-4, abs=1e-5), (name, f, e, i)
+                n_firing += want > 0
+            # DFA by source and head: window sources up to p, the sources before the window summed apart
+            for k, h in enumerate(heads):
+                w_block = W_enc[k * d_head : (k + 1) * d_head, f]
+                by_source = pattern[h, p, :] * (v[:, h] @ w_block)  # (src,), 0 after p (causal pattern)
+                for i, pos in enumerate(range(p - LEFT, p + RIGHT + 1)):
+                    want = float(by_source[pos]) if 0 <= pos <= p else 0.0
+                    assert float(g.dfa[f, e, i, k]) == pytest.approx(want, rel=1e-4, abs=1e-5), (name, f, e, i, h)
+                before = float(by_source[: max(p - LEFT, 0)].sum())
+                assert float(g.dfa_before_window[f, e, k]) == pytest.approx(before, rel=1e-4, abs=1e-5)
+                with_sources_before += p - LEFT > 0
+            bias_decoder = -float(b_dec @ W_enc[:, f]) if subtract else 0.0
+            assert float(g.dfa_bias_encoder[f]) == pytest.approx(float(b_enc[f]), rel=1e-6)
+            assert float(g.dfa_bias_decoder[f]) == pytest.approx(bias_decoder, rel=1e-5, abs=1e-7)
+            total = float(g.dfa[f, e].sum() + g.dfa_before_window[f, e].sum()) + float(b_enc[f]) + bias_decoder
+            assert total == pytest.approx(float(pre[p]), rel=1e-4, abs=1e-5)
+            checked += 1
+    assert checked == 6 * len(world.saes) and with_sources_before > 0 and n_firing > checked
 
 
 def token_str(i):
@@ -85,6 +162,19 @@ def site(world, tmp_path_factory):
     return out
 
 
+def assert_manifest_lists_the_folder(out):
+    """Every file in ``out``'s manifest has the listed size and SHA-256 (hashlib on its bytes), and every file on
+    disk but the manifest itself is listed."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] is True
+    for name, meta in manifest["files"].items():
+        data = (out / name).read_bytes()
+        assert meta == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert on_disk - {"manifest.json"} == set(manifest["files"])
+    return manifest
+
+
 def records(out):
     for page in sorted(out.glob("*/f/*.html")):
         text = page.read_text()
@@ -106,6 +196,26 @@ def test_every_page_is_written_and_every_href_resolves(world, site):
     for rel in ("index.html", "assets/plotly.min.js", "concat/index.html", "concat/features.js",
                 "neuronpedia/concat.json", "neuronpedia/head_0.json", "manifest.json", "dashboard_state.json"):
         assert (site / rel).is_file(), rel
+
+
+def test_the_site_manifest_lists_every_file_with_its_true_size_and_sha256(world, site):
+    manifest = assert_manifest_lists_the_folder(site)
+    n_pages = sum(g.sae.d_sae for g in world.saes.values())
+    assert sum(name.endswith(".html") and "/f/" in name for name in manifest["files"]) == n_pages
+    assert {"assets/plotly.min.js", "assets/dashboard.js", "assets/dashboard.css", "index.html",
+            "dashboard_state.json"} <= set(manifest["files"])
+
+
+def test_the_site_ships_the_packages_assets_byte_for_byte(site):
+    from importlib import resources
+
+    import plotly.offline
+
+    packaged = {p.name: p.read_bytes() for p in (resources.files("sparsedecomp.dashboards") / "assets").iterdir()
+                if p.is_file()}
+    assert set(packaged) == {"dashboard.js", "dashboard.css"}
+    written = {p.name: p.read_bytes() for p in (site / "assets").iterdir()}
+    assert written == {**packaged, "plotly.min.js": plotly.offline.get_plotlyjs().encode("utf-8")}
 
 
 def test_density_histogram_counts_every_feature_of_the_sae_once(world, site):
@@ -226,6 +336,7 @@ def test_interrupted_run_rerun_gives_the_same_site(world, site, tmp_path):
     assert state["finished"] == {"concat": [0, 1]}
     rerun = write_site_into(world, out, token_str=token_str, render_page=stub_render, batch_size=32)
     assert rerun.batches_skipped == 2
+    assert_manifest_lists_the_folder(out)  # the kept pages are listed with their true sizes and hashes too
     files = sorted(p.relative_to(site) for p in site.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
     for rel in files:
@@ -259,8 +370,7 @@ def test_a_rewritten_site_is_unfinished_until_done_then_drops_its_stale_files(wo
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] is True and not (out / "neuronpedia").exists()
     assert not any(name.startswith("neuronpedia/") for name in manifest["files"])
-    on_disk = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - {"manifest.json"}
-    assert on_disk == set(manifest["files"])  # nothing left that the site does not list
+    assert_manifest_lists_the_folder(out)  # nothing left that the site does not list
 
 
 def test_a_folder_of_another_command_is_refused(world, tmp_path):

@@ -68,18 +68,66 @@ def test_heads_part_matches_independent_computations(standin, tmp_path):
     assert result["block_rank"] == TINY["n_heads"] * TINY["d_head"]
 
 
-def test_kissane_part_matches_the_checkpoint(standin, tmp_path):
-    out = tmp_path / "kissane"
-    assert main(["reproduce-seed", "kissane", "--concat-sae", str(standin.concat_dir), "--concat-version",
-                 standin.concat_version, "--out", str(out)]) == 0
-    result = json.loads((out / "seed.json").read_text())
-    (pt,) = standin.concat_dir.rglob("*.pt")
+LOW_RANK = 37
+SHARES_99 = (0.09, 0.02, 0.18, 0.22, 0.01, 0.01, 0.0, 0.47)
+
+
+def _low_rank_copy(standin, root):
+    """The stand-in's concat checkpoint with its decoder replaced: rank LOW_RANK, except feature 99, whose head
+    blocks carry the squared-norm shares SHARES_99 (so its row is outside the others' span: rank LOW_RANK + 1)."""
+    import shutil
+
+    folder = root / "kissane_low_rank"
+    shutil.copytree(standin.concat_dir, folder)
+    (pt,) = folder.rglob("*.pt")
+    state = torch.load(pt, weights_only=True)
+    d_sae, d_in = state["W_dec"].shape
+    g = torch.Generator().manual_seed(7)
+    W_dec = torch.randn(d_sae, LOW_RANK, generator=g, dtype=torch.float64) @ torch.randn(LOW_RANK, d_in, generator=g,
+                                                                                        dtype=torch.float64)
+    d_head = d_in // len(SHARES_99)
+    blocks = torch.randn(len(SHARES_99), d_head, generator=g, dtype=torch.float64)
+    blocks = blocks / blocks.norm(dim=1, keepdim=True) * torch.tensor(SHARES_99, dtype=torch.float64).sqrt()[:, None]
+    W_dec[99] = 3.0 * blocks.reshape(-1)
+    state["W_dec"] = W_dec.float().contiguous()
+    torch.save(state, pt)
+    return folder
+
+
+def _expected_from_file(folder, feature):
+    """Rank, the feature's norm and its per-head squared-norm shares, from the raw .pt and cfg (plain torch)."""
+    (pt,) = folder.rglob("*.pt")
+    (cfg_path,) = folder.rglob("*_cfg.json")
+    n_heads = TINY["n_heads"]
+    d_head = json.loads(cfg_path.read_text())["act_size"] // n_heads
     W_dec = torch.load(pt, weights_only=True)["W_dec"].double()
-    row = W_dec[99]
-    expected = [float(row[h * 8 : (h + 1) * 8].pow(2).sum() / row.pow(2).sum()) for h in range(8)]
-    assert result["squared_shares"] == pytest.approx(expected, abs=1e-6)
-    assert result["rank"] == int(torch.linalg.matrix_rank(W_dec))
-    assert result["seed"]["squared_shares"] == list(SEED_FEATURE_SHARES)
+    sigma = torch.linalg.svdvals(W_dec / W_dec.norm(dim=1, keepdim=True))
+    # a float32 matrix: singular values below 1e-4 of the largest are rounding, not rank (here 1e-8 against 0.1)
+    rank = int((sigma > 1e-4 * sigma[0]).sum())
+    row = W_dec[feature]
+    total = sum(float(row[i] ** 2) for i in range(row.numel()))
+    shares = [sum(float(row[i] ** 2) for i in range(h * d_head, (h + 1) * d_head)) / total for h in range(n_heads)]
+    return rank, total**0.5, shares
+
+
+@pytest.mark.parametrize("variant", ["standin", "low_rank"])
+def test_kissane_part_matches_the_checkpoint(standin, tmp_path, variant):
+    folder = standin.concat_dir if variant == "standin" else _low_rank_copy(standin, tmp_path)
+    for feature in (99, 5):
+        out = tmp_path / f"kissane_{feature}"
+        assert main(["reproduce-seed", "kissane", "--concat-sae", str(folder), "--concat-version",
+                     standin.concat_version, "--feature", str(feature), "--out", str(out)]) == 0
+        result = json.loads((out / "seed.json").read_text())
+        rank, norm, shares = _expected_from_file(folder, feature)
+        assert result["feature"] == feature
+        assert result["rank"] == rank
+        assert result["feature_norm"] == pytest.approx(norm, rel=1e-6)
+        assert result["squared_shares"] == pytest.approx(shares, abs=2e-6)  # written rounded to 1e-6
+    if variant == "low_rank":  # the constructed answers, so the rank check above is not only "full rank"
+        assert rank == LOW_RANK + 1 < 64
+        assert _expected_from_file(folder, 99)[2] == pytest.approx(SHARES_99, abs=1e-6)
+    else:
+        assert rank == 64
 
 
 @pytest.mark.network
