@@ -334,21 +334,22 @@ def check_head_order(head_saes: Any, loaded: Any, tokens: Tensor) -> None:
     n_contexts = max(1, HEAD_ORDER_CHECK_TOKENS // tokens.shape[1])
     z = run_accumulators(loaded, tokens[:n_contexts], {"z": CollectZ()}, layer=head_saes.layer)["z"]
     z = z.to(device=next(iter(head_saes)).W_dec.device, dtype=next(iter(head_saes)).W_dec.dtype)
+    heads = list(head_saes.heads)
+    x = z[:, heads]  # (positions, heads, d_head): each SAE reconstructs every head's z in one call
+    total = (x - x.mean(0)).pow(2).sum((0, 2))
     misplaced = []
     for h, sae in head_saes.items():
-        scores = {}
-        for g in head_saes.heads:
-            x = z[:, g]
-            residual = x - sae.forward(x)
-            total = (x - x.mean(0)).pow(2).sum()
-            scores[g] = float(1 - residual.pow(2).sum() / total) if float(total) > 0 else float("nan")
+        residual = (x - sae.forward(x)).pow(2).sum((0, 2))
+        scores = {g: float(1 - residual[i] / total[i]) if float(total[i]) > 0 else float("nan")
+                  for i, g in enumerate(heads)}
         best = max(scores, key=lambda g: -math.inf if math.isnan(scores[g]) else scores[g])
         if best != h and scores[best] >= HEAD_ORDER_FIT and scores[best] - scores[h] > HEAD_ORDER_MARGIN:
             misplaced.append(f"the SAE given for head {h} explains head {best}'s z (explained variance "
                              f"{scores[best]:.2f}) better than head {h}'s ({scores[h]:.2f})")
     if misplaced:
-        raise InputError("the head SAEs look misplaced: " + "; ".join(misplaced) + ". Give them in head order, or "
-                         "name each one's head with --head-index-map")
+        raise InputError("the head SAEs look misplaced: " + "; ".join(misplaced) + ". Each SAE is placed at the head "
+                         "its checkpoint's config records (checked against --head-index-map when given): check that "
+                         "these name the heads the SAEs were trained on")
 
 
 def resolve_inputs(request: InputRequest, *, log: Callable[[str], None] = print) -> Inputs:

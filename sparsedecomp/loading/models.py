@@ -270,6 +270,15 @@ def _load_model_folder(
             f"{folder / MODEL_WEIGHTS_NAME} does not match {config_path}: missing {missing[:5]}, unexpected "
             f"{unexpected[:5]}"
         )
+    # Shapes before processing: load_and_process_state_dict would fail on a mismatch deep inside weight folding
+    # (a broadcasting error naming no tensor) or in load_state_dict.
+    wanted = model.state_dict()
+    wrong = [(key, tuple(state[key].shape), tuple(wanted[key].shape)) for key in sorted(expected)
+             if tuple(state[key].shape) != tuple(wanted[key].shape)]
+    if wrong:
+        shown = "; ".join(f"{key} has shape {got} but {MODEL_CONFIG_NAME} gives {want}" for key, got, want in wrong[:5])
+        more = f" (and {len(wrong) - 5} more)" if len(wrong) > 5 else ""
+        raise CheckpointError(f"{folder / MODEL_WEIGHTS_NAME} does not match {config_path}: {shown}{more}")
     state = {key: value.to(dtype) for key, value in state.items()}
     name = kwargs.get("model_name") or folder.name
     loaded = process_state_dict(model, state, flags, name=name)

@@ -204,6 +204,14 @@ def load_dataset_tokens(
                          "dataset folder or a tokens file") from None
     except ValueError as err:  # e.g. an unknown split
         raise InputError(f"dataset {dataset!r} could not be loaded with split={split!r}: {err}") from None
+    except RuntimeError as err:
+        # datasets >= 4 runs no loading scripts: "Dataset scripts are no longer supported, but found NAME.py".
+        if "dataset script" not in str(err).lower():
+            raise
+        raise InputError(f"dataset {dataset!r} is a dataset loading script, which the installed datasets "
+                         f"{getattr(datasets, '__version__', '')} does not run ({err}): give a dataset of data files (a "
+                         "folder of parquet / json / csv / arrow files, or a hub dataset that has them) or a tokens "
+                         "file") from None
     features = list(getattr(rows, "column_names", None) or [])
     if column is None:
         column = next((c for c in TOKEN_COLUMNS if c in features), "text" if "text" in features or not features else None)
