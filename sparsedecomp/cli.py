@@ -75,26 +75,24 @@ def positive_float(text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _int_at_least(lowest: int, words: str):
+    """An argparse type: an integer of at least ``lowest`` (``words`` names the kind in the error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"must be a {words} integer, got {value}")
+        return value
+
+    parse.__name__ = f"{words.replace('-', '_')}_int"  # argparse names the type by it
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """An argparse type: an integer of at least 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
-    return value
+positive_int = _int_at_least(1, "positive")
+non_negative_int = _int_at_least(0, "non-negative")
 
 
 def _parent(build) -> argparse.ArgumentParser:
@@ -202,8 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="held-out contexts (128 tokens each) the evaluation report runs on (default 128)")
     demo.add_argument("--dashboard-contexts", type=positive_int, default=None,
                       help="contexts (128 tokens each) the dashboards (DIR/dashboards/) run on (default 1563: "
-                           "200,064 tokens; about 19,000 in the training documents, 954 with --dashboard-split "
-                           "heldout)")
+                           "200,064 tokens, of about 19,000 in the training documents; with --dashboard-split heldout "
+                           "the 374 shipped held-out contexts, up to 954)")
     demo.add_argument("--dashboard-split", choices=("train", "heldout"), default=None,
                       help="which demo documents the dashboards read: the SAEs' training documents (default; as "
                            "SAEDashboard and Neuronpedia show the training distribution) or the held-out ones")

@@ -49,6 +49,8 @@ def check_memory_budget(gb: float) -> int:
 
 @dataclass(frozen=True)
 class DecomposeOptions:
+    """What to decompose and how: the method and its parameters, the space(s), a feature selection (ranges)."""
+
     method: str = DEFAULT_METHOD
     params: Mapping[str, Any] = field(default_factory=dict)
     space: str = "z"
@@ -97,6 +99,8 @@ class _scale_note:
 
 @dataclass(frozen=True)
 class EvaluateOptions:
+    """The settings evaluated and routed, the top-k of the DFA, the memory budget of a batch."""
+
     settings: tuple[SolverSetting, ...] = DEFAULT_SETTINGS
     top_k: int = 20
     memory_budget_gb: float = DEFAULT_MEMORY_BUDGET_GB
@@ -137,6 +141,8 @@ def evaluate_job(request: InputRequest, options: EvaluateOptions, out: str | Pat
 
 @dataclass(frozen=True)
 class DashboardOptions:
+    """The settings linked, the analysis page (evaluate now, or copy an earlier evaluation), what is left out."""
+
     settings: tuple[SolverSetting, ...] = DEFAULT_SETTINGS
     evaluate: bool = False
     evaluation_dir: Path | None = None
@@ -194,18 +200,16 @@ def dashboard_job(request: InputRequest, options: DashboardOptions, out: str | P
 
 
 @dataclass(frozen=True)
-class DemoOptions:
-    method: str = DEFAULT_METHOD
-    params: Mapping[str, Any] = field(default_factory=dict)
-    space: str = "z"
-    features: tuple[range, ...] | None = None
+class DemoOptions(DecomposeOptions):
+    """The demo's decomposition (as ``decompose``'s), then how many contexts its evaluation and dashboards read, and
+    whether they run."""
+
     eval_contexts: int = DEMO_EVAL_CONTEXTS
-    dashboard_contexts: int = DEMO_DASHBOARD_CONTEXTS
+    dashboard_contexts: int | None = DEMO_DASHBOARD_CONTEXTS  # None: every shipped held-out context
     dashboard_split: str = "train"
     evaluate: bool = True
     dashboards: bool = True
     artifacts: Path | None = None
-    progress: bool = True
 
 
 def demo_verdict_note(params: Mapping[str, Any], *, evaluated: bool) -> str | None:
