@@ -229,9 +229,20 @@ def recorded_training_data(head_saes: Any) -> dict:
     return recorded
 
 
-def resolve_tokens(request: TokenRequest, loaded: Any, head_saes: Any) -> Any:
-    """The run's contexts (a :class:`~sparsedecomp.loading.tokens.TokenSet`), checked against the model."""
-    from ..loading.tokens import load_dataset_tokens, load_tokens_file
+def read_tokens_file(path: Path) -> Any:
+    """The ``--tokens`` file's contexts (BOS not yet known), refused with the flag's name."""
+    from ..loading.tokens import load_tokens_file
+
+    try:
+        return load_tokens_file(path)
+    except InputError as err:
+        raise InputError(f"--tokens: {err}") from None
+
+
+def resolve_tokens(request: TokenRequest, loaded: Any, head_saes: Any, *, read: Any = None) -> Any:
+    """The run's contexts (a :class:`~sparsedecomp.loading.tokens.TokenSet`), checked against the model; ``read`` is
+    the tokens file already read (:func:`read_tokens_file`), whose BOS is then taken from the model's tokenizer."""
+    from ..loading.tokens import TokenSet, load_dataset_tokens
 
     cfg = loaded.model.cfg
     tokenizer = model_tokenizer(loaded)
@@ -239,10 +250,9 @@ def resolve_tokens(request: TokenRequest, loaded: Any, head_saes: Any) -> Any:
     if bos is not None and not 0 <= bos < cfg.d_vocab:
         raise InputError(f"--bos-token-id {bos} is not in the model's vocabulary (d_vocab={cfg.d_vocab})")
     if request.tokens_file is not None:
-        try:
-            tokens = load_tokens_file(request.tokens_file, bos_token_id=bos, tokenizer=tokenizer)
-        except InputError as err:
-            raise InputError(f"--tokens: {err}") from None
+        read = read_tokens_file(request.tokens_file) if read is None else read
+        starts_with_bos = bos is not None and bool((read.tokens[:, 0] == bos).all())
+        tokens = TokenSet(read.tokens, read.source, bos if starts_with_bos else None, False, read.details)
         source, flag = request.tokens_file, "--tokens"
         if tokens.n_contexts > request.n_contexts:
             tokens = tokens.first(request.n_contexts)
@@ -356,15 +366,9 @@ def resolve_inputs(request: InputRequest, *, log: Callable[[str], None] = print)
     """Load and check everything ``request`` names (see the module docstring), each thing once."""
     if request.tokens is not None and request.model is None:
         raise InputError("--tokens / --dataset need --model: activations are read from the model's hook_z")
-    tokens_early = None
+    read = None
     if request.tokens is not None and request.tokens.tokens_file is not None:
-        # A bad tokens file fails in a second, not after the model loads.
-        from ..loading.tokens import load_tokens_file
-
-        try:
-            tokens_early = load_tokens_file(request.tokens.tokens_file)
-        except InputError as err:
-            raise InputError(f"--tokens: {err}") from None
+        read = read_tokens_file(request.tokens.tokens_file)  # a bad file fails in a second, not after the model loads
     concat, head_saes = load_saes(request.saes, log)
     context: dict[str, Any] = {"concat_sae": concat.describe(), "concat_sae_fingerprint": sae_fingerprint(concat),
                                "head_saes": head_saes.describe()}
@@ -375,10 +379,9 @@ def resolve_inputs(request: InputRequest, *, log: Callable[[str], None] = print)
         device = next(loaded.model.parameters()).device
         head_saes, concat = head_saes.to(device=device), concat.to(device=device)
     if request.tokens is not None:
-        tokens = resolve_tokens(request.tokens, loaded, head_saes)
+        tokens = resolve_tokens(request.tokens, loaded, head_saes, read=read)
         context["tokens"] = (f"{tokens.n_contexts} contexts x {tokens.context_size} ({tokens.source}; BOS first: "
                              f"{tokens.bos_token_id is not None})")
-        del tokens_early
     scales_note = None
     if request.fold_scales:
         head_saes, scales_note = fold_input_scales(head_saes, loaded, None if tokens is None else tokens.tokens)
