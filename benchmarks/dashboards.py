@@ -7,7 +7,7 @@
 
 Worlds: :func:`benchmarks.evaluation.gelu_2l_world` (random gelu-2l weights, 16,384 + 8 x 2,048 features, encoder
 biases calibrated to ``--l0``) or :func:`benchmarks.evaluation.demo_world`. One decomposition (``nn_omp``,
-``n_nonzero=16, tol=0.01``, through :func:`sparsedecomp.evaluation_run.decompose_settings`) feeds the attribution
+``n_nonzero=16, tol=0.01``, through :func:`sparsedecomp.jobs.solve.decompose_settings`) feeds the attribution
 and the pages' decomposition links.
 
 The stages are the building blocks :func:`gather_dashboard_data` calls, in its order and with its defaults (top 20,

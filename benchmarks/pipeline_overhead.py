@@ -5,7 +5,7 @@ driven by the solver's own chunks. This benchmark runs, in one process and alter
 machine hits all alike:
 
 * **bare**: one ``decompose(targets, dictionary, ...)`` call;
-* **pipeline**: the real ``sparsedecomp.pipeline.run_decomposition`` on SAE objects holding the same planted
+* **pipeline**: the real ``sparsedecomp.jobs.decompose.run_decomposition`` on SAE objects holding the same planted
   problem (concat SAE decoder = the targets, per-head decoders = the blocks), timing its decomposition step (from
   ``summary.json``'s ``timings_s``) and the whole run (metrics, codes file, summary and page written);
 * **previous**: the pipeline's solve before prepared solvers, one ``decompose`` per progress chunk of

@@ -7,7 +7,7 @@ Run from the repository root::
     python -m benchmarks.solver_regimes --compare-with /tmp/sd_base/sparsedecomp   # also an older copy, same run
 
 Regimes: ``space`` in ``z`` (block-diagonal per-head dictionary, the pipeline's default) and ``mixed`` (the same
-atoms through the layer's ``W_O``, targets mixed and renormalised exactly as :mod:`sparsedecomp.pipeline` does);
+atoms through the layer's ``W_O``, targets mixed and renormalised exactly as :mod:`sparsedecomp.jobs.solve` does);
 ``lasso`` and ``nn_lasso`` at ``alpha`` = 1 %, 5 % and 20 % of each target's ``alpha_max``; ``nnls``. Targets are
 a seeded random subset of the concat SAE's unit decoder rows.
 

@@ -17,8 +17,8 @@ from typing import Sequence
 
 from .errors import InputError, OutputError
 
-# Literal copies of the registry's names and the pipeline's choices, so parsing needs no torch; a test checks
-# they equal sparsedecomp.SOLVERS and sparsedecomp.pipeline's.
+# Literal copies of the registry's names and the decompose job's choices, so parsing needs no torch; a test checks
+# they equal sparsedecomp.SOLVERS and sparsedecomp.jobs.decompose's / jobs.solve's.
 METHODS = ("pinv", "nnls", "lasso", "nn_lasso", "omp", "nn_omp", "cvxpy_lasso", "cvxpy_nn_lasso", "cvxpy_nnls",
            "cvxpy_bpdn")
 SPACES = ("z", "residual", "both")
@@ -177,8 +177,8 @@ def _methods_flag(p: argparse.ArgumentParser) -> None:
 
 def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=str, required=True,
-                   help="output folder: new, empty, or an earlier run of the same command (rewritten; resumed where "
-                        "it can be)")
+                   help="output folder: new, empty, or an earlier run of the same command (rewritten when this run "
+                        "completes; the dashboards resume from their finished batches)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 

@@ -1,6 +1,6 @@
 """The report of one decomposition run (``summary.json``): frozen dataclasses of JSON-ready values.
 
-:func:`~sparsedecomp.pipeline.run_decomposition` builds a :class:`DecompositionReport`; ``summary.json`` is its
+:func:`~sparsedecomp.jobs.decompose.run_decomposition` builds a :class:`DecompositionReport`; ``summary.json`` is its
 :meth:`~DecompositionReport.to_dict`, and :func:`read_report` reads the file back into the same dataclasses. The
 JSON keys are a stable interface for users: every key is listed, with its meaning, in ``docs/outputs.md`` (a test
 checks the list against these dataclasses). Keys that only some runs have (the residual space's) are left out,
@@ -36,7 +36,7 @@ class FeatureRecord:
     """One concat feature's decomposition in one space.
 
     ``atoms`` lists the code's non-zeros, largest ``|coefficient|`` first, at most
-    :data:`~sparsedecomp.pipeline.MAX_LISTED_ATOMS` (``n_atoms_listed < l0`` says the list was cut; the codes file
+    :data:`~sparsedecomp.jobs.decompose.MAX_LISTED_ATOMS` (``n_atoms_listed < l0`` says the list was cut; the codes file
     has them all). ``residual_norm`` is ``||t @ W_O_cat||`` in the residual space (``None`` in ``z``).
     """
 

@@ -1,4 +1,4 @@
-"""Reproducing the research notebook's numbers (``../shared/seed``) with the package, side by side with the seed's.
+"""Reproducing the research notebook's numbers (the seed notebook the project started from) with the package, side by side with the seed's.
 
 Two parts, one command each (``sparsedecomp reproduce-seed heads|kissane``):
 
@@ -20,9 +20,10 @@ constants here only to be printed beside them.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .naming import head_name
 from .errors import InputError
 
 SEED_CE = {"clean": 3.699457883834839, "spliced": 3.7783544063568115, "zeroed": 3.8725802898406982}
@@ -69,6 +70,8 @@ class HeadsReproduction:
     head_ranks: Mapping[str, int]
     block_rank: int
     seed: Mapping[str, Any]
+    checkpoint_steps: Mapping[str, Any] = field(default_factory=dict)
+    """The checkpoint step each head's SAE was loaded from (legacy SAELens runs; ``None`` where not known)."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,7 @@ def reproduce_heads(model: Any, head_saes: Any, tokens: Any, *, head: int = SEED
                     "its activation normalisation), on one context"),
         mean_decoder_norm_training_units={s.name: s.norms_training_units.mean for s in norms.saes},
         head_ranks=head_ranks, block_rank=block,
+        checkpoint_steps={head_name(h): sae.provenance.get("step") for h, sae in head_saes.items()},
         seed={"head": SEED_HEAD, "cross_entropy_one_context": SEED_CE, "mean_decoder_norm_head_0": SEED_MEAN_DECODER_NORM,
               "head_rank": SEED_HEAD_RANK, "block_rank": SEED_BLOCK_RANK})
 

@@ -21,7 +21,7 @@ _VALUE = re.compile(r"^-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 @dataclass(frozen=True)
 class SolverSetting:
-    """``method`` with ``params`` (as given: the pipeline's defaults are added when the solver is built) in
+    """``method`` with ``params`` (as given: the decomposition driver's defaults are added when the solver is built) in
     ``space`` (``"z"``: concatenated z; ``"residual"``: after ``W_O``)."""
 
     method: str

@@ -10,7 +10,7 @@ build's (marked by ``demo_build.json``, which a build writes first): a rebuild r
 before, and nothing is deleted anywhere else. To refresh the artifacts shipped with the package, run from a source
 checkout::
 
-    python -m sparsedecomp.demo.build --out sparsedecomp/demo/artifacts --threads 2       # everything (~17 min)
+    python -m sparsedecomp.demo.build --out sparsedecomp/demo/artifacts --threads 2       # everything (about 19 min: build_report.json's total_time_s)
     python -m sparsedecomp.demo.build --out sparsedecomp/demo/artifacts --reevaluate      # the quality section only
 
 and commit the result (``build_report.json`` records the settings and the quality on held-out tokens).

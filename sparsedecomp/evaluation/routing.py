@@ -2,14 +2,14 @@
 
 The concat SAE reconstructs ``z_hat = sum_f a_f W_dec[f] + b_dec`` with ``a = encode(z)``. A decomposition writes
 each unit decoder row ``t_f = W_dec[f] / ||W_dec[f]||`` as a code ``C[f]`` on the unit per-head atoms ``d_i`` (the
-block dictionary ``head_saes.dictionary(normalize=True)``, see :mod:`sparsedecomp.pipeline`). Routing replaces
+block dictionary ``head_saes.dictionary(normalize=True)``, see :mod:`sparsedecomp.jobs.solve`). Routing replaces
 each decoder row by its decomposition::
 
     z_hat = sum_f a_f ||W_dec[f]|| sum_i C[f, i] d_i + b_dec = a @ W_routed + b_dec,
     W_routed[f] = ||W_dec[f]|| (C[f] @ atoms_z)                               (z-space decomposition)
 
 so splicing ``z_hat`` in asks how much of the concat SAE's loss recovery survives when its features are built from
-per-head features only. In the residual space the pipeline decomposes ``u_f = t_f @ W_O_cat / r_f`` (``r_f =
+per-head features only. In the residual space the decomposition driver decomposes ``u_f = t_f @ W_O_cat / r_f`` (``r_f =
 ||t_f @ W_O_cat||``) into the mixed atoms ``d_i @ W_O[h(i)]``; codes keep their meaning (``c @ mixed.atoms == (c @
 atoms_z) @ W_O_cat``), so ``W_routed[f] = ||W_dec[f]|| r_f (C[f] @ atoms_z)`` and ``W_routed[f] @ W_O_cat`` is
 exactly the residual-space reconstruction of ``W_dec[f] @ W_O_cat``: spliced into ``hook_z``, it writes that
