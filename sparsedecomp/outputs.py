@@ -37,6 +37,7 @@ from .jsonio import dumps_strict
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "sparsedecomp-run/1"
+LEGACY_SITE_FORMAT = "sparsedecomp-dashboards/1"  # read, never written
 LOCK_NAME = ".sparsedecomp.lock"
 _TMP_SUFFIX = ".sparsedecomp-tmp"
 
@@ -93,6 +94,11 @@ def read_manifest(out: Path) -> dict[str, Any] | None:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InputError(f"{path} is not a readable sparsedecomp manifest ({err}); remove it or use a new folder") from None
+    if (isinstance(manifest, dict) and manifest.get("format") == LEGACY_SITE_FORMAT
+            and isinstance(manifest.get("files"), dict)):
+        # A dashboards site written before the one writer (sizes only, no command): its files are a run's.
+        return {"format": MANIFEST_FORMAT, "command": None, "complete": bool(manifest.get("complete")),
+                "files": {name: {"bytes": size} for name, size in manifest["files"].items()}}
     if (not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT
             or not isinstance(manifest.get("files"), dict)):
         raise InputError(f"{path} is not a sparsedecomp run manifest (format {MANIFEST_FORMAT!r}); use a new folder")

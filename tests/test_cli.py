@@ -247,7 +247,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert report["tokens"]["n_contexts"] == 8 and report["tokens"]["kind"] == "demo"
     assert report["decompositions"]["pinv"]["consistent"] is True
     assert {"concat_sae", "routed_pinv", "all_head_saes", "mean_layer"} <= set(report["splice"])
-    assert json.loads((out / "evaluation" / "manifest.json").read_text())["command"] == "evaluate"
+    assert json.loads((out / "evaluation" / "manifest.json").read_text())["command"] == "demo"
     top = json.loads((out / "manifest.json").read_text())
     assert top["complete"] is True and set(top["parts"]) == {"evaluation"}
     assert '<a href="evaluation/report.html">' in html and "dashboards/index.html" not in html

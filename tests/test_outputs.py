@@ -199,3 +199,15 @@ def test_an_unwritable_output_folder_is_refused_before_any_work(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(InputError, match="is a file, not a folder"):
         RunWriter(tmp_path / "afile" / "sub", command="test")
+
+
+def test_a_site_written_before_the_one_writer_is_taken_over_and_its_stale_files_removed(tmp_path):
+    out = tmp_path / "site"
+    (out / "concat" / "f").mkdir(parents=True)
+    (out / "concat" / "f" / "0.html").write_text("old page")
+    (out / "manifest.json").write_text(json.dumps({"format": "sparsedecomp-dashboards/1", "complete": True,
+                                                   "files": {"concat/f/0.html": 8}}))
+    with RunWriter(out, command="dashboard") as w:
+        w.write_text("index.html", "new site")
+    assert _listing(out) == ["index.html", MANIFEST_NAME]
+    assert json.loads((out / MANIFEST_NAME).read_text())["format"] == "sparsedecomp-run/1"

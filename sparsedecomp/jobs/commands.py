@@ -242,10 +242,11 @@ def demo_job(options: DemoOptions, out: str | Path, *, log: Log = print):
 
     params = solver_params(options.method, options.params)
     out = check_output_folder(out, command="demo")
-    if options.evaluate:
-        check_output_folder(out / "evaluation", command="evaluate")
-    if options.dashboards:
-        check_output_folder(out / "dashboards", command="dashboard")
+    # Everything under the demo's folder is the demo's run (its parts are written as `demo` runs too), so a rerun
+    # rewrites them and another command's folder is refused.
+    for part, wanted in (("evaluation", options.evaluate), ("dashboards", options.dashboards)):
+        if wanted:
+            check_output_folder(out / part, command="demo")
     t0 = time.time()
     log("loading the demo world (model with its tokenizer, SAEs with their recorded training scales) ...")
     world = load_demo_world(options.artifacts)
@@ -279,7 +280,7 @@ def demo_job(options: DemoOptions, out: str | Path, *, log: Log = print):
             log(f"evaluating on {tokens.n_tokens:,} held-out tokens ({tokens.n_contexts} contexts) ...")
             evaluation = run_evaluation(world.model, tokens, world.head_saes, world.concat_sae,
                                         out_dir=out / "evaluation", context=context, log=log,
-                                        title="Demo: evaluation of per-head and concat SAEs",
+                                        title="Demo: evaluation of per-head and concat SAEs", command="demo",
                                         progress=options.progress, decomposer=decomposer)
             top.add_part("evaluation")
         site = None
@@ -290,6 +291,7 @@ def demo_job(options: DemoOptions, out: str | Path, *, log: Log = print):
             site = write_dashboards(world.model, tokens, world.head_saes, world.concat_sae, decompositions,
                                     out / "dashboards", progress=options.progress, tokenizer=world.tokenizer,
                                     analysis_href="../evaluation/report.html" if options.evaluate else None,
-                                    context={k: str(v) for k, v in context.items()}, neuronpedia=True, log=log)
+                                    context={k: str(v) for k, v in context.items()}, neuronpedia=True, log=log,
+                                    command="demo")
             top.add_part("dashboards")
     return run, evaluation, site, time.time() - t0

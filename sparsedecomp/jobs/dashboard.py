@@ -18,12 +18,12 @@ def write_dashboards(model, tokens, head_saes, concat, decompositions, out, *, p
                      tokenizer=None, analysis_href: str | None = None, context: dict | None = None,
                      neuronpedia: bool = True, exclude_bos: bool = True, ignore_tokens: Sequence[int] | None = None,
                      log: Callable[[str], None] = print, writer: RunWriter | None = None,
-                     parts: Sequence[str] = ()):
+                     parts: Sequence[str] = (), command: str = "dashboard"):
     """Gather the dashboard data in one pass and write the site into ``out`` (sparsedecomp.dashboards) through a
     :class:`~sparsedecomp.outputs.RunWriter` (``writer``, when the caller already holds the folder's). Tokens are
     shown through ``tokenizer`` (default: the model's; ``<id>`` without one); ``analysis_href`` (relative to ``out``)
     links the site's analysis page, and ``parts`` names sub-folders written by their own runs that the site's manifest
-    covers (an evaluation report). Position 0 (``exclude_bos``) and the ``ignore_tokens`` ids (default: the
+    covers (an evaluation report); ``command`` names the run in its manifest. Position 0 (``exclude_bos``) and the ``ignore_tokens`` ids (default: the
     tokenizer's special tokens, :func:`~sparsedecomp.loading.models.special_token_ids`) are left out of every statistic and example; the front page
     says which. Returns the :class:`~sparsedecomp.dashboards.site.DashboardSite`."""
     from functools import lru_cache
@@ -46,7 +46,7 @@ def write_dashboards(model, tokens, head_saes, concat, decompositions, out, *, p
     context = {**(context or {}), "left out of every statistic": ", ".join(left_out) or "nothing"}
     own = writer is None
     if own:
-        writer = RunWriter(out, command="dashboard", settings={"decompositions": sorted(decompositions)})
+        writer = RunWriter(out, command=command, settings={"decompositions": sorted(decompositions)})
     t0 = time.time()
     data = gather_dashboard_data(model, tokens, head_saes, concat, decompositions, progress=progress,
                                  exclude_bos=exclude_bos, ignore_tokens=ignore_tokens, log=log)
