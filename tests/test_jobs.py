@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-from sparsedecomp import Status
 from sparsedecomp.jobs import solve as solve_module
 from sparsedecomp.jobs.inputs import (SCALE_ESTIMATE_CONTEXTS, check_feature_selection, fold_input_scales,
                                       parse_feature_ranges, recorded_model_loading, resolve_tokens, TokenRequest)

@@ -191,7 +191,7 @@ def load_model_for(request: ModelRequest, head_saes: Any, *saes: Any) -> Any:
     the processing flags among their recorded ``model_from_pretrained_kwargs`` become its
     :class:`~sparsedecomp.loading.ProcessingFlags` (a local folder records its own; a difference is warned about), and
     the other recorded keyword arguments go to ``from_pretrained`` for a hub model."""
-    from ..loading import ProcessingFlags, check_model_matches, load_model
+    from ..loading import check_model_matches, load_model
     from ..loading.heads import check_model_shape
 
     flags, extra = recorded_model_loading(head_saes)
