@@ -257,11 +257,12 @@ class RunWriter:
         """Rename every file written since the last commit into place (the manifest says incomplete meanwhile)."""
         if not self._pending:
             return
+        # Listed (as incomplete) before the first rename: a kill between renames leaves a manifest that names every
+        # file either run may have left.
         self._write_manifest(complete=False, extra_files=self._previous)
         for name, tmp in list(self._pending.items()):
             os.replace(tmp, self.path(name))
             del self._pending[name]
-        self._write_manifest(complete=False, extra_files=self._previous)
 
     def _discard_pending(self) -> None:
         for tmp in self._pending.values():
