@@ -286,15 +286,14 @@ def resolve_tokens(request: TokenRequest, loaded: Any, head_saes: Any, *, read: 
 
 
 def check_token_content(tokens: Tensor, *, d_vocab: int, n_ctx: int, bos_token_id: int | None, source: str) -> None:
-    """Refuse ids outside the vocabulary, contexts longer than ``n_ctx``, and a set with nothing after BOS."""
-    if int(tokens.max()) >= d_vocab:
-        raise InputError(f"{source} holds token ids up to {int(tokens.max())} but the model's vocabulary has "
-                         f"{d_vocab} tokens: these tokens are not for this model")
-    if tokens.shape[1] > n_ctx:
-        raise InputError(f"{source} has contexts of {tokens.shape[1]} tokens but the model takes at most n_ctx={n_ctx}")
+    """Refuse ids outside the vocabulary and contexts longer than ``n_ctx`` (the activation stream's own
+    :func:`~sparsedecomp.activations.check_tokens`), and a set with nothing after BOS."""
+    from ..activations import check_tokens
+
+    check_tokens(tokens, d_vocab=d_vocab, n_ctx=n_ctx, name=source)
     if bos_token_id is not None and bool((tokens == bos_token_id).all()):
         raise InputError(f"{source} holds only BOS tokens (id {bos_token_id}): nothing to evaluate")
-    if bool((tokens == tokens[:, :1]).all()) and tokens.shape[0] * tokens.shape[1] > 1 and bos_token_id is None:
+    if bos_token_id is None and bool((tokens == tokens[:, :1]).all()):
         # Every position the same token: no statistic means anything.
         raise InputError(f"{source} holds one token id ({int(tokens[0, 0])}) at every position")
 
