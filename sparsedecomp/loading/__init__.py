@@ -20,7 +20,8 @@ from .kissane import DEFAULT_REPO_ID, load_kissane, read_kissane, save_kissane
 from .models import LoadedModel, ProcessingFlags, load_model, process_state_dict
 from .registry import LOADERS, detect_format, load_sae
 from .sae import CONCATENATED, NO_HEAD, SAE, InputScaleWarning
-from .saelens6 import from_saelens, load_saelens6, load_saelens_pretrained, save_saelens6
+from .releases import load_saelens_pretrained
+from .saelens6 import from_saelens, load_saelens6, save_saelens6
 from .saelens_legacy import (CheckpointChoiceWarning, choose_checkpoint, find_legacy_sae_dir, load_legacy_saelens,
                              save_legacy_saelens)
 from .scaling import (

@@ -124,7 +124,7 @@ def load_reference(
         return load_kissane(version=str(chosen), repo_id=ref.repo, revision=ref.revision, device=device)
     if version is not None:
         raise InputError(f"version= does not apply to a SAELens reference ({ref})")
-    from .saelens6 import load_saelens_pretrained
+    from .releases import load_saelens_pretrained
 
     return load_saelens_pretrained(ref.repo, ref.path, device=device)
 
