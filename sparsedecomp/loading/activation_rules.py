@@ -22,9 +22,9 @@ SAE's weights (an input scale, folded decoder norms, a device or dtype) returns 
 :meth:`feature_scaled` and :meth:`to`.
 
 Encoding only some features' columns (the streaming statistics and dashboards do, to bound memory) needs, for
-``topk``, a per-token context: the k-th largest pre-activation over *all* features (:meth:`context`). Then feature
-``i`` fires iff ``pre_i >= kth`` — the same set as ``torch.topk`` selects, except that ties at the k-th value
-(a measure-zero event for float inputs) all fire.
+``topk``, a per-token context from *all* features: a cut halfway between the k-th and (k+1)-th largest pre-activations
+(:meth:`TopK.context`). Then feature ``i`` fires iff ``pre_i >= cut`` — the set ``torch.topk`` selects, except when
+the k-th and (k+1)-th values are within rounding of each other (ties; a measure-zero event for float inputs).
 """
 
 from __future__ import annotations
@@ -174,18 +174,28 @@ class TopK(ActivationRule):
         return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
 
     def context(self, W_enc: Tensor, b_enc: Tensor, centred: Tensor) -> Tensor:
-        """``(n, 1)``: each row's k-th largest pre-activation over all features (ranked ``_RANK_ROWS`` rows at a
-        time, so memory stays ``O(_RANK_ROWS * d_sae)``)."""
-        parts = [torch.topk(torch.addmm(b_enc, rows, W_enc), k=self.k, dim=-1).values[:, -1:]
-                 for rows in centred.reshape(-1, centred.shape[-1]).split(_RANK_ROWS)]
+        """``(n, 1)``: each row's cut between its k-th and (k+1)-th largest pre-activations over all features,
+        ``(v_k + v_k+1) / 2`` (``-inf`` when ``k = d_sae``), ranked ``_RANK_ROWS`` rows at a time so memory stays
+        ``O(_RANK_ROWS * d_sae)``. A feature fires iff its pre-activation is ``>=`` the cut: the k-th feature itself
+        sits exactly on ``v_k``, and a column computed apart from the full product may differ from it by rounding,
+        so the cut lies halfway to the next value rather than on it."""
+        d_sae = W_enc.shape[1]
+
+        def cut(rows: Tensor) -> Tensor:
+            values = torch.topk(torch.addmm(b_enc, rows, W_enc), k=min(self.k + 1, d_sae), dim=-1).values
+            if self.k == d_sae:
+                return torch.full_like(values[:, :1], -torch.inf)
+            return (values[:, self.k - 1 : self.k] + values[:, self.k :]) / 2
+
+        parts = [cut(rows) for rows in centred.reshape(-1, centred.shape[-1]).split(_RANK_ROWS)]
         if not parts:
-            return centred.new_empty((0, 1))
+            return centred.new_empty((*centred.shape[:-1], 1))
         return torch.cat(parts).reshape(*centred.shape[:-1], 1)
 
     def apply_columns(self, pre: Tensor, features: slice | Tensor, centred: Tensor, context: Tensor | None) -> Tensor:
         if context is None:
-            raise InputError("a TopK rule needs each token's k-th largest pre-activation (SAE.encoding_context) to "
-                             "encode some of its features")
+            raise InputError("a TopK rule needs each token's cut between its k-th and (k+1)-th largest "
+                             "pre-activations (SAE.encoding_context) to encode some of its features")
         return torch.relu(pre) * (pre >= context).to(pre.dtype)
 
     def feature_scaled(self, n: Tensor) -> "TopK":

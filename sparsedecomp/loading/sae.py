@@ -210,7 +210,8 @@ class SAE:
 
     def encoding_context(self, centred: Tensor) -> Tensor | None:
         """What :meth:`encode_columns` needs from the token's other features: ``None`` except for a TopK SAE, whose
-        context is each row's k-th largest pre-activation over all features (one full encoder pass). Compute it once
+        context is each row's cut between its k-th and (k+1)-th largest pre-activations over all features (one full
+        encoder pass). Compute it once
         per batch and pass it to every :meth:`encode_columns` call on that batch."""
         return self.activation.context(self.W_enc, self.b_enc, centred) if self.activation.needs_context else None
 
@@ -232,7 +233,7 @@ class SAE:
         each token's features)."""
         column = features.reshape(-1, 1)
         pre = torch.einsum("ewd,ed->ew", centred, self.W_enc[:, column[:, 0]].T) + self.b_enc[column[:, 0]][:, None]
-        context = self.encoding_context(centred)  # (e, w, 1) for a TopK SAE: one k-th value per token
+        context = self.encoding_context(centred)  # (e, w, 1) for a TopK SAE: one cut per token
         return self.activation.apply_columns(pre, column, centred, None if context is None else context[..., 0])
 
     def decode(self, f: Tensor) -> Tensor:

@@ -247,3 +247,15 @@ def _standard_sae() -> SAE:
     return SAE(W_enc=torch.randn(D_IN, D_SAE, generator=g), b_enc=torch.zeros(D_SAE),
                W_dec=torch.randn(D_SAE, D_IN, generator=g), b_dec=torch.zeros(D_IN), apply_b_dec_to_input=True,
                hook_name=HOOK, layer=1, head="concatenated", model_name="gelu-2l")
+
+
+def test_formats_that_store_only_relu_saes_refuse_another_rule(tmp_path):
+    from dataclasses import replace
+
+    from sparsedecomp.loading import save_kissane, save_legacy_saelens
+
+    sae = replace(_standard_sae(), activation=TopK(K))
+    with pytest.raises(InputError, match=r"the Kissane format stores ReLU SAEs; this SAE is TopK \(k=7\)"):
+        save_kissane(sae, tmp_path, "v1")
+    with pytest.raises(InputError, match=r"legacy SAELens checkpoints store ReLU SAEs; this SAE is TopK"):
+        save_legacy_saelens(sae, tmp_path, "r", 100)
