@@ -211,8 +211,7 @@ class SAE:
     def encoding_context(self, centred: Tensor) -> Tensor | None:
         """What :meth:`encode_columns` needs from the token's other features: ``None`` except for a TopK SAE, whose
         context is each row's cut between its k-th and (k+1)-th largest pre-activations over all features (one full
-        encoder pass). Compute it once
-        per batch and pass it to every :meth:`encode_columns` call on that batch."""
+        encoder pass). Compute it once per batch and pass it to every :meth:`encode_columns` call on that batch."""
         return self.activation.context(self.W_enc, self.b_enc, centred) if self.activation.needs_context else None
 
     def encode_columns(self, centred: Tensor, features: slice | Tensor | None = None,
