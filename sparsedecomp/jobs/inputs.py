@@ -5,8 +5,9 @@ bad flag the same way); :func:`resolve_inputs` turns it into :class:`Inputs`:
 
 1. the concat SAE and the per-head SAEs, checked against each other (width, layer, hook, model);
 2. the model, loaded with the processing its SAEs were trained with (a local folder's recorded flags, the SAEs'
-   recorded ``model_from_pretrained_kwargs`` for a hub model), with its tokenizer (the folder's, or ``tokenizer``),
-   checked to be the SAEs' model and shape, on the device asked for;
+   recorded ``model_from_pretrained_kwargs`` for a hub model; a folder recording other flags than the SAEs is
+   refused), with its tokenizer (the folder's, or ``tokenizer``), checked to be the SAEs' model and shape (a folder
+   before its weights load), on the device asked for;
 3. the tokens: a file used as it is, or a dataset packed with the SAEs' recorded context size and BOS setting unless
    given; ids checked against the vocabulary, BOS against the tokenizer, a set of only BOS tokens refused;
 4. the per-head input scales (:func:`fold_input_scales`): the training scale when one is recorded, else re-estimated
@@ -189,8 +190,11 @@ def load_saes(request: SAERequest, log: Callable[[str], None] = print) -> tuple[
 def load_model_for(request: ModelRequest, head_saes: Any, *saes: Any) -> Any:
     """The model on ``request.device``, checked to be the SAEs' model (name and shape), loaded as the SAEs were trained:
     the processing flags among their recorded ``model_from_pretrained_kwargs`` become its
-    :class:`~sparsedecomp.loading.ProcessingFlags` (a local folder records its own; a difference is warned about), and
-    the other recorded keyword arguments go to ``from_pretrained`` for a hub model."""
+    :class:`~sparsedecomp.loading.ProcessingFlags` (a local folder records its own: one that records others is refused,
+    :func:`check_folder_model`), and the other recorded keyword arguments go to ``from_pretrained`` for a hub model.
+    The SAEs' widths, heads and layer are checked against a local folder's ``config.json`` before its weights load,
+    and against the loaded model after (a hub model's configuration is not fetched apart: offline, the hub client's
+    retries would double the wait before the download fails)."""
     from ..loading import check_model_matches, load_model
     from ..loading.heads import check_model_shape
 
