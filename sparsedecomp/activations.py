@@ -7,8 +7,16 @@ once per batch, and yields an :class:`ActivationBatch` with
 
 * ``z``: ``blocks.{layer}.attn.hook_z``, ``(batch, pos, n_heads, d_head)``;
 * where asked (``include``): ``resid_pre`` (the residual stream entering the layer, so that an intervention reruns
-  only the layers from ``layer`` on), ``v`` (``attn.hook_v``, ``(batch, pos, n_heads, d_head)``) and ``pattern``
-  (``attn.hook_pattern``, ``(batch, n_heads, dest, src)``), the two DFA by source position needs.
+  only the layers from ``layer`` on), ``v`` (``attn.hook_v``, ``(batch, pos, n_key_value_heads, d_head)``) and
+  ``pattern`` (``attn.hook_pattern``, ``(batch, n_heads, dest, src)``), the two DFA by source position needs.
+
+Grouped-query attention (Gemma, Llama, ...: ``cfg.n_key_value_heads < cfg.n_heads``): ``hook_z`` and the pattern
+have one head per *query* head, but ``hook_v`` has only ``n_key_value_heads`` heads, each shared by a group of
+``g = n_heads // n_key_value_heads`` consecutive query heads. TransformerLens expands ``v`` with
+``torch.repeat_interleave(v, g, dim=2)`` before ``z = pattern @ v``, so query head ``h`` reads key/value head
+``h // g`` (:func:`kv_head_index`; :meth:`ActivationBatch.v_of_heads` gives each query head its ``v``). With
+``ungroup_grouped_query_attention`` set, or without grouped-query attention, ``hook_v`` has ``n_heads`` heads and
+``g = 1``.
 
 Batches are sized from a memory budget (:func:`contexts_per_batch`), so no more than one batch of activations is
 ever held. Statistics are :class:`Accumulator` objects with an ``update(batch)`` / ``compute()`` split (the
@@ -24,7 +32,7 @@ bookkeeping they share.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping, Protocol, runtime_checkable
+from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -46,7 +54,8 @@ class ActivationBatch:
         z: ``(batch, pos, n_heads, d_head)``.
         first_context: index of ``tokens[0]`` among all contexts of the stream (for top-k bookkeeping).
         layer: the hooked layer.
-        resid_pre, v, pattern: as in the module docstring, or ``None`` when not asked for.
+        resid_pre, v, pattern: as in the module docstring, or ``None`` when not asked for (``v`` has
+            ``n_key_value_heads`` heads: use :meth:`v_of_heads` for the ``v`` each query head reads).
     """
 
     tokens: Tensor
@@ -72,6 +81,22 @@ class ActivationBatch:
     @property
     def d_head(self) -> int:
         return self.z.shape[3]
+
+    @property
+    def n_kv_heads(self) -> int | None:
+        """The key/value heads of ``v`` (``n_heads`` without grouped-query attention); ``None`` without ``v``."""
+        return None if self.v is None else self.v.shape[2]
+
+    def v_of_heads(self, heads: Sequence[int] | None = None) -> Tensor:
+        """``(batch, pos, len(heads), d_head)``: the ``v`` each query head of ``heads`` (default: all) reads, key/value
+        head ``h // (n_heads // n_kv_heads)`` for query head ``h`` (:func:`kv_head_index`). A view of ``v`` when the
+        heads read consecutive distinct key/value heads (no grouped-query attention), else a gathered copy."""
+        self.require("v")
+        heads = list(range(self.n_heads)) if heads is None else [int(h) for h in heads]
+        kv = kv_head_index(self.n_heads, self.n_kv_heads, heads)
+        if kv and kv == list(range(kv[0], kv[0] + len(kv))):
+            return self.v[:, :, kv[0]:kv[0] + len(kv)]
+        return self.v[:, :, torch.tensor(kv, device=self.v.device)]
 
     def z_concatenated(self) -> Tensor:
         """``(batch * pos, n_heads * d_head)``: every position's ``z``, heads side by side (head-major), the input of
@@ -132,6 +157,24 @@ class Accumulator(Protocol):
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
+def kv_head_index(n_heads: int, n_kv_heads: int | None, heads: Iterable[int] | None = None) -> list[int]:
+    """The key/value head each query head of ``heads`` (default: all ``n_heads``) reads: ``h // g`` with group size
+    ``g = n_heads // n_kv_heads`` (TransformerLens's ``repeat_interleave`` of ``v`` and ``k``, see the module
+    docstring); ``n_kv_heads`` ``None`` (a config without grouped-query attention) means ``n_heads``. Raises
+    :class:`~sparsedecomp.errors.InputError` when ``n_kv_heads`` does not divide ``n_heads`` or a head is out of
+    range."""
+    n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+    if n_kv_heads < 1 or n_heads % n_kv_heads:
+        raise InputError(f"{n_heads} query heads cannot share {n_kv_heads} key/value heads evenly: v is not this "
+                         "layer's (grouped-query attention needs n_heads to be a multiple of n_key_value_heads)")
+    group = n_heads // n_kv_heads
+    heads = list(range(n_heads)) if heads is None else list(heads)
+    bad = [h for h in heads if not 0 <= h < n_heads]
+    if bad:
+        raise InputError(f"heads {bad} do not exist: the layer has {n_heads} query heads")
+    return [h // group for h in heads]
+
+
 def hooked_transformer(model: Any) -> Any:
     """The ``HookedTransformer`` behind ``model`` (itself, or a :class:`~sparsedecomp.loading.LoadedModel`'s)."""
     hooked = getattr(model, "model", model)
@@ -178,13 +221,17 @@ def check_layer(model: Any, layer: Any) -> int:
 def bytes_per_context(cfg: Any, context_size: int, include: Iterable[str] = (), *, with_logits: bool = True) -> int:
     """A conservative estimate of the memory one context of ``context_size`` takes in a batch (float32): the
     activations kept, the forward pass's largest intermediates (attention scores and pattern, MLP hidden) and,
-    ``with_logits``, the logits and their log-softmax of an intervention rerun."""
+    ``with_logits``, the logits and their log-softmax of an intervention rerun. ``v`` kept is
+    ``n_key_value_heads * d_head`` wide (fewer heads than ``z`` under grouped-query attention); the forward pass's
+    own expanded ``k`` and ``v`` are query-head wide, which the ``2 * d_z`` working term covers."""
     pos, heads = context_size, cfg.n_heads
     d_z = heads * cfg.d_head
+    ungrouped = getattr(cfg, "ungroup_grouped_query_attention", False)  # hook_v then holds the expanded v
+    d_v = (heads if ungrouped else getattr(cfg, "n_key_value_heads", None) or heads) * cfg.d_head
     d_mlp = cfg.d_mlp or 4 * cfg.d_model
     floats = pos * (4 * cfg.d_model + 2 * d_mlp + 3 * heads * pos + 2 * d_z)
     include = set(include)
-    floats += pos * cfg.d_model * ("resid_pre" in include) + pos * d_z * ("v" in include)
+    floats += pos * cfg.d_model * ("resid_pre" in include) + pos * d_v * ("v" in include)
     floats += heads * pos * pos * ("pattern" in include)
     if with_logits:
         # clean logits and probabilities, a variant's logits and one temporary of the KL: four vocabulary-wide rows

@@ -25,9 +25,13 @@ REPLAYED = ("v", "pattern")
 
 
 def cache_bytes(cfg: Any, n_contexts: int, context_size: int) -> int:
-    """Bytes of ``z``, ``v`` (``context_size x n_heads x d_head`` each) and the pattern (``n_heads x
-    context_size^2``) of ``n_contexts`` contexts in float32."""
-    per_context = 2 * context_size * cfg.n_heads * cfg.d_head + cfg.n_heads * context_size * context_size
+    """Bytes of ``z`` (``context_size x n_heads x d_head``), ``v`` (``context_size x n_key_value_heads x d_head``:
+    fewer heads under grouped-query attention, unless TransformerLens is set to ungroup them) and the pattern
+    (``n_heads x context_size^2``) of ``n_contexts`` contexts in float32."""
+    ungrouped = getattr(cfg, "ungroup_grouped_query_attention", False)
+    n_kv_heads = cfg.n_heads if ungrouped else getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    per_context = (context_size * (cfg.n_heads + n_kv_heads) * cfg.d_head
+                   + cfg.n_heads * context_size * context_size)
     return 4 * n_contexts * per_context
 
 
@@ -86,7 +90,8 @@ class KeepBatches:
             rows = f"contexts of batch {i}"
             tensors.update({f"batch.{i}.tokens": (rows, "pos", torch.long),
                             f"batch.{i}.z": (rows, "pos", "n_heads", "d_head"),
-                            f"batch.{i}.v": (rows, "pos", "n_heads", "d_head"),
+                            # v has the key/value heads: fewer than z's under grouped-query attention
+                            f"batch.{i}.v": (rows, "pos", "n_kv_heads", "d_head"),
                             f"batch.{i}.pattern": (rows, "n_heads", "pos", "pos"),
                             f"batch.{i}.resid_pre": (rows, "pos", None)})
         optional = [name for name in tensors if name.rsplit(".", 1)[1] in EXTRAS]

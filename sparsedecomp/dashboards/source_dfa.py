@@ -1,12 +1,15 @@
 """Direct feature attribution by source position, split by head, for the examples a dashboard shows.
 
-With ``v`` ``(src, n_heads, d_head)`` (``attn.hook_v``, bias included) and the pattern ``A`` ``(n_heads, dest,
-src)``, ``z[dest, h] = sum_src A[h, dest, src] v[src, h]``, and a feature's pre-activation is linear in ``z``:
+With ``v`` ``(src, n_key_value_heads, d_head)`` (``attn.hook_v``, bias included) and the pattern ``A`` ``(n_heads,
+dest, src)``, ``z[dest, h] = sum_src A[h, dest, src] v[src, kv(h)]``, and a feature's pre-activation is linear in
+``z``:
 
-    pre_f(dest) = sum_h sum_src A[h, dest, src] * (v[src, h] . W_enc[B_h, f])  -  a * b_dec . W_enc[:, f]  +  b_enc[f]
+    pre_f(dest) = sum_h sum_src A[h, dest, src] * (v[src, kv(h)] . W_enc[B_h, f])  -  a * b_dec . W_enc[:, f]  +  b_enc[f]
 
 (``B_h`` the columns of head ``h``: all heads for a concatenated-``z`` SAE, the one head for a per-head SAE, whose
-``W_enc`` rows are exactly ``B_h``). :func:`dfa_by_source` returns the double sum's terms ``dfa[example, src, h]``
+``W_enc`` rows are exactly ``B_h``; ``kv(h) = h // (n_heads // n_key_value_heads)`` the key/value head query head
+``h`` reads under grouped-query attention, ``h`` itself without it: see :mod:`sparsedecomp.activations`). Query
+heads that share a key/value head share ``v`` but not the pattern nor ``W_enc``'s rows, so their terms differ. :func:`dfa_by_source` returns the double sum's terms ``dfa[example, src, h]``
 and the two bias terms apart (:func:`~sparsedecomp.evaluation.attribution.dfa_bias`), for the given examples only:
 it runs the model on just their contexts (each distinct context once), in batches, and gathers one destination row
 of the pattern per example. Call it per batch of features (pages are written in batches) to bound its output,
@@ -143,7 +146,8 @@ def _fill_batch(plan: dict, batch: Any, row: Tensor, examples: Tensor) -> None:
     sae, n_heads = plan["sae"], len(plan["heads"])
     # The SAE's heads are all of them or one: a slice, a view rather than a copy of the pattern
     head_slice = slice(plan["heads"][0], plan["heads"][-1] + 1)
-    v_all = batch.v.to(device=sae.device, dtype=sae.dtype)[:, :, head_slice].permute(0, 2, 1, 3)  # (c, heads, src, d)
+    # Each query head's own v: under grouped-query attention hook_v has fewer heads, and head h reads kv head h // g
+    v_all = batch.v_of_heads(plan["heads"]).to(device=sae.device, dtype=sae.dtype).permute(0, 2, 1, 3)  # (c, h, s, d)
     z_all = batch.z.to(device=sae.device, dtype=sae.dtype)[:, :, head_slice]  # (c, dest, heads, d)
     pattern_all = batch.pattern.to(device=sae.device, dtype=sae.dtype)[:, head_slice]  # (c, heads, dest, src)
     sources = plan["sources"][examples]  # (e, W), clamped into the context

@@ -5,8 +5,9 @@ bad flag the same way); :func:`resolve_inputs` turns it into :class:`Inputs`:
 
 1. the concat SAE and the per-head SAEs, checked against each other (width, layer, hook, model);
 2. the model, loaded with the processing its SAEs were trained with (a local folder's recorded flags, the SAEs'
-   recorded ``model_from_pretrained_kwargs`` for a hub model), with its tokenizer (the folder's, or ``tokenizer``),
-   checked to be the SAEs' model and shape, on the device asked for;
+   recorded ``model_from_pretrained_kwargs`` for a hub model; a folder recording other flags than the SAEs is
+   refused), with its tokenizer (the folder's, or ``tokenizer``), checked to be the SAEs' model and shape (a folder
+   before its weights load), on the device asked for;
 3. the tokens: a file used as it is, or a dataset packed with the SAEs' recorded context size and BOS setting unless
    given; ids checked against the vocabulary, BOS against the tokenizer, a set of only BOS tokens refused;
 4. the per-head input scales (:func:`fold_input_scales`): the training scale when one is recorded, else re-estimated
@@ -189,19 +190,51 @@ def load_saes(request: SAERequest, log: Callable[[str], None] = print) -> tuple[
 def load_model_for(request: ModelRequest, head_saes: Any, *saes: Any) -> Any:
     """The model on ``request.device``, checked to be the SAEs' model (name and shape), loaded as the SAEs were trained:
     the processing flags among their recorded ``model_from_pretrained_kwargs`` become its
-    :class:`~sparsedecomp.loading.ProcessingFlags` (a local folder records its own; a difference is warned about), and
-    the other recorded keyword arguments go to ``from_pretrained`` for a hub model."""
+    :class:`~sparsedecomp.loading.ProcessingFlags` (a local folder records its own: one that records others is refused,
+    :func:`check_folder_model`), and the other recorded keyword arguments go to ``from_pretrained`` for a hub model.
+    The SAEs' widths, heads and layer are checked against a local folder's ``config.json`` before its weights load,
+    and against the loaded model after (a hub model's configuration is not fetched apart: offline, the hub client's
+    retries would double the wait before the download fails)."""
     from ..loading import check_model_matches, load_model
     from ..loading.heads import check_model_shape
 
     flags, extra = recorded_model_loading(head_saes)
     if Path(request.name).is_dir():
         extra = {}  # a local folder holds its own configuration
+        check_folder_model(Path(request.name), flags, head_saes, *saes)  # before its weights load
     loaded = load_model(request.name, flags=flags, device=resolve_device(request.device), tokenizer=request.tokenizer,
                         **extra)
     check_model_matches(loaded.name, *saes, head_saes)
-    check_model_shape(loaded.model, head_saes)
+    check_model_shape(loaded.model, head_saes, *saes)
     return loaded
+
+
+def check_folder_model(folder: Path, flags: Any, head_saes: Any, *saes: Any) -> None:
+    """Refuse, before its weights load, a local model folder that cannot be the SAEs' model:
+
+    * its recorded ``processing_flags`` differ from those of the SAEs' recorded ``model_from_pretrained_kwargs``
+      (``flags``; ``None`` when the SAEs record none, and then the folder's apply). Processing changes ``hook_z``
+      (``fold_value_biases`` shifts each head's ``z`` by a constant, ``fold_ln`` / centring change the inputs of
+      ``W_V``), and the two records then disagree on which ``hook_z`` the SAEs read: the run would silently hold one
+      of them wrong. The error names each differing flag;
+    * its configuration (``config.json``) lacks the SAEs' layer or heads, or has other widths
+      (:func:`~sparsedecomp.loading.heads.check_model_shape`)."""
+    from ..loading.heads import check_model_shape
+    from ..loading.models import differing_flags, folder_config, recorded_folder_flags
+
+    recorded = recorded_folder_flags(folder)
+    if flags is not None and recorded is not None:
+        differ = differing_flags(recorded, flags)
+        if differ:
+            shown = ", ".join(f"{name}={mine} in the folder but {theirs} for the SAEs"
+                              for name, (mine, theirs) in differ.items())
+            raise InputError(f"--model {folder} records other processing than the SAEs were trained with ({shown}; the "
+                             "SAEs' from their model_from_pretrained_kwargs): their hook_z differ. Give a model folder "
+                             "recording the SAEs' processing_flags (its weights are stored unprocessed, so only "
+                             "config.json's processing_flags change)")
+    config = folder_config(folder)
+    if config is not None:
+        check_model_shape(config, head_saes, *saes)
 
 
 def recorded_model_loading(head_saes: Any) -> tuple[Any, dict[str, Any]]:

@@ -22,6 +22,7 @@ from .registry import LOADERS, detect_format, load_sae
 from .sae import CONCATENATED, NO_HEAD, SAE, InputScaleWarning
 from .releases import load_saelens_pretrained
 from .saelens6 import from_saelens, load_saelens6, save_saelens6
+from .standin_models import STANDIN_BOS_TOKEN_ID, standin_config, write_standin_model, write_standin_tokenizer
 from .saelens_legacy import (CheckpointChoiceWarning, choose_checkpoint, find_legacy_sae_dir, load_legacy_saelens,
                              save_legacy_saelens)
 from .scaling import (
@@ -53,6 +54,7 @@ __all__ = [
     "NO_HEAD",
     "ProcessingFlags",
     "SAE",
+    "STANDIN_BOS_TOKEN_ID",
     "UnsupportedCheckpointError",
     "check_compatible",
     "check_model_matches",
@@ -77,5 +79,8 @@ __all__ = [
     "save_kissane",
     "save_legacy_saelens",
     "save_saelens6",
+    "standin_config",
     "warn_if_input_scale_missing",
+    "write_standin_model",
+    "write_standin_tokenizer",
 ]

@@ -11,7 +11,7 @@ import torch
 
 from .errors import HookUnknownError
 from .files import as_path, canonical_hook
-from .sae import SAE, InputScaleWarning, warn_input_scale
+from .sae import CONCATENATED, SAE, InputScaleWarning, warn_input_scale
 from ..errors import InputError, InputTypeError
 
 
@@ -289,21 +289,39 @@ def check_model_matches(model_name: str, *saes: SAE | HeadSAEs) -> None:
                          "and hook_z would not be the SAEs'; give the SAEs' model")
 
 
-def check_model_shape(model: Any, head_saes: "HeadSAEs") -> None:
-    """Raise :class:`~sparsedecomp.errors.InputError` unless ``model`` (a HookedTransformer or a LoadedModel) has the
-    layer the SAEs read, at least their heads and their head width: a model under the right name can still be
-    another size, and it would fail much later, with a message about something else."""
+def check_model_shape(model: Any, head_saes: "HeadSAEs", *saes: SAE) -> None:
+    """Raise :class:`~sparsedecomp.errors.InputError` unless ``model`` has the layer the SAEs read, exactly their
+    heads and their widths: a model under the right name can still be another size, and it would fail much later,
+    with a message about something else.
+
+    ``model`` is a HookedTransformer, a LoadedModel or a ``HookedTransformerConfig`` (to check before loading the
+    weights). The widths are those of ``hook_z``: ``d_head`` for a per-head SAE, ``n_heads * d_head`` (query heads)
+    for a concatenated SAE among ``saes``. Under grouped-query attention ``hook_v`` and ``hook_k`` are only
+    ``n_key_value_heads * d_head`` wide; an SAE of that width is named as one that reads them, not ``hook_z``."""
     hooked = getattr(model, "model", model)
-    cfg = hooked.cfg
+    cfg = getattr(hooked, "cfg", hooked)
+    n_heads, d_head = cfg.n_heads, cfg.d_head
+    n_kv_heads = getattr(cfg, "n_key_value_heads", None) or n_heads
     layer = head_saes.layer
     if layer is not None and not layer < cfg.n_layers:
         raise InputError(f"the SAEs read layer {layer} but the model has {cfg.n_layers} layers")
-    if cfg.d_head != head_saes.d_head:
-        raise InputError(f"the model's heads have d_head={cfg.d_head} but the SAEs read heads of width {head_saes.d_head}")
-    beyond = [h for h in head_saes.heads if h >= cfg.n_heads]
-    if beyond or len(head_saes.heads) != cfg.n_heads:
-        raise InputError(f"the model has {cfg.n_heads} heads per layer; the per-head SAEs are for heads "
+    if d_head != head_saes.d_head:
+        raise InputError(f"the model's heads have d_head={d_head} but the SAEs read heads of width {head_saes.d_head}")
+    beyond = [h for h in head_saes.heads if h >= n_heads]
+    if beyond:
+        raise InputError(f"the per-head SAEs read heads {beyond}, which do not exist: the model has {n_heads} heads per "
+                         f"layer (0..{n_heads - 1})")
+    if len(head_saes.heads) != n_heads:
+        raise InputError(f"the model has {n_heads} heads per layer; the per-head SAEs are for heads "
                          f"{list(head_saes.heads)}: give one SAE for each of the model's heads")
+    for sae in saes:
+        if sae.head == CONCATENATED and sae.d_in != n_heads * d_head:
+            hint = (f" ({n_kv_heads} key/value heads * d_head: the width of hook_v / hook_k under grouped-query "
+                    "attention, not of hook_z)" if n_kv_heads != n_heads and sae.d_in == n_kv_heads * d_head else "")
+            raise InputError(f"the concat SAE ({sae.provenance.get('source', '?')}) reads d_in={sae.d_in}{hint} but the "
+                             f"model's hook_z is n_heads * d_head = {n_heads} * {d_head} = {n_heads * d_head} wide")
+        if sae.layer is not None and not sae.layer < cfg.n_layers:
+            raise InputError(f"the SAE {sae.describe()} reads layer {sae.layer} but the model has {cfg.n_layers} layers")
 
 
 def _same_model(a: str, b: str) -> bool:

@@ -223,14 +223,7 @@ def _load_model_folder(
             f"with the HookedTransformerConfig keyword arguments (and optional 'processing_flags') and "
             f"{MODEL_WEIGHTS_NAME} with the unprocessed HookedTransformer state dict"
         )
-    recorded = meta.get("processing_flags")
-    if recorded is not None:
-        if not isinstance(recorded, dict):
-            raise CheckpointError(f"{config_path}: processing_flags must be an object, got {recorded!r}")
-        try:
-            recorded = ProcessingFlags(**recorded)
-        except (TypeError, ValueError) as err:
-            raise CheckpointError(f"{config_path}: processing_flags: {err}") from err
+    recorded = _recorded_flags(meta, config_path)
     if flags is None:
         flags = recorded if recorded is not None else ProcessingFlags()
     elif recorded is not None and flags != recorded:
@@ -284,6 +277,49 @@ def _load_model_folder(
     loaded = process_state_dict(model, state, flags, name=name)
     return LoadedModel(model=loaded.model, flags=flags, name=name, source=str(folder),
                        tokenizer_source=tokenizer_source)
+
+
+def _recorded_flags(meta: Mapping[str, Any], config_path: Path) -> ProcessingFlags | None:
+    """The ``processing_flags`` a model folder's ``config.json`` records (``None`` when it records none)."""
+    recorded = meta.get("processing_flags")
+    if recorded is None:
+        return None
+    if not isinstance(recorded, dict):
+        raise CheckpointError(f"{config_path}: processing_flags must be an object, got {recorded!r}")
+    try:
+        return ProcessingFlags(**recorded)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{config_path}: processing_flags: {err}") from err
+
+
+def recorded_folder_flags(folder: str | Path) -> ProcessingFlags | None:
+    """The processing flags a local model folder records in its ``config.json`` (``None`` when it records none),
+    read without loading the model."""
+    config_path = Path(folder) / MODEL_CONFIG_NAME
+    return _recorded_flags(read_json(config_path, "model config"), config_path)
+
+
+def differing_flags(mine: ProcessingFlags, theirs: ProcessingFlags) -> dict[str, tuple[bool, bool]]:
+    """``{flag: (mine, theirs)}`` for every processing flag on which the two differ (``{}`` when they agree)."""
+    a, b = mine.as_kwargs(), theirs.as_kwargs()
+    return {name: (a[name], b[name]) for name in a if a[name] != b[name]}
+
+
+def folder_config(folder: str | Path) -> Any | None:
+    """The ``HookedTransformerConfig`` a local model folder's ``config.json`` describes, without loading its weights
+    (to check SAEs against the model before any work); ``None`` when it holds no ``hooked_transformer_config``
+    (:func:`load_model` names that problem). An invalid configuration raises :class:`CheckpointError`."""
+    from transformer_lens import HookedTransformerConfig
+
+    config_path = Path(folder) / MODEL_CONFIG_NAME
+    kwargs = read_json(config_path, "model config").get("hooked_transformer_config")
+    if not isinstance(kwargs, dict):
+        return None
+    try:
+        return HookedTransformerConfig(**{**kwargs, "device": "cpu"})
+    except (TypeError, ValueError, AssertionError) as err:
+        raise CheckpointError(f"{config_path}: hooked_transformer_config is not a valid HookedTransformerConfig: "
+                              f"{err}") from err
 
 
 def process_state_dict(
