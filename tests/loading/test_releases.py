@@ -213,3 +213,45 @@ def test_gemma_scope_2_residual_standin_is_a_resid_post_sae_for_saelens(tmp_path
     s = write_gemma_scope_2_270m_res(hf_cache, tmp_path / "res")
     lens, cfg = _lens(s)
     assert cfg["hook_name"] == "blocks.12.hook_resid_post" and lens.cfg.d_in == 640
+
+
+# -- docs/releases.md ------------------------------------------------------------------------------------------------
+def _doc_commands():
+    """Every ``sparsedecomp ...`` command of docs/releases.md's bash blocks, with the block's variables expanded
+    (``$(printf ... $(seq 0 N))`` as bash would)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "releases.md").read_text(encoding="utf-8")
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        env: dict[str, str] = {}
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].strip()
+            heads = re.match(r"^(\w+)=\$\(printf '([^']*)%d ' \$\(seq 0 (\d+)\)\)$", line)
+            plain = re.match(r"^(\w+)=(\S+)$", line)
+            if heads:
+                env[heads.group(1)] = " ".join(heads.group(2) + f"{h}" for h in range(int(heads.group(3)) + 1))
+            elif plain:
+                env[plain.group(1)] = plain.group(2)
+            elif line.startswith("sparsedecomp "):
+                for name, value in sorted(env.items(), key=lambda kv: -len(kv[0])):
+                    line = line.replace("$" + name, value)
+                commands.append(shlex.split(line)[1:])
+    return commands
+
+
+def test_the_worked_examples_are_commands_the_cli_accepts():
+    from sparsedecomp.cli import build_parser
+
+    commands = _doc_commands()
+    assert [c[0] for c in commands] == ["decompose", "evaluate", "dashboard"] * 3
+    parser = build_parser()
+    expected = {"gpt2-small": (12, "gpt2-small-hook-z-kk"), "gemma-2-2b": (8, "gemma-scope-2b-pt-att"),
+                "google/gemma-3-270m": (4, "gemma-scope-2-270m-pt-att")}
+    for args in commands:
+        ns = parser.parse_args(args)
+        n_heads, release = expected[ns.model]
+        assert len(ns.head_saes) == n_heads and parse_reference(ns.concat_sae).repo == release
+        assert all(s.endswith(f"hook_z.h{h}") for h, s in enumerate(ns.head_saes))
