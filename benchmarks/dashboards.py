@@ -72,6 +72,7 @@ def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, A
     from sparsedecomp.dashboards.gather import (CONCAT_NAME, DashboardData, GatheredSAE, head_name,
                                                 shown_examples, source_dfa_windows, window_activations)
     from sparsedecomp.dashboards.site import write_site
+    from sparsedecomp.outputs import RunWriter
     from sparsedecomp.dashboards.weights import correlated_features, feature_logits
     from sparsedecomp.dashboards.windows import example_windows
     from sparsedecomp.evaluation.attribution import DFAAccumulator, dfa_bias, head_attribution
@@ -156,8 +157,11 @@ def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, A
 
     data = stages.run("histograms + assembly", assemble, scale="features")
     with tempfile.TemporaryDirectory(prefix="dashboards-bench-") as out:
-        site = stages.run("write_site (real templates, Neuronpedia export)", lambda: write_site(
-            data, out, token_str=lambda i: f"<{i}>", model_id="bench"), scale="features")
+        def write() -> Any:
+            with RunWriter(out, command="dashboard") as writer:  # the writer the dashboard command uses
+                return write_site(data, writer, token_str=lambda i: f"<{i}>", model_id="bench")
+
+        site = stages.run("write_site (real templates, Neuronpedia export)", write, scale="features")
         pages = sum(site.n_pages.values())
         page_bytes = sum(p.stat().st_size for p in Path(out).glob("*/f/*.html"))
         total_bytes = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())

@@ -249,12 +249,13 @@ class FeatureDataAccumulator:
         self._context_size = batch.context_size
         x = self.sae_input(batch)
         centred = self.sae.centred(x)
+        context = self.sae.encoding_context(centred)
         keep = self.counted(batch.tokens.to(self.sae.device))
         self._n_counted += int(keep.sum())
         self._n_seen += keep.numel()
         first_token = batch.first_context * batch.context_size
         for chunk in feature_chunks(self.sae.d_sae, x.shape[0], self.chunk_elements):
-            acts = self.sae.encode_columns(centred, chunk)
+            acts = self.sae.encode_columns(centred, chunk, context)
             acts = acts.masked_fill_(~keep[:, None], 0.0)
             # Codes fire on a few entries in a thousand: both trackers take the non-zero entries, not the matrix.
             row, column, values = nonzero_entries(acts)

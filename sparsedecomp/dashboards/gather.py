@@ -225,10 +225,7 @@ def window_activations(model: Any, tokens: Tensor, saes: Mapping[str, tuple[SAE,
             for part in here.split(step):
                 x = z[(row[part] - lo)[:, None], positions[part].clamp(0, batch.context_size - 1)]
                 x = x.to(device=sae.device, dtype=sae.dtype)
-                features = feature[part].to(sae.device)
-                w_f = sae.W_enc[:, features].T  # (e, d_in): each example's own feature column
-                pre = torch.einsum("ewd,ed->ew", sae.centred(x), w_f) + sae.b_enc[features][:, None]
-                acts = sae.activate(pre, features[:, None])
+                acts = sae.encode_examples(sae.centred(x), feature[part].to(sae.device))
                 target[example[part]] = torch.where(valid[part], acts.cpu(), torch.zeros(()))
     return out
 

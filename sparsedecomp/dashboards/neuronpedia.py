@@ -52,9 +52,11 @@ def neuronpedia_batch(data: DashboardData, name: str, records: list[dict[str, An
             "activations": activations,
             "vector": vectors[f],
             "sd_head_attribution": attribution,
+            "sd_firing_rule": rec["firing_rule"],
         })
     return {"model_id": model_id, "layer": data.layer, "sae_set": "sparsedecomp",
-            "sae_id_suffix": name if name != CONCAT_NAME else "concat", "features": features}
+            "sae_id_suffix": name if name != CONCAT_NAME else "concat",
+            "sd_activation_rule": g.sae.activation.summary(), "features": features}
 
 
 def _activation(example: dict[str, Any], lo: float, hi: float, contains: int) -> dict[str, Any]:

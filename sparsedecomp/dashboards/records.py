@@ -178,6 +178,8 @@ def sae_records(data: DashboardData, name: str, token_str: Callable[[int], str],
             "sae": name, "feature": f, "title": f"{name.replace('_', ' ')} feature {f}",
             "density": r(density[i]), "n_firing": n_firing[i], "n_tokens": d.n_tokens,
             "max_activation": r(max_act[i]), "mean_firing_activation": r(mean_act[i]),
+            # the DFA splits the pre-activation, which is linear in z; the rule says when it becomes an activation
+            "firing_rule": g.sae.activation.describe_feature(f),
             "density_histogram": density_figure,
             # training units: the norm before an input scale was folded in (the same when none was)
             "decoder_norm": {"sae_units": r(norms[i]), "training_units": r(norms[i] * (scale or 1.0))},

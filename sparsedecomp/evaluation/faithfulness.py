@@ -246,11 +246,12 @@ class FaithfulnessAccumulator:
         sae = self.sae
         x = z.reshape(z.shape[0], -1).to(device=sae.device, dtype=sae.dtype)
         centred = sae.centred(x)
+        context = sae.encoding_context(centred)
         g_t = self._head_contributions(z.to(sae.device))
         if self._sums is None:
             self._sums = torch.zeros(7, sae.d_sae, dtype=torch.float64, device=sae.device)
         for chunk in feature_chunks(sae.d_sae, x.shape[0], self.chunk_elements):
-            y = sae.encode_columns(centred, chunk) * self.decoder_norm[chunk]
+            y = sae.encode_columns(centred, chunk, context) * self.decoder_norm[chunk]
             p = torch.sparse.mm(self._code_rows(chunk), g_t).T  # (n_tokens, m)
             yd, pd = y.double(), p.double()
             self._sums[:, chunk] += torch.stack([

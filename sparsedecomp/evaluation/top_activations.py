@@ -450,8 +450,9 @@ class SAETopActivations:
     def update(self, batch: ActivationBatch) -> None:
         x = self.sae_input(batch)
         centred = self.sae.centred(x)
+        context = self.sae.encoding_context(centred)
         for chunk in feature_chunks(self.sae.d_sae, x.shape[0], self.chunk_elements):
-            acts = self.sae.encode_columns(centred, chunk)
+            acts = self.sae.encode_columns(centred, chunk, context)
             hook = None if self.payload is None else (lambda f, t: self.payload(x, f, t))
             self.tracker.update_entries(*nonzero_entries(acts), n_tokens=acts.shape[0],
                                         first_context=batch.first_context, context_size=batch.context_size,

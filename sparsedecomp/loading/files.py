@@ -111,36 +111,73 @@ def check_sae_tensors(
     """Check a standard SAE's weights: keys, shapes ``W_enc (d_in, d_sae)``, ``b_enc (d_sae,)``,
     ``W_dec (d_sae, d_in)``, ``b_dec (d_in,)``, floating dtypes that agree with each other and with ``dtype``
     (the dtype the config declares, if any), and finite values."""
+    layout = {key: (tuple(value.shape), value.dtype) for key, value in tensors.items()}
     expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
-    allowed = {**expected, **(optional or {})}
-    missing = [k for k in expected if k not in tensors]
-    if missing:
-        raise CheckpointError(f"{path} is missing the keys {missing} (it holds {sorted(tensors)})")
-    unexpected = sorted(k for k in tensors if k not in allowed)
-    if unexpected:
-        raise CheckpointError(
-            f"{path} holds unexpected keys {unexpected}: not a standard ReLU SAE (another architecture?)"
-        )
-    for key, shape in allowed.items():
-        if key not in tensors:
-            continue
-        value = tensors[key]
-        if tuple(value.shape) != shape:
-            raise CheckpointError(
-                f"{path}: {key} has shape {tuple(value.shape)}, expected {shape} (config: d_in={d_in}, d_sae={d_sae})"
-            )
-        if value.dtype not in FLOAT_DTYPES:
-            raise CheckpointError(f"{path}: {key} has dtype {value.dtype}, expected a floating-point dtype")
-    first = tensors["W_enc"].dtype
-    for key in expected:
-        if tensors[key].dtype != first:
-            raise CheckpointError(f"{path}: {key} is {tensors[key].dtype} but W_enc is {first}")
-    if dtype is not None and first != dtype:
-        raise CheckpointError(f"{path}: weights are {first} but the config declares {dtype}")
-    for key in allowed:
-        if key in tensors and not bool(torch.isfinite(tensors[key]).all()):
+    check_sae_layout(layout, path, expected=expected, optional=optional, dtype=dtype,
+                     sizes=f"d_in={d_in}, d_sae={d_sae}")
+    for key in layout:
+        if not bool(torch.isfinite(tensors[key]).all()):
             raise CheckpointError(f"{path}: {key} contains NaN or Inf entries")
     warn_if_encoder_zero(tensors["W_enc"], tensors["b_enc"], path)
+
+
+def check_sae_layout(
+    layout: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    path: Path | str,
+    *,
+    expected: Mapping[str, tuple[int, ...]],
+    optional: Mapping[str, tuple[int, ...]] | None = None,
+    dtype: torch.dtype | None,
+    sizes: str,
+    architecture: str = "standard ReLU",
+) -> None:
+    """Check the keys, shapes and dtypes of a weights file (``layout``: key -> (shape, dtype), e.g. from
+    :func:`read_safetensors_layout`, which reads only the header): the ``expected`` keys present with their shapes,
+    no key outside ``expected`` and ``optional``, floating dtypes that agree with each other and with ``dtype`` (the
+    config's). ``sizes`` names the config's sizes in messages."""
+    allowed = {**expected, **(optional or {})}
+    missing = [k for k in expected if k not in layout]
+    if missing:
+        raise CheckpointError(f"{path} is missing the keys {missing} (it holds {sorted(layout)})")
+    unexpected = sorted(k for k in layout if k not in allowed)
+    if unexpected:
+        raise CheckpointError(
+            f"{path} holds unexpected keys {unexpected}: not a {architecture} SAE (another architecture?)"
+        )
+    for key, shape in allowed.items():
+        if key not in layout:
+            continue
+        got, got_dtype = layout[key]
+        if got != shape:
+            raise CheckpointError(f"{path}: {key} has shape {got}, expected {shape} (config: {sizes})")
+        if got_dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{path}: {key} has dtype {got_dtype}, expected a floating-point dtype")
+    first_key = next(iter(expected))
+    first = layout[first_key][1]
+    for key in expected:
+        if layout[key][1] != first:
+            raise CheckpointError(f"{path}: {key} is {layout[key][1]} but {first_key} is {first}")
+    if dtype is not None and first != dtype:
+        raise CheckpointError(f"{path}: weights are {first} but the config declares {dtype}")
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors_layout(path: str | Path, what: str = "weights") -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """``key -> (shape, dtype)`` of a ``.safetensors`` file from its header alone (no tensor data is read)."""
+    from safetensors import safe_open
+
+    path = require_file(path, what)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            slices = {key: handle.get_slice(key) for key in handle.keys()}
+            return {key: (tuple(part.get_shape()), _SAFETENSORS_DTYPES.get(part.get_dtype(), part.get_dtype()))
+                    for key, part in slices.items()}
+    except Exception as err:  # safetensors raises its own SafetensorError / OSError on a short or foreign file
+        raise CheckpointError(f"{what} {path} is not a readable safetensors file: {err}") from err
 
 
 def warn_if_encoder_zero(W_enc: Tensor, b_enc: Tensor, where: Any) -> bool:

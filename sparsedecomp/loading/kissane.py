@@ -210,6 +210,9 @@ def save_kissane(
     """
     if not isinstance(sae, SAE):
         raise InputTypeError(f"sae must be a sparsedecomp SAE, got {type(sae).__name__}")
+    if sae.activation.kind != "relu":
+        raise InputError(f"the Kissane format stores ReLU SAEs; this SAE is {sae.activation.describe()}: write it "
+                         "with save_saelens6")
     names = {v: k for k, v in ENC_DTYPES.items()}
     if sae.dtype not in names:
         raise InputError(f"the Kissane format stores fp32/fp16/bf16 weights; cast the {sae.dtype} SAE with .to(dtype=...)")

@@ -1,8 +1,9 @@
-"""A format-independent ReLU SAE: weights, what it reads, where it came from and what was done to it.
+"""A format-independent SAE: weights, its firing rule, what it reads, where it came from and what was done to it.
 
 Every loader returns this one object, so downstream code never depends on a checkpoint format. The maths:
 
-    encode(x) = relu((x - a * b_dec) @ W_enc + b_enc)        a = apply_b_dec_to_input (0 or 1)
+    pre(x)    = (x - a * b_dec) @ W_enc + b_enc               a = apply_b_dec_to_input (0 or 1); linear in x
+    encode(x) = rule(pre(x))                                  ReLU, JumpReLU, TopK or gated (activation_rules.py)
     decode(f) = f @ W_dec + b_dec                             rows of W_dec are features
 
 Transformations return a new SAE and append a human-readable line to ``transformations``, so a result can
@@ -20,6 +21,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
+from .activation_rules import ActivationRule, ReLU
 from .errors import HookUnknownError
 from ..validation import FLOAT_DTYPES, check_device, check_positive, check_tensor, first_indices
 from ..errors import InputError, InputTypeError
@@ -44,7 +46,7 @@ _INPUT_SCALE_FIX = (
 
 @dataclass(frozen=True, eq=False)
 class SAE:
-    """A standard (ReLU) sparse autoencoder on one hook.
+    """A sparse autoencoder on one hook, with an explicit firing rule (standard ReLU by default).
 
     Attributes:
         W_enc: ``(d_in, d_sae)`` encoder.
@@ -62,6 +64,8 @@ class SAE:
         provenance: format, source path / repository, the checkpoint's own config and loader notes.
         transformations: every change applied since the checkpoint was read, in order.
         log_sparsity: optional ``(d_sae,)`` log10 firing frequency saved next to the weights.
+        activation: the firing rule (:mod:`~sparsedecomp.loading.activation_rules`): ``ReLU()`` (default),
+            ``JumpReLU(threshold)``, ``TopK(k)`` or ``Gated(W_gate, b_gate, r_mag)``.
     """
 
     W_enc: Tensor
@@ -76,6 +80,7 @@ class SAE:
     provenance: dict[str, Any] = field(default_factory=dict)
     transformations: tuple[str, ...] = ()
     log_sparsity: Tensor | None = None
+    activation: ActivationRule = field(default_factory=ReLU)
 
     def __post_init__(self) -> None:
         check_tensor(self.W_enc, "W_enc", ndim=2)
@@ -99,6 +104,10 @@ class SAE:
             if not isinstance(self.log_sparsity, Tensor) or tuple(self.log_sparsity.shape) != (d_sae,):
                 shape = getattr(self.log_sparsity, "shape", type(self.log_sparsity).__name__)
                 raise InputError(f"log_sparsity must be a ({d_sae},) tensor, got {shape}")
+        if not isinstance(self.activation, ActivationRule):
+            raise InputTypeError(f"activation must be an ActivationRule (ReLU(), JumpReLU(threshold), TopK(k), "
+                                 f"Gated(...)), got {type(self.activation).__name__}")
+        self.activation.check(d_in, d_sae, self.W_enc.dtype, self.W_enc.device)
         if not isinstance(self.apply_b_dec_to_input, bool):
             raise InputTypeError(f"apply_b_dec_to_input must be a bool, got {type(self.apply_b_dec_to_input).__name__}")
         if self.hook_name is not None and (not isinstance(self.hook_name, str) or not self.hook_name):
@@ -152,9 +161,10 @@ class SAE:
     def describe(self) -> str:
         """One line naming the SAE: model, hook, head, sizes and source."""
         source = self.provenance.get("source", "?")
+        rule = "" if self.activation.kind == "relu" else f" {self.activation.kind}"
         return (
             f"{self.model_name or '<model unknown>'} {self.hook_name or '<hook unknown>'} head={self.head} "
-            f"d_in={self.d_in} d_sae={self.d_sae} ({self.provenance.get('format', '?')}: {source})"
+            f"d_in={self.d_in} d_sae={self.d_sae}{rule} ({self.provenance.get('format', '?')}: {source})"
         )
 
     def require_hook(self, purpose: str) -> tuple[str, int]:
@@ -178,30 +188,52 @@ class SAE:
         return x.to(device=self.device, dtype=self.dtype)
 
     def encode(self, x: Tensor) -> Tensor:
-        """Feature activations ``relu((x - a*b_dec) @ W_enc + b_enc)`` for ``x`` of shape ``(..., d_in)``.
+        """Feature activations ``rule((x - a*b_dec) @ W_enc + b_enc)`` for ``x`` of shape ``(..., d_in)``.
 
         Warns (:class:`InputScaleWarning`, once per SAE) while :attr:`needs_input_scale`."""
         warn_input_scale((self,))
         x = self._check_input(x, "x", self.d_in)
-        return self.activate(self.centred(x) @ self.W_enc + self.b_enc)
+        centred = self.centred(x)
+        return self.activation.apply(centred @ self.W_enc + self.b_enc, centred)
+
+    def pre_activation(self, x: Tensor) -> Tensor:
+        """``(x - a*b_dec) @ W_enc + b_enc``: linear in ``x``, what direct feature attribution splits exactly. The
+        activation is :attr:`activation` applied to it."""
+        x = self._check_input(x, "x", self.d_in)
+        return self.centred(x) @ self.W_enc + self.b_enc
 
     # The encoder in pieces, for the streaming statistics and dashboards (their hot paths check each batch once, so
-    # these check nothing): every place that encodes goes through them, so the activation rule lives here only.
+    # these check nothing): every place that encodes goes through them, so the firing rule is applied here only.
     def centred(self, x: Tensor) -> Tensor:
         """``x - a * b_dec`` (``a`` = :attr:`apply_b_dec_to_input`): what the encoder multiplies."""
         return x - self.b_dec if self.apply_b_dec_to_input else x
 
-    def activate(self, pre: Tensor, features: Tensor | slice | None = None) -> Tensor:
-        """The activation rule applied to pre-activations ``pre`` (``(..., n)``, of the ``features`` columns, all by
-        default): ``relu(pre)`` for the standard SAEs this package loads."""
-        return torch.relu(pre)
+    def encoding_context(self, centred: Tensor) -> Tensor | None:
+        """What :meth:`encode_columns` needs from the token's other features: ``None`` except for a TopK SAE, whose
+        context is each row's cut between its k-th and (k+1)-th largest pre-activations over all features (one full
+        encoder pass). Compute it once per batch and pass it to every :meth:`encode_columns` call on that batch."""
+        return self.activation.context(self.W_enc, self.b_enc, centred) if self.activation.needs_context else None
 
-    def encode_columns(self, centred: Tensor, features: slice | Tensor | None = None) -> Tensor:
+    def encode_columns(self, centred: Tensor, features: slice | Tensor | None = None,
+                       context: Tensor | None = None) -> Tensor:
         """Activations ``(n, m)`` of the ``features`` columns (all by default) for centred inputs ``(n, d_in)``
-        (:meth:`centred`, on the SAE's device and dtype): one fused ``addmm``, then :meth:`activate`."""
+        (:meth:`centred`, on the SAE's device and dtype): one fused ``addmm``, then the firing rule. ``context`` is
+        :meth:`encoding_context` of the same rows (computed here when a TopK SAE is not given it)."""
         if features is None:
-            return self.activate(torch.addmm(self.b_enc, centred, self.W_enc))
-        return self.activate(torch.addmm(self.b_enc[features], centred, self.W_enc[:, features]), features)
+            return self.activation.apply(torch.addmm(self.b_enc, centred, self.W_enc), centred)
+        if context is None and self.activation.needs_context:
+            context = self.encoding_context(centred)
+        pre = torch.addmm(self.b_enc[features], centred, self.W_enc[:, features])
+        return self.activation.apply_columns(pre, features, centred, context)
+
+    def encode_examples(self, centred: Tensor, features: Tensor) -> Tensor:
+        """``(e, w)``: example ``j``'s own feature ``features[j]`` at each of its ``w`` tokens, for centred inputs
+        ``(e, w, d_in)``; only that feature's encoder column is applied (plus, for a TopK SAE, one full pass to rank
+        each token's features)."""
+        column = features.reshape(-1, 1)
+        pre = torch.einsum("ewd,ed->ew", centred, self.W_enc[:, column[:, 0]].T) + self.b_enc[column[:, 0]][:, None]
+        context = self.encoding_context(centred)  # (e, w, 1) for a TopK SAE: one cut per token
+        return self.activation.apply_columns(pre, column, centred, None if context is None else context[..., 0])
 
     def decode(self, f: Tensor) -> Tensor:
         """Reconstruction ``f @ W_dec + b_dec`` for activations ``f`` of shape ``(..., d_sae)``.
@@ -237,6 +269,7 @@ class SAE:
             W_enc=self.W_enc * s,
             W_dec=self.W_dec / s,
             b_dec=self.b_dec / s,
+            activation=self.activation.scaled(s),
             provenance={"input_scale": s * float(self.provenance.get("input_scale", 1.0)), "needs_input_scale": False},
         )
 
@@ -244,8 +277,9 @@ class SAE:
         """Unit-norm decoder rows with the norms moved into the encoder.
 
         With ``n_i = ||W_dec[i]||``: ``W_dec[i] <- W_dec[i] / n_i``, ``W_enc[:, i] <- n_i W_enc[:, i]``,
-        ``b_enc[i] <- n_i b_enc[i]``; activations become ``n_i f_i`` (ReLU is positively homogeneous) and the
-        reconstruction is unchanged.
+        ``b_enc[i] <- n_i b_enc[i]``; activations become ``n_i f_i`` (ReLU is positively homogeneous; a JumpReLU
+        threshold scales by ``n_i`` too, a gate keeps its sign) and the reconstruction is unchanged. Refused for a
+        TopK SAE with unequal norms: scaling would change which ``k`` features fire.
         """
         norms = self.W_dec.norm(dim=1)
         if bool((norms == 0).any()):
@@ -262,6 +296,7 @@ class SAE:
             W_dec=self.W_dec / norms[:, None],
             W_enc=self.W_enc * norms[None, :],
             b_enc=self.b_enc * norms,
+            activation=self.activation.feature_scaled(norms),
         )
 
     def with_hook(
@@ -302,6 +337,7 @@ class SAE:
         }
         if self.log_sparsity is not None:
             moved["log_sparsity"] = self.log_sparsity.to(device=device)
+        moved["activation"] = self.activation.to(device, dtype)
         if dtype is not None and dtype != self.dtype:
             return self._derive(f"cast {self.dtype} -> {dtype}", **moved)
         return replace(self, **moved)

@@ -347,6 +347,9 @@ def save_legacy_saelens(
 
     if not isinstance(sae, SAE):
         raise InputTypeError(f"sae must be a sparsedecomp SAE, got {type(sae).__name__}")
+    if sae.activation.kind != "relu":
+        raise InputError(f"legacy SAELens checkpoints store ReLU SAEs; this SAE is {sae.activation.describe()}: "
+                         "write it with save_saelens6")
     if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 0:
         raise InputError(f"n_tokens must be a non-negative int, got {n_tokens!r}")
     if not isinstance(wandb_id, str) or not wandb_id or "/" in wandb_id:

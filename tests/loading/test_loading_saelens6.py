@@ -80,17 +80,6 @@ def test_expected_average_only_in_needs_an_input_scale(tmp_path, make_sae):
     assert load_saelens6(tmp_path / "n").needs_input_scale
 
 
-@pytest.mark.parametrize("architecture", ["topk", "jumprelu", "gated"])
-def test_other_architectures_are_refused(tmp_path, make_sae, architecture):
-    save_saelens6(make_sae(), tmp_path / "a")
-    cfg_path = tmp_path / "a" / "cfg.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["architecture"] = architecture
-    cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedCheckpointError, match=rf"cfg\.json: architecture '{architecture}' is not supported"):
-        load_sae(tmp_path / "a")
-
-
 @pytest.mark.parametrize(
     "edit, error, message",
     [

@@ -331,6 +331,7 @@
       ["decoder norm (SAE units)", [fmt(norm.sae_units)]],
       ["decoder norm (training units: before the input scale was folded in)", [fmt(norm.training_units)]]
     ];
+    if (rec.firing_rule) rows.push(["firing rule", [rec.firing_rule]]);
     target.appendChild(el("table", {"class": "sd-table kv"}, [el("tbody", {}, rows.map(function (r) {
       return el("tr", {}, [el("th", {"class": "l"}, [r[0]]), el("td", {"class": "l"}, r[1])]);
     }))]));
@@ -396,7 +397,7 @@
       el("p", {"class": "muted bias"}, [
         "bias terms, apart: encoder " + fmt(bias.encoder) + ", decoder bias through the encoder " +
         fmt(bias.decoder) + "; heads (window and earlier sources) " + fmt(total) + " + biases = pre-activation " +
-        fmt(pre)])
+        fmt(pre) + (rec.firing_rule ? "; the feature " + rec.firing_rule : "")])
     ]);
   }
 
