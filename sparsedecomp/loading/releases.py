@@ -25,8 +25,8 @@ with HTTP range requests, which fail offline even when the file is cached. While
 reads the header of the cached file when the hub cache holds it (the same bytes), and asks the hub otherwise.
 
 Refusals. SAEs the package cannot represent are refused by name, before their weights are fetched where SAELens's
-config says what they are (:data:`UNREPRESENTABLE`): transcoders and skip transcoders (they read one hook and write
-another), temporal SAEs, matching-pursuit SAEs and AbsTopK SAEs. An SAE on another hook (``hook_resid_post``,
+config says what they are (``saelens6.UNREPRESENTABLE``): transcoders and skip transcoders (they read one hook and
+write another), temporal SAEs, matching-pursuit SAEs and AbsTopK SAEs. An SAE on another hook (``hook_resid_post``,
 ``hook_attn_out``, ...) loads -- it is a valid SAE -- and is refused where a concatenated-``z`` SAE is required
 (:func:`sparsedecomp.loading.check_compatible`).
 """
@@ -45,7 +45,7 @@ from .errors import CheckpointError, CheckpointNotFoundError, UnsupportedCheckpo
 from .files import DTYPE_NAMES
 from .models import ProcessingFlags
 from .sae import SAE
-from .saelens6 import from_saelens
+from .saelens6 import SUPPORTED_ARCHITECTURES, UNREPRESENTABLE, from_saelens
 from ..errors import InputError
 
 # Releases whose files are Kissane-style (.pt + _cfg.json) checkpoints: read them with our safe loader.
@@ -68,16 +68,6 @@ RELEASE_MODEL_PROCESSING: dict[str, tuple[ProcessingFlags, str]] = {
 """Per SAELens conversion function: the TransformerLens processing the release's SAEs were trained with, and why
 (used only where SAELens records no ``model_from_pretrained_kwargs``)."""
 
-UNREPRESENTABLE: dict[str, str] = {
-    "transcoder": "a transcoder (it reads one hook and writes another)",
-    "skip_transcoder": "a skip transcoder (it reads one hook and writes another, plus a linear skip path)",
-    "jumprelu_transcoder": "a JumpReLU transcoder (it reads one hook and writes another)",
-    "jumprelu_skip_transcoder": "a JumpReLU skip transcoder (it reads one hook and writes another, plus a skip path)",
-    "temporal": "a temporal SAE (its codes depend on earlier positions, not on one activation)",
-    "matching_pursuit": "a matching-pursuit SAE (its codes come from greedy pursuit, not from an encoder)",
-    "abstopk": "an AbsTopK SAE (it keeps the k largest |pre-activations| with their sign: negative codes)",
-}
-"""SAELens architectures the package cannot represent, with what each is (the refusal names it)."""
 
 # SAELens conversion functions that only ever produce transcoders: refused before anything is fetched.
 _TRANSCODER_CONVERSIONS = {
@@ -101,7 +91,7 @@ def load_saelens_pretrained(
     Releases stored as Kissane ``.pt`` + ``_cfg.json`` pairs (``gpt2-small-hook-z-kk``) are read with
     :func:`~sparsedecomp.loading.kissane.load_kissane` (``weights_only=True``) instead of SAELens's own loader.
     SAELens folds a known ``norm_scaling_factor`` for the release; an unknown one leaves ``needs_input_scale``.
-    ``model_from_pretrained_kwargs``: see the module docstring. Architectures in :data:`UNREPRESENTABLE` are
+    ``model_from_pretrained_kwargs``: see the module docstring. Architectures in ``saelens6.UNREPRESENTABLE`` are
     refused (:class:`UnsupportedCheckpointError`) naming what the SAE is.
     """
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
@@ -157,8 +147,8 @@ def load_saelens_pretrained(
 def _refuse(architecture: str, reference: str, said_by: str) -> None:
     what = UNREPRESENTABLE.get(architecture, f"a {architecture!r} SAE")
     raise UnsupportedCheckpointError(
-        f"{reference} is {what} (architecture {architecture!r}, per {said_by}): sparsedecomp represents SAEs whose "
-        "features are rows of W_dec in the space they read (standard, JumpReLU, TopK, gated)"
+        f"{reference} is {what} (architecture {architecture!r}, per {said_by}); this package represents "
+        f"{list(SUPPORTED_ARCHITECTURES)}"
     )
 
 

@@ -32,8 +32,9 @@ What is shrunk: ``d_sae`` of the Kissane stand-in (256 instead of 24,576; SAELen
 ``dict_size``, kept consistent with the tensors) and of the Gemma Scope 2 stand-ins (256 instead of 16,384: taken
 from the file; ``config.json``'s ``width`` says 256 too). Gemma Scope (1)'s d_sae cannot be shrunk -- SAELens takes it
 from the folder name -- so that stand-in has the real 16,384 features, but its matrices repeat each of 256 random
-features 64 times in neighbouring columns / rows (with a distinct ``b_enc`` and ``threshold`` per feature) and are written with ``np.savez_compressed`` (an ``.npz``
-all the same: ``np.load`` reads both) so that the file is small. d_in is always the real model's.
+features 64 times in neighbouring columns / rows (with a distinct ``b_enc`` and ``threshold`` per feature) and are
+written with ``np.savez_compressed`` (an ``.npz`` all the same: ``np.load`` reads both) so that the file is small
+(5.6 MB). d_in is always the real model's.
 """
 
 from __future__ import annotations

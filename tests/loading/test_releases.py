@@ -12,6 +12,7 @@ import torch
 from sparsedecomp.loading import (
     CONCATENATED,
     CheckpointNotFoundError,
+    HubReference,
     ProcessingFlags,
     UnsupportedCheckpointError,
     load_sae,
@@ -19,10 +20,10 @@ from sparsedecomp.loading import (
 )
 from sparsedecomp.loading.releases import (
     RELEASE_MODEL_PROCESSING,
-    UNREPRESENTABLE,
     cached_safetensors_shapes,
     read_safetensors_shapes,
 )
+from sparsedecomp.loading.saelens6 import UNREPRESENTABLE
 
 from tests.loading.release_standins import (
     GS2_RELEASE,
@@ -72,18 +73,6 @@ def test_kissane_standin_is_read_by_saelens_connor_rob_hook_z(tmp_path, hf_cache
         torch.testing.assert_close(getattr(lens, name).detach(), value, rtol=0, atol=0)
 
 
-def test_gemma_scope_standin_is_read_by_saelens_gemma_2(tmp_path, hf_cache):
-    s = write_gemma_scope_2b_att(hf_cache, tmp_path / "gs")
-    assert s.files == ("layer_5/width_16k/average_l0_30/params.npz",)
-    lens, cfg = _lens(s)
-    assert type(lens).__name__ == "JumpReLUSAE" and cfg["architecture"] == "jumprelu"
-    assert (lens.cfg.d_in, lens.cfg.d_sae) == (2048, 16384) == (s.d_in, s.d_sae)
-    assert cfg["hook_name"] == "blocks.5.attn.hook_z" and cfg["model_name"] == "gemma-2-2b"
-    assert cfg["apply_b_dec_to_input"] is False and "model_from_pretrained_kwargs" not in cfg
-    for name, value in s.weights.items():
-        torch.testing.assert_close(getattr(lens, name).detach(), value, rtol=0, atol=0)
-
-
 def test_gemma_scope_2_standin_is_read_by_saelens_gemma_3_offline(tmp_path, hf_cache):
     s = write_gemma_scope_2_270m_att(hf_cache, tmp_path / "gs2")
     assert s.files == tuple(f"attn_out/layer_12_width_16k_l0_small/{n}" for n in ("config.json", "params.safetensors"))
@@ -117,7 +106,8 @@ def test_kissane_release_loads_by_reference_with_default_processing(tmp_path, hf
     s = write_kissane_gpt2(hf_cache, tmp_path / "kk", layer=5)
     sae = load_sae(s.reference)
     assert parse_reference(s.reference).repo == KK_RELEASE
-    assert (sae.hook_name, sae.layer, sae.head, sae.model_name) == ("blocks.5.attn.hook_z", 5, CONCATENATED, "gpt2-small")
+    assert (sae.hook_name, sae.layer, sae.head) == ("blocks.5.attn.hook_z", 5, CONCATENATED)
+    assert sae.model_name == "gpt2-small"
     assert (sae.d_in, sae.d_sae) == (768, 256)
     assert sae.provenance["format"] == "kissane" and sae.provenance["source"] == s.reference
     # Kissane et al. loaded gpt2-small with TransformerLens's default processing
@@ -205,7 +195,8 @@ def test_architectures_the_package_cannot_represent_are_refused_by_name(tmp_path
 
 
 def test_gemma_scope_references_parse_to_their_releases():
-    assert parse_reference(f"saelens://{GS_RELEASE}/layer_5/width_16k/average_l0_30").path == "layer_5/width_16k/average_l0_30"
+    sae_id = "layer_5/width_16k/average_l0_30"
+    assert parse_reference(f"saelens://{GS_RELEASE}/{sae_id}") == HubReference("saelens", GS_RELEASE, sae_id)
     assert parse_reference(f"saelens://{GS2_RELEASE}/layer_12_width_16k_l0_small").repo == GS2_RELEASE
 
 
@@ -255,3 +246,62 @@ def test_the_worked_examples_are_commands_the_cli_accepts():
         n_heads, release = expected[ns.model]
         assert len(ns.head_saes) == n_heads and parse_reference(ns.concat_sae).repo == release
         assert all(s.endswith(f"hook_z.h{h}") for h, s in enumerate(ns.head_saes))
+
+
+# -- Gemma Scope (JumpReLU) through load_sae -------------------------------------------------------------------------
+def _check_release_sae(sae, s, conversion):
+    assert (sae.hook_name, sae.layer, sae.head, sae.model_name) == (s.hook_name, s.layer, CONCATENATED, s.model_name)
+    assert (sae.d_in, sae.d_sae) == (s.n_heads * s.d_head, s.d_sae)
+    assert sae.activation.kind == "jumprelu"
+    assert sae.provenance["source"] == s.reference and sae.provenance["conversion_func"] == conversion
+    # Gemma Scope was trained on the unprocessed model; SAELens records nothing, the release's facts decide
+    assert sae.model_from_pretrained_kwargs == UNPROCESSED
+    assert "from_pretrained_no_processing" in sae.provenance["model_processing_note"]
+    lens, cfg = _lens(s)
+    x = _inputs(s)
+    ours, theirs = sae.encode(x), _lens_encode(lens, s, x)
+    fired = theirs > 0
+    assert 0 < int(fired.sum()) < fired.numel()
+    # the threshold decides for some features: positive pre-activations below it stay at zero
+    pre = x @ s.weights["W_enc"] + s.weights["b_enc"]
+    assert bool(((pre > 0) & ~fired).any())
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs)
+    return lens, cfg
+
+
+def test_gemma_scope_release_loads_by_reference_through_saelens_gemma_2(tmp_path, hf_cache):
+    s = write_gemma_scope_2b_att(hf_cache, tmp_path / "gs", layer=5, l0=30)
+    assert s.reference == "saelens://gemma-scope-2b-pt-att/layer_5/width_16k/average_l0_30"
+    assert s.files == ("layer_5/width_16k/average_l0_30/params.npz",)
+    sae = load_sae(s.reference)
+    lens, cfg = _check_release_sae(sae, s, "gemma_2")
+    assert sae.apply_b_dec_to_input is False
+    # the stand-in is what SAELens's gemma_2 conversion reads: its own SAE holds the written weights
+    assert type(lens).__name__ == "JumpReLUSAE" and cfg["architecture"] == "jumprelu"
+    assert (lens.cfg.d_in, lens.cfg.d_sae) == (2048, 16384) == (s.d_in, s.d_sae)
+    assert cfg["hook_name"] == "blocks.5.attn.hook_z" and cfg["model_name"] == "gemma-2-2b"
+    assert cfg["apply_b_dec_to_input"] is False and "model_from_pretrained_kwargs" not in cfg
+    for name, value in s.weights.items():
+        torch.testing.assert_close(getattr(lens, name).detach(), value, rtol=0, atol=0)
+
+
+def test_gemma_scope_2_release_loads_by_reference_offline_through_saelens_gemma_3(tmp_path, hf_cache):
+    s = write_gemma_scope_2_270m_att(hf_cache, tmp_path / "gs2", layer=12, size="small")
+    assert s.reference == "saelens://gemma-scope-2-270m-pt-att/layer_12_width_16k_l0_small"
+    sae = load_sae(s.reference)
+    _check_release_sae(sae, s, "gemma_3")
+    assert sae.provenance["cfg"]["metadata"]["hf_hook_name"] == "model.layers.12.self_attn.o_proj.input"
+
+
+def test_a_resid_post_release_sae_loads_but_is_refused_where_concatenated_z_is_required(tmp_path, hf_cache, make_sae):
+    from sparsedecomp.errors import InputError
+    from sparsedecomp.loading import HeadSAEs, check_compatible
+
+    s = write_gemma_scope_2_270m_res(hf_cache, tmp_path / "res")
+    res = load_sae(s.reference)
+    assert (res.hook_name, res.head, res.d_in) == ("blocks.12.hook_resid_post", "none", 640)
+    heads = HeadSAEs([make_sae(d_in=256, d_sae=32, head=h, layer=12, model_name="google/gemma-3-270m", seed=h)
+                      for h in range(4)])
+    with pytest.raises(InputError, match=r"hook: the concat SAE reads blocks\.12\.hook_resid_post"):
+        check_compatible(res, heads)
