@@ -120,6 +120,13 @@ def test_kissane_release_loads_by_reference_with_default_processing(tmp_path, hf
     torch.testing.assert_close(ours, theirs)
     torch.testing.assert_close(sae.decode(ours), lens.decode(theirs).reshape(ours.shape[0], -1))
     assert load_sae(sae.provenance["source"]).d_sae == 256  # the recorded source loads again
+    # a concatenated-z release SAE is no per-head SAE: load_head_saes (the CLI's --head-saes) says so
+    from sparsedecomp.errors import InputError
+    from sparsedecomp.loading import load_head_saes
+
+    with pytest.raises(InputError, match=r"head 0 \(saelens://gpt2-small-hook-z-kk/blocks\.5\.hook_z\) holds an SAE "
+                                         r"for head 'concatenated'"):
+        load_head_saes({0: s.reference})
 
 
 def test_release_processing_is_recorded_only_for_releases_whose_facts_are_known():
@@ -305,3 +312,23 @@ def test_a_resid_post_release_sae_loads_but_is_refused_where_concatenated_z_is_r
                       for h in range(4)])
     with pytest.raises(InputError, match=r"hook: the concat SAE reads blocks\.12\.hook_resid_post"):
         check_compatible(res, heads)
+
+
+def test_decompose_takes_a_gemma_scope_2_release_reference_offline(tmp_path, hf_cache, make_sae):
+    """The CLI end to end in z: the release's concat SAE by reference, four per-head SAEs (one per query head of
+    gemma-3-270m, d_head 256) as local SAELens folders."""
+    from sparsedecomp.cli import main
+    from sparsedecomp.decomposition_report import read_report
+    from sparsedecomp.loading import save_saelens6
+
+    s = write_gemma_scope_2_270m_att(hf_cache, tmp_path / "gs2", d_sae=48)
+    heads = []
+    for h in range(4):
+        head = make_sae(d_in=256, d_sae=64, head=h, layer=12, model_name="google/gemma-3-270m", seed=40 + h)
+        heads.append(str(save_saelens6(head, tmp_path / "heads" / f"blocks.12.attn.hook_z.h{h}")))
+    out = tmp_path / "out"
+    assert main(["decompose", "--concat-sae", s.reference, "--head-saes", *heads, "--head-index-map", "0,1,2,3",
+                 "--out", str(out), "--no-progress"]) == 0
+    report = read_report(out / "summary.json")
+    assert (report.n_concat_features, report.n_heads, report.d_head) == (48, 4, 256)
+    assert report.dictionary_sizes and report.spaces == ("z",)
