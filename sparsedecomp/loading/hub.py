@@ -13,6 +13,10 @@ Two schemes (the ``source`` strings that ``load_sae`` and ``load_head_saes`` tak
   SAE_ID)``), e.g. ``saelens://gpt2-small-hook-z-kk/blocks.4.hook_z``. ``SAE_ID`` may contain ``/``. A hub repo
   that is not in SAELens's release directory is named by its id: ``saelens://OWNER/REPO/SAE_ID`` (the first path
   segment is taken as the release when the directory knows it, else the first two form the repo id).
+  The attention releases (``docs/releases.md``): ``saelens://gpt2-small-hook-z-kk/blocks.5.hook_z``,
+  ``saelens://gemma-scope-2b-pt-att/layer_5/width_16k/average_l0_30``,
+  ``saelens://gemma-scope-2-270m-pt-att/layer_12_width_16k_l0_small``; how each loads, what model processing it
+  records and what is refused: :mod:`sparsedecomp.loading.releases`.
 
 Files are fetched with ``huggingface_hub`` (its cache, ``HF_HUB_OFFLINE``, tokens and revisions apply); a
 loaded SAE's ``provenance["source"]`` is its reference, so ``load_sae(sae.provenance["source"])`` loads it again.
