@@ -4,9 +4,11 @@
     python -m benchmarks.dashboards --size gelu-2l              # 4 random contexts of 1,024 tokens, extrapolated
     python -m benchmarks.dashboards --size demo --contexts 256  # the demo world's held-out contexts of 128 tokens
     python -m benchmarks.dashboards --size gelu-2l --device cuda --contexts 64
+    python -m benchmarks.dashboards --size gemma-3-270m         # 2 random contexts of 1,024 tokens, extrapolated
 
-Worlds: :func:`benchmarks.evaluation.gelu_2l_world` (random gelu-2l weights, 16,384 + 8 x 2,048 features, encoder
-biases calibrated to ``--l0``) or :func:`benchmarks.evaluation.demo_world`. One decomposition (``nn_omp``,
+Worlds (:func:`benchmarks.evaluation.build_world`): ``gelu-2l`` (random gelu-2l weights, 16,384 + 8 x 2,048
+features, encoder biases calibrated to ``--l0``), ``demo`` (the demo world) or ``gemma-3-270m`` (random weights in
+gemma-3-270m's geometry, JumpReLU SAEs of 16,384 + 4 x 4,096 features, thresholds calibrated to ``--l0``). One decomposition (``nn_omp``,
 ``n_nonzero=16, tol=0.01``, through :func:`sparsedecomp.jobs.solve.decompose_settings`) feeds the attribution
 and the pages' decomposition links.
 
@@ -39,7 +41,7 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.evaluation import (_proc_status_kib, add_world_arguments, demo_world, gelu_2l_world, measure_call,
+from benchmarks.evaluation import (DEFAULT_CONTEXTS, _proc_status_kib, add_world_arguments, build_world, measure_call,
                                    resolve_device, write_result)
 from benchmarks.quality_speed import _PassOnly
 
@@ -83,8 +85,7 @@ def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, A
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     stages = Stages(args.device)
-    world = (gelu_2l_world(args.contexts, args.l0, args.seed, args.device) if args.size == "gelu-2l"
-             else demo_world(args.contexts, args.device))
+    world = build_world(args)
     model, layer, tokens = world.model, world.layer, world.tokens
     n_heads = model.cfg.n_heads
     saes = {CONCAT_NAME: (world.concat_sae, CONCATENATED)}
@@ -206,7 +207,7 @@ def header(args: argparse.Namespace, info: dict[str, Any], load: str) -> str:
         f"- device {args.device}; torch {torch.__version__}, {args.threads} threads; {os.cpu_count()} CPUs; "
         f"load average before/after {load} / {os.getloadavg()[0]:.2f}; {platform.platform()}; commit {commit}",
         f"- world resident before the stages: {info['world_rss_mib']:,.0f} MiB"
-        + (f"; random SAEs calibrated to L0 {args.l0:g}" if args.size == "gelu-2l" else "; the demo's trained SAEs"),
+        + ("; the demo's trained SAEs" if args.size == "demo" else f"; random SAEs calibrated to L0 {args.l0:g}"),
         "- one process, stages in gather_dashboard_data's order; peak RSS = the stage's VmHWM (earlier results alive)",
         "",
     ]) + "\n"
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.device = resolve_device(args.device)
     if args.contexts is None:
-        args.contexts = 4 if args.size == "gelu-2l" else 256
+        args.contexts = DEFAULT_CONTEXTS[args.size]
     load = f"{os.getloadavg()[0]:.2f}"
     print(f"size {args.size}, {args.contexts} contexts, device {args.device}, {args.threads} threads", flush=True)
     rows, info = measure(args)

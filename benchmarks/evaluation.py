@@ -4,6 +4,7 @@ and its peak memory, at gelu-2l size or on the shipped demo world.
     python -m benchmarks.evaluation --size gelu-2l              # 4 random contexts of 1,024 tokens, extrapolated
     python -m benchmarks.evaluation --size demo --contexts 256  # the demo world's held-out contexts of 128 tokens
     python -m benchmarks.evaluation --size gelu-2l --device cuda --contexts 64
+    python -m benchmarks.evaluation --size gemma-3-270m         # 2 random contexts of 1,024 tokens, extrapolated
 
 Worlds:
 
@@ -14,6 +15,13 @@ Worlds:
   features per token out of sample, as trained SAEs have (about 2-4x ``--l0``, since ``z`` varies between contexts;
   the realised L0 on the measured tokens is in the header). Tokens: random ids, BOS first.
 * ``demo``: :func:`sparsedecomp.demo.load_demo_world` and ``demo_tokens(--contexts)`` (trained model and SAEs).
+* ``gemma-3-270m``: TransformerLens's own configuration of gemma-3-270m (all 18 layers, the 262,144-token vocabulary,
+  grouped-query attention with 4 query heads of 256 and one key/value head, local and global layers, QK norms,
+  soft-capped logits) with random weights (:func:`sparsedecomp.loading.standin_config`), hooked at layer 12 (the
+  layer of the ``gemma-scope-2-270m-pt-att`` example); a 16,384-feature JumpReLU concat SAE on the 1,024-dim ``z``
+  and 4 per-head JumpReLU SAEs of 4,096 features on ``d_head`` 256, each threshold set per feature (encoder bias 0)
+  so that the feature fires on ``--l0 / d_sae`` of the calibration positions, as :func:`calibrated` does for the
+  biases of the ReLU worlds. Tokens: random ids, ``<bos>`` first, contexts of 1,024 (Gemma Scope's).
 
 One decomposition of the concat SAE's unit decoder rows into the per-head atoms feeds faithfulness and the routed
 splice variant: ``nn_omp`` with ``n_nonzero=16, tol=0.01`` (``--codes solve``, the default), or random sparse codes
@@ -127,6 +135,57 @@ def gelu_2l_world(n_contexts: int, l0: float, seed: int, device: str) -> World:
     head_saes = HeadSAEs(tuple(sae(d_head, 2048, h, z[:, h], 2.0, False) for h in range(n_heads)))
     concat = sae(n_heads * d_head, 16384, "concatenated", z.reshape(len(z), -1), 1.0, True)
     return World(model, head_saes, concat, layer, contexts[CALIBRATION_CONTEXTS:], z.double().mean(dim=0))
+
+
+GEMMA_3_270M_LAYER, GEMMA_3_270M_CONTEXT = 12, 1024
+
+
+def gemma_3_270m_world(n_contexts: int, l0: float, seed: int, device: str) -> World:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from sparsedecomp.activations import CollectZ, run_accumulators
+    from sparsedecomp.loading import SAE, HeadSAEs, standin_config
+    from sparsedecomp.loading.activation_rules import JumpReLU
+    from sparsedecomp.loading.standin_models import STANDIN_BOS_TOKEN_ID, STANDIN_SPECIAL_TOKENS
+
+    torch.manual_seed(seed)
+    cfg = standin_config("gemma-3-270m", n_layers=18, n_ctx=GEMMA_3_270M_CONTEXT, seed=seed)
+    model = HookedTransformer(HookedTransformerConfig(**cfg, device=device)).eval()
+    gen = torch.Generator().manual_seed(seed)
+    n_calibration = 4  # contexts of 1,024 tokens: 4,096 positions
+    contexts = torch.randint(len(STANDIN_SPECIAL_TOKENS), model.cfg.d_vocab,
+                             (n_contexts + n_calibration, GEMMA_3_270M_CONTEXT), generator=gen)
+    contexts[:, 0] = STANDIN_BOS_TOKEN_ID
+    layer, n_heads, d_head = GEMMA_3_270M_LAYER, model.cfg.n_heads, model.cfg.d_head
+    z = run_accumulators(model, contexts[:n_calibration], {"z": CollectZ()}, layer=layer)["z"]
+    z = z[torch.randperm(len(z), generator=gen)[:CALIBRATION_POSITIONS]].float().cpu()
+    hook = f"blocks.{layer}.attn.hook_z"
+
+    def sae(d_in: int, d_sae: int, head: Any, x: torch.Tensor) -> Any:
+        W_enc, _, W_dec, b_dec = _random_weights(d_in, d_sae, gen, decoder_norm=1.0)
+        # Gemma Scope's form: no b_dec subtracted from the input, encoder bias 0 here, a threshold per feature.
+        pre = x @ W_enc
+        m = max(1, round(len(x) * l0 / d_sae))
+        threshold = pre.kthvalue(len(x) - m, dim=0).values.clamp_min(0.0)
+        return SAE(W_enc=W_enc, b_enc=torch.zeros(d_sae), W_dec=W_dec, b_dec=b_dec, apply_b_dec_to_input=False,
+                   hook_name=hook, layer=layer, head=head, model_name=cfg["model_name"],
+                   activation=JumpReLU(threshold)).to(device=device)
+
+    head_saes = HeadSAEs(tuple(sae(d_head, 4096, h, z[:, h]) for h in range(n_heads)))
+    concat = sae(n_heads * d_head, 16384, "concatenated", z.reshape(len(z), -1))
+    return World(model, head_saes, concat, layer, contexts[n_calibration:], z.double().mean(dim=0).to(device))
+
+
+def build_world(args: argparse.Namespace) -> World:
+    """The world ``--size`` names."""
+    if args.size == "gelu-2l":
+        return gelu_2l_world(args.contexts, args.l0, args.seed, args.device)
+    if args.size == "gemma-3-270m":
+        return gemma_3_270m_world(args.contexts, args.l0, args.seed, args.device)
+    return demo_world(args.contexts, args.device)
+
+
+DEFAULT_CONTEXTS = {"gelu-2l": 4, "demo": 256, "gemma-3-270m": 2}
 
 
 def demo_world(n_contexts: int, device: str) -> World:
@@ -287,15 +346,15 @@ def child(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    world = (gelu_2l_world(args.contexts, args.l0, args.seed, args.device) if args.size == "gelu-2l"
-             else demo_world(args.contexts, args.device))
+    world = build_world(args)
     dec = None
     if args.child.startswith(("faithfulness", "splice")):
         # Solved again in each stage's process (deterministic, untimed) rather than unpickled from a cache file.
         dec = decomposition(world, args.codes, args.seed)
     if args.child not in WEIGHT_STAGES:
-        # One context first, untimed: the first call of each kernel (allocator, thread pool, lazy inits) is slower.
-        run_stage(args.child, world, world.tokens[:1], dec, args)[0]()
+        # The first 64 tokens of one context first, untimed: the first call of each kernel (allocator, thread pool,
+        # lazy inits) is slower; a whole 1,024-token context would double a splice stage's time at gemma-3-270m.
+        run_stage(args.child, world, world.tokens[:1, :64], dec, args)[0]()
     work, splice = run_stage(args.child, world, world.tokens, dec, args)
     measured = measure_call(work, args.device)
     result = measured.result
@@ -347,18 +406,27 @@ def table(results: dict[str, dict], args: argparse.Namespace) -> str:
         rows.append("| " + " | ".join(cells) + " |")
 
     for stage in TOKEN_STAGES:
+        if stage not in results:
+            continue
         r = results[stage]
         extra = "" if stage == "activations" else f"{(r['seconds'] - activations_s) * per_m:,.0f}"
         label = {"activations": "activation pass alone (model up to the hooked layer)",
-                 "sae_quality": "SAE quality (8 per-head + concat)", "mean": "mean pass",
+                 "sae_quality": "SAE quality (every per-head SAE + concat)", "mean": "mean pass",
                  "dfa": "DFA / top-k attribution", "faithfulness": f"faithfulness ({LABEL}, codes: {args.codes})",
                  "splice:all": f"splice: all {r.get('n_variants', '?')} variants"}.get(stage, stage)
         row(label, r, r["seconds"], f"{r['seconds'] * per_m:,.0f}", extra)
-    everything = results["splice:all"]
-    loss_s = (everything["seconds"] - activations_s - sum(everything["rerun_s"].values())) / everything["n_variants"]
-    rows.append(f"| splice: per-variant losses (CE, KL; shared by every variant) | {loss_s:.2f} | "
-                f"{loss_s * per_m:,.0f} | | | |" + (" |" if cuda else "") + " |")
+    everything = results.get("splice:all")
+    if everything is not None:
+        loss_s = (everything["seconds"] - activations_s - sum(everything["rerun_s"].values())) / everything["n_variants"]
+        rows.append(f"| splice: per-variant losses (CE, KL; shared by every variant) | {loss_s:.2f} | "
+                    f"{loss_s * per_m:,.0f} | | | |" + (" |" if cuda else "") + " |")
+        if not any(f"splice:{kind}" in results for kind in SPLICE_KINDS):
+            for variant, seconds in everything["rerun_s"].items():  # each variant's reruns, timed in that pass
+                rows.append(f"| splice rerun in the all-variants pass: {variant} | {seconds:.2f} | "
+                            f"{seconds * per_m:,.0f} | | | |" + (" |" if cuda else "") + " |")
     for kind, name in SPLICE_KINDS.items():
+        if f"splice:{kind}" not in results or everything is None:
+            continue
         r = results[f"splice:{kind}"]
         rerun = r["rerun_s"]["clean" if name is None else name]
         in_all = [s for v, s in everything["rerun_s"].items() if v == (name or "clean") or
@@ -368,6 +436,8 @@ def table(results: dict[str, dict], args: argparse.Namespace) -> str:
         row(f"splice rerun: {kind}" + ("" if name in (None, kind) else f" ({name}, alone)"), r, rerun,
             f"{rerun * per_m:,.0f}", "", note)
     for stage in WEIGHT_STAGES:
+        if stage not in results:
+            continue
         r = results[stage]
         label = {"decompose": f"decompose ({'nn_omp n_nonzero=16' if args.codes == 'solve' else 'random codes'}, "
                               "weights only)"}.get(stage, f"{stage} (weights only)")
@@ -377,7 +447,7 @@ def table(results: dict[str, dict], args: argparse.Namespace) -> str:
 
 def header(args: argparse.Namespace, results: dict[str, dict]) -> str:
     r = results["activations"]
-    l0 = results["sae_quality"].get("l0", {})
+    l0 = results.get("sae_quality", {}).get("l0", {})
     heads = [v for k, v in l0.items() if k != "concat"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
@@ -393,9 +463,9 @@ def header(args: argparse.Namespace, results: dict[str, dict]) -> str:
         f"- SAE L0 on the measured tokens: per-head mean {sum(heads) / max(len(heads), 1):.1f} "
         f"(min {min(heads, default=float('nan')):.1f}, max {max(heads, default=float('nan')):.1f}), "
         f"concat {l0.get('concat', float('nan')):.1f}"
-        + (f" (target {args.l0:g})" if args.size == "gelu-2l" else " (the demo's trained SAEs)"),
+        + (" (the demo's trained SAEs)" if args.size == "demo" else f" (target {args.l0:g})"),
         f"- decomposition: {'nn_omp n_nonzero=16 tol=0.01, solved' if args.codes == 'solve' else 'random sparse codes'}"
-        f", mean L0 {results['decompose'].get('mean_l0', float('nan')):.1f}",
+        f", mean L0 {results.get('decompose', {}).get('mean_l0', float('nan')):.1f}",
         "- each stage in a fresh process: 'world RSS' = resident before the stage, 'peak RSS' = the stage's VmHWM "
         "(world included); splice reruns are timed inside the accumulator (head variants: head 0)",
         "",
@@ -404,13 +474,14 @@ def header(args: argparse.Namespace, results: dict[str, dict]) -> str:
 
 
 def add_world_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of a benchmark world (:func:`gelu_2l_world` or :func:`demo_world`) and where it runs."""
-    parser.add_argument("--size", choices=("gelu-2l", "demo"), default="gelu-2l")
+    """The options of a benchmark world (:func:`build_world`) and where it runs."""
+    parser.add_argument("--size", choices=tuple(DEFAULT_CONTEXTS), default="gelu-2l")
     parser.add_argument("--contexts", type=int, default=None,
-                        help="measured contexts (default: 4 of 1,024 tokens at gelu-2l, 256 of 128 on the demo)")
+                        help="measured contexts (default: 4 of 1,024 tokens at gelu-2l, 256 of 128 on the demo, 2 of "
+                             "1,024 at gemma-3-270m)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
-    parser.add_argument("--l0", type=float, default=16.0, help="target L0 of the random gelu-2l SAEs")
+    parser.add_argument("--l0", type=float, default=16.0, help="target L0 of the random SAEs (gelu-2l, gemma-3-270m)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -419,16 +490,23 @@ def main(argv: list[str] | None = None) -> None:
     add_world_arguments(parser)
     parser.add_argument("--codes", choices=("solve", "random"), default="solve")
     parser.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=None,
+                        help="the stages to measure, in run order (default: all; gemma-3-270m: activations, "
+                             "sae_quality, decompose, splice:all -- the splice row times every variant's reruns)")
     args = parser.parse_args(argv)
+    if args.stages is None:
+        args.stages = (("decompose", "activations", "sae_quality", "splice:all") if args.size == "gemma-3-270m"
+                       else STAGES)
+    args.stages = [stage for stage in STAGES if stage in args.stages]
     args.device = resolve_device(args.device)
     if args.contexts is None:
-        args.contexts = 4 if args.size == "gelu-2l" else 256
+        args.contexts = DEFAULT_CONTEXTS[args.size]
     if args.child:
         print("RESULT " + json.dumps(child(args)), flush=True)
         return
     print(f"size {args.size}, {args.contexts} contexts, device {args.device}, {args.threads} threads", flush=True)
     results: dict[str, Any] = {"_load": [f"{x:.2f}" for x in os.getloadavg()]}
-    for stage in STAGES:
+    for stage in args.stages:
         results[stage] = measure(stage, args)
     write_result(f"evaluation-{args.size}", header(args, results) + table(results, args) + "\n")
 

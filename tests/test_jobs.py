@@ -98,6 +98,30 @@ def test_recorded_model_kwargs_become_flags_and_from_pretrained_arguments():
     assert recorded_model_loading(Nothing()) == (None, {})
 
 
+def test_the_concat_saes_recorded_processing_counts_and_a_disagreement_is_refused():
+    """A Gemma Scope concat SAE records the unprocessed model: with per-head SAEs that record nothing, the model is
+    loaded unprocessed; with per-head SAEs trained on a processed model, the run is refused naming both sides."""
+    unprocessed = ProcessingFlags.none().as_kwargs()
+
+    class Concat:
+        model_from_pretrained_kwargs = unprocessed
+
+        def describe(self):
+            return "the concat SAE"
+
+    class Silent:
+        model_from_pretrained_kwargs = None
+
+    class Processed:
+        model_from_pretrained_kwargs = {"center_writing_weights": False}
+
+    flags, _ = recorded_model_loading(Silent(), Concat())
+    assert flags == ProcessingFlags.none()
+    with pytest.raises(InputError, match=r"differently processed models, so they read different hook_z: the per-head "
+                                         r"SAEs: fold_ln=True.*; the concat SAE: fold_ln=False"):
+        recorded_model_loading(Processed(), Concat())
+
+
 def test_a_recorded_training_scale_wins_and_is_said(saes):
     _, heads = saes
     from dataclasses import replace

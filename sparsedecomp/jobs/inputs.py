@@ -198,7 +198,7 @@ def load_model_for(request: ModelRequest, head_saes: Any, *saes: Any) -> Any:
     from ..loading import check_model_matches, load_model
     from ..loading.heads import check_model_shape
 
-    flags, extra = recorded_model_loading(head_saes)
+    flags, extra = recorded_model_loading(head_saes, *saes)
     if Path(request.name).is_dir():
         extra = {}  # a local folder holds its own configuration
         check_folder_model(Path(request.name), flags, head_saes, *saes)  # before its weights load
@@ -237,15 +237,30 @@ def check_folder_model(folder: Path, flags: Any, head_saes: Any, *saes: Any) -> 
         check_model_shape(config, head_saes, *saes)
 
 
-def recorded_model_loading(head_saes: Any) -> tuple[Any, dict[str, Any]]:
-    """``(flags, kwargs)`` from the ``model_from_pretrained_kwargs`` the head SAEs record (they must agree): the
-    processing flags among them over ``from_pretrained``'s defaults (``None`` when none is recorded) and the rest."""
+def recorded_model_loading(head_saes: Any, *saes: Any) -> tuple[Any, dict[str, Any]]:
+    """``(flags, kwargs)`` from the ``model_from_pretrained_kwargs`` the head SAEs and the other SAEs (the concat SAE)
+    record: the processing flags among them over ``from_pretrained``'s defaults (``None`` when none is recorded) and
+    the rest. All the SAEs read one model's ``hook_z``, so SAEs recording different processing are refused, naming
+    each side's."""
     from ..loading import ProcessingFlags
 
-    recorded = dict(head_saes.model_from_pretrained_kwargs or {})
+    records = [("the per-head SAEs", head_saes.model_from_pretrained_kwargs)]
+    records += [(sae.describe(), sae.model_from_pretrained_kwargs) for sae in saes]
+    known = [(who, dict(kwargs)) for who, kwargs in records if kwargs is not None]
     names = set(ProcessingFlags().as_kwargs())
+
+    def flags_of(kwargs: dict[str, Any]) -> ProcessingFlags:
+        return ProcessingFlags(**{**ProcessingFlags().as_kwargs(), **{k: bool(v) for k, v in kwargs.items()
+                                                                          if k in names}})
+
+    for (who, kwargs), (other, theirs) in zip(known, known[1:]):
+        mine, yours = flags_of(kwargs), flags_of(theirs)
+        if mine != yours:
+            raise InputError(f"the SAEs were trained on differently processed models, so they read different hook_z: "
+                             f"{who}: {mine.describe()}; {other}: {yours.describe()}")
+    recorded = known[0][1] if known else {}
     given = {k: bool(v) for k, v in recorded.items() if k in names}
-    flags = ProcessingFlags(**{**ProcessingFlags().as_kwargs(), **given}) if given else None
+    flags = flags_of(recorded) if given else None
     return flags, {k: v for k, v in recorded.items() if k not in names}
 
 

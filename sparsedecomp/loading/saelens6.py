@@ -136,10 +136,20 @@ def _first_line(err: BaseException) -> str:
 
 
 def _model_kwargs(cfg: Mapping[str, Any], meta: Mapping[str, Any], where: Any) -> dict[str, Any] | None:
-    """``model_from_pretrained_kwargs`` from the ``metadata`` block (SAELens 6) or the top level (SAELens 3-5)."""
+    """``model_from_pretrained_kwargs`` from the ``metadata`` block (SAELens 6) or the top level (SAELens 3-5), with
+    every processing flag made explicit (``None`` when none is recorded).
+
+    SAELens loads the model it trains on with ``HookedTransformer.from_pretrained_no_processing(**kwargs)``
+    (``sae_lens.load_model``; SAELens's own warning says to load it so for inference), so a flag the kwargs do not
+    name is *off*, not ``from_pretrained``'s default: ``{}`` means the unprocessed model. Written out in full, the
+    kwargs mean the same whichever loader reads them."""
+    from .models import ProcessingFlags
+
     if meta.get("model_from_pretrained_kwargs") is not None:
-        return config_kwargs(meta, "model_from_pretrained_kwargs", where, "metadata.model_from_pretrained_kwargs")
-    return config_kwargs(cfg, "model_from_pretrained_kwargs", where)
+        recorded = config_kwargs(meta, "model_from_pretrained_kwargs", where, "metadata.model_from_pretrained_kwargs")
+    else:
+        recorded = config_kwargs(cfg, "model_from_pretrained_kwargs", where)
+    return None if recorded is None else {**ProcessingFlags.none().as_kwargs(), **recorded}
 
 
 def _check_architecture(architecture: Any, where: Any) -> None:
@@ -311,8 +321,9 @@ def save_saelens6(
             "prepend_bos": True,
             "context_size": 128,
             "dataset_path": None,
-            "model_from_pretrained_kwargs": {},
         })
+        if sae.model_from_pretrained_kwargs is not None:  # unknown stays unknown (SAELens reads {} as unprocessed)
+            meta["model_from_pretrained_kwargs"] = sae.model_from_pretrained_kwargs
     meta.update(dict(metadata_extra or {}))
     cfg = {
         "d_in": sae.d_in,

@@ -228,8 +228,14 @@ def test_model_from_pretrained_kwargs_are_exposed_for_every_format(run, tmp_path
     legacy = load_sae(run[0], step="final")
     assert legacy.model_from_pretrained_kwargs == {"center_writing_weights": False}
     assert load_head_saes({2: run[0]}, step="final").model_from_pretrained_kwargs == {"center_writing_weights": False}
-    save_saelens6(make_sae(), tmp_path / "s6", metadata_extra={"model_from_pretrained_kwargs": {"fold_ln": False}})
-    assert load_sae(tmp_path / "s6").model_from_pretrained_kwargs == {"fold_ln": False}
+    # SAELens (3 onwards) trains on from_pretrained_no_processing(**kwargs): the flags it leaves out are off
+    save_saelens6(make_sae(), tmp_path / "s6", metadata_extra={"model_from_pretrained_kwargs": {"fold_ln": True}})
+    assert load_sae(tmp_path / "s6").model_from_pretrained_kwargs == {
+        "fold_ln": True, "center_writing_weights": False, "center_unembed": False, "fold_value_biases": False,
+        "refactor_factored_attn_matrices": False}
+    save_saelens6(make_sae(), tmp_path / "s6b", metadata_extra={"model_from_pretrained_kwargs": {}})
+    assert not any(load_sae(tmp_path / "s6b").model_from_pretrained_kwargs.values())  # {}: the unprocessed model
+    assert load_sae(save_saelens6(make_sae(), tmp_path / "s6c")).model_from_pretrained_kwargs is None  # unknown
     pt, _ = save_kissane(make_sae(d_in=16, head="concatenated"), tmp_path, "cat_v1")
     assert load_sae(pt).model_from_pretrained_kwargs is None  # Kissane configs record none
 

@@ -96,7 +96,10 @@ def test_encode_equals_saelens_on_a_folder_saelens_wrote(tmp_path, architecture,
     sae = load_sae(tmp_path / "sae")
     assert isinstance(sae.activation, RULE_OF[architecture])
     assert sae.provenance["architecture"] == architecture and sae.head == "concatenated" and sae.layer == 1
-    assert sae.model_from_pretrained_kwargs == {"fold_value_biases": False}
+    # SAELens trained on from_pretrained_no_processing(fold_value_biases=False): every flag off
+    assert sae.model_from_pretrained_kwargs == {"fold_ln": False, "center_writing_weights": False,
+                                                "center_unembed": False, "fold_value_biases": False,
+                                                "refactor_factored_attn_matrices": False}
     x = _inputs()
     with torch.no_grad():
         theirs = lens.encode(x)
