@@ -73,8 +73,9 @@ def gpt2_hub_cache(tmp_path_factory):
 def standin_folders(tmp_path_factory, gpt2_hub_cache):
     """name -> the stand-in model folder (written once for the module)."""
     root = tmp_path_factory.mktemp("standins")
-    return {name: write_standin_model(name, root / name, n_layers=2, d_vocab=D_VOCAB, d_mlp=D_MLP, n_ctx=N_CTX)
-            for name in MODELS}
+    # random biases: v's bias is part of DFA by source, and fold_value_biases then moves hook_z
+    return {name: write_standin_model(name, root / name, n_layers=2, d_vocab=D_VOCAB, d_mlp=D_MLP, n_ctx=N_CTX,
+                                      bias_scale=0.05) for name in MODELS}
 
 
 class World:
@@ -170,6 +171,24 @@ def test_query_heads_read_key_value_heads_as_transformer_lens_groups_them():
     assert batch.n_kv_heads == 4
     assert batch.v_of_heads()[0, 0, :, 0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     assert batch.v_of_heads([5])[0, 0, :, 0].tolist() == [2]
+
+
+def test_folding_value_biases_moves_each_query_heads_z_by_its_kv_heads_bias(standin_folders):
+    """Pattern rows sum to 1, so z[h] = sum_src A v[src, h // g] carries b_V[h // g] whole; fold_value_biases moves
+    it into b_O (RMS norms fold no bias into b_V, so the stored _b_V is the one moved)."""
+    from safetensors.torch import load_file
+
+    folder = standin_folders["gemma-2-2b"]  # 8 query heads, 4 kv heads
+    b_V = load_file(str(folder / "model.safetensors"))[f"blocks.{LAYER}.attn._b_V"]  # (4, 256)
+    assert float(b_V.abs().min()) > 0
+    processed = load_model(folder)
+    with pytest.warns(UserWarning, match=r"records processing flags .* but it is loaded with"):  # the library warns
+        raw = load_model(folder, flags=ProcessingFlags(fold_value_biases=False))
+    tokens = torch.tensor([[STANDIN_BOS_TOKEN_ID, 9, 17, 33, 5]])
+    with torch.no_grad():
+        z = [m.model.run_with_cache(tokens, names_filter=f"blocks.{LAYER}.attn.hook_z")[1][
+            f"blocks.{LAYER}.attn.hook_z"][0] for m in (processed, raw)]
+    torch.testing.assert_close(z[1] - z[0], b_V[kv_head_index(8, 4)].expand_as(z[0]), atol=1e-5, rtol=1e-4)
 
 
 def test_memory_estimates_count_v_with_its_key_value_heads(standin_folders):
