@@ -41,6 +41,7 @@ MODELS = {  # TransformerLens name -> (n_heads, n_key_value_heads or None, d_hea
     "gemma-2-2b": (8, 4, 256),
     "gemma-3-270m": (4, 1, 256),
 }
+TOKENS = torch.tensor([[STANDIN_BOS_TOKEN_ID, 5, 6, 7], [STANDIN_BOS_TOKEN_ID, 8, 9, 10]])
 NO_PROCESSING = {"fold_ln": False, "center_writing_weights": False, "center_unembed": False,
                  "fold_value_biases": False}
 
@@ -72,8 +73,9 @@ def gpt2_hub_cache(tmp_path_factory):
 def standin_folders(tmp_path_factory, gpt2_hub_cache):
     """name -> the stand-in model folder (written once for the module)."""
     root = tmp_path_factory.mktemp("standins")
-    return {name: write_standin_model(name, root / name, n_layers=2, d_vocab=D_VOCAB, d_mlp=D_MLP, n_ctx=N_CTX)
-            for name in MODELS}
+    # random biases: v's bias is part of DFA by source, and fold_value_biases then moves hook_z
+    return {name: write_standin_model(name, root / name, n_layers=2, d_vocab=D_VOCAB, d_mlp=D_MLP, n_ctx=N_CTX,
+                                      bias_scale=0.05) for name in MODELS}
 
 
 class World:
@@ -171,6 +173,24 @@ def test_query_heads_read_key_value_heads_as_transformer_lens_groups_them():
     assert batch.v_of_heads([5])[0, 0, :, 0].tolist() == [2]
 
 
+def test_folding_value_biases_moves_each_query_heads_z_by_its_kv_heads_bias(standin_folders):
+    """Pattern rows sum to 1, so z[h] = sum_src A v[src, h // g] carries b_V[h // g] whole; fold_value_biases moves
+    it into b_O (RMS norms fold no bias into b_V, so the stored _b_V is the one moved)."""
+    from safetensors.torch import load_file
+
+    folder = standin_folders["gemma-2-2b"]  # 8 query heads, 4 kv heads
+    b_V = load_file(str(folder / "model.safetensors"))[f"blocks.{LAYER}.attn._b_V"]  # (4, 256)
+    assert float(b_V.abs().min()) > 0
+    processed = load_model(folder)
+    with pytest.warns(UserWarning, match=r"records processing flags .* but it is loaded with"):  # the library warns
+        raw = load_model(folder, flags=ProcessingFlags(fold_value_biases=False))
+    tokens = torch.tensor([[STANDIN_BOS_TOKEN_ID, 9, 17, 33, 5]])
+    with torch.no_grad():
+        z = [m.model.run_with_cache(tokens, names_filter=f"blocks.{LAYER}.attn.hook_z")[1][
+            f"blocks.{LAYER}.attn.hook_z"][0] for m in (processed, raw)]
+    torch.testing.assert_close(z[1] - z[0], b_V[kv_head_index(8, 4)].expand_as(z[0]), atol=1e-5, rtol=1e-4)
+
+
 def test_memory_estimates_count_v_with_its_key_value_heads(standin_folders):
     cfg = load_model(standin_folders["gemma-3-270m"]).model.cfg  # 4 query heads of 256, one kv head
     with_v, without = bytes_per_context(cfg, 16, ("v",)), bytes_per_context(cfg, 16)
@@ -245,26 +265,25 @@ def test_routed_pinv_splices_in_exactly_like_the_concat_sae(world):
 
 
 # -- the dashboard command ----------------------------------------------------------------------------------------------
-def write_sae_folders(world, root, *, concat_d_in=None, heads=None, model_kwargs=None):
-    """The world's SAEs as SAELens 6 folders (small dictionaries: a page per feature is written)."""
+def write_sae_folders(root, *, d_head, model_name, heads, concat_d_in=None, model_kwargs=None):
+    """SAELens 6 folders of random SAEs on layer 1's hook_z (small dictionaries: a page per feature is written): a
+    concat SAE over ``heads`` and one per head."""
     extra = {} if model_kwargs is None else {"metadata_extra": {"model_from_pretrained_kwargs": model_kwargs}}
-    heads = range(world.n_heads) if heads is None else heads
-    concat = random_sae(d_in=concat_d_in or len(heads) * world.d_head, d_sae=6, head="concatenated", layer=LAYER,
-                        model_name=world.loaded.name, seed=50)
+    concat = random_sae(d_in=concat_d_in or len(heads) * d_head, d_sae=6, head="concatenated", layer=LAYER,
+                        model_name=model_name, seed=50)
     concat_dir = save_saelens6(concat, root / "concat", **extra)
-    head_dirs = [save_saelens6(random_sae(d_in=world.d_head, d_sae=3, head=h, layer=LAYER,
-                                          model_name=world.loaded.name, seed=h), root / f"head{h}", **extra)
-                 for h in heads]
+    head_dirs = [save_saelens6(random_sae(d_in=d_head, d_sae=3, head=h, layer=LAYER, model_name=model_name, seed=h),
+                               root / f"head{h}", **extra) for h in heads]
     return concat_dir, head_dirs
 
 
-def dashboard_argv(world, root, concat_dir, head_dirs, out):
+def dashboard_argv(root, model_folder, tokens, concat_dir, head_dirs, out):
     from safetensors.torch import save_file
 
     tokens_file = root / "tokens.safetensors"
-    save_file({"tokens": world.tokens.contiguous()}, str(tokens_file))
+    save_file({"tokens": tokens.contiguous()}, str(tokens_file))
     return ["dashboard", "--concat-sae", str(concat_dir), "--head-saes", *map(str, head_dirs), "--model",
-            str(world.folder), "--tokens", str(tokens_file), "--n-contexts", "6", "--methods", "pinv",
+            str(model_folder), "--tokens", str(tokens_file), "--n-contexts", "6", "--methods", "pinv",
             "--no-neuronpedia", "--no-progress", "--out", str(out)]
 
 
@@ -272,9 +291,10 @@ def dashboard_argv(world, root, concat_dir, head_dirs, out):
                                   pytest.param("gemma-2-2b", marks=pytest.mark.slow), "gemma-3-270m"])
 def test_the_dashboard_command_writes_pages_on_each_model(worlds, name, tmp_path):
     world = worlds(name)
-    concat_dir, head_dirs = write_sae_folders(world, tmp_path)
+    concat_dir, head_dirs = write_sae_folders(tmp_path, d_head=world.d_head, model_name=world.loaded.name,
+                                              heads=range(world.n_heads))
     out = tmp_path / "site"
-    assert main(dashboard_argv(world, tmp_path, concat_dir, head_dirs, out)) == 0
+    assert main(dashboard_argv(tmp_path, world.folder, world.tokens, concat_dir, head_dirs, out)) == 0
     assert len(list((out / "concat" / "f").glob("*.html"))) == 6
     assert all(len(list((out / f"head_{h}" / "f").glob("*.html"))) == 3 for h in range(world.n_heads))
     page = (out / "concat" / "f" / "0.html").read_text()
@@ -304,14 +324,12 @@ def no_model_loading(monkeypatch):
 
 def test_a_folder_recording_other_processing_than_the_saes_is_refused_before_loading(standin_folders, tmp_path,
                                                                                       capsys, no_model_loading):
-    world = World.__new__(World)  # the folder and a few numbers, without loading the model
-    world.folder = standin_folders["gemma-2-2b"]
-    world.n_heads, world.d_head, world.tokens = 8, 256, torch.full((2, 4), 5)
-    world.tokens[:, 0] = STANDIN_BOS_TOKEN_ID
-    world.loaded = type("Named", (), {"name": "gemma-2-2b-standin"})()
-    concat_dir, head_dirs = write_sae_folders(world, tmp_path, model_kwargs=NO_PROCESSING)
+    # SAEs trained on gemma-2-2b loaded with from_pretrained_no_processing; the folder records the defaults
+    concat_dir, head_dirs = write_sae_folders(tmp_path, d_head=256, model_name="gemma-2-2b-standin", heads=range(8),
+                                              model_kwargs=NO_PROCESSING)
     out = tmp_path / "site"
-    line = refused_line(capsys, dashboard_argv(world, tmp_path, concat_dir, head_dirs, out))
+    line = refused_line(capsys, dashboard_argv(tmp_path, standin_folders["gemma-2-2b"], TOKENS, concat_dir, head_dirs,
+                                               out))
     assert "records other processing than the SAEs were trained with" in line
     for flag in NO_PROCESSING:
         assert f"{flag}=True in the folder but False for the SAEs" in line
@@ -319,12 +337,10 @@ def test_a_folder_recording_other_processing_than_the_saes_is_refused_before_loa
 
 
 def test_heads_the_model_lacks_are_refused_before_loading(standin_folders, tmp_path, capsys, no_model_loading):
-    world = World.__new__(World)
-    world.folder = standin_folders["gemma-3-270m"]  # 4 query heads
-    world.n_heads, world.d_head, world.tokens = 4, 256, torch.full((2, 4), 5)
-    world.loaded = type("Named", (), {"name": "gemma-3-270m-standin"})()
-    concat_dir, head_dirs = write_sae_folders(world, tmp_path, heads=range(6))
-    line = refused_line(capsys, dashboard_argv(world, tmp_path, concat_dir, head_dirs, tmp_path / "site"))
+    # 6 per-head SAEs (and a concat SAE over 6 heads) for gemma-3-270m's 4 query heads
+    concat_dir, head_dirs = write_sae_folders(tmp_path, d_head=256, model_name="gemma-3-270m-standin", heads=range(6))
+    line = refused_line(capsys, dashboard_argv(tmp_path, standin_folders["gemma-3-270m"], TOKENS, concat_dir,
+                                               head_dirs, tmp_path / "site"))
     assert "the per-head SAEs read heads [4, 5], which do not exist: the model has 4 heads per layer (0..3)" in line
 
 

@@ -131,7 +131,7 @@ def _json_value(value: Any) -> Any:
 def write_standin_model(model_name: str, folder: str | Path, *, n_layers: int = 2, d_vocab: int | None = None,
                         d_mlp: int | None = None, n_ctx: int | None = None, seed: int = 0,
                         processing_flags: ProcessingFlags | None = None, name: str | None = None,
-                        weights_dtype: torch.dtype = torch.float32) -> Path:
+                        bias_scale: float = 0.0, weights_dtype: torch.dtype = torch.float32) -> Path:
     """Write a random-weight stand-in of ``model_name`` (a TransformerLens name, e.g. ``gpt2-small``,
     ``gemma-2-2b``, ``gemma-3-270m``) as a local model folder ``folder`` (created; must not hold a model already),
     and return it. :func:`~sparsedecomp.loading.load_model` reads it back.
@@ -153,6 +153,10 @@ def write_standin_model(model_name: str, folder: str | Path, *, n_layers: int = 
             ``ProcessingFlags()``). The weights written are unprocessed either way.
         name: the ``model_name`` recorded (what ``LoadedModel.name`` is, and what SAEs' ``model_name`` is checked
             against); default ``"<model_name>-standin"`` (see :func:`standin_config`).
+        bias_scale: the standard deviation of random biases (``b_Q``, ``b_K``, ``b_V``, ``b_O``, the MLP's and
+            ``b_U``; TransformerLens initialises them to 0). Real Gemma models have no biases (TransformerLens keeps
+            them at 0), GPT-2 has them: non-zero biases exercise what depends on them (``v``'s bias inside DFA by
+            source, ``fold_value_biases`` shifting ``hook_z``), which zero biases would hide.
         weights_dtype: the dtype of the saved weights.
     """
     from safetensors.torch import save_file
@@ -171,6 +175,14 @@ def write_standin_model(model_name: str, folder: str | Path, *, n_layers: int = 
     # init_weights on (TransformerLens turns it off for pretrained configs, leaving torch.empty's garbage)
     config = HookedTransformerConfig(**kwargs, init_weights=True, device="cpu", dtype=torch.float32)
     model = HookedTransformer(config)  # no tokenizer_name in kwargs: nothing is fetched from the hub
+    if isinstance(bias_scale, bool) or not isinstance(bias_scale, (int, float)) or not bias_scale >= 0:
+        raise InputError(f"bias_scale must be a non-negative number, got {bias_scale!r}")
+    if bias_scale:
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for key, parameter in model.named_parameters():
+                if key.rsplit(".", 1)[-1].lstrip("_").startswith("b_"):  # b_Q, _b_K, _b_V, b_O, b_in, b_out, b_U
+                    parameter.copy_(bias_scale * torch.randn(parameter.shape, generator=generator))
     # Exactly the keys the model folder loader expects (masks and IGNORE buffers are rebuilt from the config).
     state = {key: value.detach().to(weights_dtype).contiguous() for key, value in model.state_dict().items()
              if not key.endswith((".IGNORE", ".mask"))}
