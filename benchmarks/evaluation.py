@@ -268,7 +268,8 @@ def measure_call(work: Callable[[], Any], device: str) -> Measured:
 
 def timed_splice_accumulator(model: Any, variants: Any, device: str) -> Any:
     """A :class:`~sparsedecomp.evaluation.splice.SpliceAccumulator` that adds up, per variant, the seconds of its
-    reruns (``_logits``: the forward from the hooked layer with the replacement hooked in)."""
+    reruns: the forward from the hooked layer with the replacement hooked in (``_final_residual``) and the
+    unembedding of its positions, chunk by chunk (``_unembed``)."""
     from sparsedecomp.evaluation.splice import SpliceAccumulator
 
     class TimedSplice(SpliceAccumulator):
@@ -276,12 +277,20 @@ def timed_splice_accumulator(model: Any, variants: Any, device: str) -> Any:
             super().__init__(*args)
             self.rerun_s: dict[str, float] = defaultdict(float)
 
-        def _logits(self, batch, variant):
+        def _final_residual(self, batch, variant):
             _sync(device)
             start = time.perf_counter()
-            logits = super()._logits(batch, variant)
+            residual = super()._final_residual(batch, variant)
             _sync(device)
             self.rerun_s["clean" if variant is None else variant.name] += time.perf_counter() - start
+            return residual
+
+        def _unembed(self, residual, name):
+            _sync(device)
+            start = time.perf_counter()
+            logits = super()._unembed(residual, name)
+            _sync(device)
+            self.rerun_s[name] += time.perf_counter() - start
             return logits
 
     return TimedSplice(model, variants)

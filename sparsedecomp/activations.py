@@ -221,7 +221,7 @@ def check_layer(model: Any, layer: Any) -> int:
 def bytes_per_context(cfg: Any, context_size: int, include: Iterable[str] = (), *, with_logits: bool = True) -> int:
     """A conservative estimate of the memory one context of ``context_size`` takes in a batch (float32): the
     activations kept, the forward pass's largest intermediates (attention scores and pattern, MLP hidden) and,
-    ``with_logits``, the logits and their log-softmax of an intervention rerun. ``v`` kept is
+    ``with_logits``, the final residual streams of the splice's variants. ``v`` kept is
     ``n_key_value_heads * d_head`` wide (fewer heads than ``z`` under grouped-query attention); the forward pass's
     own expanded ``k`` and ``v`` are query-head wide, which the ``2 * d_z`` working term covers."""
     pos, heads = context_size, cfg.n_heads
@@ -234,16 +234,27 @@ def bytes_per_context(cfg: Any, context_size: int, include: Iterable[str] = (), 
     floats += pos * cfg.d_model * ("resid_pre" in include) + pos * d_v * ("v" in include)
     floats += heads * pos * pos * ("pattern" in include)
     if with_logits:
-        # clean logits and probabilities, a variant's logits and one temporary of the KL: four vocabulary-wide rows
-        floats += 4 * pos * cfg.d_vocab
+        # The splice keeps every variant's final residual stream (up to SPLICE_RESIDUALS variants); its vocabulary-wide
+        # logits exist only for LOSS_CHUNK_BYTES worth of positions at a time, whatever the batch (contexts_per_batch).
+        floats += SPLICE_RESIDUALS * pos * cfg.d_model
     return 4 * floats
+
+
+SPLICE_RESIDUALS = 32
+"""Final residual streams of splice variants a batch is sized for (:func:`bytes_per_context`)."""
+LOSS_CHUNK_BYTES = 2**28
+"""The memory of the splice's vocabulary-wide tensors (clean logits and probabilities, a variant's logits, one temporary)
+at once: positions are unembedded this many bytes' worth at a time (:mod:`sparsedecomp.evaluation.splice`), so a
+262,144-token vocabulary costs 256 MiB whatever the context length and batch."""
 
 
 def contexts_per_batch(model: Any, context_size: int, include: Iterable[str] = (), *,
                        memory_budget: int = DEFAULT_MEMORY_BUDGET, with_logits: bool = True) -> int:
-    """How many contexts of ``context_size`` fit in ``memory_budget`` bytes (at least 1)."""
+    """How many contexts of ``context_size`` fit in ``memory_budget`` bytes (at least 1); ``with_logits`` sets
+    :data:`LOSS_CHUNK_BYTES` of it apart for the splice's logits."""
     cfg = hooked_transformer(model).cfg
-    return max(1, int(memory_budget) // bytes_per_context(cfg, context_size, include, with_logits=with_logits))
+    budget = int(memory_budget) - (LOSS_CHUNK_BYTES if with_logits else 0)
+    return max(1, budget // bytes_per_context(cfg, context_size, include, with_logits=with_logits))
 
 
 class ActivationStream:

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from sparsedecomp.activations import (ActivationStream, CollectZ, MeanAccumulator, bytes_per_context, check_tokens,
-                                      contexts_per_batch, run_accumulators)
+from sparsedecomp.activations import (LOSS_CHUNK_BYTES, ActivationStream, CollectZ, MeanAccumulator,
+                                      bytes_per_context, check_tokens, contexts_per_batch, run_accumulators)
 from sparsedecomp.errors import InputError, InputTypeError
 from sparsedecomp.jsonio import to_jsonable
 
@@ -37,7 +37,12 @@ def test_stream_batches_cover_tokens_once_with_extras(tiny_model, tokens):
 
 def test_batch_size_follows_memory_budget(tiny_model):
     per_context = bytes_per_context(tiny_model.cfg, 16, ("resid_pre",))
-    assert contexts_per_batch(tiny_model, 16, ("resid_pre",), memory_budget=10 * per_context) == 10
+    # a splice's logits take LOSS_CHUNK_BYTES of the budget, whatever the batch; the contexts share the rest
+    assert contexts_per_batch(tiny_model, 16, ("resid_pre",),
+                              memory_budget=LOSS_CHUNK_BYTES + 10 * per_context) == 10
+    no_logits = bytes_per_context(tiny_model.cfg, 16, ("resid_pre",), with_logits=False)
+    assert no_logits < per_context
+    assert contexts_per_batch(tiny_model, 16, ("resid_pre",), memory_budget=10 * no_logits, with_logits=False) == 10
     assert contexts_per_batch(tiny_model, 16, memory_budget=1) == 1
     assert bytes_per_context(tiny_model.cfg, 16, ("pattern",)) > bytes_per_context(tiny_model.cfg, 16)
 

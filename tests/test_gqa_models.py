@@ -264,6 +264,19 @@ def test_routed_pinv_splices_in_exactly_like_the_concat_sae(world):
     assert abs(report["routed_omp2"].kl - report["concat_sae"].kl) > 1e-2 * report["concat_sae"].kl
 
 
+def test_splice_losses_made_a_few_positions_at_a_time_equal_transformer_lens_own_loss(world, monkeypatch):
+    """The splice unembeds chunks of positions itself (final norm, unembedding, Gemma's logit soft-cap: the tail of
+    TransformerLens's forward); its clean loss is TransformerLens's own, with chunks crossing contexts' ends."""
+    import sparsedecomp.evaluation.splice as splice
+
+    monkeypatch.setattr(splice, "LOSS_CHUNK_BYTES", 16 * world.loaded.model.cfg.d_vocab * 5)
+    variants = splice_variants(world.n_heads, world.d_head, concat_sae=world.concat, heads=[0])
+    report = splice_losses(world.loaded, world.tokens, variants, layer=LAYER, batch_size=4)
+    with torch.no_grad():
+        expected = world.loaded.model(world.tokens, return_type="loss")
+    assert report["clean"].ce_loss == pytest.approx(float(expected), rel=1e-5)
+
+
 # -- the dashboard command ----------------------------------------------------------------------------------------------
 def write_sae_folders(root, *, d_head, model_name, heads, concat_d_in=None, model_kwargs=None):
     """SAELens 6 folders of random SAEs on layer 1's hook_z (small dictionaries: a page per feature is written): a

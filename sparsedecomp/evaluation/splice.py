@@ -29,10 +29,14 @@ ablation has score ``None`` (0 against itself by definition) but reports its own
 ``mean_layer`` is scored against ``zero_layer`` (how much of zeroing's cost the mean keeps).
 
 Speed: the stream runs the model up to the layer once per batch; every variant reruns only the layers from
-``layer`` on (``model(resid_pre, start_at_layer=layer)``). The clean pass's probabilities are computed once per
-batch and reused for every variant's KL; a variant's log-softmax is never materialised (``CE = lse - logit_target``
-and ``KL = lse_v - lse_c - sum_x p_c (logits_v - logits_c)``), head variants write into ``z`` in place, and only
-the per-context sums are float64.
+``layer`` on, to the final residual stream (``model(resid_pre, start_at_layer=layer, stop_at_layer=n_layers)``).
+The unembedding, the largest cost at a large vocabulary (gemma-3-270m: 262,144 tokens, 168M multiply-adds a
+position against about 66M for its last six layers), is paid once per variant and position, never more: positions
+are unembedded :data:`~sparsedecomp.activations.LOSS_CHUNK_BYTES` worth at a time (256 MiB of vocabulary-wide
+tensors whatever the context length and batch), the clean chunk's probabilities computed once and reused for every
+variant's KL. A variant's log-softmax is never materialised (``CE = lse - logit_target`` and
+``KL = lse_v - lse_c - sum_x p_c (logits_v - logits_c)``), head variants write into ``z`` in place, and only the
+per-context sums are float64.
 """
 
 from __future__ import annotations
@@ -45,8 +49,8 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import Tensor
 
-from ..activations import (DEFAULT_MEMORY_BUDGET, ActivationBatch, check_merge, check_state, hooked_transformer,
-                           run_accumulators, snapshot)
+from ..activations import (DEFAULT_MEMORY_BUDGET, LOSS_CHUNK_BYTES, ActivationBatch, check_merge, check_state,
+                           hooked_transformer, run_accumulators, snapshot)
 from ..naming import head_variant
 from ..errors import InputError, InputTypeError
 from ..loading.heads import HeadSAEs, warn_if_input_scale_missing
@@ -388,39 +392,62 @@ class SpliceAccumulator:
         batch.require("resid_pre")
         self._hook_name = f"blocks.{batch.layer}.attn.hook_z"
         self._predicted_per_context = batch.context_size - 1
-        targets = batch.tokens[:, 1:, None]
-        # Every position is kept (contiguous tensors are faster); the last one predicts nothing and is dropped.
-        clean_logits = self._logits(batch, None)
-        clean_lse = clean_logits.logsumexp(dim=-1)
-        if not bool(torch.isfinite(clean_lse).all()):
-            raise InputError(f"the model's clean logits are not finite on contexts {batch.first_context}.."
-                             f"{batch.first_context + batch.n_contexts - 1}: check its weights for NaN / inf")
-        # p_clean, once per batch: every variant's KL reads it.
-        clean_probs = (clean_logits - clean_lse[..., None]).exp_()
-        for name, variant in self.variants.items():
-            if variant.replacement is None:
-                logits, lse = clean_logits, clean_lse
-            else:
-                logits = self._logits(batch, variant)
-                lse = logits.logsumexp(dim=-1)
-            ce = lse[:, :-1] - logits[:, :-1].gather(-1, targets).squeeze(-1)
-            if variant.replacement is None:
-                kl = torch.zeros_like(ce)
-            else:
-                # KL(p_c || p_v) = sum p_c (log p_c - log p_v) = lse_v - lse_c - sum p_c (logits_v - logits_c); the
-                # difference of logits first keeps a small KL accurate (no cancellation of two large dot products).
-                kl = (lse - clean_lse - torch.linalg.vecdot(clean_probs, logits.sub_(clean_logits)))[:, :-1]
-            self._ce[name].append(ce.double().mean(dim=1).cpu())
-            self._kl[name].append(kl.double().mean(dim=1).cpu())
-        self._context.append(torch.arange(batch.first_context, batch.first_context + batch.n_contexts))
+        n, pos = batch.n_contexts, batch.context_size
+        # One rerun per variant from the hooked layer to the final residual stream (small: d_model wide); the
+        # vocabulary-wide logits are then made LOSS_CHUNK_BYTES' worth of positions at a time, every variant's from
+        # the same positions as the clean ones, so a 262,144-token vocabulary never holds a whole batch's logits.
+        residuals = {name: self._final_residual(batch, None if v.replacement is None else v).reshape(n * pos, -1)
+                     for name, v in self.variants.items()}
+        # Each position predicts the next token; the last one of a context predicts nothing (target -1, dropped).
+        targets = torch.cat([batch.tokens[:, 1:], batch.tokens.new_full((n, 1), -1)], dim=1).reshape(-1)
+        ce = {name: torch.zeros(n * pos, dtype=torch.float64, device=targets.device) for name in self.variants}
+        kl = {name: torch.zeros(n * pos, dtype=torch.float64, device=targets.device) for name in self.variants}
+        rows = max(1, LOSS_CHUNK_BYTES // (16 * self.model.cfg.d_vocab))
+        for start in range(0, n * pos, rows):
+            chunk = slice(start, min(start + rows, n * pos))
+            target = targets[chunk].clamp_min(0)[:, None]
+            clean_logits = self._unembed(residuals["clean"][chunk], "clean")
+            clean_lse = clean_logits.logsumexp(dim=-1)
+            if not bool(torch.isfinite(clean_lse).all()):
+                raise InputError(f"the model's clean logits are not finite on contexts {batch.first_context}.."
+                                 f"{batch.first_context + n - 1}: check its weights for NaN / inf")
+            # p_clean, once per chunk: every variant's KL reads it.
+            clean_probs = (clean_logits - clean_lse[:, None]).exp_()
+            for name, variant in self.variants.items():
+                if variant.replacement is None:
+                    logits, lse = clean_logits, clean_lse
+                else:
+                    logits = self._unembed(residuals[name][chunk], name)
+                    lse = logits.logsumexp(dim=-1)
+                ce[name][chunk] = (lse - logits.gather(-1, target).squeeze(-1)).double()
+                if variant.replacement is not None:
+                    # KL(p_c || p_v) = sum p_c (log p_c - log p_v) = lse_v - lse_c - sum p_c (logits_v - logits_c);
+                    # the difference of logits first keeps a small KL accurate (no cancellation of two large dot
+                    # products).
+                    kl[name][chunk] = (lse - clean_lse - torch.linalg.vecdot(clean_probs,
+                                                                             logits.sub_(clean_logits))).double()
+        for name in self.variants:
+            self._ce[name].append(ce[name].reshape(n, pos)[:, :-1].mean(dim=1).cpu())
+            self._kl[name].append(kl[name].reshape(n, pos)[:, :-1].mean(dim=1).cpu())
+        self._context.append(torch.arange(batch.first_context, batch.first_context + n))
 
-    def _logits(self, batch: ActivationBatch, variant: SpliceVariant | None) -> Tensor:
-        """Float32 logits ``(batch, pos, d_vocab)`` with ``variant`` spliced in (the model's own tensor, which
-        this accumulator may overwrite)."""
+    def _final_residual(self, batch: ActivationBatch, variant: SpliceVariant | None) -> Tensor:
+        """The residual stream after the last block ``(batch, pos, d_model)``, with ``variant`` spliced in: the rerun
+        from the hooked layer (TransformerLens's ``forward`` with ``stop_at_layer=n_layers`` stops just before its
+        final norm and unembedding, which :meth:`_unembed` applies)."""
         hooks = [] if variant is None else [(f"blocks.{batch.layer}.attn.hook_z", _hook(variant))]
         with self.model.hooks(fwd_hooks=hooks):
-            logits = self.model(batch.resid_pre, start_at_layer=batch.layer)
-        return logits.float()
+            return self.model(batch.resid_pre, start_at_layer=batch.layer, stop_at_layer=self.model.cfg.n_layers)
+
+    def _unembed(self, residual: Tensor, name: str) -> Tensor:
+        """Float32 logits ``(rows, d_vocab)`` of final residual rows: the tail of TransformerLens's ``forward`` (final
+        norm, unembedding, logit soft-cap), applied to a chunk of positions. ``name``: the variant's (for timing)."""
+        from transformer_lens.utilities.activation_functions import apply_softcap
+
+        model = self.model
+        if model.cfg.normalization_type is not None:
+            residual = model.ln_final(residual[None])[0]  # the norm's hooks expect (batch, pos, d_model)
+        return apply_softcap(model.unembed(residual[None])[0], model.cfg.output_logits_soft_cap).float()
 
     def compute(self) -> SpliceReport:
         if self._hook_name is None:
