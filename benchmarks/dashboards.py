@@ -92,7 +92,7 @@ def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, A
     saes.update({head_name(h): (sae, h) for h, sae in world.head_saes.items()})
     n_features = sum(sae.d_sae for sae, _ in saes.values())
     info = dict(n_contexts=tokens.shape[0], context_size=tokens.shape[1], n_tokens=tokens.numel(),
-                n_features=n_features, world_rss_mib=_proc_status_kib("VmRSS") / 1024)
+                n_features=n_features, n_heads=len(saes) - 1, world_rss_mib=_proc_status_kib("VmRSS") / 1024)
 
     decompositions = stages.run("decompose (nn_omp n_nonzero=16, weights only)", lambda: decompose_settings(
         world.concat_sae, world.head_saes, [SolverSetting("nn_omp", {"n_nonzero": 16, "tol": 0.01})],
@@ -197,7 +197,8 @@ def header(args: argparse.Namespace, info: dict[str, Any], load: str) -> str:
         f"# Dashboard cost, size {args.size}",
         "",
         f"- {info['n_contexts']} contexts x {info['context_size']:,} = {info['n_tokens']:,} tokens measured; "
-        f"{info['n_features']:,} features (concat + 8 heads); 'per 1M tokens' = the measurement extrapolated linearly",
+        f"{info['n_features']:,} features (concat + {info['n_heads']} heads); 'per 1M tokens' = the measurement "
+        "extrapolated linearly",
         f"- shown-example slots filled: {info['filled']:,} of {info['slots']:,} ({info['filled'] / info['slots']:.1%}); "
         "'all 45 slots filled' = measured x slots / filled (the per-example work; the model pass over the contexts "
         "holding examples is included in the measurement and does not scale so)",

@@ -235,7 +235,7 @@ def bytes_per_context(cfg: Any, context_size: int, include: Iterable[str] = (), 
     floats += heads * pos * pos * ("pattern" in include)
     if with_logits:
         # The splice keeps every variant's final residual stream (up to SPLICE_RESIDUALS variants); its vocabulary-wide
-        # logits exist only for LOSS_CHUNK_BYTES worth of positions at a time, whatever the batch (contexts_per_batch).
+        # logits exist only one column block at a time, LOSS_CHUNK_BYTES whatever the batch (contexts_per_batch).
         floats += SPLICE_RESIDUALS * pos * cfg.d_model
     return 4 * floats
 
@@ -243,9 +243,10 @@ def bytes_per_context(cfg: Any, context_size: int, include: Iterable[str] = (), 
 SPLICE_RESIDUALS = 32
 """Final residual streams of splice variants a batch is sized for (:func:`bytes_per_context`)."""
 LOSS_CHUNK_BYTES = 2**28
-"""The memory of the splice's vocabulary-wide tensors (clean logits and probabilities, a variant's logits, one temporary)
-at once: positions are unembedded this many bytes' worth at a time (:mod:`sparsedecomp.evaluation.splice`), so a
-262,144-token vocabulary costs 256 MiB whatever the context length and batch."""
+"""The memory of the splice's vocabulary-wide tensors at once (a block of clean logits and its exponentials, a
+variant's block, one temporary): the vocabulary is unembedded in column blocks this size
+(:mod:`sparsedecomp.evaluation.splice`), so a 262,144-token vocabulary costs 256 MiB whatever the context length
+and batch."""
 
 
 def contexts_per_batch(model: Any, context_size: int, include: Iterable[str] = (), *,

@@ -264,9 +264,9 @@ def test_routed_pinv_splices_in_exactly_like_the_concat_sae(world):
     assert abs(report["routed_omp2"].kl - report["concat_sae"].kl) > 1e-2 * report["concat_sae"].kl
 
 
-def test_splice_losses_made_a_few_positions_at_a_time_equal_transformer_lens_own_loss(world, monkeypatch):
-    """The splice unembeds chunks of positions itself (final norm, unembedding, Gemma's logit soft-cap: the tail of
-    TransformerLens's forward); its clean loss is TransformerLens's own, with chunks crossing contexts' ends."""
+def test_splice_losses_made_a_few_vocabulary_columns_at_a_time_equal_transformer_lens_own_loss(world, monkeypatch):
+    """The splice unembeds blocks of vocabulary columns itself (final norm, unembedding, Gemma's logit soft-cap: the
+    tail of TransformerLens's forward); its clean loss is TransformerLens's own."""
     import sparsedecomp.evaluation.splice as splice
 
     monkeypatch.setattr(splice, "LOSS_CHUNK_BYTES", 16 * world.loaded.model.cfg.d_vocab * 5)

@@ -115,13 +115,14 @@ def direct_per_context(model, tokens, hook=None):
     return ce.double().mean(1), logp
 
 
-@pytest.mark.parametrize("chunk_rows", [None, 5])
-def test_losses_kl_and_standard_errors_match_a_direct_computation(model, chunk_rows, monkeypatch):
-    """With the default chunk, and with logits made 5 positions at a time (chunks across contexts' ends)."""
-    if chunk_rows is not None:
+@pytest.mark.parametrize("chunk_bytes", [None, 16 * 5 * 80])
+def test_losses_kl_and_standard_errors_match_a_direct_computation(model, chunk_bytes, monkeypatch):
+    """With the default block, and with logits made a few vocabulary columns at a time (5 for 80 positions: the
+    softmax sums carried over many blocks)."""
+    if chunk_bytes is not None:
         import sparsedecomp.evaluation.splice as splice
 
-        monkeypatch.setattr(splice, "LOSS_CHUNK_BYTES", 16 * model.cfg.d_vocab * chunk_rows)
+        monkeypatch.setattr(splice, "LOSS_CHUNK_BYTES", chunk_bytes)
     tokens = torch.randint(0, 50, (12, 16), generator=torch.Generator().manual_seed(2))
     mean_z = torch.randn(N_HEADS, D_HEAD, dtype=torch.float64)
     variants = splice_variants(N_HEADS, D_HEAD, head_saes={1: lambda_sae(0.7)}, mean_z=mean_z, heads=[1])

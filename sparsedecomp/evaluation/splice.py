@@ -31,12 +31,13 @@ ablation has score ``None`` (0 against itself by definition) but reports its own
 Speed: the stream runs the model up to the layer once per batch; every variant reruns only the layers from
 ``layer`` on, to the final residual stream (``model(resid_pre, start_at_layer=layer, stop_at_layer=n_layers)``).
 The unembedding, the largest cost at a large vocabulary (gemma-3-270m: 262,144 tokens, 168M multiply-adds a
-position against about 66M for its last six layers), is paid once per variant and position, never more: positions
-are unembedded :data:`~sparsedecomp.activations.LOSS_CHUNK_BYTES` worth at a time (256 MiB of vocabulary-wide
-tensors whatever the context length and batch), the clean chunk's probabilities computed once and reused for every
-variant's KL. A variant's log-softmax is never materialised (``CE = lse - logit_target`` and
-``KL = lse_v - lse_c - sum_x p_c (logits_v - logits_c)``), head variants write into ``z`` in place, and only the
-per-context sums are float64.
+position against about 66M for its last six layers), is paid once per variant and position, never more, and its
+memory is bounded: the logits are made a block of vocabulary columns at a time for all the batch's positions
+(:data:`~sparsedecomp.activations.LOSS_CHUNK_BYTES` of vocabulary-wide tensors whatever the context length and
+batch; each block one well-shaped matrix product), every variant's block beside the clean one, and the softmax sums
+are carried from block to block (:class:`OnlineLosses`). A log-softmax is never materialised (``CE = lse -
+logit_target`` and ``KL = lse_v - lse_c - sum_x p_c (logits_v - logits_c)``), head variants write into ``z`` in
+place, and only the per-context sums are float64.
 """
 
 from __future__ import annotations
@@ -344,6 +345,57 @@ def _routed_variant(label: str, decoder: RoutedDecoder, concat_sae: Any, encode:
                                         **decoder.setting})
 
 
+# -- losses over vocabulary blocks ----------------------------------------------------------------------------------
+class OnlineLosses:
+    """Each position's CE and KL(clean || variant) from logits seen a block of vocabulary columns at a time.
+
+    Per position and variant ``v`` it carries the running maximum ``m_v``, ``s_v = sum_x exp(l_v(x) - m_v)`` over the
+    columns seen and the target's logit; for the KL, ``w_v = sum_x exp(l_c(x) - m_c) (l_v(x) - l_c(x))`` on the clean
+    run's running maximum. When a block raises a maximum, the sums carried so far are rescaled by
+    ``exp(m_old - m_new)``. At the end ``lse_v = m_v + log s_v``, ``CE = lse_v - l_v(target)`` and
+    ``KL = lse_v - lse_c - w_v / s_c`` (``sum_x p_c (log p_c - log p_v)`` with the difference of logits taken first,
+    so a small KL keeps its accuracy). Exactly the full-vocabulary values, up to float32 rounding."""
+
+    def __init__(self, rows: int, names: list[str], *, device: torch.device) -> None:
+        def filled(value: float) -> dict[str, Tensor]:
+            return {name: torch.full((rows,), value, device=device) for name in names}
+
+        self.max, self.sum, self.target, self.weighted = filled(-math.inf), filled(0.0), filled(0.0), filled(0.0)
+        self._clean_max: Tensor | None = None  # the clean run's maximum after the current block
+        self._clean_exp: Tensor | None = None  # exp(l_c - that maximum) on the current block
+        self._clean_rescale: Tensor | None = None
+
+    def _add(self, name: str, logits: Tensor, targets: Tensor, columns: slice) -> tuple[Tensor, Tensor, Tensor]:
+        """Fold one block of ``name``'s logits into its sums; returns ``(new maximum, rescale, exp(logits - it))``."""
+        new_max = torch.maximum(self.max[name], logits.max(dim=1).values)
+        rescale = torch.exp(self.max[name] - new_max)
+        exp = torch.exp(logits - new_max[:, None])
+        self.sum[name] = self.sum[name] * rescale + exp.sum(dim=1)
+        inside = (targets >= columns.start) & (targets < columns.stop)
+        rows = inside.nonzero().squeeze(1)
+        self.target[name][rows] = logits[rows, targets[rows] - columns.start]
+        return new_max, rescale, exp
+
+    def add_clean(self, logits: Tensor, targets: Tensor, columns: slice) -> None:
+        self._clean_max, self._clean_rescale, self._clean_exp = self._add("clean", logits, targets, columns)
+
+    def add_variant(self, name: str, logits: Tensor, clean: Tensor, targets: Tensor, columns: slice) -> None:
+        self.max[name] = self._add(name, logits, targets, columns)[0]
+        self.weighted[name] = (self.weighted[name] * self._clean_rescale
+                               + torch.linalg.vecdot(self._clean_exp, logits - clean))
+
+    def advance(self) -> None:
+        """After every variant of a block: the clean run's maximum moves on."""
+        self.max["clean"] = self._clean_max
+
+    def result(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        lse = {name: self.max[name] + self.sum[name].log() for name in self.max}
+        ce = {name: lse[name] - self.target[name] for name in lse}
+        kl = {name: (lse[name] - lse["clean"] - self.weighted[name] / self.sum["clean"]) if name != "clean"
+              else torch.zeros_like(lse[name]) for name in lse}
+        return ce, kl
+
+
 # -- the accumulator ----------------------------------------------------------------------------------------------
 class SpliceAccumulator:
     """Splice-in losses of ``variants`` (name -> :class:`SpliceVariant`), streamed: per batch, one clean rerun and
@@ -393,61 +445,57 @@ class SpliceAccumulator:
         self._hook_name = f"blocks.{batch.layer}.attn.hook_z"
         self._predicted_per_context = batch.context_size - 1
         n, pos = batch.n_contexts, batch.context_size
-        # One rerun per variant from the hooked layer to the final residual stream (small: d_model wide); the
-        # vocabulary-wide logits are then made LOSS_CHUNK_BYTES' worth of positions at a time, every variant's from
-        # the same positions as the clean ones, so a 262,144-token vocabulary never holds a whole batch's logits.
-        residuals = {name: self._final_residual(batch, None if v.replacement is None else v).reshape(n * pos, -1)
-                     for name, v in self.variants.items()}
-        # Each position predicts the next token; the last one of a context predicts nothing (target -1, dropped).
-        targets = torch.cat([batch.tokens[:, 1:], batch.tokens.new_full((n, 1), -1)], dim=1).reshape(-1)
-        ce = {name: torch.zeros(n * pos, dtype=torch.float64, device=targets.device) for name in self.variants}
-        kl = {name: torch.zeros(n * pos, dtype=torch.float64, device=targets.device) for name in self.variants}
-        rows = max(1, LOSS_CHUNK_BYTES // (16 * self.model.cfg.d_vocab))
-        for start in range(0, n * pos, rows):
-            chunk = slice(start, min(start + rows, n * pos))
-            target = targets[chunk].clamp_min(0)[:, None]
-            clean_logits = self._unembed(residuals["clean"][chunk], "clean")
-            clean_lse = clean_logits.logsumexp(dim=-1)
-            if not bool(torch.isfinite(clean_lse).all()):
-                raise InputError(f"the model's clean logits are not finite on contexts {batch.first_context}.."
-                                 f"{batch.first_context + n - 1}: check its weights for NaN / inf")
-            # p_clean, once per chunk: every variant's KL reads it.
-            clean_probs = (clean_logits - clean_lse[:, None]).exp_()
+        rows = n * pos
+        # One rerun per variant from the hooked layer to the normed final residual stream (d_model wide); the
+        # vocabulary-wide logits are then made a block of vocabulary columns at a time (_vocabulary_blocks), for every
+        # variant from the same columns as the clean ones, with the softmax sums carried online across blocks: the
+        # unembedding is paid once per variant and position, and a 262,144-token vocabulary never holds a whole
+        # batch's logits.
+        normed = {name: self._final_normed(batch, None if v.replacement is None else v).reshape(rows, -1)
+                  for name, v in self.variants.items()}
+        # Each position predicts the next token; the last one of a context predicts nothing (dropped below).
+        targets = torch.cat([batch.tokens[:, 1:], batch.tokens[:, :1]], dim=1).reshape(-1)
+        losses = OnlineLosses(rows, list(self.variants), device=targets.device)
+        for columns in self._vocabulary_blocks(rows):
+            clean = self._logits_block(normed["clean"], columns, "clean")
+            losses.add_clean(clean, targets, columns)
             for name, variant in self.variants.items():
-                if variant.replacement is None:
-                    logits, lse = clean_logits, clean_lse
-                else:
-                    logits = self._unembed(residuals[name][chunk], name)
-                    lse = logits.logsumexp(dim=-1)
-                ce[name][chunk] = (lse - logits.gather(-1, target).squeeze(-1)).double()
                 if variant.replacement is not None:
-                    # KL(p_c || p_v) = sum p_c (log p_c - log p_v) = lse_v - lse_c - sum p_c (logits_v - logits_c);
-                    # the difference of logits first keeps a small KL accurate (no cancellation of two large dot
-                    # products).
-                    kl[name][chunk] = (lse - clean_lse - torch.linalg.vecdot(clean_probs,
-                                                                             logits.sub_(clean_logits))).double()
+                    losses.add_variant(name, self._logits_block(normed[name], columns, name), clean, targets, columns)
+            losses.advance()
+        ce, kl = losses.result()
+        if not bool(torch.isfinite(ce["clean"]).all()):
+            raise InputError(f"the model's clean logits are not finite on contexts {batch.first_context}.."
+                             f"{batch.first_context + n - 1}: check its weights for NaN / inf")
         for name in self.variants:
-            self._ce[name].append(ce[name].reshape(n, pos)[:, :-1].mean(dim=1).cpu())
-            self._kl[name].append(kl[name].reshape(n, pos)[:, :-1].mean(dim=1).cpu())
+            self._ce[name].append(ce[name].double().reshape(n, pos)[:, :-1].mean(dim=1).cpu())
+            self._kl[name].append(kl[name].double().reshape(n, pos)[:, :-1].mean(dim=1).cpu())
         self._context.append(torch.arange(batch.first_context, batch.first_context + n))
 
-    def _final_residual(self, batch: ActivationBatch, variant: SpliceVariant | None) -> Tensor:
-        """The residual stream after the last block ``(batch, pos, d_model)``, with ``variant`` spliced in: the rerun
-        from the hooked layer (TransformerLens's ``forward`` with ``stop_at_layer=n_layers`` stops just before its
-        final norm and unembedding, which :meth:`_unembed` applies)."""
+    def _final_normed(self, batch: ActivationBatch, variant: SpliceVariant | None) -> Tensor:
+        """The final residual stream after the final norm ``(batch, pos, d_model)``, with ``variant`` spliced in: the
+        rerun from the hooked layer (TransformerLens's ``forward`` with ``stop_at_layer=n_layers`` stops just before
+        its final norm, applied here; the unembedding is :meth:`_logits_block`)."""
         hooks = [] if variant is None else [(f"blocks.{batch.layer}.attn.hook_z", _hook(variant))]
         with self.model.hooks(fwd_hooks=hooks):
-            return self.model(batch.resid_pre, start_at_layer=batch.layer, stop_at_layer=self.model.cfg.n_layers)
+            residual = self.model(batch.resid_pre, start_at_layer=batch.layer, stop_at_layer=self.model.cfg.n_layers)
+        return residual if self.model.cfg.normalization_type is None else self.model.ln_final(residual)
 
-    def _unembed(self, residual: Tensor, name: str) -> Tensor:
-        """Float32 logits ``(rows, d_vocab)`` of final residual rows: the tail of TransformerLens's ``forward`` (final
-        norm, unembedding, logit soft-cap), applied to a chunk of positions. ``name``: the variant's (for timing)."""
+    def _vocabulary_blocks(self, rows: int) -> list[slice]:
+        """Column blocks of the vocabulary such that one block's logits for ``rows`` positions take a quarter of
+        :data:`~sparsedecomp.activations.LOSS_CHUNK_BYTES` (four such tensors live at once)."""
+        d_vocab = self.model.cfg.d_vocab
+        width = max(1, min(d_vocab, LOSS_CHUNK_BYTES // (16 * rows)))
+        return [slice(c, min(c + width, d_vocab)) for c in range(0, d_vocab, width)]
+
+    def _logits_block(self, normed: Tensor, columns: slice, name: str) -> Tensor:
+        """Float32 logits ``(rows, block)`` of the vocabulary ``columns``: TransformerLens's unembedding (``x @ W_U +
+        b_U``) and logit soft-cap on those columns. ``name``: the variant's (for timing)."""
         from transformer_lens.utilities.activation_functions import apply_softcap
 
-        model = self.model
-        if model.cfg.normalization_type is not None:
-            residual = model.ln_final(residual[None])[0]  # the norm's hooks expect (batch, pos, d_model)
-        return apply_softcap(model.unembed(residual[None])[0], model.cfg.output_logits_soft_cap).float()
+        unembed = self.model.unembed
+        logits = torch.addmm(unembed.b_U[columns], normed, unembed.W_U[:, columns])
+        return apply_softcap(logits, self.model.cfg.output_logits_soft_cap).float()
 
     def compute(self) -> SpliceReport:
         if self._hook_name is None:
