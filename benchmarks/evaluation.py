@@ -102,10 +102,15 @@ def calibrated(sae: Any, z: torch.Tensor, l0: float) -> Any:
     from dataclasses import replace
 
     x = z - sae.b_dec if sae.apply_b_dec_to_input else z
-    pre = x.to(sae.W_enc) @ sae.W_enc
-    n = pre.shape[0]
-    m = max(1, round(n * l0 / sae.d_sae))
-    return replace(sae, b_enc=-pre.kthvalue(n - m, dim=0).values)
+    return replace(sae, b_enc=-firing_cut(x.to(sae.W_enc) @ sae.W_enc, l0))
+
+
+def firing_cut(pre: torch.Tensor, l0: float) -> torch.Tensor:
+    """Per feature (column of ``pre``, ``(n, d_sae)``), the ``(m+1)``-th largest pre-activation, ``m = round(n * l0 /
+    d_sae)``: a feature that fires strictly above it fires on ``m`` of the ``n`` rows (mean L0 about ``l0``)."""
+    n, d_sae = pre.shape
+    m = max(1, round(n * l0 / d_sae))
+    return pre.kthvalue(n - m, dim=0).values
 
 
 def gelu_2l_world(n_contexts: int, l0: float, seed: int, device: str) -> World:
@@ -168,9 +173,7 @@ def gemma_3_270m_world(n_contexts: int, l0: float, seed: int, device: str) -> Wo
     def sae(d_in: int, d_sae: int, head: Any, x: torch.Tensor) -> Any:
         W_enc, _, W_dec, b_dec = _random_weights(d_in, d_sae, gen, decoder_norm=1.0)
         # Gemma Scope's form: no b_dec subtracted from the input, encoder bias 0 here, a threshold per feature.
-        pre = x @ W_enc
-        m = max(1, round(len(x) * l0 / d_sae))
-        threshold = pre.kthvalue(len(x) - m, dim=0).values.clamp_min(0.0)
+        threshold = firing_cut(x @ W_enc, l0).clamp_min(0.0)
         return SAE(W_enc=W_enc, b_enc=torch.zeros(d_sae), W_dec=W_dec, b_dec=b_dec, apply_b_dec_to_input=False,
                    hook_name=hook, layer=layer, head=head, model_name=cfg["model_name"],
                    activation=JumpReLU(threshold)).to(device=device)

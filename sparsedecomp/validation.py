@@ -49,6 +49,13 @@ def check_tensor(value: object, name: str, *, ndim: int | None = None) -> Tensor
     return value
 
 
+def check_like(value: Tensor, name: str, reference: Tensor, reference_name: str) -> None:
+    """Refuse ``value`` unless it has ``reference``'s dtype and device (weights of one model must share both)."""
+    if value.dtype != reference.dtype or value.device != reference.device:
+        raise InputError(f"{name} is {value.dtype} on {value.device} but {reference_name} is {reference.dtype} on "
+                         f"{reference.device}; all SAE weights must share dtype and device")
+
+
 def check_has_data(value: Tensor, name: str) -> None:
     """Refuse a tensor on the ``meta`` device: it has a shape and dtype but no values, so nothing can be computed
     from it (torch would fail later, deep inside, on the first value read)."""

@@ -69,7 +69,7 @@ def test_trained_heads_learn_and_load_in_saelens_and_the_package(tiny_model, tok
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(layer=5), r"layer 5 does not exist: the model has layers 0\.\.1"),
+    (dict(layer=5), r"layer must be an int in \[0, 2\), got 5"),
     (dict(heads=(4,)), r"heads \[4\] do not exist: the model has heads 0\.\.3"),
     (dict(spec=HeadTrainingSpec("topk", d_sae=32, k=4, training_tokens=10**6, batch_size=64)),
      r"1,000,000 training tokens asked for but the tokens hold 4,000"),

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from ..validation import check_tensor
+from ..validation import check_like, check_tensor
 
 # Rows of pre-activations ranked at once when the k-th largest value of each row is computed (bounds memory).
 _RANK_ROWS = 4096
@@ -48,8 +48,9 @@ class ActivationRule:
     kind: ClassVar[str]
     needs_context: ClassVar[bool] = False  # whether encoding some columns needs the token's other columns
 
-    def check(self, d_in: int, d_sae: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Raise :class:`InputError` when the rule's tensors do not fit an SAE of these sizes, dtype and device."""
+    def check(self, d_in: int, d_sae: int, W_enc: Tensor) -> None:
+        """Raise :class:`InputError` when the rule's tensors do not fit an SAE of these sizes whose encoder is
+        ``W_enc`` (the same dtype and device)."""
 
     def apply(self, pre: Tensor, centred: Tensor) -> Tensor:
         """Activations of all ``d_sae`` features from their pre-activations ``pre`` ``(..., d_sae)`` and the
@@ -118,11 +119,11 @@ class JumpReLU(ActivationRule):
     threshold: Tensor
     kind: ClassVar[str] = "jumprelu"
 
-    def check(self, d_in: int, d_sae: int, dtype: torch.dtype, device: torch.device) -> None:
+    def check(self, d_in: int, d_sae: int, W_enc: Tensor) -> None:
         check_tensor(self.threshold, "threshold")
         if tuple(self.threshold.shape) != (d_sae,):
             raise InputError(f"a JumpReLU threshold must have shape ({d_sae},), got {tuple(self.threshold.shape)}")
-        _check_like(self.threshold, "threshold", dtype, device)
+        check_like(self.threshold, "threshold", W_enc, "W_enc")
 
     def apply(self, pre: Tensor, centred: Tensor) -> Tensor:
         # The order of SAELens's JumpReLUSAE.encode, so the result is the same to the bit.
@@ -164,7 +165,7 @@ class TopK(ActivationRule):
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise InputError(f"a TopK rule needs a positive integer k, got {self.k!r}")
 
-    def check(self, d_in: int, d_sae: int, dtype: torch.dtype, device: torch.device) -> None:
+    def check(self, d_in: int, d_sae: int, W_enc: Tensor) -> None:
         if self.k > d_sae:
             raise InputError(f"a TopK rule keeps k={self.k} features but the SAE has only d_sae={d_sae}")
 
@@ -225,12 +226,12 @@ class Gated(ActivationRule):
     r_mag: Tensor
     kind: ClassVar[str] = "gated"
 
-    def check(self, d_in: int, d_sae: int, dtype: torch.dtype, device: torch.device) -> None:
+    def check(self, d_in: int, d_sae: int, W_enc: Tensor) -> None:
         for name, shape in (("W_gate", (d_in, d_sae)), ("b_gate", (d_sae,)), ("r_mag", (d_sae,))):
             value = check_tensor(getattr(self, name), name)
             if tuple(value.shape) != shape:
                 raise InputError(f"a gated SAE's {name} must have shape {shape}, got {tuple(value.shape)}")
-            _check_like(value, name, dtype, device)
+            check_like(value, name, W_enc, "W_enc")
 
     def gate(self, centred: Tensor, features: slice | Tensor | None = None) -> Tensor:
         """The gate's pre-activation ``x' @ W_gate + b_gate`` of the ``features`` columns (all by default)."""
@@ -266,9 +267,3 @@ class Gated(ActivationRule):
 
 
 RULES: dict[str, type[ActivationRule]] = {rule.kind: rule for rule in (ReLU, JumpReLU, TopK, Gated)}
-
-
-def _check_like(value: Tensor, name: str, dtype: torch.dtype, device: torch.device) -> None:
-    if value.dtype != dtype or value.device != device:
-        raise InputError(f"{name} is {value.dtype} on {value.device} but W_enc is {dtype} on {device}; all SAE "
-                         "weights must share dtype and device")

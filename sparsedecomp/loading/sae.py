@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .activation_rules import ActivationRule, ReLU
 from .errors import HookUnknownError
-from ..validation import FLOAT_DTYPES, check_device, check_positive, check_tensor, first_indices
+from ..validation import FLOAT_DTYPES, check_device, check_like, check_positive, check_tensor, first_indices
 from ..errors import InputError, InputTypeError
 
 CONCATENATED = "concatenated"
@@ -94,12 +94,7 @@ class SAE:
                     f"got {tuple(value.shape)}"
                 )
         for name in ("b_enc", "W_dec", "b_dec"):
-            value = getattr(self, name)
-            if value.dtype != self.W_enc.dtype or value.device != self.W_enc.device:
-                raise InputError(
-                    f"{name} is {value.dtype} on {value.device} but W_enc is {self.W_enc.dtype} on "
-                    f"{self.W_enc.device}; all SAE weights must share dtype and device"
-                )
+            check_like(getattr(self, name), name, self.W_enc, "W_enc")
         if self.log_sparsity is not None:
             if not isinstance(self.log_sparsity, Tensor) or tuple(self.log_sparsity.shape) != (d_sae,):
                 shape = getattr(self.log_sparsity, "shape", type(self.log_sparsity).__name__)
@@ -107,7 +102,7 @@ class SAE:
         if not isinstance(self.activation, ActivationRule):
             raise InputTypeError(f"activation must be an ActivationRule (ReLU(), JumpReLU(threshold), TopK(k), "
                                  f"Gated(...)), got {type(self.activation).__name__}")
-        self.activation.check(d_in, d_sae, self.W_enc.dtype, self.W_enc.device)
+        self.activation.check(d_in, d_sae, self.W_enc)
         if not isinstance(self.apply_b_dec_to_input, bool):
             raise InputTypeError(f"apply_b_dec_to_input must be a bool, got {type(self.apply_b_dec_to_input).__name__}")
         if self.hook_name is not None and (not isinstance(self.hook_name, str) or not self.hook_name):

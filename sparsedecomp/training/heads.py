@@ -27,7 +27,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import Tensor
 
-from ..activations import ActivationStream, hooked_transformer
+from ..activations import ActivationStream, check_layer, hooked_transformer
 from ..errors import InputError
 from ..naming import head_name
 
@@ -134,8 +134,7 @@ def train_head_saes(model: Any, tokens: Any, *, layer: int, spec: HeadTrainingSp
 
     hooked = hooked_transformer(model)
     cfg = hooked.cfg
-    if not 0 <= layer < cfg.n_layers:
-        raise InputError(f"layer {layer} does not exist: the model has layers 0..{cfg.n_layers - 1}")
+    layer = check_layer(hooked, layer)
     heads = tuple(range(cfg.n_heads)) if heads is None else tuple(heads)
     missing = [h for h in heads if not 0 <= h < cfg.n_heads]
     if missing or not heads:
