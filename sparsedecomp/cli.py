@@ -23,6 +23,7 @@ METHODS = ("pinv", "nnls", "lasso", "nn_lasso", "omp", "nn_omp", "cvxpy_lasso", 
            "cvxpy_bpdn")
 SPACES = ("z", "residual", "both")
 DEFAULT_METHOD = "nn_omp"
+TRAINING_ARCHITECTURES = ("standard", "jumprelu", "topk", "batchtopk")  # sparsedecomp.training.ARCHITECTURES
 # The flag behind each solver parameter, to name it in errors.
 PARAM_FLAGS = {"alpha": "--alpha", "n_nonzero": "--n-nonzero", "tol": "--tol", "max_iter": "--max-iter",
                "eps": "--eps"}
@@ -274,7 +275,67 @@ def build_parser() -> argparse.ArgumentParser:
     kissane.add_argument("--concat-version", help="Kissane version name, when the folder holds several pairs")
     kissane.add_argument("--feature", type=non_negative_int, default=99, help="the feature (the seed: 99)")
     kissane.add_argument("--out", required=True, help="output folder (seed.json)")
+
+    train = sub.add_parser("train-heads", help="train one SAE per attention head of a layer, all heads in one pass "
+                                               "(SAELens's trainer), with checkpoints, resume and per-head evals",
+                           epilog=TRAIN_HEADS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _train_heads_flags(train)
     return parser
+
+
+TRAIN_HEADS_HELP = """output (--out DIR):
+  head_<h>/            one SAELens 6 folder per head (cfg.json, sae_weights.safetensors): hook_name the layer's
+                       hook_z, hook_head_index h, the model and its processing recorded; read by
+                       sae_lens.SAE.load_from_disk and by sparsedecomp's --head-saes
+  report.json          per-head SAELens run_evals metrics (l0, explained_variance, mse, ce_loss_score, ...) on the
+                       held-out contexts, the training curve (L0, explained variance) and timings
+  checkpoints/         the latest SAELens checkpoint: run the same command again to resume after a kill
+sparsity: --k for topk / batchtopk, --l1-coefficient for standard, --l0-coefficient for jumprelu (SAELens's
+defaults otherwise); inputs are scaled to norm sqrt(d_head) while training and the scale folded in at the end.
+"""
+
+
+def _train_heads_flags(p: argparse.ArgumentParser) -> None:
+    from_args = p.add_argument_group("model and tokens")
+    from_args.add_argument("--model", required=True, help="TransformerLens model name (processed with "
+                                                          "from_pretrained's defaults) or a local model folder")
+    from_args.add_argument("--tokenizer", help="tokenizer, when the model has none (file, folder or hub name)")
+    from_args.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... or auto (default cpu)")
+    from_args.add_argument("--layer", type=non_negative_int, required=True, help="the attention layer")
+    from_args.add_argument("--heads", metavar="H,H,...", help="heads to train (default: every head of the layer)")
+    from_args.add_argument("--hook", help="the hook (default and only choice: blocks.LAYER.attn.hook_z)")
+    source = from_args.add_mutually_exclusive_group(required=True)
+    source.add_argument("--tokens", type=Path, help="safetensors/pt file with a 'tokens' [contexts, positions] "
+                                                    "tensor (BOS first), used whole")
+    source.add_argument("--dataset", help="Hugging Face dataset name or local dataset folder (pre-tokenised or text)")
+    from_args.add_argument("--split", default="train", help="dataset split (default train)")
+    from_args.add_argument("--column", help="dataset column (default: tokens / input_ids / text, the first present)")
+    from_args.add_argument("--context-size", type=positive_int, help="tokens per dataset context (default: n_ctx)")
+    from_args.add_argument("--bos-token-id", type=non_negative_int, help="BOS token id (default: the tokenizer's)")
+    sae = p.add_argument_group("SAEs (SAELens training configuration)")
+    sae.add_argument("--architecture", required=True, choices=TRAINING_ARCHITECTURES, help="SAELens architecture")
+    sae.add_argument("--d-sae", type=positive_int, required=True, help="features per head")
+    sae.add_argument("--k", type=positive_int, help="active features per token (topk, batchtopk)")
+    sae.add_argument("--l1-coefficient", type=float, help="L1 coefficient (standard)")
+    sae.add_argument("--l0-coefficient", type=float, help="L0 coefficient (jumprelu)")
+    sae.add_argument("--training-tokens", type=positive_int, required=True, help="tokens each head's SAE trains on")
+    sae.add_argument("--batch-size", type=positive_int, default=4096, help="tokens per step (default 4096)")
+    sae.add_argument("--lr", type=positive_float, default=3e-4, help="Adam learning rate (default 3e-4)")
+    sae.add_argument("--lr-warm-up-steps", type=non_negative_int, default=0, help="linear warm-up steps (default 0)")
+    sae.add_argument("--lr-decay-steps", type=non_negative_int, default=0,
+                     help="final linear decay steps (default 0)")
+    sae.add_argument("--no-normalize-activations", action="store_true",
+                     help="train on raw z (default: scaled to norm sqrt(d_head), folded in at the end)")
+    sae.add_argument("--buffer-batches", type=positive_int, default=16,
+                     help="batches whose rows are shuffled together (default 16)")
+    sae.add_argument("--seed", type=non_negative_int, default=0, help="initialisation and shuffling seed")
+    run = p.add_argument_group("run")
+    run.add_argument("--eval-contexts", type=positive_int, default=64,
+                     help="last contexts of the tokens held out for the per-head evals (default 64)")
+    run.add_argument("--checkpoint-every", type=positive_int, help="steps between checkpoints (default: a tenth "
+                                                                   "of the run)")
+    run.add_argument("--out", required=True, help="output folder: new, empty, or this run's (resumed)")
+    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 # -- flags -> the job layer's options (the namespace is read, never changed) -------------------------------------------
@@ -405,6 +466,39 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_train_heads(args: argparse.Namespace) -> int:
+    from .jobs.inputs import ModelRequest, TokenRequest, parse_index_list
+    from .jobs.train_heads import TrainHeadsOptions, train_heads_job
+    from .training import HeadTrainingSpec
+
+    if args.tokens is not None:
+        given = [flag for flag, value in (("--split", args.split != "train"), ("--column", args.column),
+                                          ("--context-size", args.context_size)) if value]
+        if given:
+            raise InputError(f"{', '.join(given)} only apply to --dataset; a --tokens file is used as it is")
+    spec = HeadTrainingSpec(
+        args.architecture, d_sae=args.d_sae, training_tokens=args.training_tokens, batch_size=args.batch_size,
+        lr=args.lr, k=args.k, l1_coefficient=args.l1_coefficient, l0_coefficient=args.l0_coefficient,
+        lr_warm_up_steps=args.lr_warm_up_steps, lr_decay_steps=args.lr_decay_steps,
+        normalize_activations="none" if args.no_normalize_activations else "expected_average_only_in",
+        buffer_batches=args.buffer_batches, seed=args.seed)
+    options = TrainHeadsOptions(spec=spec, layer=args.layer, heads=parse_index_list(args.heads, "--heads"),
+                                hook=args.hook, eval_contexts=args.eval_contexts,
+                                checkpoint_every=args.checkpoint_every, progress=_progress(args))
+    tokens = TokenRequest(tokens_file=args.tokens, dataset=args.dataset, split=args.split, column=args.column,
+                          context_size=args.context_size, bos_token_id=args.bos_token_id)
+    report = train_heads_job(ModelRequest(args.model, args.tokenizer, args.device), tokens, options, args.out,
+                             log=_log)
+    print(f"{'head':>6} {'L0':>7} {'expl.var':>9} {'dead %':>7} {'CE score':>9}")
+    for name, q in report["evals"].items():
+        dead = 100 * q["dead_fraction"] if q.get("dead_fraction") is not None else float("nan")
+        print(f"{name:>6} {q['l0']:7.2f} {q['explained_variance']:9.4f} {dead:7.1f} "
+              f"{fmt(q.get('ce_loss_score'), '9.4f')}")
+    print(f"wrote {len(report['evals'])} SAELens folders and report.json to {args.out} "
+          f"(training {report['training']['seconds']:.0f}s)")
+    return 0
+
+
 def _log(message: str) -> None:
     print(message, flush=True)
 
@@ -514,7 +608,7 @@ def _join_list_values(argv: Sequence[str]) -> list[str]:
 
 
 COMMANDS = {"demo": run_demo, "decompose": run_decompose, "evaluate": run_evaluate, "dashboard": run_dashboard,
-            "reproduce-seed": run_reproduce_seed}
+            "reproduce-seed": run_reproduce_seed, "train-heads": run_train_heads}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -70,9 +70,9 @@ def test_trained_heads_learn_and_load_in_saelens_and_the_package(tiny_model, tok
 
 @pytest.mark.parametrize("change, message", [
     (dict(layer=5), r"layer must be an int in \[0, 2\), got 5"),
-    (dict(heads=(4,)), r"heads \[4\] do not exist: the model has heads 0\.\.3"),
+    (dict(heads=(4,)), r"heads \[4\] do not exist or repeat: the model.s layer 1 has heads 0\.\.3"),
     (dict(spec=HeadTrainingSpec("topk", d_sae=32, k=4, training_tokens=10**6, batch_size=64)),
-     r"1,000,000 training tokens asked for but the tokens hold 4,000"),
+     r"1,000,000 training tokens \(15625 batches of 64\) asked for but the tokens hold 4,000"),
 ])
 def test_bad_training_requests_are_refused_before_training(tiny_model, training_tokens, change, message):
     arguments = {"layer": LAYER, "spec": SPEC, **change}
@@ -85,7 +85,10 @@ def test_bad_training_requests_are_refused_before_training(tiny_model, training_
                                                               r"'topk', 'batchtopk'\], got 'gated'"),
     (dict(architecture="topk", d_sae=8, k=9, training_tokens=64), r"needs k in 1\.\.d_sae=8, got k=9"),
     (dict(architecture="standard", d_sae=8, k=2, training_tokens=64), "k applies to topk / batchtopk SAEs"),
-    (dict(architecture="standard", d_sae=8, training_tokens=10, batch_size=64), "less than one batch of 64"),
+    (dict(architecture="standard", d_sae=8, training_tokens=640, batch_size=64, lr_decay_steps=11),
+     r"lr_warm_up_steps \+ lr_decay_steps = 11 is more than the run's 10 steps"),
+    (dict(architecture="topk", d_sae=8, k=2, training_tokens=64, l0_coefficient=1.0),
+     "l0_coefficient applies to jumprelu SAEs, not to 'topk'"),
 ])
 def test_a_spec_that_cannot_work_is_refused_by_name(arguments, message):
     with pytest.raises(InputError, match=message):

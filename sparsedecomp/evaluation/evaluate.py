@@ -209,6 +209,26 @@ def evaluate(model: Any, tokens: Any, head_saes: HeadSAEs, concat_sae: SAE, *,
     return Evaluation(report=report, attribution=attribution, faithfulness=faithfulness, routed=routed)
 
 
+def evaluate_head_saes(model: Any, tokens: Any, head_saes: HeadSAEs, *, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                       progress: bool = False) -> tuple[dict[str, SAEQuality], Any]:
+    """SAELens ``run_evals``'s metrics of every per-head SAE on ``tokens``, downstream keys included: one statistics
+    pass (:func:`~sparsedecomp.evaluation.sae_quality.sae_quality_accumulators`) and one splice pass (each head's SAE
+    spliced in against zeroing that head). Returns ``({"head_<h>": SAEQuality}, SpliceReport)``."""
+    if not isinstance(head_saes, HeadSAEs):
+        raise InputTypeError(f"head_saes must be HeadSAEs, got {type(head_saes).__name__}")
+    hooked = hooked_transformer(model)
+    layer = check_layer(hooked, head_saes.layer)
+    params = next(hooked.parameters())
+    head_saes = head_saes.to(device=params.device)
+    quality = sae_quality_accumulators(head_saes, None)
+    stats = run_accumulators(hooked, tokens, quality, layer=layer, memory_budget=memory_budget, progress=progress,
+                             desc="evals")
+    variants = splice_variants(hooked.cfg.n_heads, hooked.cfg.d_head, head_saes=head_saes, heads=head_saes.heads)
+    splice = run_accumulators(hooked, tokens, {"splice": SpliceAccumulator(hooked, variants)}, layer=layer,
+                              memory_budget=memory_budget, progress=progress, desc="splice")["splice"]
+    return {name: _with_splice(stats[name], name, splice) for name in quality}, splice
+
+
 def _with_splice(quality: SAEQuality, name: str, splice) -> SAEQuality:
     """SAELens's downstream keys from the splice-in losses: a per-head SAE against zeroing its head, the concat SAE
     against zeroing the layer, both against the clean model."""
@@ -229,4 +249,5 @@ def _with_timings(report: EvaluationReport, timings: Mapping[str, float]) -> Eva
     return replace(report, timings_s={name: round(value, 3) for name, value in timings.items()})
 
 
-__all__ = ["AnalysesReport", "Evaluation", "EvaluationReport", "REPORT_FORMAT", "RoutingCheck", "evaluate"]
+__all__ = ["AnalysesReport", "Evaluation", "EvaluationReport", "REPORT_FORMAT", "RoutingCheck", "evaluate",
+           "evaluate_head_saes"]
