@@ -9,12 +9,15 @@ from ..lazy import lazy_exports
 from .layout import ARTIFACTS_DIR
 from .world import DemoWorld, demo_tokens, load_demo_world
 
-# Planted worlds (sparsedecomp.demo.planted) load on first use, so that `python -m sparsedecomp.demo.planted` does not
-# find its module already imported by this package.
-_PLANTED = {name: ".planted" for name in (
-    "MixedProblem", "PlantedConfig", "PlantedProblem", "PlantedTruth", "PlantedWorld", "RecoveryScore", "SIZES",
-    "build_planted_world", "load_planted_world", "make_planted", "mix_planted", "score_recovery",
-    "write_planted_world")}
+# Planted problems, worlds and recovery scores (sparsedecomp.demo.planted, .planted_world, .recovery) load on first use,
+# so that `python -m sparsedecomp.demo.planted_world` does not find its module already imported by this package.
+_PLANTED = {
+    **{name: ".planted" for name in ("MixedProblem", "PlantedConfig", "PlantedProblem", "SIZES", "make_planted",
+                                     "mix_planted")},
+    **{name: ".planted_world" for name in ("PlantedTruth", "PlantedWorld", "build_planted_world",
+                                           "load_planted_world", "write_planted_world")},
+    **{name: ".recovery" for name in ("RecoveryScore", "score_recovery")},
+}
 
 __all__ = ["ARTIFACTS_DIR", "DemoWorld", "demo_tokens", "load_demo_world", *sorted(_PLANTED)]
 
