@@ -199,7 +199,7 @@ def demo_world(n_contexts: int, device: str) -> World:
     from sparsedecomp.activations import MeanAccumulator, run_accumulators
     from sparsedecomp.demo import demo_tokens, load_demo_world
 
-    world = load_demo_world(scale_contexts=64)  # the input-scale estimate over 64 contexts: setup only
+    world = load_demo_world()
     tokens = demo_tokens(n_contexts + 1).tokens
     model = world.model.to(device)
     mean_z = run_accumulators(model, tokens[:1], {"mean": MeanAccumulator()}, layer=world.layer)["mean"]

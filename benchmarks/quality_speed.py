@@ -51,7 +51,7 @@ def _sync(device: torch.device | str) -> None:
 def time_demo(n_contexts: int, repeats: int) -> dict:
     from sparsedecomp.demo import demo_tokens, load_demo_world
 
-    world = load_demo_world(scale_contexts=64)
+    world = load_demo_world()
     tokens = demo_tokens(n_contexts)
     device = next(world.model.parameters()).device
     passes, with_quality = [], []

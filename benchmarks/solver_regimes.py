@@ -77,7 +77,7 @@ def demo_problems(n_targets: int, seed: int, dtype: torch.dtype) -> dict[str, tu
     from sparsedecomp.dictionary import mix_targets
     from sparsedecomp.jobs.solve import concat_targets
 
-    world = load_demo_world(scale_contexts=8)
+    world = load_demo_world()
     dictionary = world.head_saes.dictionary(normalize=True)
     targets, _ = concat_targets(world.concat_sae)
     pick = torch.randperm(targets.shape[0], generator=torch.Generator().manual_seed(seed))[:n_targets]

@@ -44,8 +44,9 @@ Sizes (:data:`SIZES`; defaults: ``batchtopk``, batch 4,096, lr 3e-4, a buffer of
 * ``tiny``: the same layout shrunk (:data:`benchmarks.standins.TINY`, 8 heads of 8, contexts of 64), 16 features,
   k 4, batches of 256, 2,048 tokens per SAE: the machinery in seconds, for the tests.
 
-The norm-estimate batches are ``train_head_saes``'s rule, ``min(100, training batches)``: below 100 training batches
-they double the forward passes (on both sides alike). The gelu-2l model is not written with
+The norm-estimate batches are ``train_head_saes``'s rule, ``min(NORM_ESTIMATE_BATCHES, training batches)`` (10), on
+both sides; SAELens reads them before its training batches, ours rewinds its stream after the estimate and trains on
+them (fewer tokens forwarded, the same tokens trained on). The gelu-2l model is not written with
 ``sparsedecomp.loading.standin_models.write_standin_model("gelu-2l", ...)``: offline it fails, as TransformerLens
 reads gelu-2l's config from the Hugging Face hub.
 
@@ -108,7 +109,9 @@ class Settings:
     @property
     def norm_batches(self) -> int:
         """Norm-estimate batches: ``train_head_saes``'s rule (its SAELens trainer config), given to SAELens too."""
-        return max(1, min(100, self.training_tokens // self.batch_size))
+        from sparsedecomp.training.heads import NORM_ESTIMATE_BATCHES
+
+        return max(1, min(NORM_ESTIMATE_BATCHES, self.training_tokens // self.batch_size))
 
     @property
     def buffer_rows(self) -> int:

@@ -326,6 +326,9 @@ def _train_heads_flags(p: argparse.ArgumentParser) -> None:
                      help="final linear decay steps (default 0)")
     sae.add_argument("--no-normalize-activations", action="store_true",
                      help="train on raw z (default: scaled to norm sqrt(d_head), folded in at the end)")
+    sae.add_argument("--dead-feature-window", type=positive_int, default=1000,
+                     help="steps without firing after which a feature counts as dead, for the losses that revive "
+                          "dead features (TopK's auxiliary loss; SAELens's default 1000)")
     sae.add_argument("--buffer-batches", type=positive_int, default=16,
                      help="batches whose rows are shuffled together (default 16)")
     sae.add_argument("--seed", type=non_negative_int, default=0, help="initialisation and shuffling seed")
@@ -481,7 +484,7 @@ def run_train_heads(args: argparse.Namespace) -> int:
         lr=args.lr, k=args.k, l1_coefficient=args.l1_coefficient, l0_coefficient=args.l0_coefficient,
         lr_warm_up_steps=args.lr_warm_up_steps, lr_decay_steps=args.lr_decay_steps,
         normalize_activations="none" if args.no_normalize_activations else "expected_average_only_in",
-        buffer_batches=args.buffer_batches, seed=args.seed)
+        dead_feature_window=args.dead_feature_window, buffer_batches=args.buffer_batches, seed=args.seed)
     options = TrainHeadsOptions(spec=spec, layer=args.layer, heads=parse_index_list(args.heads, "--heads"),
                                 hook=args.hook, eval_contexts=args.eval_contexts,
                                 checkpoint_every=args.checkpoint_every, progress=_progress(args))

@@ -268,11 +268,13 @@ def test_the_demo_front_page_links_what_the_run_wrote(tmp_path, capsys):
 
 
 def test_decompose_on_local_demo_artifacts_with_a_local_model_then_rerun_in_place(tmp_path):
-    """`--model` takes a local model folder (the demo's), so local artifacts get input scales folded and the
-    residual view; a `--space z` rerun into the same folder leaves no residual codes behind."""
+    """`--model` takes a local model folder (the demo's), so local artifacts get the residual view (SAELens 6 head
+    folders need no input scale: none is estimated); a `--space z` rerun into the same folder leaves no residual codes
+    behind."""
     from sparsedecomp.demo import ARTIFACTS_DIR
+    from sparsedecomp.demo.world import head_sae_sources
 
-    heads = sorted(str(p) for p in (ARTIFACTS_DIR / "saes" / "heads" / "checkpoints").iterdir())
+    heads = [str(p) for p in head_sae_sources().values()]
     base = ["decompose", "--concat-sae", str(ARTIFACTS_DIR / "saes" / "concat"), "--head-saes", *heads,
             "--n-nonzero", "4", "--out", str(tmp_path / "out"), "--no-progress"]
     assert main([*base, "--model", str(ARTIFACTS_DIR / "model"), "--tokens",
@@ -280,7 +282,7 @@ def test_decompose_on_local_demo_artifacts_with_a_local_model_then_rerun_in_plac
     out = tmp_path / "out"
     summary = read_report(out / "summary.json")
     assert summary.spaces == ("z", "residual") and (out / "codes_residual.safetensors").is_file()
-    assert "head_scale_estimate" in summary.context
+    assert "head_scale_estimate" not in summary.context
     from sparsedecomp.codes_file import read_codes_file
 
     # The residual codes carry the norms their targets were divided by, as the summary states them.
@@ -297,8 +299,9 @@ def test_decompose_on_local_demo_artifacts_with_a_local_model_then_rerun_in_plac
 @pytest.fixture(scope="module")
 def demo_sources():
     from sparsedecomp.demo import ARTIFACTS_DIR
+    from sparsedecomp.demo.world import head_sae_sources
 
-    heads = sorted(str(p) for p in (ARTIFACTS_DIR / "saes" / "heads" / "checkpoints").iterdir())
+    heads = [str(p) for p in head_sae_sources().values()]
     return ARTIFACTS_DIR, ["--concat-sae", str(ARTIFACTS_DIR / "saes" / "concat"), "--head-saes", *heads]
 
 

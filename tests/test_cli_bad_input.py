@@ -200,7 +200,7 @@ def demo_eval_tokens(tmp_path_factory):
 
 
 def _relabelled_head_runs(tmp_path: Path, swap: tuple[int, int]) -> list[Path]:
-    """The demo's head runs with the head index recorded by heads ``swap``'s configs exchanged: head 0's SAE
+    """The demo's head folders with the head index recorded by heads ``swap``'s configs exchanged: head 0's SAE
     then says it is head 1's and the reverse (checkpoints whose configs name the wrong head)."""
     from sparsedecomp.demo.world import head_sae_sources
 
@@ -211,8 +211,8 @@ def _relabelled_head_runs(tmp_path: Path, swap: tuple[int, int]) -> list[Path]:
         shutil.copytree(runs[h], copy)
         for cfg_path in copy.rglob("cfg.json"):
             cfg = json.loads(cfg_path.read_text())
-            assert cfg["hook_point_head_index"] == h
-            cfg["hook_point_head_index"] = other
+            assert cfg["metadata"]["hook_head_index"] == h  # SAELens 6, as train-heads writes it
+            cfg["metadata"]["hook_head_index"] = other
             cfg_path.write_text(json.dumps(cfg))
         runs[h] = copy
     return runs

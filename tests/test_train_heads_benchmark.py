@@ -33,15 +33,21 @@ def test_saelens_buffer_holds_as_many_rows_as_ours():
 
 
 def test_norm_batches_follow_train_head_saes():
-    assert Settings(size="demo", training_tokens=30 * 4096).norm_batches == 30
-    assert Settings(size="demo", training_tokens=10**7).norm_batches == 100
+    from sparsedecomp.training import HeadTrainingSpec
+
+    # SAELens's runs get the number of norm-estimate batches ours uses (its trainer config's).
+    for tokens in (4096, 5 * 4096, 30 * 4096, 10**7):
+        ours = HeadTrainingSpec("batchtopk", d_sae=256, k=8, training_tokens=tokens, batch_size=4096)
+        assert Settings(size="demo", training_tokens=tokens).norm_batches == ours.trainer_config(
+            device="cpu").n_batches_for_norm_estimate
+    assert Settings(size="demo", training_tokens=10**7).norm_batches == 10
     assert Settings(size="demo", training_tokens=4096).norm_batches == 1
 
 
 def test_enough_contexts_that_neither_tool_starts_over():
     settings = Settings(size="demo", training_tokens=30 * 4096, batch_size=4096, buffer_batches=16, context_size=128)
     n = bench.contexts_needed(settings, forward_contexts=372)
-    assert n * 128 >= 30 * 4096 * 2 + 65536 + 2 * 372 * 128
+    assert n * 128 >= 30 * 4096 + 10 * 4096 + 65536 + 2 * 372 * 128
 
 
 def _record(tokens: int, shape: list[int], norm: int = 8, head: str = "head_0") -> dict:

@@ -1,8 +1,10 @@
 """A small but genuine model-and-SAEs world shipped with the package (see ``python -m sparsedecomp.demo.build``).
 
 ``load_demo_world()`` returns a 2-layer gelu-2l-like transformer trained on Python's own docs and standard library,
-its tokenizer, held-out tokens, eight per-head SAEs on layer 1 ``hook_z`` (April 2024 recipe, legacy SAELens
-layout) and one concatenated-z SAE (Kissane recipe). Importing this package loads nothing.
+its tokenizer, held-out tokens, eight per-head BatchTopK SAEs on layer 1 ``hook_z`` (SAELens 6 folders, as
+``sparsedecomp train-heads`` writes them) and one concatenated-z ReLU SAE (Kissane's file pair), all trained in one
+pass with SAELens's trainer; and planted worlds (``build_planted_world``: per-head dictionaries and concat features
+made from known atoms, for scoring solvers on recovering the truth). Importing this package loads nothing.
 """
 
 from ..lazy import lazy_exports

@@ -1,16 +1,18 @@
 """Build the demo world: ``python -m sparsedecomp.demo.build --out DIR [--tiny] [--skip-model] [--reevaluate]``.
 
-Stages (timed, seeds fixed): corpus -> tokenizer -> model (trained, saved in fp16, reloaded *processed*) ->
-``hook_z`` activations of the reloaded model -> per-head SAEs (April 2024 recipe, legacy SAELens 2.x layout, no
-saved input scale) -> concatenated-z SAE (Kissane recipe and file pair) -> evaluation of what was written, through
-the same loaders users call, into ``build_report.json``.
+Stages (timed, seeds fixed): corpus -> tokenizer -> model (trained, saved in fp16, reloaded *processed*) -> the SAEs,
+all in one pass over ``hook_z`` of the reloaded model with SAELens's trainer (:mod:`sparsedecomp.training`): one
+BatchTopK SAE per head (SAELens 6 folders, as ``sparsedecomp train-heads`` writes them) and a ReLU concatenated-z SAE
+(Kissane's file pair) -> evaluation of what was written, through the same loaders users call, into
+``build_report.json``.
 
 ``--out`` has no default: a build writes only where it is told. It must be a new or empty folder, or a previous
 build's (marked by ``demo_build.json``, which a build writes first): a rebuild replaces the SAE folders it wrote
 before, and nothing is deleted anywhere else. To refresh the artifacts shipped with the package, run from a source
 checkout::
 
-    python -m sparsedecomp.demo.build --out sparsedecomp/demo/artifacts --threads 2       # everything (about 19 min: build_report.json's total_time_s)
+    python -m sparsedecomp.demo.build --out sparsedecomp/demo/artifacts --threads 2               # everything
+    python -m sparsedecomp.demo.build --out sparsedecomp/demo/artifacts --threads 2 --skip-model  # the SAEs only
     python -m sparsedecomp.demo.build --out sparsedecomp/demo/artifacts --reevaluate      # the quality section only
 
 and commit the result (``build_report.json`` records the settings and the quality on held-out tokens).
@@ -30,7 +32,7 @@ import torch
 from ..errors import InputError
 from .config import DemoConfig
 from .layout import (BUILD_MARKER, CONCAT_DIR, HEADS_ROOT, HELDOUT_FILE, MODEL_DIR, REPORT_FILE, TOKENIZER_CONFIG_FILE,
-                     TOKENIZER_FILE, concat_version, head_wandb_id, save_heldout_tokens, tokenizer_path)
+                     TOKENIZER_FILE, concat_version, save_heldout_tokens, tokenizer_path)
 
 
 class _Timer:
@@ -62,10 +64,12 @@ def build(out: str | Path, cfg: DemoConfig | None = None, *, skip_model: bool = 
     there."""
     from tokenizers import Tokenizer
 
-    from ..loading import SAE, save_kissane, save_legacy_saelens
+    from ..loading import save_kissane
+    from ..naming import CONCAT_NAME, head_name
+    from ..training import save_training_sae
     from .corpus import build_corpus
     from .model import build_model, load_model, model_config_dict, save_model, train_model
-    from .sae_training import calibrate_head_l1, collect_hook_z, train_concat_sae, train_head_saes
+    from .sae_training import kissane_concat_sae, train_demo_saes
     from .tokenizer import pack, save_tokenizer, train_tokenizer
 
     cfg = DemoConfig() if cfg is None else cfg
@@ -110,75 +114,29 @@ def build(out: str | Path, cfg: DemoConfig | None = None, *, skip_model: bool = 
                               "train_tokens_seen": cfg.model_steps * cfg.model_batch_size * cfg.n_ctx})
             del model
 
-    with timer.stage("activations"):
+    with timer.stage("SAEs (one pass)"):
         # SAEs see the model exactly as users load it: fp16-rounded weights, processed with the recorded flags.
         model, flags = load_model(out / MODEL_DIR)
-        pick = torch.randperm(len(train_tokens), generator=torch.Generator().manual_seed(cfg.seed + 1))
-        sae_tokens = train_tokens[pick[: cfg.sae_activation_sequences]]
-        acts = collect_hook_z(model, sae_tokens, layer=cfg.sae_layer, batch_size=cfg.eval_batch_size)
-        report["sae_training_tokens"] = int(acts.shape[0])
-
-    hook_name = f"blocks.{cfg.sae_layer}.attn.hook_z"
-    heads_root = out / HEADS_ROOT
-    with timer.stage("head SAEs"):
-        d_sae = cfg.head_expansion * cfg.d_head
-        head_l1, calibration = list(cfg.head_l1), None
-        if cfg.head_l1_candidates:
-            head_l1, calibration = calibrate_head_l1(
-                acts, d_sae=d_sae, candidates=cfg.head_l1_candidates, target_l0=cfg.head_target_l0, lr=cfg.head_lr,
-                steps=cfg.head_calibration_steps, batch_size=cfg.head_batch_size, seed=cfg.seed + 4)
-        heads = train_head_saes(acts, d_sae=d_sae, l1=head_l1, lr=cfg.head_lr, steps=cfg.head_steps,
-                                batch_size=cfg.head_batch_size, seed=cfg.seed + 2)
+        trained, history = train_demo_saes(model, train_tokens, cfg)
+        hook_name = f"blocks.{cfg.sae_layer}.attn.hook_z"
         _clear(out, HEADS_ROOT)
-        n_train = cfg.head_steps * cfg.head_batch_size
         for h in range(cfg.n_heads):
-            sae = SAE(W_enc=heads.W_enc[h], b_enc=heads.b_enc[h], W_dec=heads.W_dec[h], b_dec=heads.b_dec[h],
-                      apply_b_dec_to_input=False, hook_name=hook_name, layer=cfg.sae_layer, head=h,
-                      model_name=cfg.model_name, provenance={"needs_input_scale": True})
-            with torch.no_grad():
-                x = acts[:, h] * heads.training_scales[h]
-                freq = (torch.relu(x @ sae.W_enc + sae.b_enc) > 0).float().mean(0)
-            save_legacy_saelens(
-                sae, heads_root, head_wandb_id(h), n_train, sparsity=torch.log10(freq + 1e-10),
-                cfg_extra={
-                    "normalize_activations": True, "context_size": cfg.n_ctx, "prepend_bos": True,
-                    "dataset_path": "sparsedecomp.demo corpus (pydoc topics + stdlib source)",
-                    "l1_coefficient": float(head_l1[h]), "lr": cfg.head_lr, "adam_beta1": 0.9,
-                    "adam_beta2": 0.999, "train_batch_size_tokens": cfg.head_batch_size,
-                    "l1_warm_up_steps": max(1, int(0.05 * cfg.head_steps)),
-                    "lr_decay_steps": cfg.head_steps - int(0.8 * cfg.head_steps), "lr_scheduler_name": "constant",
-                    "lr_end": 0.0, "seed": cfg.seed + 2, "device": "cpu", "act_store_device": "cpu",
-                    "b_dec_init_method": "zeros", "wandb_project": "sparsedecomp-demo",
-                    "training_tokens": n_train, "sae_lens_version": "2.1.3",
-                },
-            )
-        report["head_sae_training"] = {"d_sae": d_sae, "l1": head_l1, "l1_calibration_l0": calibration,
-                                       "training_scales": heads.training_scales.tolist(),
-                                       "final": heads.log[-1]}
-
-    with timer.stage("concat SAE"):
-        flat = acts.reshape(acts.shape[0], -1)
-        l1_raw = cfg.concat_l1 * float(flat.norm(dim=1).mean()) / flat.shape[1] ** 0.5
-        concat = train_concat_sae(flat, d_sae=cfg.concat_d_sae, l1=l1_raw, lr=cfg.concat_lr,
-                                  steps=cfg.concat_steps, batch_size=cfg.concat_batch_size, seed=cfg.seed + 3,
-                                  resample_steps=cfg.concat_resample_steps, tied_init=cfg.concat_tied_init)
-        sae = SAE(W_enc=concat.W_enc, b_enc=concat.b_enc, W_dec=concat.W_dec, b_dec=concat.b_dec,
-                  apply_b_dec_to_input=True, hook_name=hook_name, layer=cfg.sae_layer, head="concatenated",
-                  model_name=cfg.model_name)
+            save_training_sae(trained[head_name(h)], out / HEADS_ROOT / head_name(h), processing=flags)
+        concat, l1 = kissane_concat_sae(trained[CONCAT_NAME], hook_name=hook_name, layer=cfg.sae_layer,
+                                        model_name=cfg.model_name), cfg.concat_l1_coefficient
         _clear(out, CONCAT_DIR)
-        version = concat_version(cfg, l1_raw)
-        save_kissane(sae, out / CONCAT_DIR, version, cfg_extra={
-            "seed": cfg.seed + 3, "batch_size": cfg.concat_batch_size, "lr": cfg.concat_lr, "l1_coeff": l1_raw,
-            "l1_coeff_normalised": cfg.concat_l1,
-            "num_tokens": cfg.concat_steps * cfg.concat_batch_size, "beta1": 0.9, "beta2": 0.99,
-            "dict_mult": cfg.concat_d_sae // flat.shape[1], "seq_len": cfg.n_ctx, "model_name": cfg.model_name,
-            "resample_steps": list(cfg.concat_resample_steps), "n_resampled": list(concat.n_resampled),
-            "encoder_init": "decoder transpose" if cfg.concat_tied_init else "kaiming uniform",
-            "l1_definition": "l1_coeff * mean over batch of sum_i |f_i|; l2 = mean over batch of ||x - x_hat||^2",
+        version = concat_version(cfg, l1)
+        steps = -(-cfg.sae_training_tokens // cfg.sae_batch_size)
+        save_kissane(concat, out / CONCAT_DIR, version, cfg_extra={
+            "seed": cfg.seed, "batch_size": cfg.sae_batch_size, "lr": cfg.sae_lr, "l1_coeff": l1,
+            "num_tokens": steps * cfg.sae_batch_size, "dict_mult": cfg.concat_d_sae // (cfg.n_heads * cfg.d_head),
+            "seq_len": cfg.n_ctx, "model_name": cfg.model_name,
+            "trained_with": "SAELens standard training SAE (sparsedecomp.training, one pass with the head SAEs); "
+                            "input scaling folded in, decoder rows folded to unit norm",
         })
-        report["concat_sae_training"] = {"version": version, "n_resampled": list(concat.n_resampled),
-                                         "final": concat.log[-1]}
-    del acts, flat, model
+        report["sae_training"] = {"steps": steps, "tokens_per_sae": steps * cfg.sae_batch_size,
+                                  "concat_version": version, "history": history}
+        del trained, model
 
     with timer.stage("evaluation"):
         _evaluate_into(report, out, cfg, train_tokens)
@@ -196,8 +154,7 @@ def _evaluate_into(report: dict, out: Path, cfg: DemoConfig, train_tokens: torch
     from .quality import evaluate_world
     from .world import load_demo_world
 
-    # The training scales the build recorded, as the demo folds them (the report's quality numbers are of that world).
-    world = load_demo_world(out, scales=report["head_sae_training"]["training_scales"])
+    world = load_demo_world(out)
     report["world"] = world.describe()
     report["quality"] = evaluate_world(world, n_splice_sequences=cfg.eval_sequences, batch_size=cfg.eval_batch_size,
                                        train_tokens=train_tokens)

@@ -60,35 +60,26 @@ class DemoConfig:
             "refactor_factored_attn_matrices": False,
         }
     )
-    # -- SAEs --------------------------------------------------------------------------------------------------
+    # -- SAEs: every head and the concat SAE trained in one pass by sparsedecomp.training (SAELens's trainer) --------
     sae_layer: int = 1
-    sae_activation_sequences: int = 6000
-    """Training sequences whose ``hook_z`` (all positions) the SAEs are trained on."""
-    head_expansion: int = 8
-    head_l1: tuple[float, ...] = (0.25, 0.5, 0.8, 0.35, 0.8, 0.8, 0.35, 0.8)
-    """April-2024 lambda per head (inputs scaled to ``E||x|| = sqrt(d_head)``); used only when
-    :attr:`head_l1_candidates` is empty (the shipped build calibrates instead)."""
-    head_l1_candidates: tuple[float, ...] = (0.25, 0.35, 0.5, 0.7, 1.0)
-    """If not empty, lambda per head is calibrated: a short batched run with every candidate, then per head the
-    largest candidate whose L0 reaches :attr:`head_target_l0` (the smallest candidate if none does)."""
-    head_target_l0: float = 30.0
-    head_calibration_steps: int = 400
-    head_lr: float = 1e-3
-    head_steps: int = 2000
-    head_batch_size: int = 2048
+    sae_training_tokens: int = 2_000_000
+    """Tokens every SAE trains on (the same ones, from one activation stream over the training documents)."""
+    sae_batch_size: int = 1024
+    sae_lr: float = 1e-3
+    sae_lr_decay_fraction: float = 0.2
+    """The last this fraction of steps decays the learning rate linearly (SAELens's ``lr_decay_steps``)."""
+    sae_buffer_batches: int = 64
+    sae_dead_feature_window: int = 200
+    """Steps without firing after which SAELens's BatchTopK loss revives a feature (its auxiliary loss)."""
+    head_architecture: str = "batchtopk"
+    head_expansion: int = 4
+    head_k: int = 9
+    """Active features per token of each head's BatchTopK SAE (saved for inference as JumpReLU, as SAELens saves
+    it): at most 0.3 x d_head, as sparse as published attention SAEs are relative to their width."""
     concat_d_sae: int = 2048
-    concat_l1: float = 2.0
-    """Kissane L1 weight in normalised units: the raw coefficient is ``concat_l1 * E||x|| / sqrt(d_in)`` (the
-    same trade-off as lambda on inputs scaled to ``E||x|| = sqrt(d_in)``); the raw value is saved in the cfg."""
-    concat_lr: float = 1e-3
-    concat_steps: int = 2000
-    concat_batch_size: int = 1024
-    concat_resample_steps: tuple[int, ...] = ()
-    """Steps at which dead concat features are re-initialised (Kissane et al. resample too); empty: never."""
-    concat_tied_init: bool = True
-    """Start the concat encoder as the decoder's transpose. With independent Kaiming draws about half of the 2,048
-    features never fired on held-out tokens (and resampling at 250-step intervals found none that never fired
-    within an interval: they were rare, not dead); tied, under 1% are dead."""
+    concat_l1_coefficient: float = 5.0
+    """SAELens ``standard`` L1 coefficient of the concat SAE (a ReLU SAE, as Kissane et al.'s; inputs scaled to
+    norm ``sqrt(d_in)`` while training and the scale folded in; decoder rows folded to unit norm when saved)."""
     # -- evaluation --------------------------------------------------------------------------------------------
     eval_sequences: int = 128
     eval_batch_size: int = 32
@@ -110,18 +101,13 @@ class DemoConfig:
             model_batch_size=8,
             model_steps=20,
             model_warmup_steps=2,
-            sae_activation_sequences=64,
+            sae_training_tokens=4096,
+            sae_batch_size=256,
+            sae_buffer_batches=4,
             head_expansion=4,
-            head_l1=(1.0,) * 4,
-            head_l1_candidates=(0.5, 2.0),
-            head_target_l0=5.0,
-            head_calibration_steps=10,
-            head_steps=20,
-            head_batch_size=256,
+            head_k=2,
             concat_d_sae=64,
-            concat_steps=20,
-            concat_batch_size=256,
-            concat_resample_steps=(10,),
+            concat_l1_coefficient=1.0,
             eval_sequences=16,
             eval_batch_size=8,
         )

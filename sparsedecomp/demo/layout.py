@@ -17,7 +17,8 @@ TOKENIZER_CONFIG_FILE = f"{MODEL_DIR}/tokenizer_config.json"
 """Names its BOS / EOS tokens for ``transformers`` (see :func:`sparsedecomp.demo.tokenizer.save_tokenizer`)."""
 LEGACY_TOKENIZER_FILE = "tokenizer.json"
 """Where builds before the tokenizer moved into the model folder wrote it (still read)."""
-HEADS_ROOT = "saes/heads/checkpoints"
+HEADS_ROOT = "saes/heads"
+"""One SAELens 6 folder per head, ``head_<h>`` (as ``sparsedecomp train-heads`` writes them)."""
 CONCAT_DIR = "saes/concat"
 REPORT_FILE = "build_report.json"
 BUILD_MARKER = "demo_build.json"
@@ -32,18 +33,11 @@ def tokenizer_path(artifacts_dir: Path) -> Path:
     return legacy if not path.is_file() and legacy.is_file() else path
 
 
-def head_wandb_id(head: int) -> str:
-    """The run folder of head ``head``'s SAE (legacy layout ``checkpoints/<wandb_id>/final_<n>/<sae_name>/``)."""
-    return f"demo-head{head}"
-
-
 def concat_version(cfg, l1: float) -> str:
-    """Kissane et al.'s run name grammar (formats.md section 1) for the concat SAE."""
-    n_resamples = len(cfg.concat_resample_steps)
-    interval = cfg.concat_resample_steps[0] if n_resamples else 0
+    """Kissane et al.'s run name grammar (formats.md section 1) for the concat SAE (no resampling: ``rie0_nr0``)."""
     return (
-        f"{cfg.model_name}_L{cfg.sae_layer}_Hcat_z_lr{cfg.concat_lr:.2e}_l1{l1:.2e}_ds{cfg.concat_d_sae}"
-        f"_bs{cfg.concat_batch_size}_dc{1e-7:.2e}_rie{interval}_nr{n_resamples}_v0"
+        f"{cfg.model_name}_L{cfg.sae_layer}_Hcat_z_lr{cfg.sae_lr:.2e}_l1{l1:.2e}_ds{cfg.concat_d_sae}"
+        f"_bs{cfg.sae_batch_size}_dc{1e-7:.2e}_rie0_nr0_v0"
     )
 
 

@@ -2,9 +2,8 @@
 
 Everything is read from the package's artifacts through the same loaders a user calls on real checkpoints:
 the model is rebuilt from its recorded config and processed with its recorded TransformerLens flags; the per-head
-SAEs are legacy SAELens 2.x folders without a saved input scale, so each head's ``s_h = sqrt(d_head)/E||z_h||`` is
-re-estimated on the held-out tokens and folded in (and recorded); the concat SAE is a Kissane ``.pt`` +
-``_cfg.json`` pair.
+SAEs are SAELens 6 folders as ``sparsedecomp train-heads`` writes them (BatchTopK, saved as JumpReLU; input scaling
+folded in by SAELens's trainer); the concat SAE is a Kissane ``.pt`` + ``_cfg.json`` pair.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from torch import Tensor
 
@@ -31,8 +30,7 @@ class DemoWorld:
         processing_flags: the :class:`~sparsedecomp.loading.ProcessingFlags` applied on load.
         tokenizer: the same tokenizer as a ``tokenizers.Tokenizer`` (``<|bos|>`` = 0 starts every context).
         heldout_tokens: ``(n_contexts, n_ctx)`` long, never seen in training.
-        head_saes: :class:`~sparsedecomp.loading.HeadSAEs`, input scales folded (see ``head_scales``).
-        head_scales: the re-estimated :class:`~sparsedecomp.loading.HeadScales`.
+        head_saes: :class:`~sparsedecomp.loading.HeadSAEs`.
         concat_sae: the concatenated-z :class:`~sparsedecomp.loading.SAE`.
         layer: the attention layer all SAEs read (``blocks.{layer}.attn.hook_z``).
         W_O: ``(n_heads, d_head, d_model)`` output projection of that layer (processed model).
@@ -45,7 +43,6 @@ class DemoWorld:
     tokenizer: Any
     heldout_tokens: Tensor
     head_saes: Any
-    head_scales: Any
     concat_sae: Any
     layer: int
     W_O: Tensor
@@ -73,27 +70,24 @@ class DemoWorld:
             "processing_flags": self.processing_flags.as_kwargs(),
             "hook_name": self.hook_name,
             "heldout_contexts": int(self.heldout_tokens.shape[0]),
-            "head_saes": {str(h): {"d_sae": sae.d_sae, "transformations": list(sae.transformations)}
+            "head_saes": {str(h): {"d_sae": sae.d_sae, "firing_rule": sae.activation.describe(),
+                                   "source": self._relative(sae.provenance.get("source", ""))}
                           for h, sae in self.head_saes.items()},
-            "head_scales": {str(h): s for h, s in self.head_scales.scales.items()},
-            "head_scale_estimate": self.head_scales.description,
             "concat_sae": {"d_in": self.concat_sae.d_in, "d_sae": self.concat_sae.d_sae,
                            "source": self._relative(self.concat_sae.provenance.get("source", ""))},
         }
 
 
 def head_sae_sources(artifacts_dir: Path = ARTIFACTS_DIR) -> dict[int, Path]:
-    """Head -> legacy run folder (``saes/heads/checkpoints/<wandb_id>``) for every shipped head SAE."""
-    from .layout import head_wandb_id
+    """Head -> SAELens folder (``saes/heads/head_<h>``) for every shipped head SAE."""
+    from ..naming import head_name
 
     root = Path(artifacts_dir) / HEADS_ROOT
     sources = {}
-    h = 0
-    while (root / head_wandb_id(h)).is_dir():
-        sources[h] = root / head_wandb_id(h)
-        h += 1
+    while (root / head_name(len(sources))).is_dir():
+        sources[len(sources)] = root / head_name(len(sources))
     if not sources:
-        raise FileNotFoundError(f"no per-head SAE runs under {root}; rebuild with "
+        raise FileNotFoundError(f"no per-head SAE folders under {root}; rebuild with "
                                 "python -m sparsedecomp.demo.build --out DIR")
     return sources
 
@@ -107,21 +101,13 @@ def concat_sae_path(artifacts_dir: Path = ARTIFACTS_DIR) -> tuple[Path, str]:
     return folder, cfgs[0].name[: -len("_cfg.json")]
 
 
-def load_demo_world(artifacts_dir: str | Path | None = None, *, scales: str | Sequence[float] = "recorded",
-                    scale_contexts: int | None = None, batch_size: int = 32) -> DemoWorld:
-    """Load the demo world from ``artifacts_dir`` (default: the package's artifacts).
+def load_demo_world(artifacts_dir: str | Path | None = None) -> DemoWorld:
+    """Load the demo world from ``artifacts_dir`` (default: the package's artifacts) through the users' loaders."""
+    import warnings
 
-    The per-head SAEs were trained on inputs scaled by ``s_h`` that their checkpoints do not hold (as the seed's
-    SAELens 2.x checkpoints). ``scales="recorded"`` folds the training scales the build recorded in its report (the
-    job layer's rule: a recorded training scale wins; re-estimated when there is none, e.g. before a build's report is
-    written); ``"estimated"`` re-estimates them on the held-out contexts (the first ``scale_contexts``, default all),
-    as a user without the record would; a sequence of floats gives the training scales themselves (the build, before
-    its report is written).
-    """
     from tokenizers import Tokenizer
 
-    from ..loading import ProcessingFlags, estimate_head_scales_from_model, fold_head_scales, load_head_saes, load_sae
-    from ..loading.scaling import HeadScales
+    from ..loading import ProcessingFlags, load_head_saes, load_sae
     from .model import load_model
 
     root = Path(artifacts_dir) if artifacts_dir is not None else ARTIFACTS_DIR
@@ -134,38 +120,23 @@ def load_demo_world(artifacts_dir: str | Path | None = None, *, scales: str | Se
                               tokenizer_file)
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     heldout = load_heldout_tokens(root / HELDOUT_FILE)
-
-    raw_heads = load_head_saes(head_sae_sources(root), n_heads=model.cfg.n_heads)
-    layer = raw_heads.layer
+    with warnings.catch_warnings():
+        # SAELens asks to load the model with the SAEs' recorded processing: load_model above did.
+        warnings.filterwarnings("ignore", message=r"\s*This SAE has non-empty model_from_pretrained_kwargs")
+        head_saes = load_head_saes(head_sae_sources(root), n_heads=model.cfg.n_heads)
+    layer = head_saes.layer
     report_path = root / REPORT_FILE
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    if isinstance(scales, str) and scales not in ("recorded", "estimated"):
-        raise InputError(f"scales must be 'recorded', 'estimated' or the training scales, got {scales!r}")
-    recorded = list(scales) if not isinstance(scales, str) else (report.get("head_sae_training") or {}).get(
-        "training_scales")
-    if scales != "estimated" and recorded is not None:
-        if len(recorded) != model.cfg.n_heads:
-            raise InputError(f"{report_path} records {len(recorded)} training scales for {model.cfg.n_heads} heads")
-        head_scales = HeadScales(scales={h: float(s) for h, s in enumerate(recorded)}, mean_norms={},
-                                 d_head=raw_heads.d_head, n_vectors=0,
-                                 description=f"the training scales the build recorded ({REPORT_FILE}: "
-                                             "head_sae_training.training_scales)")
-    else:
-        scale_tokens = heldout if scale_contexts is None else heldout[:scale_contexts]
-        head_scales = estimate_head_scales_from_model(model, list(scale_tokens.split(batch_size)), layer=layer)
-    head_saes = fold_head_scales(raw_heads, head_scales)
-
     folder, version = concat_sae_path(root)
     concat = load_sae(folder, version=version)
-    if concat.layer != layer or concat.hook_name != raw_heads.hook_name:
-        raise InputError(f"concat SAE reads {concat.hook_name} but head SAEs read {raw_heads.hook_name}")
+    if concat.layer != layer or concat.hook_name != head_saes.hook_name:
+        raise InputError(f"concat SAE reads {concat.hook_name} but head SAEs read {head_saes.hook_name}")
     return DemoWorld(
         model=model,
         processing_flags=ProcessingFlags(**flags),
         tokenizer=tokenizer,
         heldout_tokens=heldout,
         head_saes=head_saes,
-        head_scales=head_scales,
         concat_sae=concat,
         layer=layer,
         W_O=model.W_O[layer].detach(),

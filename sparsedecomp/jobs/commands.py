@@ -248,14 +248,13 @@ def demo_job(options: DemoOptions, out: str | Path, *, log: Log = print):
         if wanted:
             check_output_folder(out / part, command="demo")
     t0 = time.time()
-    log("loading the demo world (model with its tokenizer, SAEs with their recorded training scales) ...")
+    log("loading the demo world (model with its tokenizer, per-head SAEs, concat SAE) ...")
     world = load_demo_world(options.artifacts)
-    log(f"  {world.model.cfg.model_name}: {world.hook_name}, {len(world.head_saes)} head SAEs (scales "
-        f"{', '.join(f'{s:.3g}' for s in world.head_scales.scales.values())}), concat SAE "
+    log(f"  {world.model.cfg.model_name}: {world.hook_name}, {len(world.head_saes)} head SAEs "
+        f"({world.head_saes[0].activation.describe()}, {world.head_saes[0].d_sae} features each), concat SAE "
         f"{world.concat_sae.d_sae} features ({time.time() - t0:.1f}s)")
     context = {"world": "sparsedecomp demo", "model": world.model.cfg.model_name, "hook": world.hook_name,
                "processing_flags": world.processing_flags.describe(),
-               "head_scale_estimate": world.head_scales.description,
                "concat_sae": world.describe()["concat_sae"]["source"],
                "concat_sae_fingerprint": sae_fingerprint(world.concat_sae)}
     if "quality" in world.report:

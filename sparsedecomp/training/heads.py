@@ -71,6 +71,8 @@ class HeadTrainingSpec:
         lr_warm_up_steps, lr_decay_steps: SAELens's learning-rate warm-up and final linear decay (steps).
         normalize_activations: SAELens's ``"expected_average_only_in"`` (inputs scaled to norm ``sqrt(d_in)`` during
             training, folded into the weights at the end: Anthropic's April-2024 recipe) or ``"none"``.
+        dead_feature_window: steps without firing after which SAELens counts a feature dead (the mask its TopK,
+            BatchTopK and JumpReLU losses revive dead features with, e.g. TopK's auxiliary loss).
         buffer_batches: training batches per block of the stream (rows are shuffled across this many).
         seed: seeds the SAEs' initialisation and the stream's shuffles.
         extra: further keyword arguments of the SAELens training config (e.g. ``{"jumprelu_bandwidth": 0.05}``).
@@ -87,6 +89,7 @@ class HeadTrainingSpec:
     lr_warm_up_steps: int = 0
     lr_decay_steps: int = 0
     normalize_activations: str = "expected_average_only_in"
+    dead_feature_window: int = 1000
     buffer_batches: int = 16
     seed: int = 0
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -94,7 +97,7 @@ class HeadTrainingSpec:
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
             raise InputError(f"architecture must be one of {list(ARCHITECTURES)}, got {self.architecture!r}")
-        for name in ("d_sae", "training_tokens", "batch_size", "buffer_batches"):
+        for name in ("d_sae", "training_tokens", "batch_size", "buffer_batches", "dead_feature_window"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be a positive int, got {value!r}")
@@ -147,7 +150,8 @@ class HeadTrainingSpec:
         return SAETrainerConfig(
             total_training_samples=self.n_steps * self.batch_size, train_batch_size_samples=self.batch_size,
             lr=self.lr, lr_end=self.lr / 10, lr_warm_up_steps=self.lr_warm_up_steps, lr_decay_steps=self.lr_decay_steps,
-            device=device, n_checkpoints=0, checkpoint_path=None, save_final_checkpoint=False,
+            device=device, dead_feature_window=self.dead_feature_window, n_checkpoints=0, checkpoint_path=None,
+            save_final_checkpoint=False,
             n_batches_for_norm_estimate=min(NORM_ESTIMATE_BATCHES, self.n_steps))
 
     def to_dict(self) -> dict[str, Any]:

@@ -107,14 +107,12 @@ def test_splices_warn_before_running(tiny_model, make_sae):
 def demo_world():
     from sparsedecomp.demo import load_demo_world
 
-    return load_demo_world(scales="estimated", scale_contexts=16)
+    return load_demo_world()
 
 
-def test_demo_world_is_folded_and_silent_while_its_raw_head_saes_warn(demo_world):
-    from sparsedecomp.demo.world import head_sae_sources
-    from sparsedecomp.loading import load_head_saes
-
+def test_demo_world_trained_with_saelens_scaling_needs_no_scale_and_is_silent(demo_world):
     world = demo_world
+    assert world.head_saes.heads_needing_input_scale == ()
     tokens = world.heldout_tokens[:2]
     cfg = world.model.cfg
     with warnings.catch_warnings():
@@ -123,9 +121,6 @@ def test_demo_world_is_folded_and_silent_while_its_raw_head_saes_warn(demo_world
                                                            concat_sae=world.concat_sae, heads=[0]), layer=world.layer)
         world.head_saes[3].forward(torch.randn(2, world.head_saes.d_head))
         world.concat_sae.encode(torch.randn(2, world.concat_sae.d_in))
-    raw = load_head_saes(head_sae_sources(world.artifacts_dir), n_heads=8)
-    with pytest.warns(InputScaleWarning, match=r"heads \[0, 1, 2, 3, 4, 5, 6, 7\] .*" + FIX):
-        splice_variants(cfg.n_heads, cfg.d_head, head_saes=raw)
 
 
 def test_a_head_warned_about_on_its_own_is_not_named_again(make_sae):
