@@ -253,7 +253,7 @@ def test_dashboards_benchmark_runs_every_stage_on_the_demo_world():
 
     args = argparse.Namespace(size="demo", contexts=2, threads=2, device="cpu", l0=16.0, seed=0)
     rows, info = measure(args)
-    assert info["replayed"] is True and info["pages"] == info["n_features"] == 4096
+    assert info["replayed"] is True and info["pages"] == info["n_features"] == 2048 + 8 * 128
     stages = [row["name"] for row in rows]
     assert stages[-1].startswith("write_site") and "source_dfa_windows" in stages
     assert all(row["seconds"] >= 0 for row in rows)

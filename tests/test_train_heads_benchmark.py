@@ -89,8 +89,9 @@ def test_tiny_run_trains_the_same_tokens_into_the_same_shapes(tmp_path):
             assert saes[f"head_{h}"]["hook_head_index"] == h
             assert saes[f"head_{h}"]["hook_name"] == "blocks.1.attn.hook_z"
             assert saes[f"head_{h}"]["d_sae"] == 16
-    # one SAELens run forwards as many tokens as the one pass of ours
-    assert {r["tokens_forwarded"] for r in saelens_runs.values()} == {ours_run["tokens_forwarded"]}
+    # the one pass of ours forwards the training tokens (whole blocks of contexts), no more than one SAELens run does
+    assert 2 * 2048 >= ours_run["tokens_forwarded"] >= 2048
+    assert all(r["tokens_forwarded"] >= ours_run["tokens_forwarded"] for r in saelens_runs.values())
     assert summary["ratio_wall"]["vs_mean_ours"] > 0
     assert summary["saelens"]["runs"] == 2 and summary["ours"]["runs"] == 1
     written = json.loads((tmp_path / "results").glob("train_heads_speed-tiny-*.json").__next__().read_text())
