@@ -55,29 +55,38 @@ class StandIn:
     layer: int = 1
 
 
+def write_model_folder(folder: str | Path, config: dict, *, seed: int, note: str):
+    """A random-weight ``HookedTransformer`` of ``config`` written as a local model folder (the package's layout:
+    ``config.json`` with the processing flags to load with, ``model.safetensors``); returns the model."""
+    from safetensors.torch import save_file
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = HookedTransformer(HookedTransformerConfig(**config, seed=seed))
+    (folder / "config.json").write_text(json.dumps({
+        "hooked_transformer_config": config,
+        "processing_flags": {"fold_ln": True, "center_writing_weights": True, "center_unembed": True,
+                             "fold_value_biases": True, "refactor_factored_attn_matrices": False},
+        "note": note}, indent=2))
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith((".IGNORE", ".mask"))}
+    save_file(state, str(folder / "model.safetensors"))
+    return model
+
+
 def write_standin(root: str | Path, *, config: dict = GELU_2L, head_d_sae: int = 2048, concat_d_sae: int = 16384,
                   n_rows: int = 8, seed: int = 0, record_local_dataset: bool = False) -> StandIn:
     """Write a stand-in world under ``root`` (see the module docstring) and return where everything is. The head
     SAEs' configs record gelu-2l's dataset (``dataset_path``), or with ``record_local_dataset`` the local stand-in's
     folder, so that a command defaulting to the recorded dataset runs offline."""
-    from safetensors.torch import save_file
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
     from sparsedecomp.loading import SAE, save_kissane, save_legacy_saelens
 
     root = Path(root)
     gen = torch.Generator().manual_seed(seed)
     model_dir = root / "model"
-    model_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model = HookedTransformer(HookedTransformerConfig(**config, seed=seed))
-    (model_dir / "config.json").write_text(json.dumps({
-        "hooked_transformer_config": config,
-        "processing_flags": {"fold_ln": True, "center_writing_weights": True, "center_unembed": True,
-                             "fold_value_biases": True, "refactor_factored_attn_matrices": False},
-        "note": "sparsedecomp stand-in: gelu-2l's architecture with random weights"}, indent=2))
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith((".IGNORE", ".mask"))}
-    save_file(state, str(model_dir / "model.safetensors"))
+    write_model_folder(model_dir, config, seed=seed, note="sparsedecomp stand-in: gelu-2l's architecture with random "
+                                                          "weights")
 
     n_heads, d_head, layer = config["n_heads"], config["d_head"], 1
     hook = f"blocks.{layer}.attn.hook_z"

@@ -164,23 +164,11 @@ def write_random_model(folder: Path, size: str, seed: int) -> Path:
     """A local model folder (the package's layout, as :func:`benchmarks.standins.write_standin` writes it) holding a
     random-weight model of gelu-2l's shape (``size="gelu-2l"``) or of the same layout shrunk (``"tiny"``); the SAEs
     and dataset of a full stand-in world are not needed here."""
-    import torch
-    from safetensors.torch import save_file
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    from benchmarks.standins import GELU_2L, TINY
+    from benchmarks.standins import GELU_2L, TINY, write_model_folder
 
     config = GELU_2L if size == "gelu-2l" else {**TINY, "model_name": "tiny-gelu-2l-layout"}
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model = HookedTransformer(HookedTransformerConfig(**config, seed=seed))
-    (folder / "config.json").write_text(json.dumps({
-        "hooked_transformer_config": config,
-        "processing_flags": {"fold_ln": True, "center_writing_weights": True, "center_unembed": True,
-                             "fold_value_biases": True, "refactor_factored_attn_matrices": False},
-        "note": "train_heads_speed stand-in: gelu-2l's architecture with random weights"}, indent=2))
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith((".IGNORE", ".mask"))}
-    save_file(state, str(folder / "model.safetensors"))
+    write_model_folder(folder, config, seed=seed,
+                       note="train_heads_speed stand-in: gelu-2l's architecture with random weights")
     return folder
 
 
