@@ -212,7 +212,7 @@ class DemoOptions(DecomposeOptions):
     artifacts: Path | None = None
 
 
-def demo_verdict_note(params: Mapping[str, Any], *, evaluated: bool) -> str | None:
+def demo_verdict_note(params: Mapping[str, Any], *, evaluated: bool, world: Any) -> str | None:
     """What an atom budget's relative error means on the demo world (for the OMP methods; ``None`` otherwise)."""
     if "n_nonzero" not in params:
         return None
@@ -220,9 +220,10 @@ def demo_verdict_note(params: Mapping[str, Any], *, evaluated: bool) -> str | No
              "where the loss each recovers says what the missing part costs" if evaluated else
              "--method pinv decomposes every feature exactly, and the evaluation report (run the demo without "
              "--no-evaluate) says what the missing part costs in loss")
-    return (f"On the demo world: each of its 2,048 concat features spreads over several heads' features (8 "
-            f"dictionaries of 256 on 32-dimensional heads), so a budget of {params['n_nonzero']} unit atoms leaves part "
-            f"of each direction out; {where}.")
+    heads = world.head_saes
+    return (f"On the demo world: each of its {world.concat_sae.d_sae:,} concat features spreads over several heads' "
+            f"features ({len(heads)} dictionaries of {heads[heads.heads[0]].d_sae} on {heads.d_head}-dimensional "
+            f"heads), so a budget of {params['n_nonzero']} unit atoms leaves part of each direction out; {where}.")
 DEMO_LINKS = {
     "dashboards": ("dashboards/index.html", "Feature dashboards",
                    "every concat and per-head feature, linked through the decompositions"),
@@ -272,7 +273,8 @@ def demo_job(options: DemoOptions, out: str | Path, *, log: Log = print):
                                 title="Demo: per-head decomposition of concat-SAE features", context=context,
                                 progress=options.progress, command="demo", features=options.features,
                                 decomposer=decomposer if options.features is None else None, writer=top,
-                                links=links, log=log, verdict_note=demo_verdict_note(params, evaluated=options.evaluate))
+                                links=links, log=log, verdict_note=demo_verdict_note(params, evaluated=options.evaluate,
+                                                                               world=world))
         evaluation = None
         if options.evaluate:
             tokens = demo_tokens(options.eval_contexts, options.artifacts)

@@ -167,6 +167,7 @@ def _trainer_class():
         checkpoint_dir: Path | None = None
         checkpoint_every: int = 0
         progress_every: int = 1
+        resumed_samples: int = 0
         history: list
 
         def _estimate_scaling_factors(self) -> None:
@@ -188,6 +189,7 @@ def _trainer_class():
                 self.history.append({"step": step, "samples": self.n_training_samples,
                                      **{name: {"l0": round(l0, 3), "explained_variance": round(ev, 4)}
                                         for name, (l0, ev) in stats.items()}})
+                pbar.initial = self.resumed_samples  # the rate counts the samples this process trained on
                 pbar.n = self.n_training_samples
                 pbar.set_description(f"step {step}/{total}")
                 pbar.set_postfix_str(progress_line(stats), refresh=True)
@@ -220,6 +222,7 @@ def _trainer_class():
                                  f"{self.n_training_samples} samples, its stream record says {state['n_training_samples']}")
             self.data_provider.seek(int(state["position"]))
             self.history = list(state.get("history", []))
+            self.resumed_samples = self.n_training_samples
 
     return _Trainer
 
