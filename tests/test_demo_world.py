@@ -248,10 +248,14 @@ def test_tiny_build_writes_a_loadable_world(tmp_path):
     assert again["quality"]["summary"] == report["quality"]["summary"]
     assert DemoConfig.from_dict(again["config"]) == cfg
     # Rebuilding the SAEs into the same folder (a previous build's) replaces the SAE folders it wrote there.
+    first = {p.relative_to(out): p.read_bytes() for p in (out / "saes").rglob("*") if p.is_file()}
     stray = out / CONCAT_DIR / "stray.txt"
     stray.write_text("left by an older build")
     rebuilt = build(out, cfg, skip_model=True)
     assert not stray.exists() and len(load_demo_world(out).head_saes) == cfg.n_heads
+    # The SAEs are reproducible from the build's seed: the rebuild wrote the same bytes.
+    again = {p.relative_to(out): p.read_bytes() for p in (out / "saes").rglob("*") if p.is_file()}
+    assert again.keys() == first.keys() and all(again[k] == first[k] for k in first)
     assert "model" not in rebuilt["timings_s"]
     # A build from before the tokenizer moved into the model folder (it lay beside it) is still read, and a rebuild
     # of its SAEs writes the tokenizer where load_model finds it.
