@@ -176,3 +176,20 @@ def test_an_output_folder_holding_another_run_is_refused(model_folder, tokens_fi
     (foreign / "notes.txt").write_text("mine")
     assert main(command(model_folder, tokens_file, foreign)) == 2
     assert "is not empty and holds no manifest.json" in capsys.readouterr().err
+
+
+def test_train_heads_reads_just_enough_dataset_contexts(model_folder, tmp_path):
+    from benchmarks.standins import BOS, write_token_dataset
+
+    dataset = tmp_path / "dataset"
+    write_token_dataset(dataset, n_rows=60, row_length=64, d_vocab=50, gen=torch.Generator().manual_seed(3))
+    argv = command(model_folder, "unused", tmp_path / "run", "--no-progress", "--bos-token-id", str(BOS))
+    at = argv.index("--tokens")
+    argv[at: at + 2] = ["--dataset", str(dataset)]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    # 10 steps of 64 rows from blocks of 8 contexts of 16 tokens (2 batches a block): 5 blocks, then 8 held out
+    assert report["tokens"] == {"source": str(dataset), "training_contexts": 40, "eval_contexts": 8,
+                                "context_size": 16}
+    cfg = json.loads((tmp_path / "run" / "head_0" / "cfg.json").read_text())["metadata"]
+    assert (cfg["dataset_path"], cfg["context_size"], cfg["prepend_bos"]) == (str(dataset), 16, True)
