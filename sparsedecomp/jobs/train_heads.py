@@ -95,10 +95,10 @@ def check_output_for(out: str | Path, settings: dict[str, Any]) -> Path:
 
 def needed_contexts(spec: HeadTrainingSpec, context_size: int, eval_contexts: int) -> int:
     """Contexts a run reads: whole blocks of the stream for the training batches, then the held-out ones."""
-    per_block = math.ceil(spec.buffer_batches * spec.batch_size / context_size)
-    batches_per_block = per_block * context_size // spec.batch_size
-    blocks = math.ceil(spec.n_steps / batches_per_block)
-    return blocks * per_block + eval_contexts
+    from ..training.stream import contexts_for_steps
+
+    return contexts_for_steps(spec.n_steps, buffer_batches=spec.buffer_batches, batch_size=spec.batch_size,
+                              context_size=context_size) + eval_contexts
 
 
 def train_heads_job(model_request: Any, token_request: Any, options: TrainHeadsOptions, out: str | Path, *,

@@ -303,8 +303,8 @@ def train_layer_saes(model: Any, tokens: Any, *, layer: int, spec: HeadTrainingS
 
     torch.manual_seed(spec.seed)  # the SAEs' initialisation
     saes = {}
+    training_class, _ = get_sae_training_class(spec.architecture)
     for h in heads:
-        training_class, _ = get_sae_training_class(spec.architecture)
         saes[head_name(h)] = training_class(spec.training_config(cfg.d_head, SAEMetadata(
             **dict(metadata or {}), hook_name=hook_name, hook_head_index=h, model_name=cfg.model_name)))
     if concat is not None:
@@ -332,8 +332,9 @@ def _claim_checkpoints(checkpoint_dir: str | Path, run: Mapping[str, Any]) -> Pa
     record = folder / RUN_FILE
     if record.is_file():
         previous = json.loads(record.read_text())
-        if previous != json.loads(json.dumps(run)):
-            differ = sorted(k for k in set(run) | set(previous) if previous.get(k) != json.loads(json.dumps(run)).get(k))
+        current = json.loads(json.dumps(run))  # as the record reads back (tuples become lists)
+        if previous != current:
+            differ = sorted(k for k in set(current) | set(previous) if previous.get(k) != current.get(k))
             raise InputError(f"{folder} holds checkpoints of another training run (it differs in {differ}): give a new "
                              "folder, or the same settings to resume it")
     elif folder.exists() and any(folder.iterdir()):

@@ -31,6 +31,19 @@ _SEED_STRIDE = 1_000_003
 """Mixes (seed, epoch, block) into one generator seed; a prime larger than any block count."""
 
 
+def block_contexts(buffer_batches: int, batch_size: int, context_size: int) -> int:
+    """``C``: contexts per block, enough for ``buffer_batches`` batches of ``batch_size`` rows."""
+    return math.ceil(buffer_batches * batch_size / context_size)
+
+
+def contexts_for_steps(n_steps: int, *, buffer_batches: int, batch_size: int, context_size: int) -> int:
+    """Contexts the stream reads for ``n_steps`` batches: the whole blocks that serve them (``floor(C * context_size
+    / batch_size)`` batches each)."""
+    per_block = block_contexts(buffer_batches, batch_size, context_size)
+    batches_per_block = per_block * context_size // batch_size
+    return math.ceil(n_steps / batches_per_block) * per_block
+
+
 class HeadBatchStream(Iterator[dict[str, Tensor]]):
     """``{head_name(h): (batch_size, d_head)}`` float32 batches of ``blocks.{layer}.attn.hook_z`` (plus
     ``"concat": (batch_size, n_heads * d_head)`` with ``concat=True``, every head of the layer side by side), served
@@ -46,7 +59,7 @@ class HeadBatchStream(Iterator[dict[str, Tensor]]):
         self.layer, self.heads, self.batch_size, self.seed = layer, heads, batch_size, seed
         self.concat, self.device = concat, device
         n_contexts, context_size = self.tokens.shape
-        self.contexts_per_block = min(n_contexts, math.ceil(buffer_batches * batch_size / context_size))
+        self.contexts_per_block = min(n_contexts, block_contexts(buffer_batches, batch_size, context_size))
         starts = range(0, n_contexts, self.contexts_per_block)
         self._blocks = [(s, min(s + self.contexts_per_block, n_contexts)) for s in starts]
         self._batches_in_block = [(end - start) * context_size // batch_size for start, end in self._blocks]
